@@ -1,0 +1,2 @@
+//! husk-agent.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Architecture support for the husk VMM (x86_64 only).

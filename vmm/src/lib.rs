@@ -1,0 +1,1 @@
+//! The husk microVM monitor.
