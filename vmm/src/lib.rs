@@ -1,1 +1,19 @@
-//! The husk microVM monitor.
+//! husk's microVM monitor, as a library: KVM boot of a Linux guest (ELF
+//! vmlinux with 64-bit or PVH entry, or bzImage), the port-I/O and MMIO
+//! buses, the legacy devices a guest needs (8250 console, i8042 reset), a
+//! boot timer, and the virtio-mmio transport for the device models.
+//!
+//! Start with [`VmBuilder`]: configure, `build()`, then `run()` (or
+//! `start()` / `wait()` / `stop()` when the caller keeps the VM alive).
+
+pub mod builder;
+pub mod devices;
+pub mod loader;
+pub mod microvm;
+pub mod vstate;
+
+pub use builder::{BuildError, VmBuilder, DEFAULT_CMDLINE};
+pub use devices::legacy::{SerialSink, SharedBuffer};
+pub use loader::BootProtocolChoice;
+pub use microvm::{BootReport, MicroVm, RunError};
+pub use vstate::vcpu::VmExit;

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs every test tier this machine supports (see ../shared/ARCHITECTURE.md,
+# "Test tiers") and ends with one line per tier: ran, or not run and why.
+# Tests announce the form they ran in lines starting with "husk-test-form:";
+# those are repeated in the summary. Exits non-zero if any tier failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+summary=()
+forms=()
+passed_total=0
+failed_total=0
+any_failed=0
+
+# run_tier NAME COMMAND...: runs the tier, counts cargo's test results.
+run_tier() {
+  local name=$1; shift
+  local log; log=$(mktemp /tmp/husk-tier-"$name".XXXXXX)
+  echo "=== tier $name: $*"
+  "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local passed failed
+  passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+  failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+  passed_total=$((passed_total + passed))
+  failed_total=$((failed_total + failed))
+  while IFS= read -r line; do forms+=("  $name: ${line#*husk-test-form: }"); done \
+    < <(grep -o 'husk-test-form: .*' "$log" || true)
+  if [ "$rc" -eq 0 ]; then
+    summary+=("tier $name: ran, passed ($passed tests)")
+  else
+    summary+=("tier $name: ran, FAILED (exit $rc; $passed passed, $failed failed)")
+    any_failed=1
+  fi
+  rm -f "$log"
+}
+
+not_run() { summary+=("tier $1: not run: $2"); }
+
+run_tier unit cargo test --workspace --lib --bins
+
+if [ "$(id -u)" -eq 0 ] && command -v runc >/dev/null; then
+  if ls runtime/tests/*.rs >/dev/null 2>&1; then
+    run_tier host cargo test -p husk-runtime --tests
+  else
+    not_run host "the runtime crate has no host suite yet"
+  fi
+else
+  not_run host "needs root and Debian's runc (make deps)"
+fi
+
+if [ -c /dev/kvm ] && [ -r /dev/kvm ]; then
+  run_tier kvm cargo test -p husk-vmm --test kvm_payloads --test linux_boot -- --nocapture --test-threads=1
+else
+  not_run kvm "/dev/kvm is missing or not accessible"
+fi
+
+not_run guest "the qemu backend and the vsock/virtio-fs device models are not built yet (issue 3)"
+not_run e2e "the shim's task service is not built yet (issue 6)"
+
+echo
+echo "=== husk test summary"
+printf '%s\n' "${summary[@]}"
+if [ ${#forms[@]} -gt 0 ]; then
+  echo "forms the tests ran in:"
+  printf '%s\n' "${forms[@]}"
+fi
+echo "tests: $passed_total passed, $failed_total failed"
+exit $any_failed
