@@ -32,6 +32,8 @@ pub const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 pub const ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 0x1 EDX bit 28: EBX[23:16] (logical processor count) is valid.
 pub const EDX_HTT: u32 = 1 << 28;
+/// Leaf 0x1 ECX bit 24: TSC-deadline mode of the local APIC timer.
+pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0x6 EAX bit 2: APIC timer always running (ARAT), the one leaf-6
 /// feature KVM emulates; thermal sensors, turbo and HWP are not.
 pub const EAX_ARAT: u32 = 1 << 2;
@@ -121,6 +123,23 @@ pub fn normalize_cpuid(cpuid: &mut CpuId, vcpu_index: u8, num_vcpus: u8) -> Resu
         normalize_entry(entry, u32::from(vcpu_index), u32::from(num_vcpus));
     }
     Ok(())
+}
+
+/// Advertises (or hides) the LAPIC TSC-deadline timer in leaf 0x1.
+/// KVM_GET_SUPPORTED_CPUID never reports it because it depends on the
+/// in-kernel LAPIC; set it when `KVM_CAP_TSC_DEADLINE_TIMER` is present.
+pub fn set_tsc_deadline_timer(cpuid: &mut CpuId, enabled: bool) {
+    for entry in cpuid
+        .as_mut_slice()
+        .iter_mut()
+        .filter(|e| e.function == LEAF_FEATURES)
+    {
+        if enabled {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        } else {
+            entry.ecx &= !ECX_TSC_DEADLINE;
+        }
+    }
 }
 
 /// Applies the per-leaf edits to one entry; `vcpu` < `count`.
@@ -315,6 +334,15 @@ mod tests {
         );
         let sizes = find(&cpuid, 0x8000_0008, 0);
         assert_eq!(sizes.ecx, 0x1001);
+    }
+
+    #[test]
+    fn tsc_deadline_bit_follows_the_capability() {
+        let mut cpuid = host_like_cpuid();
+        set_tsc_deadline_timer(&mut cpuid, false);
+        assert_eq!(find(&cpuid, 0x1, 0).ecx & ECX_TSC_DEADLINE, 0);
+        set_tsc_deadline_timer(&mut cpuid, true);
+        assert_ne!(find(&cpuid, 0x1, 0).ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]

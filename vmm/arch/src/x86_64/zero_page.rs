@@ -24,6 +24,10 @@ pub const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 /// header: 16 MiB, the `CONFIG_PHYSICAL_ALIGN` maximum the kernel accepts
 /// without relocation concerns (bzImages publish their own value).
 pub const ELF_KERNEL_ALIGNMENT: u32 = 0x0100_0000;
+/// First boot protocol version whose header carries `cmdline_size` (2.06).
+pub const SETUP_VERSION_CMDLINE_SIZE: u16 = 0x0206;
+/// Command line limit, without the NUL, of kernels before protocol 2.06.
+pub const LEGACY_CMDLINE_MAX: usize = 255;
 /// Capacity of `boot_params.e820_table` (`E820_MAX_ENTRIES_ZEROPAGE`).
 pub const E820_MAX_ENTRIES_ZEROPAGE: usize = 128;
 
@@ -37,7 +41,22 @@ pub fn build_zero_page(
 
     let mut params = boot_params::default();
     match cfg.setup_header {
-        Some(hdr) => params.hdr = hdr,
+        Some(hdr) => {
+            // Protocol 2.06+ kernels publish their command line limit
+            // (without the NUL); older ones take 255 bytes.
+            let kernel_max = if hdr.version >= SETUP_VERSION_CMDLINE_SIZE {
+                hdr.cmdline_size as usize
+            } else {
+                LEGACY_CMDLINE_MAX
+            };
+            if cfg.cmdline_size - 1 > kernel_max {
+                return Err(BootError::CmdlineTooLong {
+                    size: cfg.cmdline_size,
+                    max: kernel_max + 1,
+                });
+            }
+            params.hdr = hdr;
+        }
         None => {
             params.hdr.kernel_alignment = ELF_KERNEL_ALIGNMENT;
             // The field the kernel publishes as its limit; an ELF kernel has
@@ -172,6 +191,30 @@ mod tests {
         assert_eq!(out.loadflags, 0x81);
         assert_eq!({ out.header }, SETUP_HEADER_MAGIC);
         assert_eq!({ out.ramdisk_image }, 0);
+    }
+
+    #[test]
+    fn cmdline_longer_than_the_bzimage_limit_is_rejected() {
+        let mem = mem_of(64 * MIB);
+        let mut cfg = config(None);
+        cfg.cmdline_size = 300;
+        cfg.setup_header = Some(setup_header {
+            version: 0x0206,
+            cmdline_size: 255,
+            ..Default::default()
+        });
+        let Err(err) = build_zero_page(&mem, &cfg) else {
+            panic!("command line over the kernel's limit accepted");
+        };
+        assert!(matches!(
+            err,
+            BootError::CmdlineTooLong {
+                size: 300,
+                max: 256
+            }
+        ));
+        cfg.cmdline_size = 256;
+        assert!(build_zero_page(&mem, &cfg).is_ok());
     }
 
     #[test]
