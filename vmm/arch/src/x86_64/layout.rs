@@ -81,11 +81,11 @@ pub const IRQ_MAX: u32 = 23;
 /// Number of IOAPIC pins, all announced in the MP table.
 pub const IOAPIC_NUM_PINS: u32 = IRQ_MAX + 1;
 
-/// Smallest guest memory we accept. Below 1 MiB are the boot structures; a
-/// compressed guest kernel decompresses to ~15–25 MiB above the 16 MiB
-/// `CONFIG_PHYSICAL_START` for an ELF vmlinux, and the initrd and the
-/// kernel's early allocations need room on top, so 32 MiB is the floor at
-/// which booting is still plausible rather than an out-of-memory panic.
+/// Smallest guest memory we accept: the boot structures below 1 MiB, a
+/// vmlinux loaded at the 16 MiB `CONFIG_PHYSICAL_START` default with its
+/// BSS, and room for the page allocator to come up. This floor only rejects
+/// sizes no kernel can boot in; whether a given kernel plus initrd fits is
+/// checked when placing the initrd (`initrd_load_address_above`).
 pub const MIN_GUEST_MEMORY_MIB: u64 = 32;
 /// Largest guest memory we accept, so that a unit mistake (bytes passed as
 /// MiB) fails loudly: 256 GiB, plus the 1 GiB that moves above 4 GiB, stays

@@ -21,8 +21,8 @@ pub const SETUP_HEADER_MAGIC: u32 = 0x5372_6448;
 /// `type_of_loader` for a boot loader without an assigned ID (boot.rst).
 pub const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 /// Physical alignment advertised for an ELF vmlinux, which carries no setup
-/// header: 16 MiB, the `CONFIG_PHYSICAL_ALIGN` maximum the kernel accepts
-/// without relocation concerns (bzImages publish their own value).
+/// header: 16 MiB, the largest `CONFIG_PHYSICAL_ALIGN` x86_64 allows, so it
+/// satisfies any kernel (bzImages publish their own value, kept as is).
 pub const ELF_KERNEL_ALIGNMENT: u32 = 0x0100_0000;
 /// First boot protocol version whose header carries `cmdline_size` (2.06).
 pub const SETUP_VERSION_CMDLINE_SIZE: u16 = 0x0206;
