@@ -5,8 +5,7 @@
 //! fails fast with an error naming what was wrong; later failures drop what
 //! was built so far (threads are only spawned by `MicroVm::start`).
 
-use std::fs::OpenOptions;
-use std::os::unix::io::IntoRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -210,17 +209,13 @@ impl VmBuilder {
     }
 
     fn open_kvm(&self) -> Result<Kvm, BuildError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.kvm_path)
-            .map_err(|source| BuildError::KvmUnavailable {
-                path: self.kvm_path.clone(),
-                source,
-            })?;
-        // SAFETY: `file` is an open KVM device node whose fd we hand over;
-        // `Kvm` takes ownership and closes it on drop.
-        let kvm = unsafe { Kvm::from_raw_fd(file.into_raw_fd()) };
+        let unavailable = |source| BuildError::KvmUnavailable {
+            path: self.kvm_path.clone(),
+            source,
+        };
+        let path = std::ffi::CString::new(self.kvm_path.as_os_str().as_bytes())
+            .map_err(|_| unavailable(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+        let kvm = Kvm::new_with_path(&path).map_err(|e| unavailable(std::io::Error::from_raw_os_error(e.errno())))?;
         let version = kvm.get_api_version();
         if version != 12 {
             return Err(BuildError::KvmApiVersion {

@@ -10,6 +10,7 @@ pub mod builder;
 pub mod devices;
 pub mod loader;
 pub mod microvm;
+pub mod qemu;
 pub mod vstate;
 
 pub use builder::{BuildError, VmBuilder, DEFAULT_CMDLINE};

@@ -121,7 +121,8 @@ impl MicroVm {
         if self.vcpus.is_empty() {
             return Err(RunError::AlreadyStarted);
         }
-        for vcpu in self.vcpus.drain(..) {
+        let vcpus: Vec<Vcpu> = self.vcpus.drain(..).collect();
+        for vcpu in vcpus {
             let index = vcpu.index;
             let shared = self.shared.clone();
             let spawned = std::thread::Builder::new()

@@ -64,10 +64,9 @@ impl SerialConsole {
 
 impl BusDevice for SerialConsole {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
-            *byte = self.uart.read(offset);
-        } else {
-            data.fill(0xff);
+        match (u8::try_from(offset), data) {
+            (Ok(offset), [byte]) => *byte = self.uart.read(offset),
+            (_, data) => data.fill(0xff),
         }
     }
 

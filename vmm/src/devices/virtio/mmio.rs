@@ -257,10 +257,17 @@ impl MmioTransport {
                     return;
                 }
             };
-            activated_queues.push(ActivatedQueue {
-                queue: queue.clone(),
-                notifier,
-            });
+            // The device gets its own copy; the transport keeps the
+            // registers so the driver still reads what it wrote.
+            let queue = match Queue::try_from(queue.state()) {
+                Ok(queue) => queue,
+                Err(error) => {
+                    tracing::error!(?error, "cannot copy a queue for the device");
+                    self.device_status |= status::DEVICE_NEEDS_RESET;
+                    return;
+                }
+            };
+            activated_queues.push(ActivatedQueue { queue, notifier });
         }
         let irqfd = match self.irqfd.try_clone() {
             Ok(irqfd) => irqfd,

@@ -6,7 +6,9 @@
 //! v2, ioeventfd notifications, irqfd interrupts); a vhost-user server is the
 //! other transport (see `../shared/ARCHITECTURE.md`).
 
+pub mod fs;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::Arc;
 

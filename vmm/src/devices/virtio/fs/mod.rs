@@ -1,0 +1,1 @@
+//! virtio-fs served in-process by fuse-backend-rs. (Being written.)

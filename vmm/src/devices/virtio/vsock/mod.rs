@@ -1,0 +1,1 @@
+//! virtio-vsock with a hybrid (AF_UNIX) host side. (Being written.)

@@ -1,0 +1,1 @@
+//! The `qemu` hypervisor backend. (Being written.)
