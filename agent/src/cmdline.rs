@@ -8,6 +8,10 @@ pub struct AgentOptions {
     /// `husk.power_off_after_ms=N`: power the VM off N ms after readiness
     /// (boot checks and the demo use it).
     pub power_off_after: Option<Duration>,
+    /// `husk.exec=/path`: run this program (from the initramfs) once the
+    /// guest is ready, report its exit status, then power off. Guest-tier
+    /// tests and diagnostics use it.
+    pub exec: Option<String>,
 }
 
 impl AgentOptions {
@@ -28,6 +32,8 @@ impl AgentOptions {
                         "ignoring invalid husk.power_off_after_ms={value}"
                     )),
                 }
+            } else if let Some(path) = parameter.strip_prefix("husk.exec=") {
+                options.exec = Some(path.to_owned());
             }
         }
         options
@@ -43,5 +49,12 @@ mod tests {
         let options = AgentOptions::parse("console=ttyS0 husk.power_off_after_ms=250 quiet");
         assert_eq!(options.power_off_after, Some(Duration::from_millis(250)));
         assert_eq!(AgentOptions::parse("console=ttyS0").power_off_after, None);
+    }
+
+    #[test]
+    fn exec_program_is_read_from_the_command_line() {
+        let options = AgentOptions::parse("console=ttyS0 husk.exec=/test/run quiet");
+        assert_eq!(options.exec.as_deref(), Some("/test/run"));
+        assert_eq!(AgentOptions::parse("quiet").exec, None);
     }
 }

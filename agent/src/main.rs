@@ -9,6 +9,7 @@
 mod boot_timer;
 mod cmdline;
 mod console;
+mod exec;
 mod mounts;
 mod power;
 mod reaper;
@@ -31,6 +32,10 @@ fn main() {
         kernel_release().unwrap_or_else(|| "unknown".to_owned()),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     ));
+    if let Some(program) = &options.exec {
+        exec::run_and_report(program);
+        power::power_off();
+    }
     if let Some(delay) = options.power_off_after {
         console::log(&format!(
             "powering off after {} ms as the kernel command line asks",
