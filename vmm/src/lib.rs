@@ -8,6 +8,7 @@
 
 pub mod builder;
 pub mod devices;
+pub mod host;
 pub mod loader;
 pub mod microvm;
 pub mod qemu;
