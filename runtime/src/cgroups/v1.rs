@@ -1,0 +1,277 @@
+//! cgroup v1: one hierarchy per controller (or group of controllers), each
+//! with its own files. Limits are written to the hierarchy that carries the
+//! controller; device rules always end with runc's default allow list, so
+//! a spec that denies everything still gets /dev/null, /dev/tty and ptys.
+
+use super::{read, write, CgroupPaths};
+use crate::error::{Error, Result};
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, LinuxResources};
+use serde_json::json;
+use std::path::Path;
+
+/// How long `set_frozen` waits for the freezer to settle.
+const FREEZE_TIMEOUT_MS: u64 = 2_000;
+
+/// Devices every container may use, whatever the spec says (runc's
+/// `AllowedDevices`): `(type, major, minor, access)`, -1 meaning `*`.
+const DEFAULT_ALLOWED_DEVICES: &[(char, i64, i64, &str)] = &[
+    ('c', -1, -1, "m"),
+    ('b', -1, -1, "m"),
+    ('c', 1, 3, "rwm"),
+    ('c', 1, 8, "rwm"),
+    ('c', 1, 7, "rwm"),
+    ('c', 5, 0, "rwm"),
+    ('c', 1, 5, "rwm"),
+    ('c', 1, 9, "rwm"),
+    ('c', 136, -1, "rwm"),
+    ('c', 5, 2, "rwm"),
+    ('c', 10, 200, "rwm"),
+];
+
+/// A new cpuset cgroup is unusable until `cpuset.cpus`/`cpuset.mems` are
+/// set; copy them down from the nearest ancestor that has them.
+pub fn inherit_cpuset(leaf: &Path) -> Result<()> {
+    let mut chain: Vec<&Path> = leaf.ancestors().take_while(|p| p.join("cpuset.cpus").exists()).collect();
+    chain.reverse();
+    for pair in chain.windows(2) {
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            if read(pair[1], file).is_some_and(|v| v.is_empty()) {
+                if let Some(v) = read(pair[0], file) {
+                    write(pair[1], file, &v)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn device_rule(typ: char, major: i64, minor: i64, access: &str) -> String {
+    let num = |n: i64| if n < 0 { "*".to_string() } else { n.to_string() };
+    if typ == 'a' {
+        format!("a *:* {access}")
+    } else {
+        format!("{typ} {}:{} {access}", num(major), num(minor))
+    }
+}
+
+fn type_char(t: Option<LinuxDeviceType>) -> char {
+    match t {
+        Some(LinuxDeviceType::B) => 'b',
+        Some(LinuxDeviceType::C) | Some(LinuxDeviceType::U) => 'c',
+        Some(LinuxDeviceType::P) => 'p',
+        Some(LinuxDeviceType::A) | None => 'a',
+    }
+}
+
+fn apply_devices(dir: &Path, rules: &[LinuxDeviceCgroup]) -> Result<()> {
+    for rule in rules {
+        let access = rule.access().clone().unwrap_or_else(|| "rwm".into());
+        let line = device_rule(
+            type_char(rule.typ()),
+            rule.major().unwrap_or(-1),
+            rule.minor().unwrap_or(-1),
+            &access,
+        );
+        write(dir, if rule.allow() { "devices.allow" } else { "devices.deny" }, &line)?;
+    }
+    for (t, maj, min, acc) in DEFAULT_ALLOWED_DEVICES {
+        write(dir, "devices.allow", &device_rule(*t, *maj, *min, acc))?;
+    }
+    Ok(())
+}
+
+fn limit_value(v: i64) -> String {
+    v.to_string()
+}
+
+/// Write every limit of `resources` to its hierarchy.
+pub fn apply(paths: &CgroupPaths, resources: &LinuxResources) -> Result<()> {
+    if let Some(dir) = paths.dir_for("devices") {
+        apply_devices(dir, resources.devices().as_deref().unwrap_or(&[]))?;
+    }
+    if let (Some(mem), Some(dir)) = (resources.memory(), paths.dir_for("memory")) {
+        if let Some(limit) = mem.limit() {
+            let swap_file = dir.join("memory.memsw.limit_in_bytes");
+            match (mem.swap(), swap_file.exists()) {
+                (Some(swap), true) => {
+                    // The kernel needs memsw >= limit at every step: raise
+                    // memsw first when growing, the limit first when shrinking.
+                    if write(dir, "memory.limit_in_bytes", &limit_value(limit)).is_err() {
+                        write(dir, "memory.memsw.limit_in_bytes", &limit_value(swap))?;
+                        write(dir, "memory.limit_in_bytes", &limit_value(limit))?;
+                    } else {
+                        write(dir, "memory.memsw.limit_in_bytes", &limit_value(swap))?;
+                    }
+                }
+                _ => write(dir, "memory.limit_in_bytes", &limit_value(limit))?,
+            }
+        }
+        if let Some(r) = mem.reservation() {
+            write(dir, "memory.soft_limit_in_bytes", &limit_value(r))?;
+        }
+        if let Some(s) = mem.swappiness() {
+            if s > 100 {
+                return Err(Error::spec("linux.resources.memory.swappiness", format!("{s} is above 100")));
+            }
+            write(dir, "memory.swappiness", &s.to_string())?;
+        }
+        if mem.disable_oom_killer() == Some(true) {
+            write(dir, "memory.oom_control", "1")?;
+        }
+    }
+    if let Some(cpu) = resources.cpu() {
+        if let Some(dir) = paths.dir_for("cpu") {
+            if let Some(s) = cpu.shares() {
+                write(dir, "cpu.shares", &s.to_string())?;
+            }
+            if let Some(p) = cpu.period() {
+                write(dir, "cpu.cfs_period_us", &p.to_string())?;
+            }
+            if let Some(q) = cpu.quota() {
+                write(dir, "cpu.cfs_quota_us", &q.to_string())?;
+            }
+            if let Some(p) = cpu.realtime_period() {
+                write(dir, "cpu.rt_period_us", &p.to_string())?;
+            }
+            if let Some(r) = cpu.realtime_runtime() {
+                write(dir, "cpu.rt_runtime_us", &r.to_string())?;
+            }
+        }
+        if let Some(dir) = paths.dir_for("cpuset") {
+            if let Some(c) = cpu.cpus().as_ref().filter(|c| !c.is_empty()) {
+                write(dir, "cpuset.cpus", c)?;
+            }
+            if let Some(m) = cpu.mems().as_ref().filter(|m| !m.is_empty()) {
+                write(dir, "cpuset.mems", m)?;
+            }
+        }
+    }
+    if let (Some(pids), Some(dir)) = (resources.pids(), paths.dir_for("pids")) {
+        let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
+        write(dir, "pids.max", &v)?;
+    }
+    if let (Some(bio), Some(dir)) = (resources.block_io(), paths.dir_for("blkio")) {
+        if let Some(w) = bio.weight() {
+            let file = if dir.join("blkio.weight").exists() { "blkio.weight" } else { "blkio.bfq.weight" };
+            write(dir, file, &w.to_string())?;
+        }
+        if let Some(w) = bio.leaf_weight() {
+            write(dir, "blkio.leaf_weight", &w.to_string())?;
+        }
+        for wd in bio.weight_device().iter().flatten() {
+            if let Some(w) = wd.weight() {
+                write(dir, "blkio.weight_device", &format!("{}:{} {w}", wd.major(), wd.minor()))?;
+            }
+        }
+        let throttles = [
+            ("blkio.throttle.read_bps_device", bio.throttle_read_bps_device()),
+            ("blkio.throttle.write_bps_device", bio.throttle_write_bps_device()),
+            ("blkio.throttle.read_iops_device", bio.throttle_read_iops_device()),
+            ("blkio.throttle.write_iops_device", bio.throttle_write_iops_device()),
+        ];
+        for (file, list) in throttles {
+            for t in list.iter().flatten() {
+                write(dir, file, &format!("{}:{} {}", t.major(), t.minor(), t.rate()))?;
+            }
+        }
+    }
+    if let Some(limits) = resources.hugepage_limits() {
+        if !limits.is_empty() {
+            let dir = paths.dir_for("hugetlb").ok_or_else(|| {
+                Error::spec("linux.resources.hugepageLimits", "the hugetlb controller is not available on this host")
+            })?;
+            for l in limits {
+                write(dir, &format!("hugetlb.{}.limit_in_bytes", l.page_size()), &l.limit().to_string())?;
+            }
+        }
+    }
+    if let Some(net) = resources.network() {
+        if let (Some(id), Some(dir)) = (net.class_id(), paths.dir_for("net_cls")) {
+            write(dir, "net_cls.classid", &id.to_string())?;
+        }
+        if let Some(dir) = paths.dir_for("net_prio") {
+            for p in net.priorities().iter().flatten() {
+                write(dir, "net_prio.ifpriomap", &format!("{} {}", p.name(), p.priority()))?;
+            }
+        }
+    }
+    if resources.unified().as_ref().is_some_and(|u| !u.is_empty()) {
+        return Err(Error::spec("linux.resources.unified", "cgroup v2 settings on a cgroup v1 host"));
+    }
+    Ok(())
+}
+
+/// Freeze or thaw through `freezer.state`, waiting until it settles.
+pub fn set_frozen(dir: &Path, frozen: bool) -> Result<()> {
+    let want = if frozen { "FROZEN" } else { "THAWED" };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(FREEZE_TIMEOUT_MS);
+    loop {
+        write(dir, "freezer.state", want)?;
+        if read(dir, "freezer.state").as_deref() == Some(want) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Cgroup {
+                path: dir.join("freezer.state"),
+                message: format!("did not reach {want}"),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn num(dir: Option<&Path>, file: &str) -> u64 {
+    dir.and_then(|d| read(d, file)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Statistics in the shape of runc's `events --stats` data.
+pub fn stats(paths: &CgroupPaths) -> serde_json::Value {
+    let mem = paths.dir_for("memory");
+    let acct = paths.dir_for("cpuacct");
+    let pids = paths.dir_for("pids");
+    let percpu: Vec<u64> = acct
+        .and_then(|d| read(d, "cpuacct.usage_percpu"))
+        .map(|s| s.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    let pids_limit = pids.and_then(|d| read(d, "pids.max")).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    json!({
+        "cpu": {
+            "usage": {
+                "total": num(acct, "cpuacct.usage"),
+                "percpu": percpu,
+                "kernel": num(acct, "cpuacct.usage_sys"),
+                "user": num(acct, "cpuacct.usage_user"),
+            },
+            "throttling": {}
+        },
+        "memory": {
+            "usage": {
+                "limit": num(mem, "memory.limit_in_bytes"),
+                "usage": num(mem, "memory.usage_in_bytes"),
+                "max": num(mem, "memory.max_usage_in_bytes"),
+                "failcnt": num(mem, "memory.failcnt"),
+            },
+            "swap": {
+                "limit": num(mem, "memory.memsw.limit_in_bytes"),
+                "usage": num(mem, "memory.memsw.usage_in_bytes"),
+                "max": num(mem, "memory.memsw.max_usage_in_bytes"),
+                "failcnt": num(mem, "memory.memsw.failcnt"),
+            },
+        },
+        "pids": { "current": num(pids, "pids.current"), "limit": pids_limit },
+        "blkio": {},
+        "hugetlb": {},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_rules_use_star_for_wildcards() {
+        assert_eq!(device_rule('a', -1, -1, "rwm"), "a *:* rwm");
+        assert_eq!(device_rule('c', 136, -1, "rwm"), "c 136:* rwm");
+        assert_eq!(device_rule('b', 8, 0, "r"), "b 8:0 r");
+    }
+}
