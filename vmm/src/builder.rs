@@ -31,7 +31,8 @@ pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
 /// The command line used when the caller gives none: console on COM1, early
 /// console too (so a guest that dies early still says why), reboot through
 /// the i8042 (our power-off), and reboot at once on panic.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 8250.nr_uarts=1 quiet";
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 8250.nr_uarts=1 quiet";
 
 /// What the vCPUs execute first.
 pub enum BootSource {
@@ -42,9 +43,11 @@ pub enum BootSource {
         cmdline: String,
         protocol: BootProtocolChoice,
     },
-    /// Flat 16-bit code copied to `load_address` and entered in real mode
-    /// with CS:IP = 0:`load_address`. For tests and diagnostics.
-    RealModeImage { image: Vec<u8>, load_address: u64 },
+    /// Flat 32-bit code copied to `load_address` and entered in protected
+    /// mode with flat 4 GiB segments and paging off (the PVH entry state,
+    /// EBX = 0). For tests and diagnostics: it can reach every port and
+    /// every MMIO window.
+    FlatImage { image: Vec<u8>, load_address: u64 },
 }
 
 /// Errors from building a microVM.
@@ -67,7 +70,10 @@ pub enum BuildError {
     #[error("the initrd {path} does not exist")]
     InitrdMissing { path: PathBuf },
     #[error("cannot open {path}: {source} (is KVM available and are you allowed to use it?)")]
-    KvmUnavailable { path: PathBuf, source: std::io::Error },
+    KvmUnavailable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("KVM at {path} speaks API version {version}; version 12 is required")]
     KvmApiVersion { path: PathBuf, version: i32 },
     #[error("{count} virtio devices requested; only {max} interrupt lines are free")]
@@ -81,7 +87,10 @@ pub enum BuildError {
     #[error("cannot set up vCPU {index}: {detail}")]
     Vcpu { index: u8, detail: String },
     #[error("cannot create an eventfd for {what}: {source}")]
-    EventFd { what: &'static str, source: std::io::Error },
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot place a device on the bus: {0}")]
     Bus(#[from] BusError),
     #[error(transparent)]
@@ -121,7 +130,12 @@ impl VmBuilder {
 
     /// Boots a Linux kernel with the given command line (see
     /// [`DEFAULT_CMDLINE`]) and optional initrd.
-    pub fn linux(mut self, kernel: impl Into<PathBuf>, initrd: Option<PathBuf>, cmdline: impl Into<String>) -> Self {
+    pub fn linux(
+        mut self,
+        kernel: impl Into<PathBuf>,
+        initrd: Option<PathBuf>,
+        cmdline: impl Into<String>,
+    ) -> Self {
         self.boot = Some(BootSource::Linux {
             kernel: kernel.into(),
             initrd,
@@ -139,9 +153,12 @@ impl VmBuilder {
         self
     }
 
-    /// Boots a flat real-mode image instead of Linux.
-    pub fn real_mode_image(mut self, image: Vec<u8>, load_address: u64) -> Self {
-        self.boot = Some(BootSource::RealModeImage { image, load_address });
+    /// Boots a flat 32-bit protected-mode image instead of Linux.
+    pub fn flat_image(mut self, image: Vec<u8>, load_address: u64) -> Self {
+        self.boot = Some(BootSource::FlatImage {
+            image,
+            load_address,
+        });
         self
     }
 
@@ -199,10 +216,14 @@ impl VmBuilder {
         }
         if let BootSource::Linux { kernel, initrd, .. } = boot {
             if !kernel.exists() {
-                return Err(BuildError::KernelMissing { path: kernel.clone() });
+                return Err(BuildError::KernelMissing {
+                    path: kernel.clone(),
+                });
             }
             if let Some(initrd) = initrd.as_ref().filter(|p| !p.exists()) {
-                return Err(BuildError::InitrdMissing { path: initrd.clone() });
+                return Err(BuildError::InitrdMissing {
+                    path: initrd.clone(),
+                });
             }
         }
         Ok(())
@@ -215,7 +236,8 @@ impl VmBuilder {
         };
         let path = std::ffi::CString::new(self.kvm_path.as_os_str().as_bytes())
             .map_err(|_| unavailable(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-        let kvm = Kvm::new_with_path(&path).map_err(|e| unavailable(std::io::Error::from_raw_os_error(e.errno())))?;
+        let kvm = Kvm::new_with_path(&path)
+            .map_err(|e| unavailable(std::io::Error::from_raw_os_error(e.errno())))?;
         let version = kvm.get_api_version();
         if version != 12 {
             return Err(BuildError::KvmApiVersion {
@@ -233,14 +255,17 @@ impl VmBuilder {
         let created_at = Instant::now();
         let kvm = self.open_kvm()?;
         let requested_mib = self.memory_mib;
-        let regions = husk_arch::guest_memory_regions(requested_mib << 20).map_err(|e| BuildError::MemoryLayout {
-            requested_mib,
-            detail: e.to_string(),
+        let regions = husk_arch::guest_memory_regions(requested_mib << 20).map_err(|e| {
+            BuildError::MemoryLayout {
+                requested_mib,
+                detail: e.to_string(),
+            }
         })?;
-        let memory = GuestMemoryMmap::from_ranges(&regions).map_err(|e| BuildError::MemoryAllocation {
-            requested_mib,
-            detail: e.to_string(),
-        })?;
+        let memory =
+            GuestMemoryMmap::from_ranges(&regions).map_err(|e| BuildError::MemoryAllocation {
+                requested_mib,
+                detail: e.to_string(),
+            })?;
         let vm = Vm::new(&kvm, memory)?;
         let vcpu_count = self.vcpus as u8; // validated against MAX_SUPPORTED_CPUS (< 256)
 
@@ -250,7 +275,8 @@ impl VmBuilder {
         let mut transports = Vec::new();
         for (index, device) in self.devices.into_iter().enumerate() {
             let slot = MmioDeviceSlot {
-                base: husk_arch::VIRTIO_MMIO_BASE + index as u64 * husk_arch::VIRTIO_MMIO_WINDOW_SIZE,
+                base: husk_arch::VIRTIO_MMIO_BASE
+                    + index as u64 * husk_arch::VIRTIO_MMIO_WINDOW_SIZE,
                 size: husk_arch::VIRTIO_MMIO_WINDOW_SIZE,
                 irq: husk_arch::IRQ_BASE + index as u32,
             };
@@ -261,7 +287,11 @@ impl VmBuilder {
             vm.register_irqfd(&irqfd, slot.irq)?;
             let transport = MmioTransport::new(device, vm.memory().clone(), irqfd)?;
             for (queue_index, notifier) in transport.queue_notifiers().iter().enumerate() {
-                vm.register_mmio_ioeventfd(notifier, slot.base + QUEUE_NOTIFY_OFFSET, queue_index as u32)?;
+                vm.register_mmio_ioeventfd(
+                    notifier,
+                    slot.base + QUEUE_NOTIFY_OFFSET,
+                    queue_index as u32,
+                )?;
             }
             let transport = Arc::new(Mutex::new(transport));
             mmio_bus.insert(transport.clone(), slot.base, slot.size)?;
@@ -269,23 +299,37 @@ impl VmBuilder {
             device_slots.push(slot);
         }
 
-        let mut real_mode_ip = None;
         let boot_entry = match self.boot.ok_or(BuildError::NoBootSource)? {
             BootSource::Linux {
                 kernel,
                 initrd,
                 cmdline,
                 protocol,
-            } => Some(load_linux(&vm, vcpu_count, &kernel, initrd.as_deref(), &cmdline, protocol, &device_slots)?),
-            BootSource::RealModeImage { image, load_address } => {
+            } => load_linux(
+                &vm,
+                vcpu_count,
+                &kernel,
+                initrd.as_deref(),
+                &cmdline,
+                protocol,
+                &device_slots,
+            )?,
+            BootSource::FlatImage {
+                image,
+                load_address,
+            } => {
                 vm.memory()
                     .write_slice(&image, GuestAddress(load_address))
                     .map_err(|e| BuildError::BootStructure {
-                        what: "real-mode image",
+                        what: "flat image",
                         detail: format!("at {load_address:#x}: {e}"),
                     })?;
-                real_mode_ip = Some(load_address);
-                None
+                BootEntry {
+                    entry: GuestAddress(load_address),
+                    protocol: BootProtocol::Pvh,
+                    boot_info: GuestAddress(0),
+                    cmdline: None,
+                }
             }
         };
 
@@ -297,15 +341,21 @@ impl VmBuilder {
         })?;
         vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)?;
         let serial = SerialConsole::new(EventFdTrigger(serial_irq), self.serial);
-        pio_bus.insert(Arc::new(Mutex::new(serial)), legacy::COM1_PORT, legacy::COM1_PORT_COUNT)?;
+        pio_bus.insert(
+            Arc::new(Mutex::new(serial)),
+            legacy::COM1_PORT,
+            legacy::COM1_PORT_COUNT,
+        )?;
         let reset_event = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
             what: "the reset event",
             source,
         })?;
-        let reset_trigger = reset_event.try_clone().map_err(|source| BuildError::EventFd {
-            what: "the reset event",
-            source,
-        })?;
+        let reset_trigger = reset_event
+            .try_clone()
+            .map_err(|source| BuildError::EventFd {
+                what: "the reset event",
+                source,
+            })?;
         pio_bus.insert(
             Arc::new(Mutex::new(I8042::new(EventFdTrigger(reset_trigger)))),
             legacy::I8042_PORT,
@@ -318,7 +368,7 @@ impl VmBuilder {
             1,
         )?;
 
-        let vcpus = create_vcpus(&kvm, &vm, vcpu_count, boot_entry.as_ref(), real_mode_ip.unwrap_or(0))?;
+        let vcpus = create_vcpus(&kvm, &vm, vcpu_count, &boot_entry)?;
         crate::vstate::vcpu::install_kick_signal_handler().map_err(BuildError::SignalHandler)?;
         let exit_event = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
             what: "the vCPU exit event",
@@ -332,7 +382,7 @@ impl VmBuilder {
             exit_event,
             first_entry: OnceLock::new(),
         });
-        let guest_cmdline = boot_entry.map(|entry| entry.cmdline);
+        let guest_cmdline = boot_entry.cmdline;
         Ok(MicroVm::new(
             vm,
             vcpus,
@@ -346,12 +396,13 @@ impl VmBuilder {
     }
 }
 
-/// Where vCPU 0 starts after a Linux load.
-struct LinuxEntry {
+/// Where and how vCPU 0 starts.
+struct BootEntry {
     entry: GuestAddress,
     protocol: BootProtocol,
     boot_info: GuestAddress,
-    cmdline: String,
+    /// The kernel command line, for Linux boots.
+    cmdline: Option<String>,
 }
 
 fn load_linux(
@@ -362,7 +413,7 @@ fn load_linux(
     cmdline: &str,
     protocol: BootProtocolChoice,
     devices: &[MmioDeviceSlot],
-) -> Result<LinuxEntry, BuildError> {
+) -> Result<BootEntry, BuildError> {
     let memory = vm.memory();
     let loaded = loader::load_kernel(memory, kernel, protocol)?;
     let initrd = initrd
@@ -380,37 +431,34 @@ fn load_linux(
         initrd,
         setup_header: loaded.setup_header,
     };
-    let boot_info = match loaded.protocol {
-        BootProtocol::Pvh => {
-            husk_arch::configure_pvh_start_info(memory, &boot_config).map_err(|e| BuildError::BootStructure {
-                what: "PVH start info",
-                detail: e.to_string(),
-            })?
-        }
-        BootProtocol::LinuxBoot64 => {
-            husk_arch::configure_zero_page(memory, &boot_config).map_err(|e| BuildError::BootStructure {
-                what: "zero page",
-                detail: e.to_string(),
-            })?;
-            GuestAddress(husk_arch::ZERO_PAGE_START)
-        }
-    };
+    let boot_info =
+        match loaded.protocol {
+            BootProtocol::Pvh => husk_arch::configure_pvh_start_info(memory, &boot_config)
+                .map_err(|e| BuildError::BootStructure {
+                    what: "PVH start info",
+                    detail: e.to_string(),
+                })?,
+            BootProtocol::LinuxBoot64 => {
+                husk_arch::configure_zero_page(memory, &boot_config).map_err(|e| {
+                    BuildError::BootStructure {
+                        what: "zero page",
+                        detail: e.to_string(),
+                    }
+                })?;
+                GuestAddress(husk_arch::ZERO_PAGE_START)
+            }
+        };
     tracing::info!(entry = loaded.entry.0, protocol = ?loaded.protocol, %cmdline, "guest kernel loaded");
-    Ok(LinuxEntry {
+    Ok(BootEntry {
         entry: loaded.entry,
         protocol: loaded.protocol,
         boot_info,
-        cmdline,
+        cmdline: Some(cmdline),
     })
 }
 
-fn create_vcpus(
-    kvm: &Kvm,
-    vm: &Vm,
-    count: u8,
-    linux: Option<&LinuxEntry>,
-    real_mode_ip: u64,
-) -> Result<Vec<Vcpu>, BuildError> {
+fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, boot: &BootEntry) -> Result<Vec<Vcpu>, BuildError> {
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let supported_cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| BuildError::Vcpu {
@@ -425,34 +473,25 @@ fn create_vcpus(
             .create_vcpu(u64::from(index))
             .map_err(|e| vcpu_error(format!("KVM_CREATE_VCPU: {e}")))?;
         let mut cpuid = supported_cpuid.clone();
-        husk_arch::normalize_cpuid(&mut cpuid, index, count).map_err(|e| vcpu_error(e.to_string()))?;
+        husk_arch::normalize_cpuid(&mut cpuid, index, count)
+            .map_err(|e| vcpu_error(e.to_string()))?;
+        husk_arch::set_tsc_deadline_timer(&mut cpuid, tsc_deadline);
         fd.set_cpuid2(&cpuid)
             .map_err(|e| vcpu_error(format!("KVM_SET_CPUID2: {e}")))?;
         husk_arch::setup_lapic_lint(&fd).map_err(|e| vcpu_error(e.to_string()))?;
-        match (index, linux) {
-            (0, Some(entry)) => {
-                husk_arch::setup_boot_vcpu_state(&fd, vm.memory(), entry.protocol, entry.entry, entry.boot_info)
-                    .map_err(|e| vcpu_error(e.to_string()))?
-            }
-            (0, None) => set_real_mode_entry(&fd, real_mode_ip).map_err(vcpu_error)?,
-            _ => husk_arch::setup_ap_vcpu_state(&fd).map_err(|e| vcpu_error(e.to_string()))?,
+        if index == 0 {
+            husk_arch::setup_boot_vcpu_state(
+                &fd,
+                vm.memory(),
+                boot.protocol,
+                boot.entry,
+                boot.boot_info,
+            )
+            .map_err(|e| vcpu_error(e.to_string()))?;
+        } else {
+            husk_arch::setup_ap_vcpu_state(&fd).map_err(|e| vcpu_error(e.to_string()))?;
         }
         vcpus.push(Vcpu { index, fd });
     }
     Ok(vcpus)
-}
-
-/// Real mode with CS base 0: the image's load address is its IP.
-fn set_real_mode_entry(fd: &kvm_ioctls::VcpuFd, ip: u64) -> Result<(), String> {
-    let mut sregs = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    fd.set_sregs(&sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-    let regs = kvm_bindings::kvm_regs {
-        rip: ip,
-        rflags: 0x2, // bit 1 is reserved and must be set
-        ..Default::default()
-    };
-    fd.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
-    Ok(())
 }

@@ -29,7 +29,9 @@ impl HostKvm {
     pub fn describe(&self) -> String {
         match self {
             HostKvm::Unavailable { reason } => format!("no usable KVM ({reason})"),
-            HostKvm::Pvm => "PVM KVM (kvm_pvm): stock guest kernels stop after early boot".to_owned(),
+            HostKvm::Pvm => {
+                "PVM KVM (kvm_pvm): stock guest kernels stop after early boot".to_owned()
+            }
             HostKvm::Hardware => "hardware-assisted KVM".to_owned(),
         }
     }
@@ -41,7 +43,11 @@ pub fn probe_host_kvm() -> HostKvm {
 }
 
 fn probe_with(kvm_device: &Path, sys_module: &Path) -> HostKvm {
-    if let Err(error) = std::fs::OpenOptions::new().read(true).write(true).open(kvm_device) {
+    if let Err(error) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(kvm_device)
+    {
         return HostKvm::Unavailable {
             reason: format!("{}: {error}", kvm_device.display()),
         };
@@ -71,6 +77,8 @@ mod tests {
     #[test]
     fn missing_device_is_unavailable_and_named() {
         let probed = probe_with(Path::new("/nonexistent/kvm"), Path::new("/sys/module"));
-        assert!(matches!(&probed, HostKvm::Unavailable { reason } if reason.contains("/nonexistent/kvm")));
+        assert!(
+            matches!(&probed, HostKvm::Unavailable { reason } if reason.contains("/nonexistent/kvm"))
+        );
     }
 }

@@ -12,7 +12,11 @@ use clap::Parser;
 use husk_vmm::{BootProtocolChoice, SerialSink, VmBuilder, DEFAULT_CMDLINE};
 
 #[derive(Parser, Debug)]
-#[command(name = "husk-vmm", version, about = "Boot a kernel in a husk KVM microVM (debug tool)")]
+#[command(
+    name = "husk-vmm",
+    version,
+    about = "Boot a kernel in a husk KVM microVM (debug tool)"
+)]
 struct Args {
     /// Guest kernel: ELF vmlinux (64-bit or PVH entry) or bzImage.
     #[arg(long)]
@@ -48,14 +52,17 @@ fn parse_protocol(value: &str) -> Result<BootProtocolChoice, String> {
         "auto" => Ok(BootProtocolChoice::Auto),
         "linux64" => Ok(BootProtocolChoice::Linux64),
         "pvh" => Ok(BootProtocolChoice::Pvh),
-        other => Err(format!("unknown boot protocol '{other}' (expected auto, linux64 or pvh)")),
+        other => Err(format!(
+            "unknown boot protocol '{other}' (expected auto, linux64 or pvh)"
+        )),
     }
 }
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG").unwrap_or_else(|_| "husk_vmm=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| "husk_vmm=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -68,7 +75,10 @@ fn run(args: Args) -> i32 {
         Some(path) => match std::fs::File::create(path) {
             Ok(file) => SerialSink::Writer(Box::new(file)),
             Err(error) => {
-                eprintln!("husk-vmm: cannot create the console log {}: {error}", path.display());
+                eprintln!(
+                    "husk-vmm: cannot create the console log {}: {error}",
+                    path.display()
+                );
                 return 1;
             }
         },
@@ -90,7 +100,11 @@ fn run(args: Args) -> i32 {
     };
     match vm.run(args.timeout_secs.map(Duration::from_secs)) {
         Ok((reason, report)) => {
-            let ms = |d: Option<Duration>| d.map_or("not reached".to_owned(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
+            let ms = |d: Option<Duration>| {
+                d.map_or("not reached".to_owned(), |d| {
+                    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+                })
+            };
             eprintln!(
                 "husk-vmm: {reason}; first vCPU entry {}, guest init {}",
                 ms(report.first_vcpu_entry),

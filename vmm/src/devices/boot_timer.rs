@@ -36,7 +36,10 @@ pub struct BootTimer {
 impl BootTimer {
     /// A timer measuring from `vm_created_at`, publishing into `timing`.
     pub fn new(vm_created_at: Instant, timing: BootTiming) -> Self {
-        Self { vm_created_at, timing }
+        Self {
+            vm_created_at,
+            timing,
+        }
     }
 }
 
@@ -52,7 +55,10 @@ impl BusDevice for BootTimer {
         let mut reached = self.timing.0.lock().unwrap_or_else(|p| p.into_inner());
         if reached.is_none() {
             let elapsed = self.vm_created_at.elapsed();
-            tracing::info!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "guest reached init");
+            tracing::info!(
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                "guest reached init"
+            );
             *reached = Some(elapsed);
         }
     }
@@ -69,7 +75,9 @@ mod tests {
         timer.write(0, &[0x00]);
         assert_eq!(timing.init_reached_after(), None);
         timer.write(0, &[BOOT_TIMER_MAGIC]);
-        let first = timing.init_reached_after().expect("magic write records the time");
+        let first = timing
+            .init_reached_after()
+            .expect("magic write records the time");
         std::thread::sleep(Duration::from_millis(2));
         timer.write(0, &[BOOT_TIMER_MAGIC]);
         assert_eq!(timing.init_reached_after(), Some(first));

@@ -23,7 +23,9 @@ pub enum BusError {
     #[error("cannot register a zero-length range at {base:#x}")]
     ZeroLength { base: u64 },
     /// The range overlaps one that is already registered.
-    #[error("range {base:#x}+{len:#x} overlaps the registered range {other_base:#x}+{other_len:#x}")]
+    #[error(
+        "range {base:#x}+{len:#x} overlaps the registered range {other_base:#x}+{other_len:#x}"
+    )]
     Overlap {
         base: u64,
         len: u64,
@@ -114,7 +116,9 @@ impl Bus {
 /// Locks a device even if a previous holder panicked: device state is plain
 /// register values, so continuing is safer than poisoning the whole VM.
 fn lock_device(device: &SharedBusDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -153,7 +157,8 @@ mod tests {
     #[test]
     fn unclaimed_addresses_are_reported() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x1000, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x1000, 0x10)
+            .unwrap();
         assert!(!bus.write(0x1010, &[1]));
         assert!(!bus.read(0xfff, &mut [0]));
     }
@@ -164,9 +169,18 @@ mod tests {
         let device = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(device.clone(), 0x1000, 0x100).unwrap();
         for (base, len) in [(0x1000, 1), (0xfff, 2), (0x10ff, 1), (0x800, 0x1000)] {
-            assert!(matches!(bus.insert(device.clone(), base, len), Err(BusError::Overlap { .. })), "{base:#x}+{len:#x}");
+            assert!(
+                matches!(
+                    bus.insert(device.clone(), base, len),
+                    Err(BusError::Overlap { .. })
+                ),
+                "{base:#x}+{len:#x}"
+            );
         }
         bus.insert(device.clone(), 0x1100, 1).unwrap();
-        assert_eq!(bus.insert(device, 5, 0), Err(BusError::ZeroLength { base: 5 }));
+        assert_eq!(
+            bus.insert(device, 5, 0),
+            Err(BusError::ZeroLength { base: 5 })
+        );
     }
 }

@@ -65,17 +65,27 @@ impl std::fmt::Display for VmExit {
         match self {
             VmExit::Reset => write!(f, "guest reset the VM (i8042 CPU reset): clean power-off"),
             VmExit::Stopped => write!(f, "stopped by the VMM"),
-            VmExit::TripleFault { vcpu } => write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)"),
+            VmExit::TripleFault { vcpu } => {
+                write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)")
+            }
             VmExit::SystemEvent { vcpu, event_type } => {
                 write!(f, "vCPU {vcpu} raised KVM system event {event_type}")
             }
             VmExit::InternalError { vcpu, suberror } => {
                 write!(f, "KVM internal error on vCPU {vcpu} (suberror {suberror})")
             }
-            VmExit::FailEntry { vcpu, hardware_reason } => {
-                write!(f, "KVM failed to enter vCPU {vcpu} (hardware reason {hardware_reason:#x})")
+            VmExit::FailEntry {
+                vcpu,
+                hardware_reason,
+            } => {
+                write!(
+                    f,
+                    "KVM failed to enter vCPU {vcpu} (hardware reason {hardware_reason:#x})"
+                )
             }
-            VmExit::RunFailed { vcpu, error } => write!(f, "KVM_RUN failed on vCPU {vcpu}: {error}"),
+            VmExit::RunFailed { vcpu, error } => {
+                write!(f, "KVM_RUN failed on vCPU {vcpu}: {error}")
+            }
             VmExit::Timeout => write!(f, "the run deadline passed"),
         }
     }
@@ -126,7 +136,8 @@ pub fn install_kick_signal_handler() -> std::io::Result<()> {
     static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
     let result = INSTALLED.get_or_init(|| {
         let signal = vmm_sys_util::signal::SIGRTMIN() + VCPU_KICK_SIGNAL_OFFSET;
-        vmm_sys_util::signal::register_signal_handler(signal, handle_kick_signal).map_err(|e| e.errno())
+        vmm_sys_util::signal::register_signal_handler(signal, handle_kick_signal)
+            .map_err(|e| e.errno())
     });
     result.map_err(std::io::Error::from_raw_os_error)
 }
@@ -168,11 +179,15 @@ impl Vcpu {
                 Ok(VcpuExit::InternalError) => {
                     // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel
                     // filled the `internal` member of the exit union.
-                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     shared.report_exit(VmExit::InternalError { vcpu, suberror })
                 }
                 Ok(VcpuExit::FailEntry(hardware_reason, _)) => {
-                    shared.report_exit(VmExit::FailEntry { vcpu, hardware_reason })
+                    shared.report_exit(VmExit::FailEntry {
+                        vcpu,
+                        hardware_reason,
+                    })
                 }
                 Ok(other) => {
                     tracing::warn!(vcpu, exit = ?other, "unhandled vCPU exit, re-entering");

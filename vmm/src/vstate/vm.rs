@@ -26,7 +26,9 @@ pub enum VmError {
     IrqChip(#[source] kvm_ioctls::Error),
     #[error("cannot create the in-kernel PIT: {0}")]
     Pit(#[source] kvm_ioctls::Error),
-    #[error("cannot register guest memory slot {slot} at {guest_address:#x} ({size} bytes): {source}")]
+    #[error(
+        "cannot register guest memory slot {slot} at {guest_address:#x} ({size} bytes): {source}"
+    )]
     MemorySlot {
         slot: u32,
         guest_address: u64,
@@ -54,7 +56,8 @@ impl Vm {
     /// every region of `memory` as a KVM memory slot.
     pub fn new(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::Create)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::TssAddress)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(VmError::TssAddress)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(VmError::IdentityMap)?;
         fd.create_irq_chip().map_err(VmError::IrqChip)?;
@@ -75,11 +78,13 @@ impl Vm {
             // SAFETY: the host range belongs to `memory`, which this Vm owns
             // and keeps mapped for as long as the VM fd (and so the slot)
             // exists; slots never overlap because the regions don't.
-            unsafe { fd.set_user_memory_region(descriptor) }.map_err(|source| VmError::MemorySlot {
-                slot,
-                guest_address: descriptor.guest_phys_addr,
-                size: descriptor.memory_size,
-                source,
+            unsafe { fd.set_user_memory_region(descriptor) }.map_err(|source| {
+                VmError::MemorySlot {
+                    slot,
+                    guest_address: descriptor.guest_phys_addr,
+                    size: descriptor.memory_size,
+                    source,
+                }
             })?;
         }
         Ok(Self { fd, memory })
@@ -104,7 +109,12 @@ impl Vm {
 
     /// Signals `eventfd` inside KVM when the guest writes `datamatch` (32
     /// bits) to the MMIO `address`, without a VM exit to user space.
-    pub fn register_mmio_ioeventfd(&self, eventfd: &EventFd, address: u64, datamatch: u32) -> Result<(), VmError> {
+    pub fn register_mmio_ioeventfd(
+        &self,
+        eventfd: &EventFd,
+        address: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
         self.fd
             .register_ioevent(eventfd, &IoEventAddress::Mmio(address), datamatch)
             .map_err(|source| VmError::Ioeventfd {

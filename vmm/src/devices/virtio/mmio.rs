@@ -84,7 +84,11 @@ pub enum MmioError {
 impl MmioTransport {
     /// Wraps `device`; interrupts go through `irqfd`, which the caller
     /// registers with KVM for the device's GSI.
-    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap, irqfd: EventFd) -> Result<Self, MmioError> {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        irqfd: EventFd,
+    ) -> Result<Self, MmioError> {
         let device_type = device.device_type();
         let mut queues = Vec::new();
         let mut queue_notifiers = Vec::new();
@@ -166,8 +170,14 @@ impl MmioTransport {
                     return;
                 }
                 match self.driver_features_select {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
                     _ => {}
                 }
             }
@@ -223,7 +233,9 @@ impl MmioTransport {
         let newly_set = value & !self.device_status;
         if newly_set & status::FEATURES_OK != 0 {
             let offered = self.offered_features();
-            if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
                 // The driver accepted features we never offered, or refused
                 // VERSION_1 (legacy is not supported): leave FEATURES_OK
                 // clear so the driver sees the negotiation failed.
@@ -245,7 +257,10 @@ impl MmioTransport {
                 continue;
             }
             if !queue.is_valid(&self.memory) {
-                tracing::error!(device_type = self.device.device_type(), "driver set up an invalid queue");
+                tracing::error!(
+                    device_type = self.device.device_type(),
+                    "driver set up an invalid queue"
+                );
                 self.device_status |= status::DEVICE_NEEDS_RESET;
                 return;
             }
@@ -281,7 +296,10 @@ impl MmioTransport {
             status: self.interrupt_status.clone(),
             irqfd,
         });
-        match self.device.activate(self.memory.clone(), interrupt, activated_queues) {
+        match self
+            .device
+            .activate(self.memory.clone(), interrupt, activated_queues)
+        {
             Ok(()) => self.activated = true,
             Err(error) => {
                 tracing::error!(%error, device_type = self.device.device_type(), "virtio device failed to activate");
@@ -317,7 +335,11 @@ impl BusDevice for MmioTransport {
         match data.len() {
             4 => data.copy_from_slice(&self.register_read(offset).to_le_bytes()),
             _ => {
-                tracing::debug!(offset, len = data.len(), "virtio-mmio register read of the wrong width");
+                tracing::debug!(
+                    offset,
+                    len = data.len(),
+                    "virtio-mmio register read of the wrong width"
+                );
                 data.fill(0xff);
             }
         }
@@ -330,7 +352,11 @@ impl BusDevice for MmioTransport {
         }
         match <[u8; 4]>::try_from(data) {
             Ok(bytes) => self.register_write(offset, u32::from_le_bytes(bytes)),
-            Err(_) => tracing::debug!(offset, len = data.len(), "virtio-mmio register write of the wrong width"),
+            Err(_) => tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio register write of the wrong width"
+            ),
         }
     }
 }
@@ -368,7 +394,12 @@ mod tests {
             data.fill(offset as u8 + 0x40);
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, _m: GuestMemoryMmap, _i: Arc<dyn VirtioInterrupt>, queues: Vec<ActivatedQueue>) -> Result<(), super::super::ActivateError> {
+        fn activate(
+            &mut self,
+            _m: GuestMemoryMmap,
+            _i: Arc<dyn VirtioInterrupt>,
+            queues: Vec<ActivatedQueue>,
+        ) -> Result<(), super::super::ActivateError> {
             self.0.lock().unwrap().activated_queues = queues.len();
             Ok(())
         }
@@ -381,7 +412,12 @@ mod tests {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let observed = Arc::new(Mutex::new(Observed::default()));
         let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-        let transport = MmioTransport::new(Box::new(FakeDevice(observed.clone())), memory, irqfd.try_clone().unwrap()).unwrap();
+        let transport = MmioTransport::new(
+            Box::new(FakeDevice(observed.clone())),
+            memory,
+            irqfd.try_clone().unwrap(),
+        )
+        .unwrap();
         (transport, observed, irqfd)
     }
 
@@ -414,7 +450,11 @@ mod tests {
         write32(&mut t, 0x030, 2);
         assert_eq!(read32(&mut t, 0x034), 64);
         write32(&mut t, 0x030, 7);
-        assert_eq!(read32(&mut t, 0x034), 0, "a queue the device lacks has size 0");
+        assert_eq!(
+            read32(&mut t, 0x034),
+            0,
+            "a queue the device lacks has size 0"
+        );
     }
 
     #[test]
@@ -427,11 +467,19 @@ mod tests {
         write32(&mut t, 0x020, 1 << 3);
         write32(&mut t, 0x024, 1);
         write32(&mut t, 0x020, 1);
-        write32(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_ne!(read32(&mut t, 0x070) & status::FEATURES_OK, 0);
         set_up_queue(&mut t, 0, 0x1_0000);
         set_up_queue(&mut t, 1, 0x2_0000);
-        write32(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         let seen = observed.lock().unwrap();
         assert_eq!(seen.acked_features, VIRTIO_F_VERSION_1 | 1 << 3);
         assert_eq!(seen.activated_queues, 2);
@@ -444,7 +492,11 @@ mod tests {
         write32(&mut t, 0x020, 1 << 5);
         write32(&mut t, 0x024, 1);
         write32(&mut t, 0x020, 1);
-        write32(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(read32(&mut t, 0x070) & status::FEATURES_OK, 0);
         assert_eq!(observed.lock().unwrap().acked_features, 0);
     }
@@ -476,9 +528,17 @@ mod tests {
         let (mut t, observed, _) = transport();
         write32(&mut t, 0x024, 1);
         write32(&mut t, 0x020, 1);
-        write32(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         set_up_queue(&mut t, 0, 0x1_0000);
-        write32(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         write32(&mut t, 0x070, 0);
         assert_eq!(observed.lock().unwrap().resets, 1);
         assert_eq!(read32(&mut t, 0x070), 0);
