@@ -76,6 +76,17 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The text a container init sends to the runtime, which wraps it in
+    /// [`Error::Init`] again: without our own prefix, so it appears once.
+    pub fn child_message(&self) -> String {
+        match self {
+            Error::Init(inner) => inner.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Attach the failing operation and path to `io` and `nix` results.
 pub trait Context<T> {
     /// Wrap the error with the operation and the path it acted on.

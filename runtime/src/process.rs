@@ -154,6 +154,22 @@ pub fn exec(path: &Path, args: &[String], env: &[String]) -> Error {
     }
 }
 
+/// Give the process a clean signal state: nothing blocked, every
+/// disposition default. The runtime may block signals it forwards, and Rust
+/// ignores SIGPIPE; neither may leak into the container.
+pub fn reset_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL has no handler to be unsafe about.
+        let _ = unsafe { sigaction(sig, &dfl) };
+    }
+    let _ = SigSet::empty().thread_set_mask();
+}
+
 /// Mark every descriptor above 2 close-on-exec, except `keep_extra` fds
 /// (3..3+keep_extra) handed to the process on purpose.
 pub fn close_extra_fds_on_exec(keep_extra: i32) {

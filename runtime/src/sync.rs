@@ -27,8 +27,9 @@ pub enum Message {
     /// Stage 2 → runtime: mounts are done; run the createRuntime hooks.
     RunCreateRuntimeHooks,
     /// Runtime → stage 2: createRuntime hooks are done; the OCI state JSON
-    /// for the hooks stage 2 runs itself.
-    HooksDone(String),
+    /// for the hooks stage 2 runs itself (createContainer sees "creating",
+    /// startContainer "created", as with runc).
+    HooksDone { creating: String, created: String },
     /// Stage 2 → runtime: set up and waiting for `start`.
     Ready,
     /// Either way: a failure, with its message.

@@ -52,7 +52,7 @@ fn child_main(chan: &Channel, f: impl FnOnce() -> Result<()>) -> ! {
     let code = match f() {
         Ok(()) => 0,
         Err(e) => {
-            if chan.send(&Message::Error(e.to_string())).is_err() {
+            if chan.send(&Message::Error(e.child_message())).is_err() {
                 eprintln!("{e}");
             }
             1
@@ -140,10 +140,12 @@ fn create_stage2(init: &CreateInit<'_>, chan: &Channel) -> Result<()> {
     if wants_hooks {
         chan.send(&Message::RunCreateRuntimeHooks)?;
         match chan.expect("createRuntime hooks")? {
-            Message::HooksDone(state) => hook_state = state,
+            Message::HooksDone { creating, created } => {
+                run_hooks(HookKind::CreateContainer, hooks.and_then(|h| h.create_container().as_ref()), &creating)?;
+                hook_state = created;
+            }
             other => return Err(Error::Init(format!("unexpected {other:?} while waiting for hooks"))),
         }
-        run_hooks(HookKind::CreateContainer, hooks.and_then(|h| h.create_container().as_ref()), &hook_state)?;
     }
     rootfs::setup_dev(spec, init.rootfs, userns)?;
     let cwd_inside = rootfs::resolve(init.rootfs, proc_.cwd(), "process.cwd")?;
@@ -206,6 +208,7 @@ fn finish_process(
     preserve_fds: i32,
     before_exec: impl FnOnce(Option<seccomp::Filter>) -> Result<Option<seccomp::Filter>>,
 ) -> Result<()> {
+    process::reset_signals();
     process::apply_oom_score_adj(proc_)?;
     process::apply_rlimits(proc_)?;
     let caps = CapabilityMasks::from_spec(proc_.capabilities().as_ref())?;

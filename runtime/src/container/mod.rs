@@ -229,8 +229,8 @@ impl ContainerBuilder {
                     let hooks = spec.hooks().as_ref();
                     run_hooks(HookKind::Prestart, hooks.and_then(|h| h.prestart().as_ref()), &state)?;
                     run_hooks(HookKind::CreateRuntime, hooks.and_then(|h| h.create_runtime().as_ref()), &state)?;
-                    let state = serde_json::to_string(&record.hook_state(Status::Created)).map_err(|e| Error::Init(e.to_string()))?;
-                    parent_end.send(&Message::HooksDone(state))?;
+                    let created = serde_json::to_string(&record.hook_state(Status::Created)).map_err(|e| Error::Init(e.to_string()))?;
+                    parent_end.send(&Message::HooksDone { creating: state, created })?;
                 }
                 Message::Ready => break,
                 other => return Err(Error::Init(format!("unexpected {other:?} from the container init"))),
@@ -369,7 +369,9 @@ impl Container {
         }
         std::fs::remove_file(&fifo).at("remove", &fifo)?;
         let hooks = self.record.spec.hooks().as_ref();
-        run_hooks(HookKind::Poststart, hooks.and_then(|h| h.poststart().as_ref()), &self.hook_state_json(Status::Running))?;
+        // runc 1.1 hands poststart hooks the state it read before starting,
+        // "created"; scripts written against it expect that.
+        run_hooks(HookKind::Poststart, hooks.and_then(|h| h.poststart().as_ref()), &self.hook_state_json(Status::Created))?;
         Ok(())
     }
 
