@@ -1,1 +1,35 @@
-//! The `qemu` hypervisor backend. (Being written.)
+//! The `qemu` hypervisor backend: runs one guest in `qemu-system-x86_64 -M
+//! microvm`, with the vsock and virtio-fs device models reached over
+//! vhost-user from this process (see `../shared/ARCHITECTURE.md`, "One
+//! device model, two transports").
+//!
+//! Start with [`QemuVmConfig`]: give it the kernel, initrd and console log,
+//! add the vhost-user devices, then [`QemuVm::start`]. The VM ends when the
+//! guest powers off (the default command line makes a guest reset or panic
+//! end QEMU), when [`QemuVm::stop`] asks QEMU to quit over QMP, or when the
+//! VM is dropped; in every case the QEMU process is reaped and the VM's run
+//! directory (QMP socket, QEMU's own output) is removed.
+//!
+//! The module is split by concern: [`binary`] finds QEMU and checks its
+//! version, [`accel`] decides between KVM and TCG, [`config`] is the
+//! builder, [`command`] assembles the command line, [`process`] supervises
+//! the QEMU process, [`qmp`] is the QMP client, [`end`] decides how the
+//! guest ended, and [`vm`] ties them together.
+
+pub mod accel;
+pub mod binary;
+pub mod command;
+pub mod config;
+pub mod end;
+pub mod error;
+pub mod process;
+pub mod qmp;
+pub mod vm;
+
+pub use accel::{Accel, AccelChoice, ResolvedAccel};
+pub use binary::{QemuVersion, MINIMUM_QEMU_VERSION};
+pub use config::{QemuVmConfig, VhostUserFs, VhostUserVsock, DEFAULT_QEMU_CMDLINE};
+pub use end::GuestEnd;
+pub use error::QemuError;
+pub use qmp::{QmpClient, QmpError};
+pub use vm::QemuVm;
