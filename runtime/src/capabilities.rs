@@ -110,10 +110,7 @@ impl CapabilityMasks {
             bounding: mask_of(c.bounding().as_ref(), "process.capabilities.bounding")?,
             effective: mask_of(c.effective().as_ref(), "process.capabilities.effective")?,
             permitted: mask_of(c.permitted().as_ref(), "process.capabilities.permitted")?,
-            inheritable: mask_of(
-                c.inheritable().as_ref(),
-                "process.capabilities.inheritable",
-            )?,
+            inheritable: mask_of(c.inheritable().as_ref(), "process.capabilities.inheritable")?,
             ambient: mask_of(c.ambient().as_ref(), "process.capabilities.ambient")?,
         })
     }
@@ -123,7 +120,8 @@ impl CapabilityMasks {
         for cap in 0..=last_cap() {
             if self.bounding & (1 << cap) == 0 {
                 // SAFETY: prctl with integer arguments only.
-                let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+                let rc =
+                    unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
                 if rc != 0 {
                     return sys(
                         Err(nix::errno::Errno::last()),
@@ -142,7 +140,13 @@ impl CapabilityMasks {
         capset(self.effective, self.permitted, self.inheritable)?;
         // SAFETY: prctl with integer arguments only.
         unsafe {
-            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
         }
         for cap in 0..=last_cap() {
             if self.ambient & (1 << cap) != 0 {
@@ -210,7 +214,11 @@ fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<()> {
     // SAFETY: header and data are valid, correctly sized kernel structures.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut _, data.as_ptr()) };
     if rc != 0 {
-        return sys(Err(nix::errno::Errno::last()), "capset", "process capabilities");
+        return sys(
+            Err(nix::errno::Errno::last()),
+            "capset",
+            "process capabilities",
+        );
     }
     Ok(())
 }

@@ -22,12 +22,20 @@ pub fn connect(path: &Path) -> Result<OwnedFd> {
 /// Create the pty, send its master over `socket`, and make the slave the
 /// caller's stdio and controlling terminal. Returns the slave's path.
 pub fn setup_pty(socket: RawFd, width: u64, height: u64) -> Result<PathBuf> {
-    let master = sys(posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC), "open", "/dev/ptmx")?;
+    let master = sys(
+        posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC),
+        "open",
+        "/dev/ptmx",
+    )?;
     sys(grantpt(&master), "grantpt", "/dev/ptmx")?;
     sys(unlockpt(&master), "unlockpt", "/dev/ptmx")?;
     let slave_name = sys(ptsname_r(&master), "ptsname", "/dev/ptmx")?;
-    let slave = nix::fcntl::open(slave_name.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY, nix::sys::stat::Mode::empty())
-        .at("open", &slave_name)?;
+    let slave = nix::fcntl::open(
+        slave_name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .at("open", &slave_name)?;
     if width > 0 || height > 0 {
         let ws = libc::winsize {
             ws_row: height as u16,
@@ -48,7 +56,11 @@ pub fn setup_pty(socket: RawFd, width: u64, height: u64) -> Result<PathBuf> {
     }
     // SAFETY: TIOCSCTTY on our stdin, which is the new tty.
     if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-        return sys(Err(nix::errno::Errno::last()), "set controlling terminal", &slave_name);
+        return sys(
+            Err(nix::errno::Errno::last()),
+            "set controlling terminal",
+            &slave_name,
+        );
     }
     Ok(PathBuf::from(slave_name))
 }
@@ -58,7 +70,11 @@ pub fn send_fd(socket: RawFd, fd: RawFd, name: &str) -> Result<()> {
     let fds = [fd];
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let iov = [IoSlice::new(name.as_bytes())];
-    sys(sendmsg::<()>(socket, &iov, &cmsg, MsgFlags::empty(), None), "send terminal", "console socket")?;
+    sys(
+        sendmsg::<()>(socket, &iov, &cmsg, MsgFlags::empty(), None),
+        "send terminal",
+        "console socket",
+    )?;
     Ok(())
 }
 
@@ -67,8 +83,15 @@ pub fn recv_fd(socket: RawFd) -> Result<OwnedFd> {
     let mut buf = [0u8; 4096];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = sys(recvmsg::<()>(socket, &mut iov, Some(&mut space), MsgFlags::empty()), "receive terminal", "console socket")?;
-    for c in msg.cmsgs().map_err(|e| Error::Init(format!("console socket: {e}")))? {
+    let msg = sys(
+        recvmsg::<()>(socket, &mut iov, Some(&mut space), MsgFlags::empty()),
+        "receive terminal",
+        "console socket",
+    )?;
+    for c in msg
+        .cmsgs()
+        .map_err(|e| Error::Init(format!("console socket: {e}")))?
+    {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(fd) = fds.first() {
                 // SAFETY: the kernel just installed this descriptor for us.
@@ -98,7 +121,11 @@ pub fn proxy(master: &OwnedFd) {
             Err(_) => return,
         }
         let m_ev = fds[0].revents().unwrap_or(PollFlags::empty());
-        let s_ev = if stdin_open { fds[1].revents().unwrap_or(PollFlags::empty()) } else { PollFlags::empty() };
+        let s_ev = if stdin_open {
+            fds[1].revents().unwrap_or(PollFlags::empty())
+        } else {
+            PollFlags::empty()
+        };
         if m_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
             match nix::unistd::read(master.as_raw_fd(), &mut buf) {
                 Ok(0) | Err(_) => return,

@@ -97,19 +97,29 @@ mod tests {
     fn hook_reads_state_on_stdin_and_failure_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("state");
-        let h = hook(&format!(r#"{{"path":"/bin/sh","args":["sh","-c","cat > {}"]}}"#, out.display()));
+        let h = hook(&format!(
+            r#"{{"path":"/bin/sh","args":["sh","-c","cat > {}"]}}"#,
+            out.display()
+        ));
         run_hooks(HookKind::Poststart, Some(&vec![h]), "{\"id\":\"x\"}").unwrap();
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"id\":\"x\"}");
         let bad = hook(r#"{"path":"/bin/sh","args":["sh","-c","exit 3"]}"#);
-        let e = run_hooks(HookKind::Poststop, Some(&vec![bad]), "{}").unwrap_err().to_string();
-        assert!(e.contains("poststop hook /bin/sh") && e.contains("3"), "{e}");
+        let e = run_hooks(HookKind::Poststop, Some(&vec![bad]), "{}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("poststop hook /bin/sh") && e.contains("3"),
+            "{e}"
+        );
     }
 
     #[test]
     fn hook_past_its_timeout_is_killed() {
         let h = hook(r#"{"path":"/bin/sh","args":["sh","-c","sleep 5"],"timeout":1}"#);
         let start = Instant::now();
-        let e = run_hooks(HookKind::CreateRuntime, Some(&vec![h]), "{}").unwrap_err().to_string();
+        let e = run_hooks(HookKind::CreateRuntime, Some(&vec![h]), "{}")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("timed out"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(4));
     }

@@ -89,7 +89,10 @@ impl NamespaceSet {
                     ));
                 }
             }
-            entries.push(NamespaceEntry { typ: ns.typ(), path });
+            entries.push(NamespaceEntry {
+                typ: ns.typ(),
+                path,
+            });
         }
         Ok(Self { entries })
     }

@@ -45,7 +45,11 @@ pub fn apply_rlimits(process: &Process) -> Result<()> {
         // SAFETY: setrlimit with a valid struct.
         let rc = unsafe { libc::setrlimit(rlimit_resource(r.typ()), &lim) };
         if rc != 0 {
-            return sys(Err(nix::errno::Errno::last()), "setrlimit", format!("{:?}", r.typ()));
+            return sys(
+                Err(nix::errno::Errno::last()),
+                "setrlimit",
+                format!("{:?}", r.typ()),
+            );
         }
     }
     Ok(())
@@ -54,7 +58,8 @@ pub fn apply_rlimits(process: &Process) -> Result<()> {
 /// Write `/proc/self/oom_score_adj`.
 pub fn apply_oom_score_adj(process: &Process) -> Result<()> {
     if let Some(adj) = process.oom_score_adj() {
-        std::fs::write("/proc/self/oom_score_adj", adj.to_string()).at("write", "/proc/self/oom_score_adj")?;
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .at("write", "/proc/self/oom_score_adj")?;
     }
     Ok(())
 }
@@ -65,7 +70,12 @@ pub fn switch_user(process: &Process, caps: &CapabilityMasks) -> Result<()> {
     caps.apply_bounding()?;
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
-    let groups: Vec<Gid> = user.additional_gids().iter().flatten().map(|g| Gid::from_raw(*g)).collect();
+    let groups: Vec<Gid> = user
+        .additional_gids()
+        .iter()
+        .flatten()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
     // setgroups is refused in a user namespace whose setgroups is "deny";
     // an empty list is then the only possible (and already true) answer.
     if let Err(e) = nix::unistd::setgroups(&groups) {
@@ -74,9 +84,17 @@ pub fn switch_user(process: &Process, caps: &CapabilityMasks) -> Result<()> {
         }
     }
     let gid = Gid::from_raw(user.gid());
-    sys(nix::unistd::setresgid(gid, gid, gid), "setresgid", user.gid())?;
+    sys(
+        nix::unistd::setresgid(gid, gid, gid),
+        "setresgid",
+        user.gid(),
+    )?;
     let uid = Uid::from_raw(user.uid());
-    sys(nix::unistd::setresuid(uid, uid, uid), "setresuid", user.uid())?;
+    sys(
+        nix::unistd::setresuid(uid, uid, uid),
+        "setresuid",
+        user.uid(),
+    )?;
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     caps.apply_process_sets()
@@ -85,7 +103,9 @@ pub fn switch_user(process: &Process, caps: &CapabilityMasks) -> Result<()> {
 /// Set `process.user.umask` (0022 when absent, like runc).
 pub fn apply_umask(process: &Process) {
     let mask = process.user().umask().unwrap_or(0o022);
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask as libc::mode_t));
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        mask as libc::mode_t,
+    ));
 }
 
 /// The environment for the process: the spec's, plus HOME when missing
@@ -98,7 +118,8 @@ pub fn environment(process: &Process, passwd: Option<&str>) -> Vec<String> {
             .and_then(|text| {
                 text.lines().find_map(|l| {
                     let f: Vec<&str> = l.split(':').collect();
-                    (f.len() >= 6 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[5].to_string())
+                    (f.len() >= 6 && f[2].parse::<u32>().ok() == Some(uid))
+                        .then(|| f[5].to_string())
                 })
             })
             .unwrap_or_else(|| "/".to_string());
@@ -109,16 +130,25 @@ pub fn environment(process: &Process, passwd: Option<&str>) -> Vec<String> {
 
 /// Find `arg0` the way `execvp` would with the container's `PATH`.
 pub fn lookup_executable(arg0: &str, env: &[String]) -> Result<PathBuf> {
-    let not_found = || Error::Init(format!("exec: \"{arg0}\": executable file not found in $PATH"));
+    let not_found = || {
+        Error::Init(format!(
+            "exec: \"{arg0}\": executable file not found in $PATH"
+        ))
+    };
     if arg0.contains('/') {
         let p = PathBuf::from(arg0);
         return match std::fs::metadata(&p) {
             Ok(m) if is_executable(&m) => Ok(p),
             Ok(_) => Err(Error::Init(format!("exec: \"{arg0}\": permission denied"))),
-            Err(_) => Err(Error::Init(format!("exec: \"{arg0}\": stat {arg0}: no such file or directory"))),
+            Err(_) => Err(Error::Init(format!(
+                "exec: \"{arg0}\": stat {arg0}: no such file or directory"
+            ))),
         };
     }
-    let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).ok_or_else(not_found)?;
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .ok_or_else(not_found)?;
     for dir in path.split(':') {
         let dir = if dir.is_empty() { "." } else { dir };
         let candidate = Path::new(dir).join(arg0);
@@ -138,7 +168,9 @@ fn is_executable(m: &std::fs::Metadata) -> bool {
 
 /// Replace the process image. Only returns on failure.
 pub fn exec(path: &Path, args: &[String], env: &[String]) -> Error {
-    let to_c = |s: &str| CString::new(s).map_err(|_| Error::Init(format!("argument {s:?} contains a NUL byte")));
+    let to_c = |s: &str| {
+        CString::new(s).map_err(|_| Error::Init(format!("argument {s:?} contains a NUL byte")))
+    };
     let prog = match CString::new(path.as_os_str().as_bytes()) {
         Ok(p) => p,
         Err(_) => return Error::Init("executable path contains a NUL byte".into()),
@@ -173,7 +205,9 @@ pub fn reset_signals() {
 /// Mark every descriptor above 2 close-on-exec, except `keep_extra` fds
 /// (3..3+keep_extra) handed to the process on purpose.
 pub fn close_extra_fds_on_exec(keep_extra: i32) {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
     let fds: Vec<i32> = dir
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
@@ -228,7 +262,9 @@ mod tests {
     fn executable_lookup_uses_container_path_and_reports_missing() {
         let env = vec!["PATH=/nonexistent:/bin".to_string()];
         assert_eq!(lookup_executable("sh", &env).unwrap(), Path::new("/bin/sh"));
-        let e = lookup_executable("no-such-program", &env).unwrap_err().to_string();
+        let e = lookup_executable("no-such-program", &env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("executable file not found in $PATH"), "{e}");
     }
 }

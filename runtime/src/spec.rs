@@ -20,7 +20,11 @@ pub fn parse(text: &str) -> Result<Spec> {
     let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize::<_, Spec>(de).map_err(|e| {
         let field = e.path().to_string();
-        let field = if field == "." { "(document)".to_string() } else { field };
+        let field = if field == "." {
+            "(document)".to_string()
+        } else {
+            field
+        };
         Error::spec(field, e.inner().to_string())
     })
 }
@@ -55,8 +59,18 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<()> {
     let rootfs = rootfs_path(spec, bundle)?;
     match std::fs::metadata(&rootfs) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(Error::spec("root.path", format!("{} is not a directory", rootfs.display()))),
-        Err(e) => return Err(Error::spec("root.path", format!("{}: {e}", rootfs.display()))),
+        Ok(_) => {
+            return Err(Error::spec(
+                "root.path",
+                format!("{} is not a directory", rootfs.display()),
+            ))
+        }
+        Err(e) => {
+            return Err(Error::spec(
+                "root.path",
+                format!("{}: {e}", rootfs.display()),
+            ))
+        }
     }
     let process = spec
         .process()
@@ -72,10 +86,16 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<()> {
     let mut seen_rlimits = HashSet::new();
     for (i, r) in process.rlimits().iter().flatten().enumerate() {
         if !seen_rlimits.insert(format!("{:?}", r.typ())) {
-            return Err(Error::spec(format!("process.rlimits[{i}].type"), "duplicate rlimit"));
+            return Err(Error::spec(
+                format!("process.rlimits[{i}].type"),
+                "duplicate rlimit",
+            ));
         }
         if r.soft() > r.hard() {
-            return Err(Error::spec(format!("process.rlimits[{i}]"), "soft limit above hard limit"));
+            return Err(Error::spec(
+                format!("process.rlimits[{i}]"),
+                "soft limit above hard limit",
+            ));
         }
     }
     let linux = spec
@@ -83,18 +103,34 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<()> {
         .as_ref()
         .ok_or_else(|| Error::spec("linux", "missing"))?;
     let namespaces = NamespaceSet::from_spec(spec)?;
-    if spec.hostname().as_ref().is_some_and(|h| !h.is_empty()) && !namespaces.creates_or_joins(LinuxNamespaceType::Uts) {
-        return Err(Error::spec("hostname", "setting the hostname needs a uts namespace"));
+    if spec.hostname().as_ref().is_some_and(|h| !h.is_empty())
+        && !namespaces.creates_or_joins(LinuxNamespaceType::Uts)
+    {
+        return Err(Error::spec(
+            "hostname",
+            "setting the hostname needs a uts namespace",
+        ));
     }
-    if spec.domainname().as_ref().is_some_and(|h| !h.is_empty()) && !namespaces.creates_or_joins(LinuxNamespaceType::Uts) {
-        return Err(Error::spec("domainname", "setting the domainname needs a uts namespace"));
+    if spec.domainname().as_ref().is_some_and(|h| !h.is_empty())
+        && !namespaces.creates_or_joins(LinuxNamespaceType::Uts)
+    {
+        return Err(Error::spec(
+            "domainname",
+            "setting the domainname needs a uts namespace",
+        ));
     }
     let has_maps = linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty());
     if namespaces.creates(LinuxNamespaceType::User) && !has_maps {
-        return Err(Error::spec("linux.uidMappings", "a new user namespace needs uid and gid mappings"));
+        return Err(Error::spec(
+            "linux.uidMappings",
+            "a new user namespace needs uid and gid mappings",
+        ));
     }
     if has_maps && !namespaces.creates_or_joins(LinuxNamespaceType::User) {
-        return Err(Error::spec("linux.uidMappings", "mappings given without a user namespace"));
+        return Err(Error::spec(
+            "linux.uidMappings",
+            "mappings given without a user namespace",
+        ));
     }
     if let Some(seccomp) = linux.seccomp() {
         crate::seccomp::compile(seccomp)?;
@@ -103,33 +139,64 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<()> {
         let dest = mount.destination();
         let field = format!("mounts[{i}].destination");
         if !dest.is_absolute() {
-            return Err(Error::spec(field, format!("{} is not absolute", dest.display())));
+            return Err(Error::spec(
+                field,
+                format!("{} is not absolute", dest.display()),
+            ));
         }
         if lexically_escapes(dest) {
-            return Err(Error::spec(field, format!("{} escapes the rootfs", dest.display())));
+            return Err(Error::spec(
+                field,
+                format!("{} escapes the rootfs", dest.display()),
+            ));
         }
-        resolve_in_root(&rootfs, dest).map_err(|e| Error::spec(field.clone(), format!("{}: {e}", dest.display())))?;
-        if mount.typ().as_deref() == Some("bind") || mount.options().iter().flatten().any(|o| o == "bind" || o == "rbind") {
-            let src = mount.source().as_ref().ok_or_else(|| Error::spec(format!("mounts[{i}].source"), "bind mount without source"))?;
-            let src = if src.is_absolute() { src.clone() } else { bundle.join(src) };
+        resolve_in_root(&rootfs, dest)
+            .map_err(|e| Error::spec(field.clone(), format!("{}: {e}", dest.display())))?;
+        if mount.typ().as_deref() == Some("bind")
+            || mount
+                .options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind")
+        {
+            let src = mount.source().as_ref().ok_or_else(|| {
+                Error::spec(format!("mounts[{i}].source"), "bind mount without source")
+            })?;
+            let src = if src.is_absolute() {
+                src.clone()
+            } else {
+                bundle.join(src)
+            };
             if std::fs::symlink_metadata(&src).is_err() {
-                return Err(Error::spec(format!("mounts[{i}].source"), format!("{} does not exist", src.display())));
+                return Err(Error::spec(
+                    format!("mounts[{i}].source"),
+                    format!("{} does not exist", src.display()),
+                ));
             }
         }
     }
     for (i, p) in linux.masked_paths().iter().flatten().enumerate() {
         if !p.starts_with('/') {
-            return Err(Error::spec(format!("linux.maskedPaths[{i}]"), format!("{p} is not absolute")));
+            return Err(Error::spec(
+                format!("linux.maskedPaths[{i}]"),
+                format!("{p} is not absolute"),
+            ));
         }
     }
     for (i, p) in linux.readonly_paths().iter().flatten().enumerate() {
         if !p.starts_with('/') {
-            return Err(Error::spec(format!("linux.readonlyPaths[{i}]"), format!("{p} is not absolute")));
+            return Err(Error::spec(
+                format!("linux.readonlyPaths[{i}]"),
+                format!("{p} is not absolute"),
+            ));
         }
     }
     if let Some(prop) = linux.rootfs_propagation() {
         if crate::rootfs::mounts::propagation_flag(prop).is_none() && !prop.is_empty() {
-            return Err(Error::spec("linux.rootfsPropagation", format!("unknown propagation {prop:?}")));
+            return Err(Error::spec(
+                "linux.rootfsPropagation",
+                format!("unknown propagation {prop:?}"),
+            ));
         }
     }
     Ok(())
@@ -170,7 +237,10 @@ mod tests {
     #[test]
     fn malformed_json_names_the_location() {
         let b = bundle();
-        let e = err_of(r#"{"ociVersion": "1.0.2", "process": {"args": 5}}"#, b.path());
+        let e = err_of(
+            r#"{"ociVersion": "1.0.2", "process": {"args": 5}}"#,
+            b.path(),
+        );
         assert!(e.contains("process.args"), "{e}");
         let e = err_of("{not json", b.path());
         assert!(e.contains("invalid config.json"), "{e}");
@@ -210,24 +280,39 @@ mod tests {
             "",
         );
         let e = err_of(&text, b.path());
-        assert!(e.contains("linux.seccomp.syscalls[0].names[1]") && e.contains("not_a_syscall"), "{e}");
+        assert!(
+            e.contains("linux.seccomp.syscalls[0].names[1]") && e.contains("not_a_syscall"),
+            "{e}"
+        );
     }
 
     #[test]
     fn mount_destination_with_dotdot_escape_is_rejected() {
         let b = bundle();
-        let text = minimal("", r#""mounts":[{"destination":"/../../etc","type":"tmpfs","source":"tmpfs"}],"#);
+        let text = minimal(
+            "",
+            r#""mounts":[{"destination":"/../../etc","type":"tmpfs","source":"tmpfs"}],"#,
+        );
         let e = err_of(&text, b.path());
-        assert!(e.contains("mounts[0].destination") && e.contains("escapes"), "{e}");
+        assert!(
+            e.contains("mounts[0].destination") && e.contains("escapes"),
+            "{e}"
+        );
     }
 
     #[test]
     fn mount_destination_through_escaping_symlink_is_rejected() {
         let b = bundle();
         std::os::unix::fs::symlink("../../../../../tmp", b.path().join("rootfs/out")).unwrap();
-        let text = minimal("", r#""mounts":[{"destination":"/out/x","type":"tmpfs","source":"tmpfs"}],"#);
+        let text = minimal(
+            "",
+            r#""mounts":[{"destination":"/out/x","type":"tmpfs","source":"tmpfs"}],"#,
+        );
         let e = err_of(&text, b.path());
-        assert!(e.contains("mounts[0].destination") && e.contains("symlink /out"), "{e}");
+        assert!(
+            e.contains("mounts[0].destination") && e.contains("symlink /out"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -250,13 +335,19 @@ mod tests {
         let b = bundle();
         let text = minimal("", "").replace(r#"{"type":"pid"}"#, r#"{"type":"mount"}"#);
         let e = err_of(&text, b.path());
-        assert!(e.contains("linux.namespaces[1].type") && e.contains("duplicate"), "{e}");
+        assert!(
+            e.contains("linux.namespaces[1].type") && e.contains("duplicate"),
+            "{e}"
+        );
     }
 
     #[test]
     fn relative_cwd_is_rejected() {
         let b = bundle();
-        let e = err_of(&minimal("", "").replace(r#""cwd":"/""#, r#""cwd":"tmp""#), b.path());
+        let e = err_of(
+            &minimal("", "").replace(r#""cwd":"/""#, r#""cwd":"tmp""#),
+            b.path(),
+        );
         assert!(e.contains("process.cwd"), "{e}");
     }
 }

@@ -111,7 +111,11 @@ impl ContainerRecord {
             oci_version: OCI_VERSION,
             id: &self.id,
             status,
-            pid: if status == Status::Stopped { 0 } else { self.pid },
+            pid: if status == Status::Stopped {
+                0
+            } else {
+                self.pid
+            },
             bundle: &self.bundle,
             annotations: self.annotations(),
         }
@@ -122,7 +126,11 @@ impl ContainerRecord {
         RuncState {
             oci_version: OCI_VERSION,
             id: &self.id,
-            pid: if status == Status::Stopped { 0 } else { self.pid },
+            pid: if status == Status::Stopped {
+                0
+            } else {
+                self.pid
+            },
             status,
             bundle: &self.bundle,
             rootfs: &self.rootfs,
@@ -320,7 +328,10 @@ mod tests {
             format_rfc3339(1_700_000_000, 120_000_000, true),
             "2023-11-14T22:13:20.12Z"
         );
-        assert_eq!(format_rfc3339(951_782_400, 5, false), "2000-02-29T00:00:00Z");
+        assert_eq!(
+            format_rfc3339(951_782_400, 5, false),
+            "2000-02-29T00:00:00Z"
+        );
     }
 
     #[test]
@@ -336,7 +347,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("root"));
         store.create_dir("c1").unwrap();
-        assert!(matches!(store.create_dir("c1"), Err(Error::AlreadyExists(_))));
+        assert!(matches!(
+            store.create_dir("c1"),
+            Err(Error::AlreadyExists(_))
+        ));
         assert!(matches!(store.load("nope"), Err(Error::NotFound(_))));
     }
 

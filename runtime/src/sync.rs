@@ -101,6 +101,13 @@ impl Channel {
     }
 }
 
+impl Channel {
+    /// Wrap an already connected descriptor.
+    pub fn from_owned(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,12 +121,5 @@ mod tests {
         assert!(a.expect("ready").unwrap_err().to_string().contains("boom"));
         drop(b);
         assert_eq!(a.recv().unwrap(), None);
-    }
-}
-
-impl Channel {
-    /// Wrap an already connected descriptor.
-    pub fn from_owned(fd: OwnedFd) -> Self {
-        Self { fd }
     }
 }

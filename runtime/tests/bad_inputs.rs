@@ -8,10 +8,13 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Edits a bundle's config (and files) before create.
+type Prepare = Box<dyn Fn(&mut Value, &Path)>;
+
 struct Case {
     name: &'static str,
     /// Change the config (or the bundle) before create.
-    prepare: Box<dyn Fn(&mut Value, &Path)>,
+    prepare: Prepare,
     /// Text the error must contain (the field or object that failed).
     expect: &'static str,
 }
@@ -33,7 +36,13 @@ fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "malformed-json",
-            prepare: Box::new(|_, b| std::fs::write(b.join("config.json"), "{\"ociVersion\": \"1.0.2\", \"process\": ").unwrap()),
+            prepare: Box::new(|_, b| {
+                std::fs::write(
+                    b.join("config.json"),
+                    "{\"ociVersion\": \"1.0.2\", \"process\": ",
+                )
+                .unwrap()
+            }),
             expect: "invalid config.json",
         },
         Case {
@@ -48,42 +57,65 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "unknown-namespace",
-            prepare: Box::new(|c, _| c["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "bogus"}))),
+            prepare: Box::new(|c, _| {
+                c["linux"]["namespaces"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"type": "bogus"}))
+            }),
             expect: "`linux.namespaces[3].type`",
         },
         Case {
             name: "namespace-path-missing",
-            prepare: Box::new(|c, _| c["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "network", "path": "/proc/999999999/ns/net"}))),
+            prepare: Box::new(|c, _| {
+                c["linux"]["namespaces"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"type": "network", "path": "/proc/999999999/ns/net"}))
+            }),
             expect: "`linux.namespaces[3].path`",
         },
         Case {
             name: "invalid-capability",
-            prepare: Box::new(|c, _| c["process"]["capabilities"] = json!({"effective": ["CAP_KILL", "CAP_TELEPORT"]})),
+            prepare: Box::new(|c, _| {
+                c["process"]["capabilities"] = json!({"effective": ["CAP_KILL", "CAP_TELEPORT"]})
+            }),
             expect: "`process.capabilities.effective",
         },
         Case {
             name: "unknown-seccomp-syscall",
-            prepare: Box::new(|c, _| {
-                c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir", "makedir"], "action": "SCMP_ACT_ERRNO"}]})
-            }),
+            prepare: Box::new(
+                |c, _| c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir", "makedir"], "action": "SCMP_ACT_ERRNO"}]}),
+            ),
             expect: "`linux.seccomp.syscalls[0].names[1]`: unknown system call \\\"makedir\\\"",
         },
         Case {
             name: "mount-dotdot-escape",
-            prepare: Box::new(|c, _| c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/tmp/../../../etc", "type": "tmpfs", "source": "tmpfs"}))),
+            prepare: Box::new(|c, _| {
+                c["mounts"].as_array_mut().unwrap().push(
+                    json!({"destination": "/tmp/../../../etc", "type": "tmpfs", "source": "tmpfs"}),
+                )
+            }),
             expect: "`mounts[1].destination`",
         },
         Case {
             name: "mount-symlink-escape",
             prepare: Box::new(|c, b| {
-                std::os::unix::fs::symlink("../../../../../../../etc", b.join("rootfs/escape")).unwrap();
-                c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/escape/x", "type": "tmpfs", "source": "tmpfs"}));
+                std::os::unix::fs::symlink("../../../../../../../etc", b.join("rootfs/escape"))
+                    .unwrap();
+                c["mounts"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"destination": "/escape/x", "type": "tmpfs", "source": "tmpfs"}));
             }),
-            expect: "`mounts[1].destination`: /escape/x: escapes the rootfs through symlink /escape",
+            expect:
+                "`mounts[1].destination`: /escape/x: escapes the rootfs through symlink /escape",
         },
         Case {
             name: "bind-source-missing",
-            prepare: Box::new(|c, _| c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}))),
+            prepare: Box::new(|c, _| {
+                c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}))
+            }),
             expect: "`mounts[1].source`",
         },
         // Failures after the init was forked: everything must be undone.
@@ -94,12 +126,20 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "failing-mount",
-            prepare: Box::new(|c, _| c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/x", "type": "nosuchfs", "source": "none"}))),
+            prepare: Box::new(|c, _| {
+                c["mounts"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"destination": "/x", "type": "nosuchfs", "source": "none"}))
+            }),
             expect: "mount nosuchfs on",
         },
         Case {
             name: "failing-create-runtime-hook",
-            prepare: Box::new(|c, _| c["hooks"] = json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}]})),
+            prepare: Box::new(|c, _| {
+                c["hooks"] =
+                    json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}]})
+            }),
             expect: "createRuntime hook /bin/sh",
         },
     ]
@@ -139,7 +179,10 @@ fn bad_bundles_are_rejected_naming_the_field_and_leave_nothing_behind() {
     }
     let base = std::env::temp_dir().join(format!("husk-bad-{}", std::process::id()));
     let root = base.join("state");
-    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
     let mut failures = Vec::new();
     for case in cases() {
         let id = format!("bad-{}", case.name);
@@ -150,10 +193,18 @@ fn bad_bundles_are_rejected_naming_the_field_and_leave_nothing_behind() {
         std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin/true")).unwrap();
         std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin/sh")).unwrap();
         let mut cfg = base_config(&id);
-        std::fs::write(bundle.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_string(&cfg).unwrap(),
+        )
+        .unwrap();
         (case.prepare)(&mut cfg, &bundle);
         if case.name != "malformed-json" {
-            std::fs::write(bundle.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+            std::fs::write(
+                bundle.join("config.json"),
+                serde_json::to_string(&cfg).unwrap(),
+            )
+            .unwrap();
         }
         let out = Command::new(env!("CARGO_BIN_EXE_husk-runc"))
             .arg("--root")
@@ -180,13 +231,26 @@ fn bad_bundles_are_rejected_naming_the_field_and_leave_nothing_behind() {
         if !procs.is_empty() {
             problems.push(format!("processes left: {procs:?}"));
         }
-        println!("{:<28} {} | {}", case.name, if problems.is_empty() { "ok  " } else { "FAIL" }, stderr.trim());
+        println!(
+            "{:<28} {} | {}",
+            case.name,
+            if problems.is_empty() { "ok  " } else { "FAIL" },
+            stderr.trim()
+        );
         if !problems.is_empty() {
             failures.push(format!("{}: {}", case.name, problems.join("; ")));
         }
     }
-    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
-    for dir in std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(" - cgroup")).filter_map(|l| l.split(' ').nth(4)) {
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    for dir in std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" - cgroup"))
+        .filter_map(|l| l.split(' ').nth(4))
+    {
         let _ = std::fs::remove_dir(Path::new(dir).join("husk-badinput"));
     }
     let _ = std::fs::remove_dir_all(&base);

@@ -22,8 +22,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const CGROUP_PARENT: &str = "husk-difftest";
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
-    "sh", "cat", "echo", "env", "id", "ls", "mkdir", "pwd", "true", "false", "sleep", "hostname", "grep", "wc", "touch",
-    "chmod", "chown", "stat", "dd", "umask", "tty", "stty", "cut", "sed", "ps", "kill", "head", "sort", "tr",
+    "sh", "cat", "echo", "env", "id", "ls", "mkdir", "pwd", "true", "false", "sleep", "hostname",
+    "grep", "wc", "touch", "chmod", "chown", "stat", "dd", "umask", "tty", "stty", "cut", "sed",
+    "ps", "kill", "head", "sort", "tr",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -73,7 +74,11 @@ impl Harness {
         let root = self.root(rt);
         let mut c = Command::new(self.bin(rt));
         c.arg("--root").arg(&root).args(args);
-        c.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+        c.stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         run_with_timeout(c, input)
     }
@@ -107,15 +112,22 @@ impl Harness {
         for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "mnt", "home/u"] {
             std::fs::create_dir_all(rootfs.join(sub)).unwrap();
         }
-        std::fs::set_permissions(rootfs.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::set_permissions(rootfs.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
         for a in APPLETS {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
         }
-        std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n").unwrap();
+        std::fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n",
+        )
+        .unwrap();
         std::fs::write(rootfs.join("etc/group"), "root:x:0:\nu:x:1000:\n").unwrap();
-        let text = serde_json::to_string_pretty(config).unwrap().replace("@BUNDLE@", dir.to_str().unwrap());
+        let text = serde_json::to_string_pretty(config)
+            .unwrap()
+            .replace("@BUNDLE@", dir.to_str().unwrap());
         std::fs::write(dir.join("config.json"), text).unwrap();
         dir
     }
@@ -170,8 +182,20 @@ fn run_with_timeout(mut c: Command, input: Option<&str>) -> Observed {
 /// docker-like capability set so capability scenarios have something to drop.
 fn base_config(name: &str) -> Value {
     let caps = json!([
-        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-        "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE"
     ]);
     json!({
         "ociVersion": "1.0.2-dev",
@@ -250,7 +274,9 @@ fn remove_ns(c: &mut Value, typ: &str) {
 /// pids, timestamps, the runtime's own name in its log lines.
 fn normalize(s: &str, bundle: &Path) -> String {
     let mut out = s.replace(bundle.to_str().unwrap(), "@BUNDLE@");
-    out = out.replace("msg=\"husk-runc ", "msg=\"RUNTIME ").replace("msg=\"runc ", "msg=\"RUNTIME ");
+    out = out
+        .replace("msg=\"husk-runc ", "msg=\"RUNTIME ")
+        .replace("msg=\"runc ", "msg=\"RUNTIME ");
     let mut lines = Vec::new();
     for line in out.lines() {
         let mut l = line.to_string();
@@ -273,7 +299,11 @@ fn normalize(s: &str, bundle: &Path) -> String {
             res.push_str(&rest[..i + key.len()]);
             rest = &rest[i + key.len()..];
             let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-            res.push_str(if digits > 0 && &rest[..digits] != "0" { "N" } else { &rest[..digits] });
+            res.push_str(if digits > 0 && &rest[..digits] != "0" {
+                "N"
+            } else {
+                &rest[..digits]
+            });
             rest = &rest[digits..];
         }
         res.push_str(rest);
@@ -312,7 +342,8 @@ fn wait_stopped(h: &Harness, rt: Rt, id: &str) -> String {
 
 /// Append a command's result to a transcript.
 fn log(t: &mut Observed, label: &str, o: &Observed) {
-    t.stdout.push_str(&format!("[{label}] rc={}\n{}", o.code, o.stdout));
+    t.stdout
+        .push_str(&format!("[{label}] rc={}\n{}", o.code, o.stdout));
     if !o.stdout.is_empty() && !o.stdout.ends_with('\n') {
         t.stdout.push('\n');
     }
@@ -550,7 +581,11 @@ fn scenarios() -> Vec<Scenario> {
         configure: Box::new(args(json!(["sleep", "100"]))),
         kind: Kind::Custom(Box::new(|h, rt, id, bundle| {
             let mut t = Observed::default();
-            log(&mut t, "create", &h.cmd_detached(rt, &["create", "-b", bundle.to_str().unwrap(), id]));
+            log(
+                &mut t,
+                "create",
+                &h.cmd_detached(rt, &["create", "-b", bundle.to_str().unwrap(), id]),
+            );
             t.stdout.push_str(&format!("{}\n", state_status(h, rt, id)));
             log(&mut t, "start", &h.cmd(rt, &["start", id], None));
             t.stdout.push_str(&format!("{}\n", state_status(h, rt, id)));
@@ -573,7 +608,11 @@ fn scenarios() -> Vec<Scenario> {
         }),
         kind: Kind::Custom(Box::new(|h, rt, id, bundle| {
             let mut t = Observed::default();
-            log(&mut t, "create", &h.cmd_detached(rt, &["create", "-b", bundle.to_str().unwrap(), id]));
+            log(
+                &mut t,
+                "create",
+                &h.cmd_detached(rt, &["create", "-b", bundle.to_str().unwrap(), id]),
+            );
             log(&mut t, "state-created", &h.cmd(rt, &["state", id], None));
             log(&mut t, "start", &h.cmd(rt, &["start", id], None));
             log(&mut t, "state-running", &h.cmd(rt, &["state", id], None));
@@ -583,7 +622,11 @@ fn scenarios() -> Vec<Scenario> {
             log(&mut t, "kill-kill", &h.cmd(rt, &["kill", id, "9"], None));
             wait_stopped(h, rt, id);
             log(&mut t, "state-stopped", &h.cmd(rt, &["state", id], None));
-            log(&mut t, "kill-stopped", &h.cmd(rt, &["kill", id, "KILL"], None));
+            log(
+                &mut t,
+                "kill-stopped",
+                &h.cmd(rt, &["kill", id, "KILL"], None),
+            );
             log(&mut t, "delete", &h.cmd(rt, &["delete", id], None));
             log(&mut t, "state-deleted", &h.cmd(rt, &["state", id], None));
             t
@@ -595,7 +638,11 @@ fn scenarios() -> Vec<Scenario> {
         configure: Box::new(args(json!(["true"]))),
         kind: Kind::Custom(Box::new(|h, rt, id, bundle| {
             let mut t = Observed::default();
-            log(&mut t, "create", &h.cmd_detached(rt, &["create", "-b", bundle.to_str().unwrap(), id]));
+            log(
+                &mut t,
+                "create",
+                &h.cmd_detached(rt, &["create", "-b", bundle.to_str().unwrap(), id]),
+            );
             log(&mut t, "kill", &h.cmd(rt, &["kill", id, "KILL"], None));
             t.stdout.push_str(&format!("{}\n", wait_stopped(h, rt, id)));
             log(&mut t, "start-stopped", &h.cmd(rt, &["start", id], None));
@@ -636,9 +683,21 @@ fn scenarios() -> Vec<Scenario> {
         configure: Box::new(args(json!(["true"]))),
         kind: Kind::Custom(Box::new(|h, rt, _id, _bundle| {
             let mut t = Observed::default();
-            log(&mut t, "start", &h.cmd(rt, &["start", "no-such-container"], None));
-            log(&mut t, "state", &h.cmd(rt, &["state", "no-such-container"], None));
-            log(&mut t, "delete", &h.cmd(rt, &["delete", "no-such-container"], None));
+            log(
+                &mut t,
+                "start",
+                &h.cmd(rt, &["start", "no-such-container"], None),
+            );
+            log(
+                &mut t,
+                "state",
+                &h.cmd(rt, &["state", "no-such-container"], None),
+            );
+            log(
+                &mut t,
+                "delete",
+                &h.cmd(rt, &["delete", "no-such-container"], None),
+            );
             t
         })),
         explained: None,
@@ -694,7 +753,11 @@ fn cgroup_parents() -> Vec<PathBuf> {
                     for l in own.lines() {
                         if let Some(p) = l.splitn(3, ':').nth(2) {
                             if p != "/" {
-                                out.push(Path::new(mp).join(p.trim_start_matches('/')).join(CGROUP_PARENT));
+                                out.push(
+                                    Path::new(mp)
+                                        .join(p.trim_start_matches('/'))
+                                        .join(CGROUP_PARENT),
+                                );
                             }
                         }
                     }
@@ -723,13 +786,18 @@ fn our_processes(base: &Path) -> Vec<String> {
         }
         let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
         // Zombies have exited; reaping them is the host init's business.
-        if status.lines().any(|l| l.starts_with("State:") && l.contains('Z')) {
+        if status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+        {
             continue;
         }
         let cg = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
         let root = std::fs::read_link(e.path().join("root")).unwrap_or_default();
         if cg.contains(CGROUP_PARENT) || root.starts_with(base) {
-            let cmd = std::fs::read_to_string(e.path().join("cmdline")).unwrap_or_default().replace('\0', " ");
+            let cmd = std::fs::read_to_string(e.path().join("cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ");
             out.push(format!("{name}: {cmd}"));
         }
     }
@@ -740,15 +808,24 @@ fn our_processes(base: &Path) -> Vec<String> {
 fn runc_differential() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("runc_differential: NOT RUN: needs root to create namespaces and cgroups (euid {})", unsafe { libc::geteuid() });
+        println!(
+            "runc_differential: NOT RUN: needs root to create namespaces and cgroups (euid {})",
+            unsafe { libc::geteuid() }
+        );
         return;
     }
-    let runc = ["/usr/sbin/runc", "/usr/bin/runc"].iter().map(PathBuf::from).find(|p| p.exists());
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
     match &runc {
         Some(p) => println!("runc_differential: FULL FORM: husk-runc against {}", p.display()),
         None => println!("runc_differential: HUSK-ONLY FORM: runc is not installed, so each scenario runs under husk-runc alone and nothing is compared"),
     }
-    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is required (busybox-static)");
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is required (busybox-static)"
+    );
     let base = std::env::temp_dir().join(format!("husk-diff-{}", std::process::id()));
     std::fs::create_dir_all(&base).unwrap();
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -763,7 +840,10 @@ fn runc_differential() {
     };
     let mounts_before = mount_points();
     let list = scenarios();
-    let mut guard = Cleanup { h: &h, ids: Vec::new() };
+    let mut guard = Cleanup {
+        h: &h,
+        ids: Vec::new(),
+    };
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for s in &list {
@@ -771,14 +851,25 @@ fn runc_differential() {
         guard.ids.push(id.clone());
         let mut cfg = base_config(s.name);
         (s.configure)(&mut cfg);
-        let cfg = serde_json::from_str::<Value>(&serde_json::to_string(&cfg).unwrap().replace("@HOSTDATA@", h.hostdata.to_str().unwrap())).unwrap();
+        let cfg = serde_json::from_str::<Value>(
+            &serde_json::to_string(&cfg)
+                .unwrap()
+                .replace("@HOSTDATA@", h.hostdata.to_str().unwrap()),
+        )
+        .unwrap();
         let mut results = Vec::new();
-        let runtimes: &[Rt] = if h.runc.is_some() { &[Rt::Runc, Rt::Husk] } else { &[Rt::Husk] };
+        let runtimes: &[Rt] = if h.runc.is_some() {
+            &[Rt::Runc, Rt::Husk]
+        } else {
+            &[Rt::Husk]
+        };
         for &rt in runtimes {
             let bundle = h.bundle(rt, s.name, &cfg);
             let started = Instant::now();
             let o = match &s.kind {
-                Kind::Run(input) => h.cmd(rt, &["run", "-b", bundle.to_str().unwrap(), &id], *input),
+                Kind::Run(input) => {
+                    h.cmd(rt, &["run", "-b", bundle.to_str().unwrap(), &id], *input)
+                }
                 Kind::Custom(f) => f(&h, rt, &id, &bundle),
             };
             let o = Observed {
@@ -788,7 +879,12 @@ fn runc_differential() {
             };
             results.push((rt, o, started.elapsed()));
             // Nothing may survive a scenario.
-            let _ = Command::new(h.bin(rt)).arg("--root").arg(h.root(rt)).args(["delete", "--force", &id]).stderr(Stdio::null()).status();
+            let _ = Command::new(h.bin(rt))
+                .arg("--root")
+                .arg(h.root(rt))
+                .args(["delete", "--force", &id])
+                .stderr(Stdio::null())
+                .status();
         }
         let verdict = if results.len() == 2 {
             let (a, b) = (&results[0].1, &results[1].1);
@@ -806,7 +902,17 @@ fn runc_differential() {
         } else {
             "n/a (husk only)".to_string()
         };
-        let cells: Vec<String> = results.iter().map(|(rt, o, d)| format!("{}: rc={:<4} {:>5}ms", Harness::tag(*rt), o.code, d.as_millis())).collect();
+        let cells: Vec<String> = results
+            .iter()
+            .map(|(rt, o, d)| {
+                format!(
+                    "{}: rc={:<4} {:>5}ms",
+                    Harness::tag(*rt),
+                    o.code,
+                    d.as_millis()
+                )
+            })
+            .collect();
         rows.push(format!("{:<32} {:<48} {verdict}", s.name, cells.join("  ")));
     }
     println!("\n{:<32} {:<48} result", "scenario", "runtime results");
@@ -815,7 +921,11 @@ fn runc_differential() {
         println!("{r}");
     }
     let matched = rows.iter().filter(|r| r.ends_with(" match")).count();
-    println!("{}\n{matched}/{} scenarios identical under runc and husk-runc", "-".repeat(100), list.len());
+    println!(
+        "{}\n{matched}/{} scenarios identical under runc and husk-runc",
+        "-".repeat(100),
+        list.len()
+    );
 
     // Leak check: after every scenario's delete, before the harness's own cleanup.
     let mut leaks = Vec::new();
@@ -839,13 +949,29 @@ fn runc_differential() {
         leaks.push(format!("cgroup directories left: {cg_left:?}"));
     }
     for rt in [Rt::Runc, Rt::Husk] {
-        let left: Vec<_> = std::fs::read_dir(h.root(rt)).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(h.root(rt))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         if !left.is_empty() {
             leaks.push(format!("{} state dirs left: {left:?}", Harness::tag(rt)));
         }
     }
-    println!("leak check: {}", if leaks.is_empty() { "no new mounts, processes, cgroup or state directories".to_string() } else { leaks.join("; ") });
+    println!(
+        "leak check: {}",
+        if leaks.is_empty() {
+            "no new mounts, processes, cgroup or state directories".to_string()
+        } else {
+            leaks.join("; ")
+        }
+    );
     drop(guard);
-    assert!(failures.is_empty(), "unexplained mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "unexplained mismatches:\n{}",
+        failures.join("\n")
+    );
     assert!(leaks.is_empty(), "leaks: {}", leaks.join("; "));
 }

@@ -16,7 +16,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "husk-runc", version, about = "runc-compatible CLI for the husk OCI runtime")]
+#[command(
+    name = "husk-runc",
+    version,
+    about = "runc-compatible CLI for the husk OCI runtime"
+)]
 struct Cli {
     /// Root directory for container state.
     #[arg(long, global = true, default_value = husk_runtime::DEFAULT_STATE_ROOT)]
@@ -163,7 +167,11 @@ fn report(err: &dyn std::fmt::Display) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let ts = husk_runtime::state::format_rfc3339(now.as_secs() as i64, 0, false);
-    let msg = err.to_string().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let msg = err
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
     eprintln!("time=\"{ts}\" level=error msg=\"{msg}\"");
 }
 
@@ -229,13 +237,22 @@ fn wait_forwarding(pid: i32, set: &SigSet) -> i32 {
 fn internal_console() -> Result<(OwnedFd, OwnedFd), Error> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     husk_runtime::error::sys(
-        socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC),
+        socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        ),
         "socketpair",
         "console",
     )
 }
 
-fn cmd_create(root: &PathBuf, a: &CreateArgs, console_fd: Option<OwnedFd>) -> Result<Container, Error> {
+fn cmd_create(
+    root: &PathBuf,
+    a: &CreateArgs,
+    console_fd: Option<OwnedFd>,
+) -> Result<Container, Error> {
     let mut b = ContainerBuilder::new(a.id.clone())
         .with_root(root)
         .with_bundle(&a.bundle)
@@ -267,21 +284,35 @@ fn run(cli: Cli) -> Result<i32, (String, Error)> {
             Ok(0)
         }
         Command::Start { id } => {
-            Container::load(&root, &id).and_then(|c| c.start()).map_err(e(""))?;
+            Container::load(&root, &id)
+                .and_then(|c| c.start())
+                .map_err(e(""))?;
             Ok(0)
         }
-        Command::Run { create, detach, keep, .. } => {
-            let own_tty = !detach && create.console_socket.is_none() && bundle_wants_terminal(&create.bundle);
+        Command::Run {
+            create,
+            detach,
+            keep,
+            ..
+        } => {
+            let own_tty =
+                !detach && create.console_socket.is_none() && bundle_wants_terminal(&create.bundle);
             let (ours, theirs) = if own_tty {
                 let (a, b) = internal_console().map_err(e("run"))?;
                 (Some(a), Some(b))
             } else {
                 (None, None)
             };
-            let set = if detach { SigSet::empty() } else { block_signals() };
+            let set = if detach {
+                SigSet::empty()
+            } else {
+                block_signals()
+            };
             let c = cmd_create(&root, &create, theirs).map_err(e("run"))?;
             let master = match &ours {
-                Some(sock) => Some(console::recv_fd(std::os::fd::AsRawFd::as_raw_fd(sock)).map_err(e("run"))?),
+                Some(sock) => Some(
+                    console::recv_fd(std::os::fd::AsRawFd::as_raw_fd(sock)).map_err(e("run"))?,
+                ),
                 None => None,
             };
             if let Err(err) = c.start() {
@@ -314,7 +345,11 @@ fn run(cli: Cli) -> Result<i32, (String, Error)> {
             } else {
                 (None, None)
             };
-            let set = if a.detach { SigSet::empty() } else { block_signals() };
+            let set = if a.detach {
+                SigSet::empty()
+            } else {
+                block_signals()
+            };
             let pid = c
                 .exec(ExecOptions {
                     process: Some(process),
@@ -345,7 +380,9 @@ fn run(cli: Cli) -> Result<i32, (String, Error)> {
         }
         Command::Kill { id, signal, all } => {
             let sig = parse_signal(&signal).map_err(e(""))?;
-            Container::load(&root, &id).and_then(|c| c.kill(sig, all)).map_err(e(""))?;
+            Container::load(&root, &id)
+                .and_then(|c| c.kill(sig, all))
+                .map_err(e(""))?;
             Ok(0)
         }
         Command::Delete { id, force } => {
@@ -357,21 +394,33 @@ fn run(cli: Cli) -> Result<i32, (String, Error)> {
             Ok(0)
         }
         Command::Pause { id } => {
-            Container::load(&root, &id).and_then(|c| c.pause()).map_err(e(""))?;
+            Container::load(&root, &id)
+                .and_then(|c| c.pause())
+                .map_err(e(""))?;
             Ok(0)
         }
         Command::Resume { id } => {
-            Container::load(&root, &id).and_then(|c| c.resume()).map_err(e(""))?;
+            Container::load(&root, &id)
+                .and_then(|c| c.resume())
+                .map_err(e(""))?;
             Ok(0)
         }
-        Command::Ps { format, id, ps_args } => {
+        Command::Ps {
+            format,
+            id,
+            ps_args,
+        } => {
             let c = Container::load(&root, &id).map_err(e(""))?;
             let pids = c.pids();
             if format == "json" {
                 println!("{}", serde_json::to_string(&pids).unwrap_or_default());
                 return Ok(0);
             }
-            let args = if ps_args.is_empty() { vec!["-ef".to_string()] } else { ps_args };
+            let args = if ps_args.is_empty() {
+                vec!["-ef".to_string()]
+            } else {
+                ps_args
+            };
             let out = std::process::Command::new("ps")
                 .args(&args)
                 .output()
@@ -379,17 +428,27 @@ fn run(cli: Cli) -> Result<i32, (String, Error)> {
             let text = String::from_utf8_lossy(&out.stdout);
             let mut lines = text.lines();
             let header = lines.next().unwrap_or_default();
-            let col = header.split_whitespace().position(|h| h == "PID").unwrap_or(0);
+            let col = header
+                .split_whitespace()
+                .position(|h| h == "PID")
+                .unwrap_or(0);
             println!("{header}");
             for line in lines {
-                let pid: Option<i32> = line.split_whitespace().nth(col).and_then(|p| p.parse().ok());
+                let pid: Option<i32> = line
+                    .split_whitespace()
+                    .nth(col)
+                    .and_then(|p| p.parse().ok());
                 if pid.is_some_and(|p| pids.contains(&p)) {
                     println!("{line}");
                 }
             }
             Ok(0)
         }
-        Command::Events { id, stats, interval } => {
+        Command::Events {
+            id,
+            stats,
+            interval,
+        } => {
             let c = Container::load(&root, &id).map_err(e(""))?;
             let every = parse_interval(&interval);
             loop {
@@ -414,7 +473,17 @@ fn run(cli: Cli) -> Result<i32, (String, Error)> {
                 if let Ok(c) = Container::load(&root, &id) {
                     let st = c.status();
                     let r = c.record();
-                    rows.push((id, if st == husk_runtime::Status::Stopped { 0 } else { r.pid }, st, r.bundle.clone(), r.created.clone()));
+                    rows.push((
+                        id,
+                        if st == husk_runtime::Status::Stopped {
+                            0
+                        } else {
+                            r.pid
+                        },
+                        st,
+                        r.bundle.clone(),
+                        r.created.clone(),
+                    ));
                 }
             }
             if format == "json" {
@@ -426,7 +495,10 @@ fn run(cli: Cli) -> Result<i32, (String, Error)> {
             } else {
                 println!("ID          PID         STATUS      BUNDLE      CREATED     OWNER");
                 for (id, pid, st, b, cr) in rows {
-                    println!("{id:<11} {pid:<11} {st:<11} {:<11} {cr:<11} root", b.display());
+                    println!(
+                        "{id:<11} {pid:<11} {st:<11} {:<11} {cr:<11} root",
+                        b.display()
+                    );
                 }
             }
             Ok(0)
@@ -448,9 +520,14 @@ fn parse_interval(s: &str) -> std::time::Duration {
 /// with the command line's overrides.
 fn build_exec_process(c: &Container, a: &ExecArgs) -> Result<oci_spec::runtime::Process, Error> {
     if let Some(path) = &a.process {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { op: "read", path: path.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            op: "read",
+            path: path.clone(),
+            source,
+        })?;
         let de = &mut serde_json::Deserializer::from_str(&text);
-        return serde_path_to_error::deserialize(de).map_err(|err| Error::spec(err.path().to_string(), err.inner().to_string()));
+        return serde_path_to_error::deserialize(de)
+            .map_err(|err| Error::spec(err.path().to_string(), err.inner().to_string()));
     }
     if a.command.is_empty() {
         return Err(Error::InvalidArgument("exec: missing command".into()));
@@ -474,11 +551,16 @@ fn build_exec_process(c: &Container, a: &ExecArgs) -> Result<oci_spec::runtime::
             Some((u, g)) => (u, Some(g)),
             None => (u.as_str(), None),
         };
-        let uid: u32 = uid.parse().map_err(|_| Error::InvalidArgument(format!("invalid --user {u:?}")))?;
+        let uid: u32 = uid
+            .parse()
+            .map_err(|_| Error::InvalidArgument(format!("invalid --user {u:?}")))?;
         let mut user = p.user().clone();
         user.set_uid(uid);
         if let Some(g) = gid {
-            user.set_gid(g.parse().map_err(|_| Error::InvalidArgument(format!("invalid --user {u:?}")))?);
+            user.set_gid(
+                g.parse()
+                    .map_err(|_| Error::InvalidArgument(format!("invalid --user {u:?}")))?,
+            );
         }
         p.set_user(user);
     }
@@ -493,9 +575,19 @@ fn build_exec_process(c: &Container, a: &ExecArgs) -> Result<oci_spec::runtime::
     if !a.cap.is_empty() {
         let mut caps = p.capabilities().clone().unwrap_or_default();
         for name in &a.cap {
-            let cap: oci_spec::runtime::Capability = serde_json::from_value(serde_json::Value::String(name.clone()))
-                .map_err(|_| Error::spec("--cap", format!("unknown capability {name}")))?;
-            for set in [caps.bounding().clone(), caps.effective().clone(), caps.permitted().clone(), caps.inheritable().clone(), caps.ambient().clone()].iter_mut().enumerate() {
+            let cap: oci_spec::runtime::Capability =
+                serde_json::from_value(serde_json::Value::String(name.clone()))
+                    .map_err(|_| Error::spec("--cap", format!("unknown capability {name}")))?;
+            for set in [
+                caps.bounding().clone(),
+                caps.effective().clone(),
+                caps.permitted().clone(),
+                caps.inheritable().clone(),
+                caps.ambient().clone(),
+            ]
+            .iter_mut()
+            .enumerate()
+            {
                 let mut s = set.1.clone().unwrap_or_default();
                 s.insert(cap);
                 match set.0 {
@@ -514,7 +606,10 @@ fn build_exec_process(c: &Container, a: &ExecArgs) -> Result<oci_spec::runtime::
 
 fn main() -> ExitCode {
     if std::env::var_os("HUSK_LOG").is_some() {
-        tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::from_env("HUSK_LOG")).init();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("HUSK_LOG"))
+            .init();
     }
     let cli = Cli::parse();
     match run(cli) {

@@ -49,7 +49,10 @@ fn make_bundle(dir: &Path) -> std::io::Result<()> {
             "readonlyPaths": ["/proc/sys"]
         }
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap_or_default())
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )
 }
 
 /// One `run`; wall time and peak RSS of the runtime's process tree.
@@ -78,7 +81,10 @@ fn run_once(bin: &Path, root: &Path, bundle: &Path, id: &str) -> Result<Sample, 
             use std::io::Read;
             let _ = e.read_to_string(&mut err);
         }
-        return Err(format!("{} run failed (status {status}): {err}", bin.display()));
+        return Err(format!(
+            "{} run failed (status {status}): {err}",
+            bin.display()
+        ));
     }
     Ok(Sample {
         wall,
@@ -101,17 +107,25 @@ fn median(v: &mut [f64]) -> f64 {
 fn percentile(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
-    s.get(((s.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
+    s.get(((s.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
 }
 
 fn main() -> std::process::ExitCode {
-    let iterations: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_ITERATIONS);
+    let iterations: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(DEFAULT_ITERATIONS);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("husk-runtime-bench: needs root");
         return std::process::ExitCode::from(2);
     }
-    let runc = ["/usr/sbin/runc", "/usr/bin/runc"].iter().map(PathBuf::from).find(|p| p.exists());
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
     let Some(runc) = runc else {
         eprintln!("husk-runtime-bench: runc is not installed; nothing to compare against");
         return std::process::ExitCode::from(2);
@@ -153,7 +167,10 @@ fn main() -> std::process::ExitCode {
             break;
         }
     }
-    for dir in ["cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd", "unified"] {
+    for dir in [
+        "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd",
+        "unified",
+    ] {
         let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(dir).join("husk-bench"));
     }
     let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup/husk-bench"));
@@ -163,10 +180,16 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(1);
     }
     println!("create+start+wait of /bin/true (`<runtime> run`, includes delete), {iterations} runs each, interleaved");
-    println!("{:<10} {:>10} {:>10} {:>10} {:>14}", "runtime", "median ms", "p10 ms", "p90 ms", "peak RSS KiB");
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>14}",
+        "runtime", "median ms", "p10 ms", "p90 ms", "peak RSS KiB"
+    );
     let mut medians = Vec::new();
     for (r, (name, _)) in runtimes.iter().enumerate() {
-        let mut ms: Vec<f64> = samples[r].iter().map(|s| s.wall.as_secs_f64() * 1000.0).collect();
+        let mut ms: Vec<f64> = samples[r]
+            .iter()
+            .map(|s| s.wall.as_secs_f64() * 1000.0)
+            .collect();
         let rss = samples[r].iter().map(|s| s.max_rss_kib).max().unwrap_or(0);
         let (p10, p90) = (percentile(&ms, 0.1), percentile(&ms, 0.9));
         let m = median(&mut ms);
@@ -177,7 +200,11 @@ fn main() -> std::process::ExitCode {
         println!(
             "ratio husk-runc/runc (median): {:.3} ({})",
             medians[1] / medians[0],
-            if medians[1] < medians[0] { "husk-runc is faster" } else { "husk-runc is slower" }
+            if medians[1] < medians[0] {
+                "husk-runc is faster"
+            } else {
+                "husk-runc is slower"
+            }
         );
     }
     std::process::ExitCode::SUCCESS

@@ -76,7 +76,14 @@ fn parse_mounts(mountinfo: &str) -> Vec<CgroupMount> {
         let controllers = if fstype == "cgroup" {
             rf[2]
                 .split(',')
-                .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent") && *o != "clone_children" && *o != "noprefix" && *o != "xattr" && *o != "cpuset_v2_mode")
+                .filter(|o| {
+                    !matches!(*o, "rw" | "ro")
+                        && !o.starts_with("release_agent")
+                        && *o != "clone_children"
+                        && *o != "noprefix"
+                        && *o != "xattr"
+                        && *o != "cpuset_v2_mode"
+                })
                 .map(str::to_string)
                 .collect()
         } else {
@@ -118,10 +125,11 @@ fn relative(p: &Path) -> &Path {
 impl CgroupPaths {
     /// Work out the container's directories from `cgroupsPath` (or `id`).
     pub fn for_container(cgroups_path: Option<&Path>, id: &str) -> Result<Self> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::Cgroup {
-            path: "/proc/self/mountinfo".into(),
-            message: e.to_string(),
-        })?;
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::Cgroup {
+                path: "/proc/self/mountinfo".into(),
+                message: e.to_string(),
+            })?;
         let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| Error::Cgroup {
             path: "/proc/self/cgroup".into(),
             message: e.to_string(),
@@ -139,7 +147,8 @@ impl CgroupPaths {
         let mut dirs = Vec::new();
         for line in own.lines() {
             let mut parts = line.splitn(3, ':');
-            let (Some(_), Some(ctrls), Some(own_path)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(_), Some(ctrls), Some(own_path)) = (parts.next(), parts.next(), parts.next())
+            else {
                 continue;
             };
             let controllers: Vec<String> = if ctrls.is_empty() {
@@ -155,7 +164,9 @@ impl CgroupPaths {
                 }
             });
             let Some(mount) = mount else { continue };
-            if dirs.iter().any(|d: &CgroupDir| d.path.starts_with(&mount.mountpoint) && d.controllers == controllers) {
+            if dirs.iter().any(|d: &CgroupDir| {
+                d.path.starts_with(&mount.mountpoint) && d.controllers == controllers
+            }) {
                 continue;
             }
             let base = if wanted.is_absolute() {
@@ -282,12 +293,16 @@ impl CgroupPaths {
     pub fn destroy(&self) -> Result<()> {
         let mut first_error = None;
         for dir in &self.dirs {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(RMDIR_RETRY_MS);
+            let deadline =
+                std::time::Instant::now() + std::time::Duration::from_millis(RMDIR_RETRY_MS);
             loop {
                 match std::fs::remove_dir(&dir.path) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY)
+                            && std::time::Instant::now() < deadline =>
+                    {
                         std::thread::sleep(std::time::Duration::from_millis(10));
                     }
                     Err(e) => {
@@ -318,7 +333,9 @@ pub fn write(dir: &Path, file: &str, value: &str) -> Result<()> {
 
 /// Read a file of `dir` as a trimmed string.
 pub fn read(dir: &Path, file: &str) -> Option<String> {
-    std::fs::read_to_string(dir.join(file)).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(dir.join(file))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 #[cfg(test)]
@@ -338,16 +355,31 @@ mod tests {
     fn relative_path_lands_under_own_cgroup_per_hierarchy() {
         let p = CgroupPaths::compute(HYBRID_MOUNTINFO, OWN, None, "c1");
         assert!(!p.unified_only);
-        assert_eq!(p.dir_for("memory").unwrap(), Path::new("/sys/fs/cgroup/memory/svc/abc/c1"));
-        assert_eq!(p.dir_for("cpu").unwrap(), Path::new("/sys/fs/cgroup/cpu/c1"));
-        assert_eq!(p.dir_for("name=systemd").unwrap(), Path::new("/sys/fs/cgroup/systemd/c1"));
-        assert!(p.dirs.iter().any(|d| d.is_unified() && d.path == Path::new("/sys/fs/cgroup/unified/c1")));
+        assert_eq!(
+            p.dir_for("memory").unwrap(),
+            Path::new("/sys/fs/cgroup/memory/svc/abc/c1")
+        );
+        assert_eq!(
+            p.dir_for("cpu").unwrap(),
+            Path::new("/sys/fs/cgroup/cpu/c1")
+        );
+        assert_eq!(
+            p.dir_for("name=systemd").unwrap(),
+            Path::new("/sys/fs/cgroup/systemd/c1")
+        );
+        assert!(p
+            .dirs
+            .iter()
+            .any(|d| d.is_unified() && d.path == Path::new("/sys/fs/cgroup/unified/c1")));
     }
 
     #[test]
     fn absolute_path_lands_under_hierarchy_root() {
         let p = CgroupPaths::compute(HYBRID_MOUNTINFO, OWN, Some(Path::new("/a/b")), "c1");
-        assert_eq!(p.dir_for("memory").unwrap(), Path::new("/sys/fs/cgroup/memory/a/b"));
+        assert_eq!(
+            p.dir_for("memory").unwrap(),
+            Path::new("/sys/fs/cgroup/memory/a/b")
+        );
     }
 
     #[test]

@@ -31,7 +31,10 @@ const DEFAULT_ALLOWED_DEVICES: &[(char, i64, i64, &str)] = &[
 /// A new cpuset cgroup is unusable until `cpuset.cpus`/`cpuset.mems` are
 /// set; copy them down from the nearest ancestor that has them.
 pub fn inherit_cpuset(leaf: &Path) -> Result<()> {
-    let mut chain: Vec<&Path> = leaf.ancestors().take_while(|p| p.join("cpuset.cpus").exists()).collect();
+    let mut chain: Vec<&Path> = leaf
+        .ancestors()
+        .take_while(|p| p.join("cpuset.cpus").exists())
+        .collect();
     chain.reverse();
     for pair in chain.windows(2) {
         for file in ["cpuset.cpus", "cpuset.mems"] {
@@ -46,7 +49,13 @@ pub fn inherit_cpuset(leaf: &Path) -> Result<()> {
 }
 
 fn device_rule(typ: char, major: i64, minor: i64, access: &str) -> String {
-    let num = |n: i64| if n < 0 { "*".to_string() } else { n.to_string() };
+    let num = |n: i64| {
+        if n < 0 {
+            "*".to_string()
+        } else {
+            n.to_string()
+        }
+    };
     if typ == 'a' {
         format!("a *:* {access}")
     } else {
@@ -72,7 +81,15 @@ fn apply_devices(dir: &Path, rules: &[LinuxDeviceCgroup]) -> Result<()> {
             rule.minor().unwrap_or(-1),
             &access,
         );
-        write(dir, if rule.allow() { "devices.allow" } else { "devices.deny" }, &line)?;
+        write(
+            dir,
+            if rule.allow() {
+                "devices.allow"
+            } else {
+                "devices.deny"
+            },
+            &line,
+        )?;
     }
     for (t, maj, min, acc) in DEFAULT_ALLOWED_DEVICES {
         write(dir, "devices.allow", &device_rule(*t, *maj, *min, acc))?;
@@ -111,7 +128,10 @@ pub fn apply(paths: &CgroupPaths, resources: &LinuxResources) -> Result<()> {
         }
         if let Some(s) = mem.swappiness() {
             if s > 100 {
-                return Err(Error::spec("linux.resources.memory.swappiness", format!("{s} is above 100")));
+                return Err(Error::spec(
+                    "linux.resources.memory.swappiness",
+                    format!("{s} is above 100"),
+                ));
             }
             write(dir, "memory.swappiness", &s.to_string())?;
         }
@@ -147,12 +167,20 @@ pub fn apply(paths: &CgroupPaths, resources: &LinuxResources) -> Result<()> {
         }
     }
     if let (Some(pids), Some(dir)) = (resources.pids(), paths.dir_for("pids")) {
-        let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
+        let v = if pids.limit() > 0 {
+            pids.limit().to_string()
+        } else {
+            "max".into()
+        };
         write(dir, "pids.max", &v)?;
     }
     if let (Some(bio), Some(dir)) = (resources.block_io(), paths.dir_for("blkio")) {
         if let Some(w) = bio.weight() {
-            let file = if dir.join("blkio.weight").exists() { "blkio.weight" } else { "blkio.bfq.weight" };
+            let file = if dir.join("blkio.weight").exists() {
+                "blkio.weight"
+            } else {
+                "blkio.bfq.weight"
+            };
             write(dir, file, &w.to_string())?;
         }
         if let Some(w) = bio.leaf_weight() {
@@ -160,28 +188,55 @@ pub fn apply(paths: &CgroupPaths, resources: &LinuxResources) -> Result<()> {
         }
         for wd in bio.weight_device().iter().flatten() {
             if let Some(w) = wd.weight() {
-                write(dir, "blkio.weight_device", &format!("{}:{} {w}", wd.major(), wd.minor()))?;
+                write(
+                    dir,
+                    "blkio.weight_device",
+                    &format!("{}:{} {w}", wd.major(), wd.minor()),
+                )?;
             }
         }
         let throttles = [
-            ("blkio.throttle.read_bps_device", bio.throttle_read_bps_device()),
-            ("blkio.throttle.write_bps_device", bio.throttle_write_bps_device()),
-            ("blkio.throttle.read_iops_device", bio.throttle_read_iops_device()),
-            ("blkio.throttle.write_iops_device", bio.throttle_write_iops_device()),
+            (
+                "blkio.throttle.read_bps_device",
+                bio.throttle_read_bps_device(),
+            ),
+            (
+                "blkio.throttle.write_bps_device",
+                bio.throttle_write_bps_device(),
+            ),
+            (
+                "blkio.throttle.read_iops_device",
+                bio.throttle_read_iops_device(),
+            ),
+            (
+                "blkio.throttle.write_iops_device",
+                bio.throttle_write_iops_device(),
+            ),
         ];
         for (file, list) in throttles {
             for t in list.iter().flatten() {
-                write(dir, file, &format!("{}:{} {}", t.major(), t.minor(), t.rate()))?;
+                write(
+                    dir,
+                    file,
+                    &format!("{}:{} {}", t.major(), t.minor(), t.rate()),
+                )?;
             }
         }
     }
     if let Some(limits) = resources.hugepage_limits() {
         if !limits.is_empty() {
             let dir = paths.dir_for("hugetlb").ok_or_else(|| {
-                Error::spec("linux.resources.hugepageLimits", "the hugetlb controller is not available on this host")
+                Error::spec(
+                    "linux.resources.hugepageLimits",
+                    "the hugetlb controller is not available on this host",
+                )
             })?;
             for l in limits {
-                write(dir, &format!("hugetlb.{}.limit_in_bytes", l.page_size()), &l.limit().to_string())?;
+                write(
+                    dir,
+                    &format!("hugetlb.{}.limit_in_bytes", l.page_size()),
+                    &l.limit().to_string(),
+                )?;
             }
         }
     }
@@ -191,12 +246,19 @@ pub fn apply(paths: &CgroupPaths, resources: &LinuxResources) -> Result<()> {
         }
         if let Some(dir) = paths.dir_for("net_prio") {
             for p in net.priorities().iter().flatten() {
-                write(dir, "net_prio.ifpriomap", &format!("{} {}", p.name(), p.priority()))?;
+                write(
+                    dir,
+                    "net_prio.ifpriomap",
+                    &format!("{} {}", p.name(), p.priority()),
+                )?;
             }
         }
     }
     if resources.unified().as_ref().is_some_and(|u| !u.is_empty()) {
-        return Err(Error::spec("linux.resources.unified", "cgroup v2 settings on a cgroup v1 host"));
+        return Err(Error::spec(
+            "linux.resources.unified",
+            "cgroup v2 settings on a cgroup v1 host",
+        ));
     }
     Ok(())
 }
@@ -221,7 +283,9 @@ pub fn set_frozen(dir: &Path, frozen: bool) -> Result<()> {
 }
 
 fn num(dir: Option<&Path>, file: &str) -> u64 {
-    dir.and_then(|d| read(d, file)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    dir.and_then(|d| read(d, file))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Statistics in the shape of runc's `events --stats` data.
@@ -231,9 +295,16 @@ pub fn stats(paths: &CgroupPaths) -> serde_json::Value {
     let pids = paths.dir_for("pids");
     let percpu: Vec<u64> = acct
         .and_then(|d| read(d, "cpuacct.usage_percpu"))
-        .map(|s| s.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
-    let pids_limit = pids.and_then(|d| read(d, "pids.max")).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let pids_limit = pids
+        .and_then(|d| read(d, "pids.max"))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     json!({
         "cpu": {
             "usage": {

@@ -44,13 +44,25 @@ pub fn shares_to_weight(shares: u64) -> u64 {
 pub fn apply(dir: &Path, resources: &LinuxResources) -> Result<()> {
     if let Some(mem) = resources.memory() {
         if let Some(l) = mem.limit() {
-            write(dir, "memory.max", &if l < 0 { "max".to_string() } else { l.to_string() })?;
+            write(
+                dir,
+                "memory.max",
+                &if l < 0 {
+                    "max".to_string()
+                } else {
+                    l.to_string()
+                },
+            )?;
         }
         if let Some(r) = mem.reservation() {
             write(dir, "memory.low", &r.to_string())?;
         }
         if let (Some(s), Some(l)) = (mem.swap(), mem.limit()) {
-            let v = if s < 0 { "max".to_string() } else { (s - l).max(0).to_string() };
+            let v = if s < 0 {
+                "max".to_string()
+            } else {
+                (s - l).max(0).to_string()
+            };
             write(dir, "memory.swap.max", &v)?;
         }
     }
@@ -74,7 +86,11 @@ pub fn apply(dir: &Path, resources: &LinuxResources) -> Result<()> {
         }
     }
     if let Some(pids) = resources.pids() {
-        let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
+        let v = if pids.limit() > 0 {
+            pids.limit().to_string()
+        } else {
+            "max".into()
+        };
         write(dir, "pids.max", &v)?;
     }
     if let Some(bio) = resources.block_io() {
@@ -89,16 +105,27 @@ pub fn apply(dir: &Path, resources: &LinuxResources) -> Result<()> {
         ];
         for (key, list) in throttles {
             for t in list.iter().flatten() {
-                write(dir, "io.max", &format!("{}:{} {key}={}", t.major(), t.minor(), t.rate()))?;
+                write(
+                    dir,
+                    "io.max",
+                    &format!("{}:{} {key}={}", t.major(), t.minor(), t.rate()),
+                )?;
             }
         }
     }
     for l in resources.hugepage_limits().iter().flatten() {
-        write(dir, &format!("hugetlb.{}.max", l.page_size()), &l.limit().to_string())?;
+        write(
+            dir,
+            &format!("hugetlb.{}.max", l.page_size()),
+            &l.limit().to_string(),
+        )?;
     }
     for (key, value) in resources.unified().iter().flatten() {
         if key.contains('/') {
-            return Err(Error::spec("linux.resources.unified", format!("{key} is not a cgroup file name")));
+            return Err(Error::spec(
+                "linux.resources.unified",
+                format!("{key} is not a cgroup file name"),
+            ));
         }
         write(dir, key, value)?;
     }

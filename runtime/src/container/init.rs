@@ -81,7 +81,11 @@ fn create_stage1(init: &CreateInit<'_>, chan: &Channel) -> Result<()> {
     expect(chan, Message::Go, "cgroup setup")?;
     init.namespaces.join_user()?;
     if init.namespaces.creates(LinuxNamespaceType::User) {
-        sys(nix::sched::unshare(clone_flag(LinuxNamespaceType::User)), "unshare", "user namespace")?;
+        sys(
+            nix::sched::unshare(clone_flag(LinuxNamespaceType::User)),
+            "unshare",
+            "user namespace",
+        )?;
         chan.send(&Message::UsernsReady)?;
         expect(chan, Message::MapsDone, "uid/gid maps")?;
         become_namespace_root()?;
@@ -102,20 +106,32 @@ fn expect(chan: &Channel, want: Message, what: &str) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(Error::Init(format!("unexpected {got:?} while waiting for {what}")))
+        Err(Error::Init(format!(
+            "unexpected {got:?} while waiting for {what}"
+        )))
     }
 }
 
 fn become_namespace_root() -> Result<()> {
     let root_gid = Gid::from_raw(0);
     let root_uid = Uid::from_raw(0);
-    sys(nix::unistd::setresgid(root_gid, root_gid, root_gid), "setresgid", 0)?;
-    sys(nix::unistd::setresuid(root_uid, root_uid, root_uid), "setresuid", 0)?;
+    sys(
+        nix::unistd::setresgid(root_gid, root_gid, root_gid),
+        "setresgid",
+        0,
+    )?;
+    sys(
+        nix::unistd::setresuid(root_uid, root_uid, root_uid),
+        "setresuid",
+        0,
+    )?;
     Ok(())
 }
 
 fn process_of(spec: &Spec) -> Result<&Process> {
-    spec.process().as_ref().ok_or_else(|| Error::spec("process", "missing"))
+    spec.process()
+        .as_ref()
+        .ok_or_else(|| Error::spec("process", "missing"))
 }
 
 fn create_stage2(init: &CreateInit<'_>, chan: &Channel) -> Result<()> {
@@ -132,19 +148,32 @@ fn create_stage2(init: &CreateInit<'_>, chan: &Channel) -> Result<()> {
     rootfs::prepare(spec, init.rootfs, &ctx)?;
     let hooks = spec.hooks().as_ref();
     let wants_hooks = hooks.is_some_and(|h| {
-        [h.prestart(), h.create_runtime(), h.create_container(), h.start_container()]
-            .iter()
-            .any(|l| l.as_ref().is_some_and(|v| !v.is_empty()))
+        [
+            h.prestart(),
+            h.create_runtime(),
+            h.create_container(),
+            h.start_container(),
+        ]
+        .iter()
+        .any(|l| l.as_ref().is_some_and(|v| !v.is_empty()))
     });
     let mut hook_state = String::new();
     if wants_hooks {
         chan.send(&Message::RunCreateRuntimeHooks)?;
         match chan.expect("createRuntime hooks")? {
             Message::HooksDone { creating, created } => {
-                run_hooks(HookKind::CreateContainer, hooks.and_then(|h| h.create_container().as_ref()), &creating)?;
+                run_hooks(
+                    HookKind::CreateContainer,
+                    hooks.and_then(|h| h.create_container().as_ref()),
+                    &creating,
+                )?;
                 hook_state = created;
             }
-            other => return Err(Error::Init(format!("unexpected {other:?} while waiting for hooks"))),
+            other => {
+                return Err(Error::Init(format!(
+                    "unexpected {other:?} while waiting for hooks"
+                )))
+            }
         }
     }
     rootfs::setup_dev(spec, init.rootfs, userns)?;
@@ -158,7 +187,11 @@ fn create_stage2(init: &CreateInit<'_>, chan: &Channel) -> Result<()> {
             .console_socket
             .ok_or_else(|| Error::spec("process.terminal", "a terminal needs a console socket"))?;
         let size = proc_.console_size();
-        let slave = console::setup_pty(socket, size.map_or(0, |s| s.width()), size.map_or(0, |s| s.height()))?;
+        let slave = console::setup_pty(
+            socket,
+            size.map_or(0, |s| s.width()),
+            size.map_or(0, |s| s.height()),
+        )?;
         let _ = nix::unistd::close(socket);
         rootfs::mount_console(&slave)?;
     }
@@ -166,9 +199,16 @@ fn create_stage2(init: &CreateInit<'_>, chan: &Channel) -> Result<()> {
         sys(nix::unistd::sethostname(h), "sethostname", h)?;
     }
     if let Some(d) = spec.domainname().as_ref().filter(|d| !d.is_empty()) {
-        std::fs::write("/proc/sys/kernel/domainname", d).at("set domainname", "/proc/sys/kernel/domainname")?;
+        std::fs::write("/proc/sys/kernel/domainname", d)
+            .at("set domainname", "/proc/sys/kernel/domainname")?;
     }
-    for (key, value) in spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
+    for (key, value) in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
         std::fs::write(&path, value).at("write sysctl", &path)?;
     }
@@ -176,7 +216,11 @@ fn create_stage2(init: &CreateInit<'_>, chan: &Channel) -> Result<()> {
     finish_process(proc_, spec, init.preserve_fds, |filter| {
         chan.send(&Message::Ready)?;
         wait_for_start(init.state_dir_fd)?;
-        run_hooks(HookKind::StartContainer, hooks.and_then(|h| h.start_container().as_ref()), &hook_state)?;
+        run_hooks(
+            HookKind::StartContainer,
+            hooks.and_then(|h| h.start_container().as_ref()),
+            &hook_state,
+        )?;
         Ok(filter)
     })
 }
@@ -194,7 +238,11 @@ fn wait_for_start(state_dir_fd: RawFd) -> Result<()> {
     .at("open", crate::state::EXEC_FIFO)?;
     // SAFETY: fd was just opened and is owned here.
     let fifo = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    sys(nix::unistd::write(&fifo, b"0"), "write", crate::state::EXEC_FIFO)?;
+    sys(
+        nix::unistd::write(&fifo, b"0"),
+        "write",
+        crate::state::EXEC_FIFO,
+    )?;
     let _ = nix::unistd::close(state_dir_fd);
     Ok(())
 }
@@ -275,7 +323,11 @@ fn exec_stage1(init: &ExecInit<'_>, chan: &Channel) -> Result<()> {
         _ => 1,
     });
     for (typ, fd) in ordered {
-        sys(nix::sched::setns(fd, clone_flag(*typ)), "setns", proc_name(*typ))?;
+        sys(
+            nix::sched::setns(fd, clone_flag(*typ)),
+            "setns",
+            proc_name(*typ),
+        )?;
     }
     // SAFETY: single-threaded; see fork_create.
     match sys(unsafe { nix::unistd::fork() }, "fork", "exec process")? {
@@ -295,7 +347,11 @@ fn exec_stage2(init: &ExecInit<'_>) -> Result<()> {
             .console_socket
             .ok_or_else(|| Error::spec("process.terminal", "a terminal needs a console socket"))?;
         let size = proc_.console_size();
-        console::setup_pty(socket, size.map_or(0, |s| s.width()), size.map_or(0, |s| s.height()))?;
+        console::setup_pty(
+            socket,
+            size.map_or(0, |s| s.width()),
+            size.map_or(0, |s| s.height()),
+        )?;
         let _ = nix::unistd::close(socket);
     }
     // The channel is close-on-exec: a successful exec reads as EOF.
@@ -304,7 +360,10 @@ fn exec_stage2(init: &ExecInit<'_>) -> Result<()> {
 
 /// Write `/proc/<pid>/{uid,gid}_map` from the spec.
 pub fn write_id_maps(pid: i32, spec: &Spec) -> Result<()> {
-    let linux = spec.linux().as_ref().ok_or_else(|| Error::spec("linux", "missing"))?;
+    let linux = spec
+        .linux()
+        .as_ref()
+        .ok_or_else(|| Error::spec("linux", "missing"))?;
     let fmt = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
         maps.iter()
             .flatten()

@@ -132,16 +132,26 @@ impl ContainerBuilder {
         let rootfs = std::fs::canonicalize(&rootfs).at("open rootfs", &rootfs)?;
         let namespaces = NamespaceSet::from_spec(&spec)?;
         if !namespaces.creates_or_joins(LinuxNamespaceType::Mount) {
-            return Err(Error::spec("linux.namespaces", "a mount namespace is required"));
+            return Err(Error::spec(
+                "linux.namespaces",
+                "a mount namespace is required",
+            ));
         }
-        let linux = spec.linux().as_ref().ok_or_else(|| Error::spec("linux", "missing"))?;
+        let linux = spec
+            .linux()
+            .as_ref()
+            .ok_or_else(|| Error::spec("linux", "missing"))?;
         let terminal = spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
         let has_console = self.console_socket.is_some() || self.console_fd.is_some();
         if terminal && !has_console {
-            return Err(Error::InvalidArgument("cannot allocate tty if runc will detach without setting console socket".into()));
+            return Err(Error::InvalidArgument(
+                "cannot allocate tty if runc will detach without setting console socket".into(),
+            ));
         }
         if !terminal && has_console {
-            return Err(Error::InvalidArgument("cannot use console socket if runc will not detach or allocate tty".into()));
+            return Err(Error::InvalidArgument(
+                "cannot use console socket if runc will not detach or allocate tty".into(),
+            ));
         }
         let store = StateStore::new(&self.root);
         let dir = store.create_dir(&self.id)?;
@@ -157,20 +167,36 @@ impl ContainerBuilder {
         cgroups.create()?;
 
         let fifo = dir.join(EXEC_FIFO);
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o622)).at("mkfifo", &fifo)?;
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o622))
+            .at("mkfifo", &fifo)?;
         let root_uid = init::host_root_id(linux.uid_mappings().as_ref());
         let root_gid = init::host_root_id(linux.gid_mappings().as_ref());
         std::os::unix::fs::chown(&fifo, Some(root_uid), Some(root_gid)).at("chown", &fifo)?;
         // umask may have masked the fifo's mode.
-        nix::sys::stat::fchmodat(None, &fifo, nix::sys::stat::Mode::from_bits_truncate(0o622), nix::sys::stat::FchmodatFlags::FollowSymlink)
-            .at("chmod", &fifo)?;
-        let dir_fd = nix::fcntl::open(&dir, nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
-            .at("open", &dir)?;
+        nix::sys::stat::fchmodat(
+            None,
+            &fifo,
+            nix::sys::stat::Mode::from_bits_truncate(0o622),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .at("chmod", &fifo)?;
+        let dir_fd = nix::fcntl::open(
+            &dir,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .at("open", &dir)?;
         // SAFETY: dir_fd was just opened and is owned here.
         let dir_fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dir_fd) };
         let console = match self.console_fd {
             Some(fd) => Some(fd),
-            None => self.console_socket.as_deref().map(crate::console::connect).transpose()?,
+            None => self
+                .console_socket
+                .as_deref()
+                .map(crate::console::connect)
+                .transpose()?,
         };
 
         // SAFETY: prctl with integer arguments only. The container process is
@@ -204,7 +230,9 @@ impl ContainerBuilder {
             msg = parent_end.expect("namespace setup")?;
         }
         let Message::Stage2Pid(pid) = msg else {
-            return Err(Error::Init(format!("unexpected {msg:?} while waiting for the container pid")));
+            return Err(Error::Init(format!(
+                "unexpected {msg:?} while waiting for the container pid"
+            )));
         };
         cleanup.pids.push(pid);
         let _ = waitpid(Pid::from_raw(stage1), None);
@@ -225,15 +253,32 @@ impl ContainerBuilder {
         loop {
             match parent_end.expect("the container is ready")? {
                 Message::RunCreateRuntimeHooks => {
-                    let state = serde_json::to_string(&record.hook_state(Status::Creating)).map_err(|e| Error::Init(e.to_string()))?;
+                    let state = serde_json::to_string(&record.hook_state(Status::Creating))
+                        .map_err(|e| Error::Init(e.to_string()))?;
                     let hooks = spec.hooks().as_ref();
-                    run_hooks(HookKind::Prestart, hooks.and_then(|h| h.prestart().as_ref()), &state)?;
-                    run_hooks(HookKind::CreateRuntime, hooks.and_then(|h| h.create_runtime().as_ref()), &state)?;
-                    let created = serde_json::to_string(&record.hook_state(Status::Created)).map_err(|e| Error::Init(e.to_string()))?;
-                    parent_end.send(&Message::HooksDone { creating: state, created })?;
+                    run_hooks(
+                        HookKind::Prestart,
+                        hooks.and_then(|h| h.prestart().as_ref()),
+                        &state,
+                    )?;
+                    run_hooks(
+                        HookKind::CreateRuntime,
+                        hooks.and_then(|h| h.create_runtime().as_ref()),
+                        &state,
+                    )?;
+                    let created = serde_json::to_string(&record.hook_state(Status::Created))
+                        .map_err(|e| Error::Init(e.to_string()))?;
+                    parent_end.send(&Message::HooksDone {
+                        creating: state,
+                        created,
+                    })?;
                 }
                 Message::Ready => break,
-                other => return Err(Error::Init(format!("unexpected {other:?} from the container init"))),
+                other => {
+                    return Err(Error::Init(format!(
+                        "unexpected {other:?} from the container init"
+                    )))
+                }
             }
         }
         if let Some(res) = linux.resources() {
@@ -255,9 +300,14 @@ fn channel_clone(c: &crate::sync::Channel) -> Result<crate::sync::Channel> {
     // the child can drop "the parent's end" by value. We hand the child a
     // dup of it.
     let fd = sys(nix::unistd::dup(c.raw_fd()), "dup", "init channel")?;
-    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    let _ = nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
     // SAFETY: fd was just created by dup and is owned here.
-    Ok(crate::sync::Channel::from_owned(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+    Ok(crate::sync::Channel::from_owned(unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    }))
 }
 
 /// Write `pid` to `path` atomically, as runc's `--pid-file`.
@@ -329,7 +379,8 @@ impl Container {
 
     /// `runc state` JSON.
     pub fn state_json(&self) -> Result<String> {
-        serde_json::to_string_pretty(&self.record.runc_state(self.status())).map_err(|e| Error::Init(e.to_string()))
+        serde_json::to_string_pretty(&self.record.runc_state(self.status()))
+            .map_err(|e| Error::Init(e.to_string()))
     }
 
     fn hook_state_json(&self, status: Status) -> String {
@@ -340,12 +391,26 @@ impl Container {
     pub fn start(&self) -> Result<()> {
         match self.status() {
             Status::Created => {}
-            Status::Stopped => return Err(Error::InvalidArgument("cannot start a container that has stopped".into())),
-            _ => return Err(Error::InvalidArgument("cannot start an already running container".into())),
+            Status::Stopped => {
+                return Err(Error::InvalidArgument(
+                    "cannot start a container that has stopped".into(),
+                ))
+            }
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "cannot start an already running container".into(),
+                ))
+            }
         }
         let fifo = self.store.dir(&self.record.id).join(EXEC_FIFO);
-        let fd = nix::fcntl::open(&fifo, nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
-            .at("open", &fifo)?;
+        let fd = nix::fcntl::open(
+            &fifo,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_NONBLOCK
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .at("open", &fifo)?;
         // SAFETY: fd was just opened and is owned here.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let deadline = Instant::now() + Duration::from_millis(PROCESS_WAIT_MS);
@@ -356,10 +421,14 @@ impl Container {
                 Ok(_) | Err(nix::errno::Errno::EAGAIN) => {
                     if !self.record.process_alive() {
                         let _ = std::fs::remove_file(&fifo);
-                        return Err(Error::InvalidArgument("cannot start a container that has stopped".into()));
+                        return Err(Error::InvalidArgument(
+                            "cannot start a container that has stopped".into(),
+                        ));
                     }
                     if Instant::now() > deadline {
-                        return Err(Error::Init("container init did not answer on exec.fifo".into()));
+                        return Err(Error::Init(
+                            "container init did not answer on exec.fifo".into(),
+                        ));
                     }
                     std::thread::sleep(Duration::from_micros(200));
                 }
@@ -371,7 +440,11 @@ impl Container {
         let hooks = self.record.spec.hooks().as_ref();
         // runc 1.1 hands poststart hooks the state it read before starting,
         // "created"; scripts written against it expect that.
-        run_hooks(HookKind::Poststart, hooks.and_then(|h| h.poststart().as_ref()), &self.hook_state_json(Status::Created))?;
+        run_hooks(
+            HookKind::Poststart,
+            hooks.and_then(|h| h.poststart().as_ref()),
+            &self.hook_state_json(Status::Created),
+        )?;
         Ok(())
     }
 
@@ -386,7 +459,11 @@ impl Container {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
             }
         } else {
-            sys(nix::sys::signal::kill(Pid::from_raw(self.record.pid), signal), "kill", self.record.pid)?;
+            sys(
+                nix::sys::signal::kill(Pid::from_raw(self.record.pid), signal),
+                "kill",
+                self.record.pid,
+            )?;
         }
         if status == Status::Paused && signal == Signal::SIGKILL {
             let _ = self.record.cgroups.set_frozen(false);
@@ -459,7 +536,11 @@ impl Container {
             std::thread::sleep(Duration::from_millis(1));
         }
         let hooks = self.record.spec.hooks().as_ref();
-        let poststop = run_hooks(HookKind::Poststop, hooks.and_then(|h| h.poststop().as_ref()), &self.hook_state_json(Status::Stopped));
+        let poststop = run_hooks(
+            HookKind::Poststop,
+            hooks.and_then(|h| h.poststop().as_ref()),
+            &self.hook_state_json(Status::Stopped),
+        );
         let cg = self.record.cgroups.destroy();
         self.store.remove(&self.record.id)?;
         cg?;
@@ -474,12 +555,25 @@ impl Container {
     pub fn exec(&self, opts: ExecOptions) -> Result<i32> {
         match self.status() {
             Status::Running | Status::Created => {}
-            Status::Paused => return Err(Error::InvalidArgument("cannot exec in a paused container".into())),
-            _ => return Err(Error::InvalidArgument("cannot exec in a stopped container".into())),
+            Status::Paused => {
+                return Err(Error::InvalidArgument(
+                    "cannot exec in a paused container".into(),
+                ))
+            }
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "cannot exec in a stopped container".into(),
+                ))
+            }
         }
         let process = match opts.process {
             Some(p) => p,
-            None => self.record.spec.process().clone().ok_or_else(|| Error::spec("process", "missing"))?,
+            None => self
+                .record
+                .spec
+                .process()
+                .clone()
+                .ok_or_else(|| Error::spec("process", "missing"))?,
         };
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(Error::spec("process.args", "must name a program to run"));
@@ -487,7 +581,9 @@ impl Container {
         crate::capabilities::CapabilityMasks::from_spec(process.capabilities().as_ref())?;
         let terminal = process.terminal() == Some(true);
         if terminal && opts.console_socket.is_none() && opts.console_fd.is_none() {
-            return Err(Error::InvalidArgument("cannot allocate tty if runc will detach without setting console socket".into()));
+            return Err(Error::InvalidArgument(
+                "cannot allocate tty if runc will detach without setting console socket".into(),
+            ));
         }
         let pid = self.record.pid;
         let mut namespaces = Vec::new();
@@ -513,7 +609,11 @@ impl Container {
         }
         let console: Option<OwnedFd> = match &opts.console_fd {
             Some(fd) => Some(fd.try_clone().at("dup", "console socket")?),
-            None => opts.console_socket.as_deref().map(crate::console::connect).transpose()?,
+            None => opts
+                .console_socket
+                .as_deref()
+                .map(crate::console::connect)
+                .transpose()?,
         };
         let exec_init = init::ExecInit {
             process: &process,
@@ -535,7 +635,9 @@ impl Container {
         };
         self.record.cgroups.join(stage1).map_err(kill_stage1)?;
         parent_end.send(&Message::Go).map_err(kill_stage1)?;
-        let msg = parent_end.expect("joining the container").map_err(kill_stage1)?;
+        let msg = parent_end
+            .expect("joining the container")
+            .map_err(kill_stage1)?;
         let _ = waitpid(Pid::from_raw(stage1), None);
         let Message::Stage2Pid(child) = msg else {
             return Err(Error::Init(format!("unexpected {msg:?} from exec init")));
@@ -547,7 +649,11 @@ impl Container {
                 let _ = waitpid(Pid::from_raw(child), None);
                 return Err(Error::Init(e));
             }
-            Ok(Some(other)) => return Err(Error::Init(format!("unexpected {other:?} from exec process"))),
+            Ok(Some(other)) => {
+                return Err(Error::Init(format!(
+                    "unexpected {other:?} from exec process"
+                )))
+            }
             Err(e) => return Err(e),
         }
         if let Some(p) = &opts.pid_file {

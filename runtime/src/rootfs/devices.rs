@@ -27,18 +27,25 @@ pub struct DeviceNode {
 
 /// runc's default devices: null, zero, full, tty, urandom, random.
 pub fn default_devices() -> Vec<DeviceNode> {
-    [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("tty", 5, 0), ("urandom", 1, 9), ("random", 1, 8)]
-        .iter()
-        .map(|(n, maj, min)| DeviceNode {
-            path: PathBuf::from(format!("/dev/{n}")),
-            kind: SFlag::S_IFCHR,
-            major: *maj,
-            minor: *min,
-            mode: 0o666,
-            uid: 0,
-            gid: 0,
-        })
-        .collect()
+    [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("tty", 5, 0),
+        ("urandom", 1, 9),
+        ("random", 1, 8),
+    ]
+    .iter()
+    .map(|(n, maj, min)| DeviceNode {
+        path: PathBuf::from(format!("/dev/{n}")),
+        kind: SFlag::S_IFCHR,
+        major: *maj,
+        minor: *min,
+        mode: 0o666,
+        uid: 0,
+        gid: 0,
+    })
+    .collect()
 }
 
 /// A spec device as a node.
@@ -68,11 +75,24 @@ pub fn create_node(node: &DeviceNode, dest: &Path, bind_from_host: bool) -> Resu
         if std::fs::symlink_metadata(dest).is_err() {
             std::fs::File::create(dest).at("create device mount point", dest)?;
         }
-        mount(Some(&node.path), dest, None::<&str>, MsFlags::MS_BIND, None::<&str>).at("bind device", dest)?;
+        mount(
+            Some(&node.path),
+            dest,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .at("bind device", dest)?;
         return Ok(());
     }
     let _ = std::fs::remove_file(dest);
-    mknod(dest, node.kind, Mode::from_bits_truncate(node.mode), makedev(node.major, node.minor)).at("mknod", dest)?;
+    mknod(
+        dest,
+        node.kind,
+        Mode::from_bits_truncate(node.mode),
+        makedev(node.major, node.minor),
+    )
+    .at("mknod", dest)?;
     std::os::unix::fs::chown(dest, Some(node.uid), Some(node.gid)).at("chown", dest)?;
     Ok(())
 }
@@ -112,16 +132,35 @@ mod tests {
 
     #[test]
     fn default_devices_are_the_six_runc_creates() {
-        let names: Vec<_> = default_devices().iter().map(|d| d.path.display().to_string()).collect();
-        assert_eq!(names, ["/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/urandom", "/dev/random"]);
+        let names: Vec<_> = default_devices()
+            .iter()
+            .map(|d| d.path.display().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "/dev/null",
+                "/dev/zero",
+                "/dev/full",
+                "/dev/tty",
+                "/dev/urandom",
+                "/dev/random"
+            ]
+        );
     }
 
     #[test]
     fn symlinks_point_into_proc_self() {
         let dir = tempfile::tempdir().unwrap();
         create_symlinks(dir.path()).unwrap();
-        assert_eq!(std::fs::read_link(dir.path().join("stdout")).unwrap(), Path::new("/proc/self/fd/1"));
+        assert_eq!(
+            std::fs::read_link(dir.path().join("stdout")).unwrap(),
+            Path::new("/proc/self/fd/1")
+        );
         setup_ptmx(dir.path()).unwrap();
-        assert_eq!(std::fs::read_link(dir.path().join("ptmx")).unwrap(), Path::new("pts/ptmx"));
+        assert_eq!(
+            std::fs::read_link(dir.path().join("ptmx")).unwrap(),
+            Path::new("pts/ptmx")
+        );
     }
 }

@@ -19,23 +19,38 @@ use std::path::{Path, PathBuf};
 
 /// Resolve `dest` inside `rootfs`, naming `field` on escape.
 pub fn resolve(rootfs: &Path, dest: &Path, field: &str) -> Result<PathBuf> {
-    path::resolve_in_root(rootfs, dest).map_err(|e| Error::spec(field, format!("{}: {e}", dest.display())))
+    path::resolve_in_root(rootfs, dest)
+        .map_err(|e| Error::spec(field, format!("{}: {e}", dest.display())))
 }
 
 /// Make the mount that holds `rootfs` private, so pivot_root accepts it
 /// whatever propagation the host uses.
 fn make_parent_mount_private(rootfs: &Path) -> Result<()> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").at("read", "/proc/self/mountinfo")?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").at("read", "/proc/self/mountinfo")?;
     let mut best: Option<PathBuf> = None;
     for line in info.lines() {
-        let Some(mp) = line.split(' ').nth(4) else { continue };
+        let Some(mp) = line.split(' ').nth(4) else {
+            continue;
+        };
         let mp = PathBuf::from(crate::cgroups::unescape_mount_path(mp));
-        if rootfs.starts_with(&mp) && best.as_ref().is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len()) {
+        if rootfs.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len())
+        {
             best = Some(mp);
         }
     }
     if let Some(mp) = best {
-        mount(None::<&str>, &mp, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>).at("make parent mount private", &mp)?;
+        mount(
+            None::<&str>,
+            &mp,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .at("make parent mount private", &mp)?;
     }
     Ok(())
 }
@@ -48,9 +63,17 @@ pub fn prepare(spec: &Spec, rootfs: &Path, ctx: &MountContext<'_>) -> Result<()>
         .filter(|p| !p.is_empty())
         .and_then(mounts::propagation_flag)
         .unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
-    mount(None::<&str>, "/", None::<&str>, propagation, None::<&str>).at("set root propagation", "/")?;
+    mount(None::<&str>, "/", None::<&str>, propagation, None::<&str>)
+        .at("set root propagation", "/")?;
     make_parent_mount_private(rootfs)?;
-    mount(Some(rootfs), rootfs, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).at("bind rootfs", rootfs)?;
+    mount(
+        Some(rootfs),
+        rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .at("bind rootfs", rootfs)?;
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
         let dest = resolve(rootfs, m.destination(), &format!("mounts[{i}].destination"))?;
         mounts::mount_one(m, &dest, ctx)?;
@@ -62,7 +85,11 @@ pub fn prepare(spec: &Spec, rootfs: &Path, ctx: &MountContext<'_>) -> Result<()>
 pub fn setup_dev(spec: &Spec, rootfs: &Path, userns: bool) -> Result<()> {
     let dev_is_bind = spec.mounts().iter().flatten().any(|m| {
         m.destination() == Path::new("/dev")
-            && (m.typ().as_deref() == Some("bind") || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind"))
+            && (m.typ().as_deref() == Some("bind")
+                || m.options()
+                    .iter()
+                    .flatten()
+                    .any(|o| o == "bind" || o == "rbind"))
     });
     let old_umask = nix::sys::stat::umask(Mode::empty());
     let result = (|| -> Result<()> {
@@ -70,7 +97,13 @@ pub fn setup_dev(spec: &Spec, rootfs: &Path, userns: bool) -> Result<()> {
         if !dev_is_bind {
             nodes.extend(devices::default_devices());
         }
-        for d in spec.linux().as_ref().and_then(|l| l.devices().as_ref()).into_iter().flatten() {
+        for d in spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.devices().as_ref())
+            .into_iter()
+            .flatten()
+        {
             let node = devices::from_spec(d);
             nodes.retain(|n| n.path != node.path);
             nodes.push(node);
@@ -94,13 +127,30 @@ pub fn setup_dev(spec: &Spec, rootfs: &Path, userns: bool) -> Result<()> {
 /// Switch the root to `rootfs` and detach the old one.
 pub fn pivot(rootfs: &Path) -> Result<()> {
     use nix::fcntl::{open, OFlag};
-    let old = open("/", OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).at("open", "/")?;
-    let new = open(rootfs, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).at("open", rootfs)?;
+    let old = open(
+        "/",
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .at("open", "/")?;
+    let new = open(
+        rootfs,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .at("open", rootfs)?;
     nix::unistd::fchdir(new).at("chdir", rootfs)?;
     nix::unistd::pivot_root(".", ".").at("pivot_root", rootfs)?;
     nix::unistd::fchdir(old).at("chdir", "old root")?;
     // Keep the unmount of the old root from propagating to the host.
-    mount(None::<&str>, ".", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>).at("make old root slave", "/")?;
+    mount(
+        None::<&str>,
+        ".",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .at("make old root slave", "/")?;
     umount2(".", MntFlags::MNT_DETACH).at("detach old root", "/")?;
     nix::unistd::chdir("/").at("chdir", "/")?;
     let _ = nix::unistd::close(old.as_raw_fd());
@@ -129,30 +179,68 @@ fn locked_flags_of(path: &Path) -> MsFlags {
 /// Read-only paths, masked paths, and the read-only root (after pivot).
 pub fn finalize(spec: &Spec) -> Result<()> {
     let linux = spec.linux().as_ref();
-    for p in linux.and_then(|l| l.readonly_paths().as_ref()).into_iter().flatten() {
+    for p in linux
+        .and_then(|l| l.readonly_paths().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let path = Path::new(p);
         if std::fs::symlink_metadata(path).is_err() {
             continue;
         }
-        mount(Some(path), path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).at("bind read-only path", path)?;
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC | locked_flags_of(path);
-        mount(None::<&str>, path, None::<&str>, flags, None::<&str>).at("remount read-only path", path)?;
+        mount(
+            Some(path),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .at("bind read-only path", path)?;
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_REC
+            | locked_flags_of(path);
+        mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
+            .at("remount read-only path", path)?;
     }
-    for p in linux.and_then(|l| l.masked_paths().as_ref()).into_iter().flatten() {
+    for p in linux
+        .and_then(|l| l.masked_paths().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let path = Path::new(p);
         match std::fs::metadata(path) {
             Err(_) => continue,
-            Ok(m) if m.is_dir() => {
-                mount(Some("tmpfs"), path, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>).at("mask directory", path)?
-            }
-            Ok(_) => mount(Some("/dev/null"), path, None::<&str>, MsFlags::MS_BIND, None::<&str>).at("mask file", path)?,
+            Ok(m) if m.is_dir() => mount(
+                Some("tmpfs"),
+                path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .at("mask directory", path)?,
+            Ok(_) => mount(
+                Some("/dev/null"),
+                path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .at("mask file", path)?,
         }
     }
     if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if mount(None::<&str>, "/", None::<&str>, flags, None::<&str>).is_err() {
-            mount(None::<&str>, "/", None::<&str>, flags | locked_flags_of(Path::new("/")), None::<&str>)
-                .at("remount root read-only", "/")?;
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                flags | locked_flags_of(Path::new("/")),
+                None::<&str>,
+            )
+            .at("remount root read-only", "/")?;
         }
     }
     Ok(())
@@ -164,5 +252,12 @@ pub fn mount_console(slave_path: &Path) -> Result<()> {
     if std::fs::symlink_metadata(console).is_err() {
         std::fs::File::create(console).at("create", console)?;
     }
-    mount(Some(slave_path), console, None::<&str>, MsFlags::MS_BIND, None::<&str>).at("bind console", console)
+    mount(
+        Some(slave_path),
+        console,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .at("bind console", console)
 }

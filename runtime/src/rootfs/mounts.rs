@@ -170,7 +170,14 @@ fn create_mount_point(dest: &Path, file: bool) -> Result<()> {
 /// Bind `src` onto `dest`, then apply `flags` with a remount.
 pub fn bind_mount(src: &Path, dest: &Path, opts: &MountOptions) -> Result<()> {
     let rec = opts.flags & MsFlags::MS_REC;
-    mount(Some(src), dest, None::<&str>, MsFlags::MS_BIND | rec, None::<&str>).at("bind mount", dest)?;
+    mount(
+        Some(src),
+        dest,
+        None::<&str>,
+        MsFlags::MS_BIND | rec,
+        None::<&str>,
+    )
+    .at("bind mount", dest)?;
     let wanted = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
     if !wanted.is_empty() {
         let keep = locked_flags(dest) & !opts.cleared;
@@ -188,7 +195,8 @@ pub fn bind_mount(src: &Path, dest: &Path, opts: &MountOptions) -> Result<()> {
 
 fn apply_propagation(dest: &Path, opts: &MountOptions) -> Result<()> {
     for p in &opts.propagation {
-        mount(None::<&str>, dest, None::<&str>, *p, None::<&str>).at("set mount propagation", dest)?;
+        mount(None::<&str>, dest, None::<&str>, *p, None::<&str>)
+            .at("set mount propagation", dest)?;
     }
     Ok(())
 }
@@ -199,8 +207,14 @@ pub fn mount_one(m: &Mount, dest: &Path, ctx: &MountContext<'_>) -> Result<()> {
     let typ = m.typ().clone().unwrap_or_default();
     if is_bind(m, &opts) {
         let src = m.source().clone().unwrap_or_default();
-        let src: PathBuf = if src.is_absolute() { src } else { ctx.bundle.join(src) };
-        let is_file = !std::fs::metadata(&src).at("stat bind source", &src)?.is_dir();
+        let src: PathBuf = if src.is_absolute() {
+            src
+        } else {
+            ctx.bundle.join(src)
+        };
+        let is_file = !std::fs::metadata(&src)
+            .at("stat bind source", &src)?
+            .is_dir();
         create_mount_point(dest, is_file)?;
         return bind_mount(&src, dest, &opts);
     }
@@ -216,7 +230,11 @@ pub fn mount_one(m: &Mount, dest: &Path, ctx: &MountContext<'_>) -> Result<()> {
         dest,
         Some(typ.as_str()),
         flags,
-        if data.is_empty() { None } else { Some(data.as_str()) },
+        if data.is_empty() {
+            None
+        } else {
+            Some(data.as_str())
+        },
     );
     match res {
         Ok(()) => {}
@@ -242,13 +260,21 @@ pub fn mount_one(m: &Mount, dest: &Path, ctx: &MountContext<'_>) -> Result<()> {
 
 /// The container's cgroups under `dest`.
 fn mount_cgroup(dest: &Path, opts: &MountOptions, ctx: &MountContext<'_>) -> Result<()> {
-    let flags = opts.flags & !(MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_REC);
+    let flags = opts.flags
+        & !(MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_REC);
     if ctx.cgroups.unified_only {
-        mount(Some("cgroup2"), dest, Some("cgroup2"), opts.flags & !MsFlags::MS_REMOUNT, None::<&str>)
-            .at("mount cgroup2", dest)?;
+        mount(
+            Some("cgroup2"),
+            dest,
+            Some("cgroup2"),
+            opts.flags & !MsFlags::MS_REMOUNT,
+            None::<&str>,
+        )
+        .at("mount cgroup2", dest)?;
         return Ok(());
     }
-    mount(Some("tmpfs"), dest, Some("tmpfs"), flags, Some("mode=755")).at("mount cgroup tmpfs", dest)?;
+    mount(Some("tmpfs"), dest, Some("tmpfs"), flags, Some("mode=755"))
+        .at("mount cgroup tmpfs", dest)?;
     for dir in &ctx.cgroups.dirs {
         let name = if dir.is_unified() {
             "unified".to_string()
@@ -267,8 +293,18 @@ fn mount_cgroup(dest: &Path, opts: &MountOptions, ctx: &MountContext<'_>) -> Res
             } else {
                 ("cgroup", dir.controllers.join(","))
             };
-            mount(Some("cgroup"), &sub, Some(fstype), opts.flags & !MsFlags::MS_REMOUNT, if data.is_empty() { None } else { Some(data.as_str()) })
-                .at("mount cgroup", &sub)?;
+            mount(
+                Some("cgroup"),
+                &sub,
+                Some(fstype),
+                opts.flags & !MsFlags::MS_REMOUNT,
+                if data.is_empty() {
+                    None
+                } else {
+                    Some(data.as_str())
+                },
+            )
+            .at("mount cgroup", &sub)?;
         } else {
             let bind = MountOptions {
                 flags: opts.flags | MsFlags::MS_BIND | MsFlags::MS_REC,
@@ -287,8 +323,14 @@ fn mount_cgroup(dest: &Path, opts: &MountOptions, ctx: &MountContext<'_>) -> Res
         }
     }
     if opts.flags.contains(MsFlags::MS_RDONLY) {
-        mount(None::<&str>, dest, None::<&str>, flags | MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT, Some("mode=755"))
-            .at("remount cgroup tmpfs read-only", dest)?;
+        mount(
+            None::<&str>,
+            dest,
+            None::<&str>,
+            flags | MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT,
+            Some("mode=755"),
+        )
+        .at("remount cgroup tmpfs read-only", dest)?;
     }
     Ok(())
 }
@@ -303,8 +345,18 @@ mod tests {
 
     #[test]
     fn flags_data_and_propagation_are_separated() {
-        let o = opts(&["nosuid", "noexec", "mode=755", "size=65536k", "rslave", "ro"]);
-        assert_eq!(o.flags, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY);
+        let o = opts(&[
+            "nosuid",
+            "noexec",
+            "mode=755",
+            "size=65536k",
+            "rslave",
+            "ro",
+        ]);
+        assert_eq!(
+            o.flags,
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY
+        );
         assert_eq!(o.data, vec!["mode=755", "size=65536k"]);
         assert_eq!(o.propagation, vec![MsFlags::MS_SLAVE | MsFlags::MS_REC]);
     }

@@ -52,9 +52,14 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> Result<PathBuf, ResolveError
                 if links > MAX_SYMLINKS {
                     return Err(ResolveError::TooManySymlinks);
                 }
-                let target = std::fs::read_link(&candidate)
-                    .map_err(|_| ResolveError::TooManySymlinks)?;
-                via_link = Some(candidate.strip_prefix(root).map(|p| Path::new("/").join(p)).unwrap_or(candidate.clone()));
+                let target =
+                    std::fs::read_link(&candidate).map_err(|_| ResolveError::TooManySymlinks)?;
+                via_link = Some(
+                    candidate
+                        .strip_prefix(root)
+                        .map(|p| Path::new("/").join(p))
+                        .unwrap_or(candidate.clone()),
+                );
                 if target.is_absolute() {
                     resolved.clear();
                 }

@@ -21,7 +21,12 @@ enum Insn {
     /// `ld [offset]` (32-bit absolute load from seccomp_data).
     LoadAbs(u32),
     /// `jmp if A <op> k`.
-    Jump { op: u16, k: u32, jt: Target, jf: Target },
+    Jump {
+        op: u16,
+        k: u32,
+        jt: Target,
+        jf: Target,
+    },
     /// `and A, k`.
     And(u32),
     /// `ret k`.
@@ -127,7 +132,8 @@ impl Program {
                         let delta = at
                             .checked_sub(here + 1)
                             .ok_or("backward jump in seccomp program")?;
-                        u8::try_from(delta).map_err(|_| format!("jump of {delta} instructions is too far"))
+                        u8::try_from(delta)
+                            .map_err(|_| format!("jump of {delta} instructions is too far"))
                     }
                 }
             };
@@ -150,7 +156,12 @@ impl Program {
 }
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt: 0, jf: 0, k }
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
 }
 
 #[cfg(test)]

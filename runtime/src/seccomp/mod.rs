@@ -17,7 +17,9 @@ mod syscalls_x86_64;
 
 use crate::error::{Error, Result};
 use bpf::{Cmp, Program, To};
-use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag, LinuxSeccompOperator};
+use oci_spec::runtime::{
+    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag, LinuxSeccompOperator,
+};
 
 const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
 const SECCOMP_RET_KILL_THREAD: u32 = 0x0000_0000;
@@ -46,23 +48,38 @@ pub struct Filter {
     pub flags: u32,
 }
 
-/// The number of `name` on the native architecture; `Ok(None)` for a call
-/// that exists only on other architectures.
-pub fn syscall_number(name: &str) -> std::result::Result<Option<u32>, ()> {
+/// What a system call name means on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallLookup {
+    /// The native number.
+    Native(u32),
+    /// A call of another architecture only: skipped, as libseccomp does.
+    Foreign,
+    /// No Linux architecture has a call of that name.
+    Unknown,
+}
+
+/// Look `name` up in the native table, then in the foreign names.
+pub fn syscall_number(name: &str) -> SyscallLookup {
     let table = syscalls_x86_64::X86_64_SYSCALLS;
     if let Ok(i) = table.binary_search_by(|(n, _)| (*n).cmp(name)) {
-        return Ok(Some(table[i].1));
+        return SyscallLookup::Native(table[i].1);
     }
-    if syscalls_x86_64::FOREIGN_SYSCALLS.binary_search(&name).is_ok() {
-        return Ok(None);
+    if syscalls_x86_64::FOREIGN_SYSCALLS
+        .binary_search(&name)
+        .is_ok()
+    {
+        return SyscallLookup::Foreign;
     }
-    Err(())
+    SyscallLookup::Unknown
 }
 
 fn action_value(action: LinuxSeccompAction, errno: Option<u32>, field: &str) -> Result<u32> {
     let errno = errno.unwrap_or(libc::EPERM as u32) & 0xffff;
     Ok(match action {
-        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => SECCOMP_RET_KILL_THREAD,
+        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => {
+            SECCOMP_RET_KILL_THREAD
+        }
         LinuxSeccompAction::ScmpActKillProcess => SECCOMP_RET_KILL_PROCESS,
         LinuxSeccompAction::ScmpActTrap => SECCOMP_RET_TRAP,
         LinuxSeccompAction::ScmpActErrno => SECCOMP_RET_ERRNO | errno,
@@ -90,7 +107,11 @@ fn alternatives(args: &[LinuxSeccompArg]) -> Vec<Vec<LinuxSeccompArg>> {
     }
     // Repeated index: each condition on it is a separate rule, together
     // with the single conditions on the other indices.
-    let singles: Vec<LinuxSeccompArg> = by_index.iter().filter(|g| g.len() == 1).map(|g| g[0]).collect();
+    let singles: Vec<LinuxSeccompArg> = by_index
+        .iter()
+        .filter(|g| g.len() == 1)
+        .map(|g| g[0])
+        .collect();
     let mut out = Vec::new();
     for g in by_index.iter().filter(|g| g.len() > 1) {
         for c in g {
@@ -111,10 +132,16 @@ fn emit_condition(p: &mut Program, arg: &LinuxSeccompArg, fail: bpf::Label) {
     let (v_hi, v_lo) = ((value >> 32) as u32, value as u32);
     let pass = p.label();
     match arg.op() {
-        LinuxSeccompOperator::ScmpCmpEq | LinuxSeccompOperator::ScmpCmpNe | LinuxSeccompOperator::ScmpCmpMaskedEq => {
+        LinuxSeccompOperator::ScmpCmpEq
+        | LinuxSeccompOperator::ScmpCmpNe
+        | LinuxSeccompOperator::ScmpCmpMaskedEq => {
             let masked = matches!(arg.op(), LinuxSeccompOperator::ScmpCmpMaskedEq);
             // For MASKED_EQ the spec's value is the mask and valueTwo the datum.
-            let (mask, datum) = if masked { (value, arg.value_two().unwrap_or(0)) } else { (u64::MAX, value) };
+            let (mask, datum) = if masked {
+                (value, arg.value_two().unwrap_or(0))
+            } else {
+                (u64::MAX, value)
+            };
             let (d_hi, d_lo) = ((datum >> 32) as u32, datum as u32);
             let eq = !matches!(arg.op(), LinuxSeccompOperator::ScmpCmpNe);
             let differ = p.label();
@@ -171,7 +198,11 @@ fn emit_condition(p: &mut Program, arg: &LinuxSeccompArg, fail: bpf::Label) {
 
 /// Compile the spec's profile; errors name the offending field.
 pub fn compile(seccomp: &LinuxSeccomp) -> Result<Filter> {
-    let default_action = action_value(seccomp.default_action(), seccomp.default_errno_ret(), "linux.seccomp.defaultAction")?;
+    let default_action = action_value(
+        seccomp.default_action(),
+        seccomp.default_errno_ret(),
+        "linux.seccomp.defaultAction",
+    )?;
     let mut flags = 0;
     for f in seccomp.flags().iter().flatten() {
         flags |= match f {
@@ -185,17 +216,31 @@ pub fn compile(seccomp: &LinuxSeccomp) -> Result<Filter> {
     let mut unconditional = Vec::new();
     for (i, rule) in seccomp.syscalls().iter().flatten().enumerate() {
         let field = format!("linux.seccomp.syscalls[{i}]");
-        let action = action_value(rule.action(), rule.errno_ret().or(None), &format!("{field}.action"))?;
+        let action = action_value(
+            rule.action(),
+            rule.errno_ret().or(None),
+            &format!("{field}.action"),
+        )?;
         let args = rule.args().clone().unwrap_or_default();
         for (j, a) in args.iter().enumerate() {
             if a.index() > 5 {
-                return Err(Error::spec(format!("{field}.args[{j}].index"), format!("{} is above 5", a.index())));
+                return Err(Error::spec(
+                    format!("{field}.args[{j}].index"),
+                    format!("{} is above 5", a.index()),
+                ));
             }
         }
         for (j, name) in rule.names().iter().enumerate() {
-            let nr = syscall_number(name)
-                .map_err(|()| Error::spec(format!("{field}.names[{j}]"), format!("unknown system call {name:?}")))?;
-            let Some(nr) = nr else { continue };
+            let nr = match syscall_number(name) {
+                SyscallLookup::Native(nr) => nr,
+                SyscallLookup::Foreign => continue,
+                SyscallLookup::Unknown => {
+                    return Err(Error::spec(
+                        format!("{field}.names[{j}]"),
+                        format!("unknown system call {name:?}"),
+                    ));
+                }
+            };
             if action == default_action {
                 continue;
             }
@@ -232,7 +277,13 @@ pub fn compile(seccomp: &LinuxSeccomp) -> Result<Filter> {
     p.ret(default_action);
     let program = p.assemble().map_err(Error::Seccomp)?;
     if program.len() > MAX_INSNS {
-        return Err(Error::spec("linux.seccomp.syscalls", format!("profile needs {} BPF instructions, the kernel allows {MAX_INSNS}", program.len())));
+        return Err(Error::spec(
+            "linux.seccomp.syscalls",
+            format!(
+                "profile needs {} BPF instructions, the kernel allows {MAX_INSNS}",
+                program.len()
+            ),
+        ));
     }
     Ok(Filter { program, flags })
 }
@@ -253,7 +304,10 @@ pub fn install(filter: &Filter) -> Result<()> {
         )
     };
     if rc < 0 {
-        return Err(Error::Seccomp(format!("load filter: {}", std::io::Error::last_os_error())));
+        return Err(Error::Seccomp(format!(
+            "load filter: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     Ok(())
 }
@@ -305,10 +359,21 @@ mod tests {
 
     #[test]
     fn errno_rule_hits_only_its_syscall() {
-        let f = profile(r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO"}]}"#);
-        assert_eq!(run(&f.program, AUDIT_ARCH_X86_64, MKDIR, [0; 6]), SECCOMP_RET_ERRNO | 1);
-        assert_eq!(run(&f.program, AUDIT_ARCH_X86_64, 0, [0; 6]), SECCOMP_RET_ALLOW);
-        assert_eq!(run(&f.program, 0x4000_0003, 0, [0; 6]), SECCOMP_RET_KILL_PROCESS);
+        let f = profile(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO"}]}"#,
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, MKDIR, [0; 6]),
+            SECCOMP_RET_ERRNO | 1
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, 0, [0; 6]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run(&f.program, 0x4000_0003, 0, [0; 6]),
+            SECCOMP_RET_KILL_PROCESS
+        );
     }
 
     #[test]
@@ -317,23 +382,69 @@ mod tests {
             r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["chmod"],"action":"SCMP_ACT_ERRNO","errnoRet":13,
               "args":[{"index":1,"value":511,"op":"SCMP_CMP_EQ"}]}]}"#,
         );
-        assert_eq!(run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [0, 511, 0, 0, 0, 0]), SECCOMP_RET_ERRNO | 13);
-        assert_eq!(run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [0, 493, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
-        assert_eq!(run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [0, (1 << 32) | 511, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [0, 511, 0, 0, 0, 0]),
+            SECCOMP_RET_ERRNO | 13
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [0, 493, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run(
+                &f.program,
+                AUDIT_ARCH_X86_64,
+                CHMOD,
+                [0, (1 << 32) | 511, 0, 0, 0, 0]
+            ),
+            SECCOMP_RET_ALLOW
+        );
     }
 
     #[test]
     fn ordered_and_masked_operators_follow_64_bit_semantics() {
         let cases = [
-            ("SCMP_CMP_GT", 10u64, None, [(11u64, true), (10, false), (1 << 33, true)]),
-            ("SCMP_CMP_GE", 10, None, [(10, true), (9, false), (1 << 33, true)]),
-            ("SCMP_CMP_LT", 10, None, [(9, true), (10, false), (1 << 33, false)]),
-            ("SCMP_CMP_LE", 10, None, [(10, true), (11, false), (1 << 33, false)]),
-            ("SCMP_CMP_NE", 10, None, [(10, false), (11, true), ((1 << 32) | 10, true)]),
-            ("SCMP_CMP_MASKED_EQ", 0xff, Some(0x12u64), [(0x312, true), (0x313, false), (0x12, true)]),
+            (
+                "SCMP_CMP_GT",
+                10u64,
+                None,
+                [(11u64, true), (10, false), (1 << 33, true)],
+            ),
+            (
+                "SCMP_CMP_GE",
+                10,
+                None,
+                [(10, true), (9, false), (1 << 33, true)],
+            ),
+            (
+                "SCMP_CMP_LT",
+                10,
+                None,
+                [(9, true), (10, false), (1 << 33, false)],
+            ),
+            (
+                "SCMP_CMP_LE",
+                10,
+                None,
+                [(10, true), (11, false), (1 << 33, false)],
+            ),
+            (
+                "SCMP_CMP_NE",
+                10,
+                None,
+                [(10, false), (11, true), ((1 << 32) | 10, true)],
+            ),
+            (
+                "SCMP_CMP_MASKED_EQ",
+                0xff,
+                Some(0x12u64),
+                [(0x312, true), (0x313, false), (0x12, true)],
+            ),
         ];
         for (op, value, two, checks) in cases {
-            let two = two.map(|t| format!(r#","valueTwo":{t}"#)).unwrap_or_default();
+            let two = two
+                .map(|t| format!(r#","valueTwo":{t}"#))
+                .unwrap_or_default();
             let f = profile(&format!(
                 r#"{{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{{"names":["chmod"],"action":"SCMP_ACT_ERRNO",
                   "args":[{{"index":2,"value":{value}{two},"op":"{op}"}}]}}]}}"#
@@ -352,15 +463,24 @@ mod tests {
                {"names":["chmod"],"action":"SCMP_ACT_ALLOW"},
                {"names":["chmod"],"action":"SCMP_ACT_KILL_PROCESS","args":[{"index":0,"value":1,"op":"SCMP_CMP_EQ"}]}]}"#,
         );
-        assert_eq!(run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [1, 0, 0, 0, 0, 0]), SECCOMP_RET_KILL_PROCESS);
-        assert_eq!(run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [2, 0, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
-        assert_eq!(run(&f.program, AUDIT_ARCH_X86_64, MKDIR, [0; 6]), SECCOMP_RET_ERRNO | 1);
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [1, 0, 0, 0, 0, 0]),
+            SECCOMP_RET_KILL_PROCESS
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, CHMOD, [2, 0, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, MKDIR, [0; 6]),
+            SECCOMP_RET_ERRNO | 1
+        );
     }
 
     #[test]
     fn foreign_architecture_names_are_skipped_unknown_names_rejected() {
-        assert_eq!(syscall_number("chown32"), Ok(None));
-        assert_eq!(syscall_number("read"), Ok(Some(0)));
-        assert_eq!(syscall_number("frobnicate"), Err(()));
+        assert_eq!(syscall_number("chown32"), SyscallLookup::Foreign);
+        assert_eq!(syscall_number("read"), SyscallLookup::Native(0));
+        assert_eq!(syscall_number("frobnicate"), SyscallLookup::Unknown);
     }
 }
