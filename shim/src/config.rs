@@ -1,0 +1,452 @@
+//! The shim's configuration: a TOML file plus per-pod annotations.
+//!
+//! The file is found, in order, at the path in the runtime options'
+//! `ConfigPath`, at `$HUSK_CONFIG`, or at `/etc/husk/configuration.toml`;
+//! when none is set and the default file is absent, built-in defaults apply.
+//! Unknown keys are errors, so a typo never silently does nothing. Pods may
+//! ask for vCPUs and memory through Kata's annotations, within the limits
+//! the operator sets here.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the documented default configuration is installed.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/husk/configuration.toml";
+/// Environment variable naming another configuration file.
+pub const CONFIG_PATH_ENV: &str = "HUSK_CONFIG";
+/// Pod annotation: vCPUs for the pod's VM.
+pub const ANNOTATION_VCPUS: &str = "io.katacontainers.config.hypervisor.default_vcpus";
+/// Pod annotation: memory for the pod's VM, in MiB.
+pub const ANNOTATION_MEMORY_MIB: &str = "io.katacontainers.config.hypervisor.default_memory";
+
+/// Errors in finding, reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the husk configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid husk configuration {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid husk configuration {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+    #[error("annotation {annotation}={value} is not a whole number")]
+    AnnotationNotANumber {
+        annotation: &'static str,
+        value: String,
+    },
+    #[error(
+        "annotation {annotation}={value} is outside the allowed range {min}..={max} set by {limit}"
+    )]
+    AnnotationOutOfRange {
+        annotation: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+        limit: &'static str,
+    },
+}
+
+/// Which VMM runs the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// `builtin` where the host's KVM runs stock guests, else `qemu`.
+    #[default]
+    Auto,
+    /// The VMM inside the shim process.
+    Builtin,
+    /// `qemu-system-x86_64 -M microvm` with our vhost-user devices.
+    Qemu,
+}
+
+/// `[hypervisor]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorConfig {
+    pub kind: HypervisorKind,
+    /// ELF vmlinux for the built-in VMM.
+    pub kernel: PathBuf,
+    /// bzImage for QEMU.
+    pub qemu_kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// QEMU binary; found on PATH when unset.
+    pub qemu_binary: Option<PathBuf>,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u64,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        Self {
+            kind: HypervisorKind::Auto,
+            kernel: PathBuf::from("/usr/share/husk/vmlinux"),
+            qemu_kernel: PathBuf::from("/usr/share/husk/bzImage"),
+            initrd: PathBuf::from("/usr/share/husk/initramfs.cpio.gz"),
+            qemu_binary: None,
+            default_vcpus: 1,
+            default_memory_mib: 256,
+        }
+    }
+}
+
+/// `[shared_fs]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedFsConfig {
+    /// virtio-fs cache policy: never, metadata, auto or always.
+    pub cache: String,
+    pub xattr: bool,
+}
+
+impl Default for SharedFsConfig {
+    fn default() -> Self {
+        Self {
+            cache: "auto".to_owned(),
+            xattr: true,
+        }
+    }
+}
+
+/// `[timeouts]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// How long to wait for the agent to answer after the VM starts.
+    pub agent_ready_ms: u64,
+    /// How long a VM may take to power off before it is killed.
+    pub shutdown_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        // Software emulation (qemu with TCG) boots in seconds, not
+        // milliseconds: leave room for it.
+        Self {
+            agent_ready_ms: 30_000,
+            shutdown_ms: 5_000,
+        }
+    }
+}
+
+/// `[limits]`: what a pod may ask for through annotations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodLimits {
+    pub max_vcpus: u32,
+    pub min_memory_mib: u64,
+    pub max_memory_mib: u64,
+}
+
+impl Default for PodLimits {
+    fn default() -> Self {
+        Self {
+            max_vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            min_memory_mib: 64,
+            max_memory_mib: 16 * 1024,
+        }
+    }
+}
+
+/// Log verbosity of the shim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    pub shared_fs: SharedFsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub limits: PodLimits,
+    pub log_level: LogLevel,
+}
+
+/// The virtio-fs cache policies the device understands.
+const CACHE_POLICIES: [&str; 4] = ["never", "metadata", "auto", "always"];
+
+impl Config {
+    /// Parses and validates configuration text read from `path`.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Finds and loads the configuration: `explicit` (from the runtime
+    /// options), then `$HUSK_CONFIG`, then the default path; built-in
+    /// defaults when nothing is named and the default file is absent.
+    pub fn load(explicit: Option<&Path>) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        let from_env = std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from);
+        let named = explicit.map(Path::to_owned).or(from_env);
+        let path = match named {
+            Some(path) => path,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
+            None => return Ok((Self::default(), None)),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok((Self::from_toml(&text, &path)?, Some(path)))
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        if !CACHE_POLICIES.contains(&self.shared_fs.cache.as_str()) {
+            return Err(invalid(
+                "shared_fs.cache",
+                format!(
+                    "'{}' is not one of {}",
+                    self.shared_fs.cache,
+                    CACHE_POLICIES.join(", ")
+                ),
+            ));
+        }
+        if self.limits.max_vcpus == 0 {
+            return Err(invalid("limits.max_vcpus", "must be at least 1".into()));
+        }
+        if self.limits.min_memory_mib > self.limits.max_memory_mib {
+            return Err(invalid(
+                "limits.min_memory_mib",
+                format!(
+                    "{} exceeds limits.max_memory_mib {}",
+                    self.limits.min_memory_mib, self.limits.max_memory_mib
+                ),
+            ));
+        }
+        if self.hypervisor.default_vcpus == 0
+            || self.hypervisor.default_vcpus > self.limits.max_vcpus
+        {
+            return Err(invalid(
+                "hypervisor.default_vcpus",
+                format!(
+                    "{} is outside 1..={}",
+                    self.hypervisor.default_vcpus, self.limits.max_vcpus
+                ),
+            ));
+        }
+        let memory = self.hypervisor.default_memory_mib;
+        if memory < self.limits.min_memory_mib || memory > self.limits.max_memory_mib {
+            return Err(invalid(
+                "hypervisor.default_memory_mib",
+                format!(
+                    "{memory} is outside {}..={}",
+                    self.limits.min_memory_mib, self.limits.max_memory_mib
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The VM size for a pod: the defaults, overridden by the pod's
+    /// annotations within the configured limits.
+    pub fn vm_size_for(
+        &self,
+        annotations: &HashMap<String, String>,
+    ) -> Result<VmSize, ConfigError> {
+        let vcpus = match annotations.get(ANNOTATION_VCPUS) {
+            Some(value) => parse_within(
+                ANNOTATION_VCPUS,
+                value,
+                1,
+                u64::from(self.limits.max_vcpus),
+                "limits.max_vcpus",
+            )? as u32,
+            None => self.hypervisor.default_vcpus,
+        };
+        let memory_mib = match annotations.get(ANNOTATION_MEMORY_MIB) {
+            Some(value) => parse_within(
+                ANNOTATION_MEMORY_MIB,
+                value,
+                self.limits.min_memory_mib,
+                self.limits.max_memory_mib,
+                "limits.min_memory_mib/max_memory_mib",
+            )?,
+            None => self.hypervisor.default_memory_mib,
+        };
+        Ok(VmSize { vcpus, memory_mib })
+    }
+}
+
+fn parse_within(
+    annotation: &'static str,
+    value: &str,
+    min: u64,
+    max: u64,
+    limit: &'static str,
+) -> Result<u64, ConfigError> {
+    let parsed: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::AnnotationNotANumber {
+            annotation,
+            value: value.to_owned(),
+        })?;
+    if parsed < min || parsed > max {
+        return Err(ConfigError::AnnotationOutOfRange {
+            annotation,
+            value: parsed,
+            min,
+            max,
+            limit,
+        });
+    }
+    Ok(parsed)
+}
+
+/// The resources of one pod's VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// The hypervisor a pod will use, and why (for the log).
+pub fn resolve_hypervisor(
+    kind: HypervisorKind,
+    host: &husk_vmm::host::HostKvm,
+) -> (HypervisorKind, String) {
+    match kind {
+        HypervisorKind::Auto if host.runs_stock_guests() => (
+            HypervisorKind::Builtin,
+            format!("auto: {}, so the built-in VMM", host.describe()),
+        ),
+        HypervisorKind::Auto => (
+            HypervisorKind::Qemu,
+            format!(
+                "auto: {}, so qemu (with TCG where KVM cannot run the guest)",
+                host.describe()
+            ),
+        ),
+        explicit => (explicit, "set in the configuration".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_vmm::host::HostKvm;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/test/configuration.toml"))
+    }
+
+    #[test]
+    fn the_shipped_default_configuration_parses() {
+        let text = include_str!("../configuration.toml");
+        let config = parse(text).expect("configuration.toml is valid");
+        assert_eq!(config.hypervisor.kind, HypervisorKind::Auto);
+        assert_eq!(config.shared_fs.cache, "auto");
+    }
+
+    #[test]
+    fn an_unknown_hypervisor_is_rejected_naming_the_value() {
+        let error = parse("[hypervisor]\nkind = \"xen\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("xen") && error.contains("/test/configuration.toml"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let error = parse("[hypervisor]\nkernal = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("kernal"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_cache_policy_names_the_field() {
+        let error = parse("[shared_fs]\ncache = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("shared_fs.cache") && error.contains("sometimes"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn annotations_override_defaults_within_limits() {
+        let config = parse("[limits]\nmax_vcpus = 4\n").unwrap();
+        let mut annotations = HashMap::new();
+        annotations.insert(ANNOTATION_VCPUS.to_owned(), "2".to_owned());
+        annotations.insert(ANNOTATION_MEMORY_MIB.to_owned(), "512".to_owned());
+        assert_eq!(
+            config.vm_size_for(&annotations).unwrap(),
+            VmSize {
+                vcpus: 2,
+                memory_mib: 512
+            }
+        );
+        assert_eq!(config.vm_size_for(&HashMap::new()).unwrap().vcpus, 1);
+    }
+
+    #[test]
+    fn a_pod_asking_for_10000_vcpus_is_refused() {
+        let config = parse("[limits]\nmax_vcpus = 4\n").unwrap();
+        let annotations = HashMap::from([(ANNOTATION_VCPUS.to_owned(), "10000".to_owned())]);
+        let error = config.vm_size_for(&annotations).unwrap_err().to_string();
+        assert!(
+            error.contains("10000") && error.contains("limits.max_vcpus"),
+            "{error}"
+        );
+        let annotations = HashMap::from([(ANNOTATION_MEMORY_MIB.to_owned(), "lots".to_owned())]);
+        assert!(config
+            .vm_size_for(&annotations)
+            .unwrap_err()
+            .to_string()
+            .contains("lots"));
+    }
+
+    #[test]
+    fn an_unreadable_config_file_names_its_path() {
+        let error = Config::load(Some(Path::new("/nonexistent/husk.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/nonexistent/husk.toml"), "{error}");
+    }
+
+    #[test]
+    fn auto_picks_builtin_only_where_stock_guests_run() {
+        assert_eq!(
+            resolve_hypervisor(HypervisorKind::Auto, &HostKvm::Hardware).0,
+            HypervisorKind::Builtin
+        );
+        assert_eq!(
+            resolve_hypervisor(HypervisorKind::Auto, &HostKvm::Pvm).0,
+            HypervisorKind::Qemu
+        );
+        assert_eq!(
+            resolve_hypervisor(HypervisorKind::Builtin, &HostKvm::Pvm).0,
+            HypervisorKind::Builtin
+        );
+    }
+}
