@@ -75,6 +75,10 @@ install: build guest
 	install -m 0644 $(KERNEL) $(DESTDIR)$(SHARE_DIR)/vmlinux
 	install -m 0644 $(BZIMAGE) $(DESTDIR)$(SHARE_DIR)/bzImage
 	install -m 0644 $(INITRD) $(DESTDIR)$(SHARE_DIR)/initramfs.cpio.gz
+	install -d $(DESTDIR)/etc/husk
+	@if [ -e $(DESTDIR)/etc/husk/configuration.toml ]; then \
+		echo "keeping the existing $(DESTDIR)/etc/husk/configuration.toml"; \
+	else install -m 0644 shim/configuration.toml $(DESTDIR)/etc/husk/configuration.toml; fi
 	@echo "installed husk into $(DESTDIR)$(PREFIX)/bin and $(DESTDIR)$(SHARE_DIR)"
 
 clean:

@@ -37,25 +37,50 @@ run_tier() {
 
 not_run() { summary+=("tier $1: not run: $2"); }
 
+# has_tests GLOB...: whether any integration test file matches.
+has_tests() { compgen -G "$1" >/dev/null; }
+
 run_tier unit cargo test --workspace --lib --bins
 
-if [ "$(id -u)" -eq 0 ] && command -v runc >/dev/null; then
-  if ls runtime/tests/*.rs >/dev/null 2>&1; then
-    run_tier host cargo test -p husk-runtime --tests
-  else
-    not_run host "the runtime crate has no host suite yet"
-  fi
+if [ "$(id -u)" -ne 0 ]; then
+  not_run host "needs root (namespaces, mounts, cgroups)"
+elif ! command -v runc >/dev/null; then
+  not_run host "Debian's runc is missing (make deps)"
 else
-  not_run host "needs root and Debian's runc (make deps)"
+  host_targets=()
+  for f in runtime/tests/*.rs agent/tests/*.rs; do
+    [ -e "$f" ] || continue
+    pkg=$( [ "${f%%/*}" = runtime ] && echo husk-runtime || echo husk-agent )
+    host_targets+=(-p "$pkg" --test "$(basename "$f" .rs)")
+  done
+  if [ ${#host_targets[@]} -gt 0 ]; then
+    run_tier host cargo test "${host_targets[@]}" -- --test-threads=1
+  else
+    not_run host "no host-tier suites exist yet"
+  fi
 fi
 
 if [ -c /dev/kvm ] && [ -r /dev/kvm ]; then
-  run_tier kvm cargo test -p husk-vmm --test kvm_payloads --test linux_boot -- --nocapture --test-threads=1
+  kvm_targets=(--test kvm_payloads --test linux_boot)
+  has_tests "vmm/tests/kvm_virtio_*.rs" && for f in vmm/tests/kvm_virtio_*.rs; do kvm_targets+=(--test "$(basename "$f" .rs)"); done
+  run_tier kvm cargo test -p husk-vmm "${kvm_targets[@]}" -- --nocapture --test-threads=1
+  run_tier kvm-arch cargo test -p husk-arch --test kvm -- --test-threads=1
 else
   not_run kvm "/dev/kvm is missing or not accessible"
 fi
 
-not_run guest "the qemu backend and the vsock/virtio-fs device models are not built yet (issue 3)"
+if has_tests "vmm/tests/guest_*.rs"; then
+  if command -v qemu-system-x86_64 >/dev/null; then
+    guest_targets=()
+    for f in vmm/tests/guest_*.rs; do guest_targets+=(--test "$(basename "$f" .rs)"); done
+    run_tier guest cargo test -p husk-vmm "${guest_targets[@]}" -- --nocapture --test-threads=1
+  else
+    not_run guest "qemu-system-x86_64 is missing (make deps installs qemu-system-x86)"
+  fi
+else
+  not_run guest "no guest-tier suites exist yet"
+fi
+
 not_run e2e "the shim's task service is not built yet (issue 6)"
 
 echo
