@@ -613,7 +613,10 @@ impl Connection {
                     self.host_readable = false;
                 }
                 self.tx_cnt += Wrapping(n as u32);
-                Ok(Some(self.header(op::RW, n as u32, 0)))
+                let header = self.header(op::RW, n as u32, 0);
+                // This packet may have used the last of the guest's credit.
+                self.refresh_credit_request();
+                Ok(Some(header))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.host_readable = false;
