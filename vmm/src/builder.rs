@@ -267,6 +267,38 @@ impl VmBuilder {
                 detail: e.to_string(),
             })?;
         let vm = Vm::new(&kvm, memory)?;
+        // Attach guest memory to KVM on a helper thread while the guest is
+        // loaded and the devices and vCPUs are set up: neither needs the
+        // slots, only KVM_RUN does.
+        let (assembled, slots) = std::thread::scope(|scope| {
+            let slots = scope.spawn(|| vm.register_memory_slots());
+            let assembled = self.assemble(&kvm, &vm, created_at);
+            (assembled, slots.join())
+        });
+        match slots {
+            Ok(result) => result?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        let parts = assembled?;
+        tracing::debug!(
+            elapsed_us = created_at.elapsed().as_micros() as u64,
+            "memory slots attached, VM ready"
+        );
+        Ok(MicroVm::new(
+            vm,
+            parts.vcpus,
+            parts.shared,
+            parts.reset_event,
+            parts.boot_timing,
+            created_at,
+            parts.guest_cmdline,
+            parts.transports,
+        ))
+    }
+
+    /// Everything after the VM exists: devices, guest image, legacy devices
+    /// and vCPUs.
+    fn assemble(self, kvm: &Kvm, vm: &Vm, created_at: Instant) -> Result<AssembledVm, BuildError> {
         let vcpu_count = self.vcpus as u8; // validated against MAX_SUPPORTED_CPUS (< 256)
 
         // Devices: virtio-mmio windows first, so the command line lists them.
@@ -306,7 +338,7 @@ impl VmBuilder {
                 cmdline,
                 protocol,
             } => load_linux(
-                &vm,
+                vm,
                 vcpu_count,
                 &kernel,
                 initrd.as_deref(),
@@ -368,7 +400,7 @@ impl VmBuilder {
             1,
         )?;
 
-        let vcpus = create_vcpus(&kvm, &vm, vcpu_count, &boot_entry)?;
+        let vcpus = create_vcpus(kvm, vm, vcpu_count, &boot_entry)?;
         crate::vstate::vcpu::install_kick_signal_handler().map_err(BuildError::SignalHandler)?;
         let exit_event = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
             what: "the vCPU exit event",
@@ -382,18 +414,25 @@ impl VmBuilder {
             exit_event,
             first_entry: OnceLock::new(),
         });
-        let guest_cmdline = boot_entry.cmdline;
-        Ok(MicroVm::new(
-            vm,
+        Ok(AssembledVm {
             vcpus,
             shared,
             reset_event,
             boot_timing,
-            created_at,
-            guest_cmdline,
+            guest_cmdline: boot_entry.cmdline,
             transports,
-        ))
+        })
     }
+}
+
+/// The parts of a VM that [`VmBuilder::assemble`] produces.
+struct AssembledVm {
+    vcpus: Vec<Vcpu>,
+    shared: Arc<VcpuShared>,
+    reset_event: EventFd,
+    boot_timing: BootTiming,
+    guest_cmdline: Option<String>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 /// Where and how vCPU 0 starts.

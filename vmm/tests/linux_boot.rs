@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_vmm::host::{probe_host_kvm, HostKvm};
@@ -62,13 +62,13 @@ fn boot(vcpus: u32) {
     }
 }
 
-fn full_boot(vcpus: u32, kernel: &PathBuf, initrd: &PathBuf) {
+fn full_boot(vcpus: u32, kernel: &Path, initrd: &Path) {
     let console = SharedBuffer::default();
     let cmdline = "console=ttyS0 reboot=k panic=1 husk.power_off_after_ms=0";
     let vm = VmBuilder::new()
         .vcpus(vcpus)
         .memory_mib(256)
-        .linux(kernel, Some(initrd.clone()), cmdline)
+        .linux(kernel, Some(initrd.to_owned()), cmdline)
         .serial(SerialSink::Writer(Box::new(console.clone())))
         .build()
         .expect("the guest VM builds");
@@ -90,13 +90,13 @@ fn full_boot(vcpus: u32, kernel: &PathBuf, initrd: &PathBuf) {
     );
 }
 
-fn early_boot(vcpus: u32, kernel: &PathBuf, initrd: &PathBuf, host: &HostKvm) {
+fn early_boot(vcpus: u32, kernel: &Path, initrd: &Path, host: &HostKvm) {
     let console = SharedBuffer::default();
     let cmdline = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 husk.power_off_after_ms=0";
     let mut vm = VmBuilder::new()
         .vcpus(vcpus)
         .memory_mib(128)
-        .linux(kernel, Some(initrd.clone()), cmdline)
+        .linux(kernel, Some(initrd.to_owned()), cmdline)
         .serial(SerialSink::Writer(Box::new(console.clone())))
         .build()
         .expect("the guest VM builds");

@@ -52,8 +52,10 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM, its interrupt controllers and timer, and registers
-    /// every region of `memory` as a KVM memory slot.
+    /// Creates the VM with its interrupt controllers and timer. Guest memory
+    /// is attached separately by [`Vm::register_memory_slots`], which the
+    /// builder runs concurrently with loading the guest: on some hosts (PVM)
+    /// adding a memory slot costs milliseconds regardless of its size.
     pub fn new(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::Create)?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
@@ -66,7 +68,13 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit_config).map_err(VmError::Pit)?;
-        for (slot, region) in memory.iter().enumerate() {
+        Ok(Self { fd, memory })
+    }
+
+    /// Registers every region of the guest memory as a KVM memory slot.
+    /// Must complete before any vCPU runs.
+    pub fn register_memory_slots(&self) -> Result<(), VmError> {
+        for (slot, region) in self.memory.iter().enumerate() {
             let slot = slot as u32;
             let descriptor = kvm_userspace_memory_region {
                 slot,
@@ -75,10 +83,10 @@ impl Vm {
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
             };
-            // SAFETY: the host range belongs to `memory`, which this Vm owns
-            // and keeps mapped for as long as the VM fd (and so the slot)
-            // exists; slots never overlap because the regions don't.
-            unsafe { fd.set_user_memory_region(descriptor) }.map_err(|source| {
+            // SAFETY: the host range belongs to `self.memory`, which this Vm
+            // owns and keeps mapped for as long as the VM fd (and so the
+            // slot) exists; slots never overlap because the regions don't.
+            unsafe { self.fd.set_user_memory_region(descriptor) }.map_err(|source| {
                 VmError::MemorySlot {
                     slot,
                     guest_address: descriptor.guest_phys_addr,
@@ -87,7 +95,7 @@ impl Vm {
                 }
             })?;
         }
-        Ok(Self { fd, memory })
+        Ok(())
     }
 
     /// The KVM VM file descriptor.
