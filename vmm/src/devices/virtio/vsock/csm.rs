@@ -17,10 +17,10 @@
 //! the guest's credit (`peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`), so data
 //! waits in the host socket's own kernel buffer.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::Shutdown;
 use std::num::Wrapping;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -342,7 +342,7 @@ impl Connection {
         self.state = ConnState::Established;
         // The handshake's answer goes ahead of any guest data.
         let line = format!("OK {}\n", self.key.local_port);
-        match self.stream.write(line.as_bytes()) {
+        match send_nosignal(&self.stream, line.as_bytes()) {
             Ok(n) if n == line.len() => {}
             Ok(n) => {
                 self.host_buf.extend_from_slice(&line.as_bytes()[n..]);
@@ -476,7 +476,7 @@ impl Connection {
 
     fn flush_host_buf(&mut self) -> Verdict {
         while self.host_buffered() > 0 && self.host_writable {
-            match self.stream.write(&self.host_buf[self.host_buf_head..]) {
+            match send_nosignal(&self.stream, &self.host_buf[self.host_buf_head..]) {
                 Ok(n) => {
                     self.host_buf_head += n;
                     let ours = n.min(self.host_buf_unaccounted);
@@ -626,6 +626,29 @@ impl Connection {
                 tracing::debug!(?self.key, error = %e, "vsock host socket read failed");
                 Err(())
             }
+        }
+    }
+}
+
+/// `send(2)` with `MSG_NOSIGNAL`: a host peer that went away yields EPIPE,
+/// not SIGPIPE.
+fn send_nosignal(stream: &UnixStream, data: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: data is a readable buffer of the given length.
+        let ret = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if ret >= 0 {
+            return Ok(ret as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
         }
     }
 }

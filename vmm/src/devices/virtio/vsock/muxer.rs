@@ -169,6 +169,15 @@ impl Muxer {
         let timer = TimerFd::new()
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))
             .map_err(event_error("timerfd_create"))?;
+        // Non-blocking, so that reading an expiration count can never stall
+        // the event loop (TimerFd::new does not set O_NONBLOCK).
+        // SAFETY: fcntl on an fd we own; the result is checked.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(VsockError::Event {
+                what: "timerfd O_NONBLOCK",
+                source: io::Error::last_os_error(),
+            });
+        }
         epoll
             .ctl(
                 ControlOperation::Add,

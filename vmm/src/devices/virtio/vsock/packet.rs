@@ -5,7 +5,8 @@
 //! header and payload over any number of descriptors, so a chain is flattened
 //! into a list of guest-memory [`Segment`]s and the header is read or written
 //! through that list. Payload bytes never pass through an intermediate
-//! buffer: [`TxPayload::write_to`] hands the guest pages to `writev(2)` and
+//! buffer: [`TxPayload::write_to`] hands the guest pages to one vectored
+//! `sendmsg(2)` and
 //! [`RxBuffer::read_payload_from`] lets `readv(2)` fill them directly.
 
 use std::io;
@@ -46,7 +47,7 @@ pub const SHUTDOWN_BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 /// ever sends in one packet.
 pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 
-/// At most this many iovecs go to one `readv`/`writev`; a longer chain is
+/// At most this many iovecs go to one `readv`/`sendmsg`; a longer chain is
 /// moved in several calls. Linux uses one or two descriptors per packet.
 const MAX_IOVECS: usize = 16;
 
@@ -357,7 +358,8 @@ impl<'a, M: GuestMemory> TxPayload<'a, M> {
         self.len == 0
     }
 
-    /// Writes payload bytes from `skip` on to `fd` with one `writev`.
+    /// Writes payload bytes from `skip` on to the socket `fd` with one
+    /// vectored `sendmsg`.
     /// Returns how many bytes the kernel took.
     pub fn write_to(&self, fd: BorrowedFd<'_>, skip: usize) -> io::Result<usize> {
         if skip >= self.len {
@@ -375,10 +377,21 @@ impl<'a, M: GuestMemory> TxPayload<'a, M> {
             &mut iovecs,
         )?;
         loop {
+            // sendmsg rather than writev: MSG_NOSIGNAL turns a vanished peer
+            // into EPIPE instead of a process-killing SIGPIPE.
+            // SAFETY: msghdr is plain data; all-zero is valid.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iovecs.as_mut_ptr();
+            msg.msg_iovlen = count as _;
             // SAFETY: the iovecs point into mapped guest memory borrowed for
-            // this call (see build_iovecs); writev only reads them.
-            let ret =
-                unsafe { libc::writev(fd.as_raw_fd(), iovecs.as_ptr(), count as libc::c_int) };
+            // this call (see build_iovecs); sendmsg only reads them.
+            let ret = unsafe {
+                libc::sendmsg(
+                    fd.as_raw_fd(),
+                    &msg,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
             if ret >= 0 {
                 return Ok(ret as usize);
             }
