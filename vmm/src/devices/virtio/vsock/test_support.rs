@@ -105,6 +105,15 @@ impl DriverQueue {
         queue
     }
 
+    /// Guest addresses of the descriptor table, available and used rings.
+    pub fn ring_addresses(&self) -> (u64, u64, u64) {
+        (self.desc.0, self.avail.0, self.used.0)
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
     pub fn free_descriptors(&self) -> usize {
         self.free.len()
     }

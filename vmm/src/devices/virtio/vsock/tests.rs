@@ -965,3 +965,184 @@ fn vhost_user_server_survives_a_frontend_that_disconnects() {
     drop(second);
     server.stop();
 }
+
+/// Plays QEMU's part: negotiates with the server over vhost-user, shares a
+/// memfd as guest memory and drives the rings as the guest driver would.
+#[test]
+fn vhost_user_frontend_negotiates_and_relays_a_host_connection_end_to_end() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vhost::vhost_user::message::{
+        VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    };
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vm_memory::{FileOffset, GuestMemory, GuestMemoryRegion};
+
+    const MEM: usize = 8 << 20;
+    let dir = TempDir::new();
+    let socket = dir.path().join("vhost.sock");
+    let config = VsockConfig {
+        guest_cid: 7,
+        uds_path: dir.path().join("vsock.sock"),
+    };
+    let server = super::serve_vhost_user(&socket, config.clone()).unwrap();
+
+    // SAFETY: plain system call with a valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"husk-vsock-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a fresh memfd we own.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(MEM as u64).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0),
+        MEM,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    let hva = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+
+    let mut frontend = Frontend::connect(&socket, 3).unwrap();
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    assert_eq!(features & (1 << 32 | protocol), 1 << 32 | protocol);
+    frontend.set_features(1 << 32 | protocol).unwrap();
+    let protocol_features = frontend.get_protocol_features().unwrap();
+    assert!(protocol_features.contains(VhostUserProtocolFeatures::CONFIG));
+    frontend
+        .set_protocol_features(VhostUserProtocolFeatures::CONFIG)
+        .unwrap();
+    let (_, cid) = frontend
+        .get_config(0, 8, VhostUserConfigFlags::empty(), &[0u8; 8])
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(cid[..8].try_into().unwrap()), 7);
+
+    let region = mem.iter().next().unwrap();
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: region.len(),
+            userspace_addr: hva(0),
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        }])
+        .unwrap();
+
+    let mut rx = DriverQueue::new(&mem, 0x1000, 16, 0x2000);
+    let mut tx = DriverQueue::new(&mem, rx.end(), 16, 0x2000);
+    let event = DriverQueue::new(&mem, tx.end(), 16, 0x100);
+    let kicks: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let calls: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    for (index, queue) in [&rx, &tx, &event].into_iter().enumerate() {
+        let (desc, avail, used) = queue.ring_addresses();
+        frontend.set_vring_num(index, queue.size()).unwrap();
+        frontend
+            .set_vring_addr(
+                index,
+                &VringConfigData {
+                    queue_max_size: queue.size(),
+                    queue_size: queue.size(),
+                    flags: 0,
+                    desc_table_addr: hva(desc),
+                    used_ring_addr: hva(used),
+                    avail_ring_addr: hva(avail),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        frontend.set_vring_base(index, 0).unwrap();
+        frontend.set_vring_call(index, &calls[index]).unwrap();
+        frontend.set_vring_kick(index, &kicks[index]).unwrap();
+        frontend.set_vring_enable(index, true).unwrap();
+    }
+    for _ in 0..8 {
+        rx.add_chain(&mem, &[(0x2000, true, &[])]).unwrap();
+    }
+    kicks[0].write(1).unwrap();
+
+    let next_rx = |rx: &mut DriverQueue| {
+        let start = Instant::now();
+        loop {
+            if let Some((_, _, data)) = rx.pop_used(&mem) {
+                let header = PacketHeader::decode(data[..HDR_LEN].try_into().unwrap());
+                return (header, data[HDR_LEN..].to_vec());
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "no rx packet from the vhost-user backend"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let guest = |op: u16, src_port: u32, dst_port: u32, len: u32| PacketHeader {
+        src_cid: 7,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len,
+        type_: 1,
+        op,
+        flags: 0,
+        buf_alloc: 256 * 1024,
+        fwd_cnt: 0,
+    };
+
+    let mut client = UnixStream::connect(&config.uds_path).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    let (request, _) = next_rx(&mut rx);
+    assert_eq!(
+        (request.op, request.dst_cid, request.dst_port),
+        (op::REQUEST, 7, 1024)
+    );
+    assert!(
+        calls[0].read().unwrap() >= 1,
+        "the backend must signal the rx call eventfd"
+    );
+
+    tx.add_chain(
+        &mem,
+        &[(
+            HDR_LEN as u32,
+            false,
+            &guest(op::RESPONSE, 1024, request.src_port, 0).encode(),
+        )],
+    )
+    .unwrap();
+    kicks[1].write(1).unwrap();
+    assert_eq!(read_line(&client), format!("OK {}\n", request.src_port));
+
+    client.write_all(b"hello guest").unwrap();
+    let (rw, data) = next_rx(&mut rx);
+    assert_eq!((rw.op, data.as_slice()), (op::RW, &b"hello guest"[..]));
+
+    tx.add_chain(
+        &mem,
+        &[
+            (
+                HDR_LEN as u32,
+                false,
+                &guest(op::RW, 1024, request.src_port, 10).encode(),
+            ),
+            (10, false, b"hello host"),
+        ],
+    )
+    .unwrap();
+    kicks[1].write(1).unwrap();
+    let mut got = [0u8; 10];
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello host");
+
+    let start = Instant::now();
+    server.stop();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "stop with a live frontend took {:?}",
+        start.elapsed()
+    );
+    assert_eof(&mut client);
+}
