@@ -216,6 +216,22 @@ impl Muxer {
         self.listener
     }
 
+    /// Drops every connection (their host clients see end of stream) and
+    /// every queued guest-bound packet: the guest driver was reset, so none
+    /// of its sockets exist any more. Pending handshakes stay.
+    pub fn reset_connections(&mut self) {
+        for (_, (token, conn)) in self.connections.drain() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                conn.stream().as_raw_fd(),
+                EpollEvent::default(),
+            );
+            self.targets.remove(&token);
+        }
+        self.rx_queue.clear();
+        self.orphans.clear();
+    }
+
     /// Number of live connections (handshakes excluded).
     pub fn connection_count(&self) -> usize {
         self.connections.len()

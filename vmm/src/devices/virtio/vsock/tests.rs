@@ -680,6 +680,17 @@ fn guest_close_gets_rst_and_the_host_sees_eof_after_pending_data() {
 }
 
 #[test]
+fn resetting_connections_closes_host_clients_but_keeps_the_listener() {
+    let mut h = Harness::new();
+    let (mut client, _) = host_initiated(&mut h, 1024);
+    h.muxer.reset_connections();
+    assert_eq!(h.muxer.connection_count(), 0);
+    assert_eof(&mut client);
+    let (_again, _) = host_initiated(&mut h, 1024);
+    assert_eq!(h.muxer.connection_count(), 1);
+}
+
+#[test]
 fn busy_connections_share_the_rx_queue_round_robin() {
     let mut h = Harness::new();
     let (mut a, port_a) = host_initiated(&mut h, 1001);

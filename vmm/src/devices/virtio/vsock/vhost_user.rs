@@ -161,6 +161,16 @@ impl VhostUserBackend for VhostUserVsockBackend {
         VhostUserProtocolFeatures::CONFIG
     }
 
+    fn acked_features(&self, _features: u64) {
+        // SET_FEATURES starts every driver session (first boot, reboot, driver
+        // reload): connections of an earlier session belong to sockets that no
+        // longer exist in the guest.
+        match self.lock() {
+            Ok(mut inner) => inner.muxer.reset_connections(),
+            Err(error) => tracing::error!(%error, "cannot reset vsock connections"),
+        }
+    }
+
     fn set_event_idx(&self, _enabled: bool) {
         // The framework sets the flag on every vring's queue, and
         // QueueProcessor asks the queue, so nothing to keep here.
