@@ -1,15 +1,17 @@
-//! The serial console: the agent's log goes there, and until the vsock API
-//! exists, a one-line command protocol on it (`poweroff`) lets an operator
-//! end the VM.
+//! The serial console: the agent's log goes there (and into the `ReadLog`
+//! ring), and a one-line command protocol on it (`poweroff`) lets an
+//! operator end the VM.
 
 use std::io::{BufRead, Write};
 
 /// Writes one log line to the console (the kernel hands PID 1 the console as
 /// its stdio).
 pub fn log(message: &str) {
+    let line = format!("husk-agent: {message}\n");
+    crate::logging::record_plain_line(&line);
     let mut stderr = std::io::stderr().lock();
     // Nothing better to do with a console write error in PID 1.
-    let _ = writeln!(stderr, "husk-agent: {message}");
+    let _ = stderr.write_all(line.as_bytes());
 }
 
 /// Reads commands from the console until `poweroff` or end of input.

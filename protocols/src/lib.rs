@@ -38,6 +38,30 @@ pub const AGENT_API_VSOCK_PORT: u32 = 1024;
 /// The vsock port the agent accepts per-pipe stdio streams on.
 pub const AGENT_STDIO_VSOCK_PORT: u32 = 1025;
 
+/// The stdio stream preamble: the first bytes the host writes on a new
+/// stream to the stdio port are the stream's id and a newline; everything
+/// after is process data. The id is what `StdioStreams` names.
+pub mod stdio {
+    /// Longest id a stream may announce (the preamble is read byte by byte
+    /// up to this length plus the newline, so data is never over-read).
+    pub const MAX_STREAM_ID_LEN: usize = 128;
+
+    /// The preamble announcing stream `id`.
+    pub fn preamble(id: &str) -> String {
+        format!("{id}\n")
+    }
+
+    /// Whether `id` may name a stream: 1 to [`MAX_STREAM_ID_LEN`] letters,
+    /// digits, '.', '_' or '-'.
+    pub fn is_valid_stream_id(id: &str) -> bool {
+        !id.is_empty()
+            && id.len() <= MAX_STREAM_ID_LEN
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::agent::*;
@@ -57,6 +81,17 @@ mod tests {
         let decoded = CreateContainerRequest::parse_from_bytes(&bytes).unwrap();
         assert_eq!(decoded, request);
         assert!(decoded.stdio.terminal);
+    }
+
+    #[test]
+    fn stream_ids_are_plain_words_of_bounded_length() {
+        use crate::stdio::{is_valid_stream_id, preamble, MAX_STREAM_ID_LEN};
+        assert!(is_valid_stream_id("c1-stdout.0"));
+        assert!(!is_valid_stream_id(""));
+        assert!(!is_valid_stream_id("a b"));
+        assert!(!is_valid_stream_id("a\nb"));
+        assert!(!is_valid_stream_id(&"x".repeat(MAX_STREAM_ID_LEN + 1)));
+        assert_eq!(preamble("s1"), "s1\n");
     }
 
     #[test]
