@@ -298,6 +298,40 @@ mod virtio_fs {
         );
     }
 
+    #[test]
+    fn fs_mknod_refuses_device_nodes_but_allows_whiteouts_and_fifos() {
+        let layout = Layout::new("esc-mknod");
+        let mut client = layout.client();
+        // 8:0 is /dev/sda on most hosts; 1:1 is /dev/mem.
+        let sda = libc::makedev(8, 0) as u32;
+        let mem = libc::makedev(1, 1) as u32;
+        assert_eq!(
+            client
+                .mknod(ROOT_ID, "disk", libc::S_IFBLK | 0o600, sda)
+                .map(|_| ()),
+            Err(libc::EPERM)
+        );
+        assert_eq!(
+            client
+                .mknod(ROOT_ID, "mem", libc::S_IFCHR | 0o600, mem)
+                .map(|_| ()),
+            Err(libc::EPERM)
+        );
+        assert!(!layout.share.join("disk").exists() && !layout.share.join("mem").exists());
+        let whiteout = client.mknod(ROOT_ID, "whiteout", libc::S_IFCHR, 0).unwrap();
+        assert_eq!(whiteout.attr.mode & libc::S_IFMT, libc::S_IFCHR);
+        assert_eq!(
+            std::fs::symlink_metadata(layout.share.join("whiteout"))
+                .unwrap()
+                .rdev(),
+            0
+        );
+        client
+            .mknod(ROOT_ID, "fifo", libc::S_IFIFO | 0o644, 0)
+            .unwrap();
+        assert!(layout.share.join("fifo").exists());
+    }
+
     fn xattr_names(path: &Path) -> Vec<u8> {
         use std::os::unix::ffi::OsStrExt;
         let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();

@@ -11,7 +11,9 @@ mod virtio_fs {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use fuse_backend_rs::abi::fuse_abi::{InitIn, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION};
+    use fuse_backend_rs::abi::fuse_abi::{
+        FsOptions, InitIn, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION,
+    };
     use husk_vmm::devices::virtio::fs::{FsConfig, VirtioFs};
     use husk_vmm::devices::virtio::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
     use vm_memory::ByteValued;
@@ -31,10 +33,29 @@ mod virtio_fs {
     fn fs_init_negotiates_fuse_7_and_a_1_mib_max_write() {
         let (_dir, config) = share("init");
         let mut client = FuseClient::uninitialised(&config);
-        let init = client.init().unwrap();
+        // What a Linux guest offers (among others): big requests and
+        // concurrency.
+        let offered = FsOptions::ASYNC_READ
+            | FsOptions::BIG_WRITES
+            | FsOptions::MAX_PAGES
+            | FsOptions::PARALLEL_DIROPS;
+        let init = client.init_with_flags(offered.bits() as u32).unwrap();
         assert_eq!(init.major, KERNEL_VERSION);
         assert_eq!(init.minor, KERNEL_MINOR_VERSION);
-        assert!(init.max_write >= 4096, "max_write {}", init.max_write);
+        let enabled = FsOptions::from_bits_truncate(u64::from(init.flags));
+        assert!(enabled.contains(offered), "enabled {enabled:?}");
+        assert_eq!(init.max_pages, 256);
+        assert_eq!(init.max_write, 1 << 20);
+    }
+
+    #[test]
+    fn fs_init_without_max_pages_falls_back_to_small_writes() {
+        let (_dir, config) = share("init-small");
+        let mut client = FuseClient::uninitialised(&config);
+        let init = client.init().unwrap();
+        assert_eq!(init.flags, 0, "nothing offered, nothing enabled");
+        assert_eq!(init.max_pages, 0);
+        assert!(init.max_write < 1 << 20);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fuse_backend_rs::abi::fuse_abi::{
     Attr, CreateIn, Dirent, EntryOut, GetxattrIn, GetxattrOut, InHeader, InitIn, InitOut, LinkIn,
-    MkdirIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetxattrIn, WriteIn,
-    WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
+    MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetxattrIn,
+    WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
 use husk_vmm::devices::virtio::fs::{FsConfig, FsDeviceModel};
 use virtio_queue::{Queue, QueueT};
@@ -280,12 +280,18 @@ impl FuseClient {
         }
     }
 
+    /// INIT offering no optional flags.
     pub fn init(&mut self) -> Result<InitOut, i32> {
+        self.init_with_flags(0)
+    }
+
+    /// INIT offering `flags` (the low 32 bits, as a 7.33 kernel sends them).
+    pub fn init_with_flags(&mut self, flags: u32) -> Result<InitOut, i32> {
         let init = InitIn {
             major: KERNEL_VERSION,
             minor: KERNEL_MINOR_VERSION,
             max_readahead: 0x2_0000,
-            flags: 0,
+            flags,
         };
         self.call(Opcode::Init, 0, &[init.as_slice()], REPLY_CAPACITY)
             .parse()
@@ -393,6 +399,28 @@ impl FuseClient {
             )
             .parse()?;
         Ok(out.size)
+    }
+
+    pub fn mknod(
+        &mut self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<EntryOut, i32> {
+        let mknod = MknodIn {
+            mode,
+            rdev,
+            umask: 0,
+            padding: 0,
+        };
+        self.call(
+            Opcode::Mknod,
+            parent,
+            &[mknod.as_slice(), &cstr(name)],
+            REPLY_CAPACITY,
+        )
+        .parse()
     }
 
     pub fn mkdir(&mut self, parent: u64, name: &str, mode: u32) -> Result<EntryOut, i32> {

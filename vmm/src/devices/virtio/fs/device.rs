@@ -33,6 +33,7 @@ use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 
 use super::config::{FsConfig, CONFIG_SPACE_LEN};
+use super::filesystem::SharedFs;
 use super::FsError;
 
 /// The virtio device id of a file system device (virtio 1.2, 5 "Device Types").
@@ -50,7 +51,7 @@ pub const EVENT_IDX_FEATURE: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 
 /// Serves FUSE requests arriving on virtqueues from one shared directory.
 pub struct FsDeviceModel {
-    server: Server<PassthroughFs>,
+    server: Server<SharedFs>,
     config_space: [u8; CONFIG_SPACE_LEN],
     num_queues: usize,
     queue_size: u16,
@@ -67,7 +68,7 @@ impl FsDeviceModel {
             source,
         })?;
         Ok(Self {
-            server: Server::new(fs),
+            server: Server::new(SharedFs::new(fs)),
             config_space: config.config_space(),
             num_queues: config.num_queues(),
             queue_size: config.queue_size,

@@ -2,7 +2,9 @@
 //! fuse-backend-rs's passthrough file system.
 //!
 //! The device model ([`device::FsDeviceModel`]) turns descriptor chains into
-//! FUSE requests and replies and knows nothing about transports. Two
+//! FUSE requests and replies and knows nothing about transports; it serves
+//! them with [`filesystem::SharedFs`], the passthrough file system plus the
+//! INIT flags and MKNOD policy the protocol layer leaves to us. Two
 //! adapters carry it: [`mmio::VirtioFs`] implements [`super::VirtioDevice`]
 //! for the built-in VMM (one worker thread per queue, woken by the queue's
 //! ioeventfd), and [`vhost_user::serve_vhost_user`] serves it to an external
@@ -12,6 +14,7 @@
 
 pub mod config;
 pub mod device;
+pub mod filesystem;
 pub mod mmio;
 pub mod shared_dir;
 pub mod vhost_user;
