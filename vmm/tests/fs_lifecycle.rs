@@ -15,7 +15,10 @@ mod virtio_fs {
     use husk_vmm::devices::virtio::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    use super::fs_support::{guest_memory, GuestQueue, TempDir, QUEUE_SPAN};
+    use fuse_backend_rs::abi::fuse_abi::{InitIn, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION};
+    use vm_memory::ByteValued;
+
+    use super::fs_support::{guest_memory, request, GuestQueue, TempDir, QUEUE_SPAN};
 
     fn count(dir: &str) -> usize {
         std::fs::read_dir(dir).unwrap().count()
@@ -74,23 +77,52 @@ mod virtio_fs {
         }
         assert_back_to(threads, fds, "three vhost-user sessions");
 
+        // The passthrough clears the umask at INIT; in the shim that must not
+        // leak into the process (the shim's own files keep their umask).
+        // SAFETY: umask has no preconditions; the old value is restored below.
+        let shim_umask = unsafe { libc::umask(0o027) };
         let memory = guest_memory(3);
         let mut device = VirtioFs::new(config).unwrap();
         for _ in 0..3 {
+            let notifiers: Vec<EventFd> = (0..3)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect();
             let queues = (0..3)
                 .map(|index| ActivatedQueue {
                     queue: GuestQueue::at(memory.clone(), index * QUEUE_SPAN).device_queue(),
-                    notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
+                    notifier: notifiers[index as usize].try_clone().unwrap(),
                 })
                 .collect();
             device
                 .activate(memory.clone(), Arc::new(NoInterrupt), queues)
                 .unwrap();
             assert_eq!(device.running_workers(), 3);
+            let mut requests = GuestQueue::at(memory.clone(), QUEUE_SPAN);
+            let init = InitIn {
+                major: KERNEL_VERSION,
+                minor: KERNEL_MINOR_VERSION,
+                max_readahead: 0,
+                flags: 0,
+            };
+            requests.push(&request(Opcode::Init, 1, 0, &[init.as_slice()]), 4096);
+            notifiers[1].write(1).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while requests.used_idx() == 0 {
+                assert!(Instant::now() < deadline, "no INIT reply");
+                std::thread::sleep(Duration::from_millis(2));
+            }
             device.reset();
+            // SAFETY: reads and restores the umask of this (the shim's) thread.
+            let after_init = unsafe { libc::umask(0o027) };
+            assert_eq!(
+                after_init, 0o027,
+                "INIT in a worker left the process umask alone"
+            );
         }
         drop(device);
         drop(memory);
+        // SAFETY: restores the umask the test started with.
+        unsafe { libc::umask(shim_umask) };
         assert_back_to(threads, fds, "three MMIO activations and resets");
     }
 }

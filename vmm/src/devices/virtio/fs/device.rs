@@ -23,6 +23,8 @@
 //! addresses the inode itself and never follows a symlink's target), and
 //! file handles (`open_by_handle_at`) are disabled in [`super::config`].
 
+use std::cell::Cell;
+
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -116,6 +118,7 @@ impl FsDeviceModel {
         memory: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, virtio_queue::Error> {
+        isolate_thread_umask();
         let mut used_any = false;
         loop {
             queue.disable_notification(memory)?;
@@ -167,4 +170,33 @@ impl FsDeviceModel {
             }
         }
     }
+}
+
+/// Gives the calling thread its own file-system context with umask 0, once.
+///
+/// The passthrough applies the guest's umask itself and expects the process
+/// umask to be 0: it calls `umask(0)` when the guest sends INIT. Here the
+/// device runs inside the shim, whose own files must keep the shim's umask,
+/// so every thread that serves requests first leaves the shared fs context
+/// (`unshare(CLONE_FS)`: cwd, root and umask become per-thread) and only
+/// then clears its umask; the INIT-time `umask(0)` then stays in that thread.
+fn isolate_thread_umask() {
+    thread_local! {
+        static ISOLATED: Cell<bool> = const { Cell::new(false) };
+    }
+    if ISOLATED.get() {
+        return;
+    }
+    ISOLATED.set(true);
+    // SAFETY: unshare(CLONE_FS) copies this thread's fs context; no memory
+    // is involved and threads may do it in a multithreaded process.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "virtio-fs: cannot give the worker its own umask; INIT will clear the process umask"
+        );
+        return;
+    }
+    // SAFETY: umask only changes this thread's (now private) fs context.
+    unsafe { libc::umask(0) };
 }
