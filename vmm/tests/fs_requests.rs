@@ -59,6 +59,26 @@ mod virtio_fs {
     }
 
     #[test]
+    fn fs_a_second_init_starts_a_new_session_that_forgets_old_node_ids() {
+        let (dir, config) = share("reinit");
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let mut client = FuseClient::new(&config);
+        let before = client.lookup(ROOT_ID, "f").unwrap();
+        let open = client.open(before.nodeid, libc::O_RDONLY).unwrap();
+        client.init().unwrap();
+        assert!(
+            client.getattr(before.nodeid).is_err(),
+            "the old node id is gone"
+        );
+        assert!(
+            client.read(before.nodeid, open.fh, 0, 1).is_err(),
+            "the old handle is gone"
+        );
+        let after = client.lookup(ROOT_ID, "f").unwrap();
+        assert_eq!(after.attr.size, 1, "the new session works");
+    }
+
+    #[test]
     fn fs_lookup_returns_the_host_file_size_and_mode() {
         let (dir, config) = share("lookup");
         std::fs::write(dir.path().join("hello.txt"), b"hello, guest").unwrap();

@@ -10,10 +10,12 @@
 //! create block and character device nodes other than overlayfs whiteouts
 //! (0/0): the guest's root must not leave a node on the host that opens a
 //! host device for whoever opens it there. Every other request is passed
-//! through unchanged.
+//! through unchanged, except that a repeated INIT (a guest that rebooted
+//! while a vhost-user backend stayed up) first forgets the old session.
 
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -43,11 +45,16 @@ pub const BASELINE_INIT_FLAGS: FsOptions = FsOptions::ASYNC_READ
 /// The passthrough file system as the guest sees it.
 pub struct SharedFs {
     inner: PassthroughFs,
+    /// Set by the first INIT; a later INIT is a new guest session.
+    initialized: AtomicBool,
 }
 
 impl SharedFs {
     pub fn new(inner: PassthroughFs) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            initialized: AtomicBool::new(false),
+        }
     }
 }
 
@@ -67,6 +74,12 @@ impl FileSystem for SharedFs {
     type Handle = <PassthroughFs as FileSystem>::Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        // A second INIT without DESTROY means the guest rebooted with the
+        // device still attached (vhost-user keeps the backend): drop the
+        // old session's inodes and handles, and their host fds, first.
+        if self.initialized.swap(true, Ordering::SeqCst) {
+            self.inner.destroy();
+        }
         let wanted = self.inner.init(capable)?;
         Ok(wanted | (capable & BASELINE_INIT_FLAGS))
     }
