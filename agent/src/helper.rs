@@ -11,7 +11,7 @@
 //! re-parented to the agent (PID 1, or a child subreaper in test mode),
 //! whose reaper sees its exit.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -117,10 +117,12 @@ pub async fn run(reaper: &Reaper, request: HelperRequest, stdio: ChildStdio) -> 
     drop(command);
     drop(reply_write);
     drop(stdio.console);
+    // One line, not end of file: the container's init keeps a copy of fd 3
+    // until it execs (its descriptors close on exec, after `start`).
     let reply = tokio::task::spawn_blocking(move || {
         let mut text = String::new();
-        std::fs::File::from(reply_read)
-            .read_to_string(&mut text)
+        std::io::BufReader::new(std::fs::File::from(reply_read))
+            .read_line(&mut text)
             .map(|_| text)
     })
     .await

@@ -123,7 +123,8 @@ async fn serve(config: AgentConfig, listen: Listen) -> Result<(), ServeError> {
             _ = user2.recv() => sandbox.signal_all_inits(Signal::SIGUSR2),
         }
     }
-    let _ = server.shutdown().await;
+    // In-flight calls (a WaitProcess) must not hold the end up.
+    let _ = tokio::time::timeout(FINAL_REPLY_GRACE, server.shutdown()).await;
     if let Listen::Unix { api, stdio } = &listen {
         let _ = std::fs::remove_file(api);
         let _ = std::fs::remove_file(stdio);

@@ -1,0 +1,939 @@
+//! The agent's host tier: `husk-agent --test-mode` serves the API on Unix
+//! sockets on this host (as root), and the tests drive it only through the
+//! `husk-agent-client` library, with busybox containers built in temp dirs.
+//!
+//! Each test starts its own agent and sandbox; the harness's drop stops the
+//! agent (which removes its containers), kills anything left in the
+//! sandbox's cgroups, removes those cgroups, and deletes the temp dirs, so a
+//! failing test leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use husk_agent_client::agent::{
+    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, StdioStreams,
+};
+use husk_agent_client::{AgentClient, Code, Endpoint};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+const BUSYBOX: &str = "/bin/busybox";
+const APPLETS: &[&str] = &[
+    "sh", "cat", "echo", "sleep", "stty", "hostname", "true", "ls",
+];
+/// How long any single observation may take before the test fails.
+const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Whether the host tier can run; prints the form line either way.
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        println!("husk-test-form: agent host tier not run: needs root (uid {uid}) for namespaces and cgroups");
+        return false;
+    }
+    if !Path::new(BUSYBOX).exists() {
+        println!("husk-test-form: agent host tier not run: {BUSYBOX} missing (apt-get install busybox-static)");
+        return false;
+    }
+    println!("husk-test-form: agent host tier (unix sockets, runtime crate)");
+    true
+}
+
+struct Harness {
+    agent: Option<Child>,
+    dir: tempfile::TempDir,
+    share: PathBuf,
+    sandbox_id: String,
+    client: AgentClient,
+}
+
+/// The streams of one process, as the host holds them.
+#[derive(Default)]
+struct HostStdio {
+    stdin: Option<UnixStream>,
+    stdout: Option<UnixStream>,
+    stderr: Option<UnixStream>,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        let api = dir.path().join("api.sock");
+        let stdio = dir.path().join("stdio.sock");
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let agent = Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+            .arg("--test-mode")
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--stdio-socket")
+            .arg(&stdio)
+            .arg("--share-dir")
+            .arg(&share)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start husk-agent --test-mode");
+        let sandbox_id = format!(
+            "hosttier-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let endpoint = Endpoint::Unix {
+            api_socket: api,
+            stdio_socket: stdio,
+        };
+        let mut harness = Self {
+            agent: Some(agent),
+            dir,
+            share,
+            sandbox_id,
+            client: match AgentClient::connect(endpoint, Duration::from_secs(10)).await {
+                Ok(client) => client,
+                Err(error) => panic!("agent did not come up: {error}"),
+            },
+        };
+        let request = CreateSandboxRequest {
+            sandbox_id: harness.sandbox_id.clone(),
+            hostname: "husk-sandbox".into(),
+            dns: vec!["nameserver 10.0.2.3".into()],
+            ..Default::default()
+        };
+        harness
+            .client
+            .create_sandbox(request)
+            .await
+            .expect("CreateSandbox");
+        harness.sandbox_id = harness.sandbox_id.clone();
+        harness
+    }
+
+    /// A busybox rootfs for `id` in the share; returns its share-relative path.
+    fn rootfs(&self, id: &str) -> String {
+        let rootfs = self.share.join(id).join("rootfs");
+        for dir in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+            std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+        }
+        std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+        for applet in APPLETS {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+        format!("{id}/rootfs")
+    }
+
+    fn stdio_ids(id: &str, stdio: &HostStdioWanted) -> StdioStreams {
+        let name = |on: bool, pipe: &str| {
+            if on {
+                format!("{id}-{pipe}")
+            } else {
+                String::new()
+            }
+        };
+        StdioStreams {
+            stdin_id: name(stdio.stdin && !stdio.terminal, "stdin"),
+            stdout_id: name(stdio.stdout || stdio.terminal, "stdout"),
+            stderr_id: name(stdio.stderr && !stdio.terminal, "stderr"),
+            terminal: stdio.terminal,
+            ..Default::default()
+        }
+    }
+
+    async fn open(&self, ids: &StdioStreams) -> HostStdio {
+        let open = |id: String| async move {
+            if id.is_empty() {
+                None
+            } else {
+                Some(
+                    self.client
+                        .open_stdio(&id)
+                        .await
+                        .expect("open stdio stream"),
+                )
+            }
+        };
+        HostStdio {
+            stdin: open(ids.stdin_id.clone()).await,
+            stdout: open(ids.stdout_id.clone()).await,
+            stderr: open(ids.stderr_id.clone()).await,
+        }
+    }
+
+    /// Creates (not starts) container `id` running `args`.
+    async fn create(&self, id: &str, args: &[&str], wanted: HostStdioWanted) -> HostStdio {
+        let rootfs_path = self.rootfs(id);
+        let ids = Self::stdio_ids(id, &wanted);
+        let streams = self.open(&ids).await;
+        let request = CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec_json: spec(args, wanted.terminal).to_string().into_bytes(),
+            rootfs_path,
+            stdio: protobuf::MessageField::some(ids),
+            ..Default::default()
+        };
+        self.client
+            .create_container(request)
+            .await
+            .expect("CreateContainer");
+        streams
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[&str],
+        wanted: HostStdioWanted,
+    ) -> HostStdio {
+        let ids = Self::stdio_ids(&format!("{id}-{exec_id}"), &wanted);
+        let streams = self.open(&ids).await;
+        let process = process_json(args, wanted.terminal);
+        let request = ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process_json: process.to_string().into_bytes(),
+            stdio: protobuf::MessageField::some(ids),
+            ..Default::default()
+        };
+        self.client
+            .exec_process(request)
+            .await
+            .expect("ExecProcess");
+        streams
+    }
+
+    /// Every `husk-<sandbox>` cgroup directory on the host.
+    fn sandbox_cgroups(&self) -> Vec<PathBuf> {
+        let name = format!("husk-{}", self.sandbox_id);
+        let mut found = Vec::new();
+        let mut stack = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                if entry.file_name().to_string_lossy() == name {
+                    found.push(path);
+                } else if depth < 4 {
+                    stack.push((path, depth + 1));
+                }
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            // SIGTERM: the agent removes every container, then exits.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(agent.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while agent.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        // Whatever the agent could not clean up: kill, thaw, remove.
+        for parent in self.sandbox_cgroups() {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parent)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect();
+            dirs.push(parent.clone());
+            for dir in &dirs {
+                let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+                for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+            for dir in &dirs {
+                for _ in 0..100 {
+                    if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
+            eprintln!("---- agent log ----\n{log}");
+        }
+    }
+}
+
+/// Which stdio pipes a process gets.
+#[derive(Clone, Copy, Default)]
+struct HostStdioWanted {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    terminal: bool,
+}
+
+const OUT_ERR: HostStdioWanted = HostStdioWanted {
+    stdin: false,
+    stdout: true,
+    stderr: true,
+    terminal: false,
+};
+const ALL_PIPES: HostStdioWanted = HostStdioWanted {
+    stdin: true,
+    stdout: true,
+    stderr: true,
+    terminal: false,
+};
+const TERMINAL: HostStdioWanted = HostStdioWanted {
+    stdin: false,
+    stdout: false,
+    stderr: false,
+    terminal: true,
+};
+const NO_STDIO: HostStdioWanted = HostStdioWanted {
+    stdin: false,
+    stdout: false,
+    stderr: false,
+    terminal: false,
+};
+
+fn process_json(args: &[&str], terminal: bool) -> Value {
+    json!({
+        "terminal": terminal,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/bin", "TERM=xterm"],
+        "cwd": "/",
+        "noNewPrivileges": true
+    })
+}
+
+fn spec(args: &[&str], terminal: bool) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": process_json(args, terminal),
+        "root": {"path": "/host/path/replaced/by/the/agent"},
+        "hostname": "busybox",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+        }
+    })
+}
+
+/// Everything the stream carries until end of file.
+async fn read_to_end(stream: &mut UnixStream) -> String {
+    let mut data = Vec::new();
+    tokio::time::timeout(STEP_TIMEOUT, stream.read_to_end(&mut data))
+        .await
+        .expect("stream reached end of file in time")
+        .expect("stream read");
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+/// Reads until `needle` has appeared; returns all read.
+async fn read_until(stream: &mut UnixStream, needle: &str) -> String {
+    let mut data = Vec::new();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !String::from_utf8_lossy(&data).contains(needle) {
+        let mut buf = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{needle:?} did not appear; got {:?}",
+                    String::from_utf8_lossy(&data)
+                )
+            })
+            .expect("stream read");
+        assert!(
+            n > 0,
+            "end of file before {needle:?}; got {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+fn code_of<T: std::fmt::Debug>(result: Result<T, husk_agent_client::ClientError>) -> Option<Code> {
+    match result {
+        Ok(value) => panic!("expected an error, got {value:?}"),
+        Err(error) => error.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn container_stdio_streams_carry_stdin_stdout_stderr_and_the_exit_code() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    let mut io = h
+        .create(
+            "echo",
+            &["sh", "-c", "cat; echo out; echo err >&2; exit 3"],
+            ALL_PIPES,
+        )
+        .await;
+    h.client
+        .start_container("echo")
+        .await
+        .expect("StartContainer");
+    let mut stdin = io.stdin.take().unwrap();
+    stdin.write_all(b"hello from the host\n").await.unwrap();
+    stdin.shutdown().await.unwrap();
+    let stdout = read_to_end(io.stdout.as_mut().unwrap()).await;
+    let stderr = read_to_end(io.stderr.as_mut().unwrap()).await;
+    assert_eq!(stdout, "hello from the host\nout\n");
+    assert_eq!(stderr, "err\n");
+    let exit = h
+        .client
+        .wait_process("echo", "")
+        .await
+        .expect("WaitProcess");
+    assert_eq!(exit.status, 3);
+    assert!(exit.exited_at_unix_ns > 0);
+    let events = h.client.get_events(0, 5_000).await.expect("GetEvents");
+    assert!(
+        events.iter().any(|e| e.has_exited()
+            && e.exited().container_id == "echo"
+            && e.exited().exit_status == 3),
+        "no exit event in {events:?}"
+    );
+    h.client
+        .remove_container("echo", 5)
+        .await
+        .expect("RemoveContainer");
+    assert_eq!(
+        code_of(h.client.start_container("echo").await),
+        Some(Code::NOT_FOUND)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn output_written_just_before_exit_is_delivered_before_the_exit_is_reported() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    // 512 KiB (more than a pipe holds) written as the last act of the process.
+    let mut io = h
+        .create("burst", &["sh", "-c", "i=0; while [ $i -lt 8192 ]; do echo 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde; i=$((i+1)); done"], OUT_ERR)
+        .await;
+    h.client.start_container("burst").await.unwrap();
+    let mut stdout = io.stdout.take().unwrap();
+    let reader = tokio::spawn(async move { read_to_end(&mut stdout).await });
+    let exit = h.client.wait_process("burst", "").await.unwrap();
+    assert_eq!(exit.status, 0);
+    // The stream ended before WaitProcess returned: the reader is done or
+    // finishes from what is already buffered.
+    let output = reader.await.unwrap();
+    assert_eq!(output.len(), 8192 * 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn death_by_signal_reads_as_128_plus_the_signal_and_a_gone_process_is_not_found() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    h.create("sleeper", &["sleep", "1000"], NO_STDIO).await;
+    let pid = h.client.start_container("sleeper").await.unwrap();
+    assert!(pid > 0);
+    let processes = h.client.list_processes("sleeper").await.unwrap();
+    assert!(
+        processes.iter().any(|p| p.command == "sleep"),
+        "{processes:?}"
+    );
+    h.client
+        .signal_process("sleeper", "", 9, false)
+        .await
+        .expect("SignalProcess");
+    let exit = h.client.wait_process("sleeper", "").await.unwrap();
+    assert_eq!(exit.status, 137);
+    assert_eq!(
+        code_of(h.client.signal_process("sleeper", "", 9, false).await),
+        Some(Code::NOT_FOUND)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exec_runs_inside_the_running_container_and_can_be_signalled() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    h.create("host", &["sleep", "1000"], NO_STDIO).await;
+    h.client.start_container("host").await.unwrap();
+    let mut io = h
+        .exec(
+            "host",
+            "who",
+            &["sh", "-c", "hostname; echo pid1=$(cat /proc/1/comm)"],
+            OUT_ERR,
+        )
+        .await;
+    let output = read_to_end(io.stdout.as_mut().unwrap()).await;
+    assert_eq!(output, "busybox\npid1=sleep\n");
+    assert_eq!(
+        h.client.wait_process("host", "who").await.unwrap().status,
+        0
+    );
+
+    h.exec("host", "long", &["sleep", "1000"], NO_STDIO).await;
+    h.client
+        .signal_process("host", "long", 15, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.client.wait_process("host", "long").await.unwrap().status,
+        128 + 15
+    );
+    // The init is untouched by the exec's end.
+    let processes = h.client.list_processes("host").await.unwrap();
+    assert_eq!(processes.len(), 1, "{processes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminal_exec_carries_both_directions_on_one_stream_and_sees_the_resize() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    h.create("tty", &["sleep", "1000"], NO_STDIO).await;
+    h.client.start_container("tty").await.unwrap();
+    let mut io = h
+        .exec(
+            "tty",
+            "shell",
+            &["sh", "-c", "read line; stty size; echo got:$line"],
+            TERMINAL,
+        )
+        .await;
+    h.client
+        .tty_win_resize("tty", "shell", 40, 100)
+        .await
+        .expect("TtyWinResize");
+    let mut pty = io.stdout.take().unwrap();
+    pty.write_all(b"typed\n").await.unwrap();
+    let output = read_until(&mut pty, "got:typed").await;
+    assert!(output.contains("40 100"), "{output:?}");
+    assert_eq!(
+        h.client.wait_process("tty", "shell").await.unwrap().status,
+        0
+    );
+    // A process without a terminal cannot be resized.
+    h.exec("tty", "plain", &["true"], NO_STDIO).await;
+    assert_eq!(
+        code_of(h.client.tty_win_resize("tty", "plain", 1, 1).await),
+        Some(Code::FAILED_PRECONDITION)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminal_container_init_uses_the_pty_stream() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    let mut io = h
+        .create(
+            "ttyinit",
+            &[
+                "sh",
+                "-c",
+                "stty size; echo tty:$(ls /proc/self/fd/0 -l | grep -c pts)",
+            ],
+            TERMINAL,
+        )
+        .await;
+    h.client.start_container("ttyinit").await.unwrap();
+    let output = read_until(io.stdout.as_mut().unwrap(), "tty:").await;
+    assert!(output.contains("tty:"), "{output:?}");
+    assert_eq!(
+        h.client.wait_process("ttyinit", "").await.unwrap().status,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_container_makes_no_progress_until_resumed() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    let mut io = h
+        .create(
+            "ticker",
+            &["sh", "-c", "while true; do echo tick; sleep 0.05; done"],
+            OUT_ERR,
+        )
+        .await;
+    h.client.start_container("ticker").await.unwrap();
+    let mut stdout = io.stdout.take().unwrap();
+    read_until(&mut stdout, "tick").await;
+    h.client
+        .pause_container("ticker")
+        .await
+        .expect("PauseContainer");
+    // Drain what was written before the freeze took effect.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut buf = [0u8; 65536];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(50), stdout.read(&mut buf)).await
+    {
+        assert!(n > 0);
+    }
+    let quiet = tokio::time::timeout(Duration::from_millis(500), stdout.read(&mut buf)).await;
+    assert!(quiet.is_err(), "output while paused");
+    h.client
+        .resume_container("ticker")
+        .await
+        .expect("ResumeContainer");
+    read_until(&mut stdout, "tick").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stats_show_usage_and_the_updated_memory_limit() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    h.create("stats", &["sleep", "1000"], NO_STDIO).await;
+    h.client.start_container("stats").await.unwrap();
+    let limit = 64u64 << 20;
+    h.client
+        .update_container("stats", &json!({"memory": {"limit": limit}}).to_string())
+        .await
+        .expect("UpdateContainer");
+    let stats = h
+        .client
+        .stats_container("stats")
+        .await
+        .expect("StatsContainer");
+    assert_eq!(stats.memory.limit_bytes, limit);
+    assert!(stats.memory.usage_bytes > 0);
+    assert_eq!(stats.pids.current, 1);
+    // Resources the guest does not have are refused, clearly.
+    let error = h
+        .client
+        .update_container("stats", &json!({"cpu": {"cpus": "0-4000"}}).to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(Code::OUT_OF_RANGE));
+    assert!(error.to_string().contains("not online"), "{error}");
+    let error = h
+        .client
+        .update_container("stats", &json!({"memory": {"limit": i64::MAX}}).to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(Code::OUT_OF_RANGE), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_containers_run_at_once() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    let runs = (0..20).map(|i| {
+        let h = &h;
+        async move {
+            let id = format!("many{i}");
+            let mut io = h
+                .create(&id, &["sh", "-c", &format!("echo I am {i}")], OUT_ERR)
+                .await;
+            h.client.start_container(&id).await.unwrap();
+            let output = read_to_end(io.stdout.as_mut().unwrap()).await;
+            let exit = h.client.wait_process(&id, "").await.unwrap();
+            (output, exit.status)
+        }
+    });
+    let results = futures_join_all(runs).await;
+    for (i, (output, status)) in results.into_iter().enumerate() {
+        assert_eq!(output, format!("I am {i}\n"));
+        assert_eq!(status, 0);
+    }
+}
+
+/// Runs futures concurrently (no extra crate for `join_all`).
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in pinned.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_their_status_codes_and_the_agent_keeps_serving() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    // Bad ids.
+    for bad in ["", "..", "a/b", "-rf", "x y"] {
+        let request = CreateContainerRequest {
+            container_id: bad.into(),
+            oci_spec_json: spec(&["true"], false).to_string().into_bytes(),
+            rootfs_path: "whatever".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            code_of(h.client.create_container(request).await),
+            Some(Code::INVALID_ARGUMENT),
+            "{bad:?}"
+        );
+        assert_eq!(
+            code_of(h.client.start_container(bad).await),
+            Some(Code::INVALID_ARGUMENT),
+            "{bad:?}"
+        );
+    }
+    // Unknown container and process.
+    assert_eq!(
+        code_of(h.client.start_container("ghost").await),
+        Some(Code::NOT_FOUND)
+    );
+    assert_eq!(
+        code_of(h.client.wait_process("ghost", "").await),
+        Some(Code::NOT_FOUND)
+    );
+    assert_eq!(
+        code_of(h.client.signal_process("ghost", "", 9, false).await),
+        Some(Code::NOT_FOUND)
+    );
+    assert_eq!(
+        code_of(h.client.stats_container("ghost").await),
+        Some(Code::NOT_FOUND)
+    );
+    assert_eq!(
+        code_of(h.client.pause_container("ghost").await),
+        Some(Code::NOT_FOUND)
+    );
+    assert_eq!(
+        code_of(h.client.remove_container("ghost", 1).await),
+        Some(Code::NOT_FOUND)
+    );
+    h.create("real", &["sleep", "1000"], NO_STDIO).await;
+    assert_eq!(
+        code_of(h.client.wait_process("real", "no-such-exec").await),
+        Some(Code::NOT_FOUND)
+    );
+    assert_eq!(
+        code_of(h.client.close_stdin("real", "no-such-exec").await),
+        Some(Code::NOT_FOUND)
+    );
+    assert_eq!(
+        code_of(
+            h.client
+                .exec_process(ExecProcessRequest {
+                    container_id: "real".into(),
+                    exec_id: "../escape".into(),
+                    process_json: process_json(&["true"], false).to_string().into_bytes(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Some(Code::INVALID_ARGUMENT)
+    );
+    // Duplicates.
+    let duplicate = CreateContainerRequest {
+        container_id: "real".into(),
+        oci_spec_json: spec(&["true"], false).to_string().into_bytes(),
+        rootfs_path: "real/rootfs".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(h.client.create_container(duplicate).await),
+        Some(Code::ALREADY_EXISTS)
+    );
+    h.client.start_container("real").await.unwrap();
+    h.exec("real", "once", &["true"], NO_STDIO).await;
+    let again = ExecProcessRequest {
+        container_id: "real".into(),
+        exec_id: "once".into(),
+        process_json: process_json(&["true"], false).to_string().into_bytes(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(h.client.exec_process(again).await),
+        Some(Code::ALREADY_EXISTS)
+    );
+    let sandbox_again = CreateSandboxRequest {
+        sandbox_id: h.sandbox_id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(h.client.create_sandbox(sandbox_again).await),
+        Some(Code::ALREADY_EXISTS)
+    );
+    // Paths escaping the share: dot-dot, absolute, symlink out, bind mount from outside.
+    std::os::unix::fs::symlink("/", h.share.join("to-host-root")).unwrap();
+    for rootfs in ["../..", "/etc", "real/../../..", "to-host-root"] {
+        let request = CreateContainerRequest {
+            container_id: "escapee".into(),
+            oci_spec_json: spec(&["true"], false).to_string().into_bytes(),
+            rootfs_path: rootfs.into(),
+            ..Default::default()
+        };
+        let error = h.client.create_container(request).await.unwrap_err();
+        assert_eq!(
+            error.code(),
+            Some(Code::INVALID_ARGUMENT),
+            "{rootfs:?}: {error}"
+        );
+        assert!(
+            error.to_string().contains("escapes the shared directory"),
+            "{error}"
+        );
+    }
+    let mut with_bind = spec(&["true"], false);
+    with_bind["mounts"].as_array_mut().unwrap().push(
+        json!({"destination": "/host-etc", "type": "bind", "source": "/etc", "options": ["rbind"]}),
+    );
+    let rootfs_path = h.rootfs("binder");
+    let request = CreateContainerRequest {
+        container_id: "binder".into(),
+        oci_spec_json: with_bind.to_string().into_bytes(),
+        rootfs_path,
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(h.client.create_container(request).await),
+        Some(Code::INVALID_ARGUMENT)
+    );
+    // A malformed spec and a bad signal.
+    let request = CreateContainerRequest {
+        container_id: "garbage".into(),
+        oci_spec_json: b"{not json".to_vec(),
+        rootfs_path: "real/rootfs".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(h.client.create_container(request).await),
+        Some(Code::INVALID_ARGUMENT)
+    );
+    assert_eq!(
+        code_of(h.client.signal_process("real", "", 4242, false).await),
+        Some(Code::INVALID_ARGUMENT)
+    );
+    // The failed creates left no container behind, and the agent still serves.
+    assert_eq!(
+        code_of(h.client.start_container("escapee").await),
+        Some(Code::NOT_FOUND)
+    );
+    assert!(h.client.check().await.unwrap());
+    let processes = h.client.list_processes("real").await.unwrap();
+    assert_eq!(processes.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guest_details_health_and_the_agent_log_are_served() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    assert!(h.client.check().await.unwrap());
+    let details = h.client.guest_details().await.unwrap();
+    assert!(details.online_cpus >= 1);
+    assert!(details.memory_total_bytes > 0);
+    assert!(!details.kernel_release.is_empty());
+    assert_eq!(details.agent_version, env!("CARGO_PKG_VERSION"));
+    let _ = h.client.start_container("not-there").await;
+    let (log, next) = h.client.read_log(0, 1 << 20).await.unwrap();
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("sandbox created"), "{log}");
+    assert!(log.contains("container not-there not found"), "{log}");
+    assert_eq!(next as usize, log.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn destroy_sandbox_stops_every_container_and_ends_the_agent() {
+    if !can_run() {
+        return;
+    }
+    let mut h = Harness::start().await;
+    h.create("doomed", &["sleep", "1000"], NO_STDIO).await;
+    let pid = h.client.start_container("doomed").await.unwrap();
+    let sandbox_id = h.sandbox_id.clone();
+    h.client
+        .destroy_sandbox(&sandbox_id)
+        .await
+        .expect("DestroySandbox");
+    let mut agent = h.agent.take().unwrap();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent still running after DestroySandbox"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "container process {pid} survived"
+    );
+    assert!(
+        h.sandbox_cgroups().is_empty(),
+        "cgroups left: {:?}",
+        h.sandbox_cgroups()
+    );
+}
