@@ -21,7 +21,7 @@ use crate::guest;
 pub fn check_satisfiable(resources: &LinuxResources) -> Result<()> {
     if let Some(cpus) = resources.cpu().as_ref().and_then(|c| c.cpus().clone()) {
         let online = guest::online_cpus();
-        for cpu in parse_cpu_list(&cpus).map_err(|why| AgentError::InvalidRequest(why))? {
+        for cpu in parse_cpu_list(&cpus).map_err(AgentError::InvalidRequest)? {
             if !online.contains(&cpu) {
                 return Err(AgentError::Unsatisfiable {
                     what: format!("cpuset {cpus:?}"),
