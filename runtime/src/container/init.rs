@@ -64,14 +64,19 @@ fn child_main(chan: &Channel, f: impl FnOnce() -> Result<()>) -> ! {
 }
 
 /// Fork stage 1 of a create. Returns its pid in the parent.
-pub fn fork_create(init: &CreateInit<'_>, parent_end: Channel, child_end: &Channel) -> Result<i32> {
+pub fn fork_create(
+    init: &CreateInit<'_>,
+    parent_end: &Channel,
+    child_end: &Channel,
+) -> Result<i32> {
     // SAFETY: the runtime is single-threaded here (the CLI is; library
     // users must fork from a single-threaded context as documented on
     // `ContainerBuilder::create`), so the child may run arbitrary code.
     match sys(unsafe { nix::unistd::fork() }, "fork", "container init")? {
         ForkResult::Parent { child } => Ok(child.as_raw()),
         ForkResult::Child => {
-            drop(parent_end);
+            // The child only talks through its own end.
+            let _ = nix::unistd::close(parent_end.raw_fd());
             child_main(child_end, || create_stage1(init, child_end))
         }
     }
@@ -302,12 +307,13 @@ fn finish_process(
 }
 
 /// Fork stage 1 of an exec. Returns its pid in the parent.
-pub fn fork_exec(init: &ExecInit<'_>, parent_end: Channel, child_end: &Channel) -> Result<i32> {
+pub fn fork_exec(init: &ExecInit<'_>, parent_end: &Channel, child_end: &Channel) -> Result<i32> {
     // SAFETY: single-threaded caller; see fork_create.
     match sys(unsafe { nix::unistd::fork() }, "fork", "exec init")? {
         ForkResult::Parent { child } => Ok(child.as_raw()),
         ForkResult::Child => {
-            drop(parent_end);
+            // The child only talks through its own end.
+            let _ = nix::unistd::close(parent_end.raw_fd());
             child_main(child_end, || exec_stage1(init, child_end))
         }
     }

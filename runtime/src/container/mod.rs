@@ -213,10 +213,7 @@ impl ContainerBuilder {
             console_socket: console.as_ref().map(|c| c.as_raw_fd()),
             preserve_fds: self.preserve_fds,
         };
-        let stage1 = {
-            let parent_end = channel_clone(&parent_end)?;
-            init::fork_create(&create_init, parent_end, &child_end)?
-        };
+        let stage1 = init::fork_create(&create_init, &parent_end, &child_end)?;
         drop(child_end);
         drop(console);
         drop(dir_fd);
@@ -292,22 +289,6 @@ impl ContainerBuilder {
         tracing::debug!(container = %self.id, pid, "created");
         Ok(Container { store, record })
     }
-}
-
-/// Duplicate a channel end so the child can drop its copy independently.
-fn channel_clone(c: &crate::sync::Channel) -> Result<crate::sync::Channel> {
-    // The fork itself duplicates descriptors; this helper only exists so
-    // the child can drop "the parent's end" by value. We hand the child a
-    // dup of it.
-    let fd = sys(nix::unistd::dup(c.raw_fd()), "dup", "init channel")?;
-    let _ = nix::fcntl::fcntl(
-        fd,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
-    // SAFETY: fd was just created by dup and is owned here.
-    Ok(crate::sync::Channel::from_owned(unsafe {
-        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    }))
 }
 
 /// Write `pid` to `path` atomically, as runc's `--pid-file`.
@@ -625,7 +606,7 @@ impl Container {
         // SAFETY: prctl with integer arguments only; see create.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let (parent_end, child_end) = channel_pair()?;
-        let stage1 = init::fork_exec(&exec_init, channel_clone(&parent_end)?, &child_end)?;
+        let stage1 = init::fork_exec(&exec_init, &parent_end, &child_end)?;
         drop(child_end);
         drop(console);
         let kill_stage1 = |e: Error| {
