@@ -29,19 +29,33 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Prints the form line once per run, past the test harness's output
+/// capture (which only catches the print macros), so it shows in CI logs.
+fn report_form(line: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{line}");
+    });
+}
+
 /// Whether the host tier can run; prints the form line either way.
 fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     if uid != 0 {
-        println!("husk-test-form: agent host tier not run: needs root (uid {uid}) for namespaces and cgroups");
+        report_form(&format!(
+            "husk-test-form: agent host tier not run: needs root (uid {uid}) for namespaces and cgroups"
+        ));
         return false;
     }
     if !Path::new(BUSYBOX).exists() {
-        println!("husk-test-form: agent host tier not run: {BUSYBOX} missing (apt-get install busybox-static)");
+        report_form(&format!(
+            "husk-test-form: agent host tier not run: {BUSYBOX} missing (apt-get install busybox-static)"
+        ));
         return false;
     }
-    println!("husk-test-form: agent host tier (unix sockets, runtime crate)");
+    report_form("husk-test-form: agent host tier (unix sockets, runtime crate)");
     true
 }
 
@@ -936,4 +950,28 @@ async fn destroy_sandbox_stops_every_container_and_ends_the_agent() {
         "cgroups left: {:?}",
         h.sandbox_cgroups()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn close_stdin_ends_the_input_of_an_exec_while_the_host_keeps_its_stream() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    h.create("reader", &["sleep", "1000"], NO_STDIO).await;
+    h.client.start_container("reader").await.unwrap();
+    let mut io = h.exec("reader", "cat", &["cat"], ALL_PIPES).await;
+    let stdin = io.stdin.as_mut().unwrap();
+    stdin.write_all(b"before close\n").await.unwrap();
+    read_until(io.stdout.as_mut().unwrap(), "before close").await;
+    h.client
+        .close_stdin("reader", "cat")
+        .await
+        .expect("CloseStdin");
+    // cat saw end of file although the host never shut its stream down.
+    assert_eq!(
+        h.client.wait_process("reader", "cat").await.unwrap().status,
+        0
+    );
+    assert_eq!(read_to_end(io.stdout.as_mut().unwrap()).await, "");
 }
