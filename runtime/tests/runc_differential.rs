@@ -719,7 +719,9 @@ fn scenarios() -> Vec<Scenario> {
                 .unwrap_or(Value::Null);
             t.stdout.push_str(&format!(
                 "pid file matches state: {}\nstatus: {}\n",
-                state["pid"].to_string() == pid,
+                state["pid"]
+                    .as_i64()
+                    .is_some_and(|p| Some(p) == pid.trim().parse::<i64>().ok()),
                 state["status"]
             ));
             log(
