@@ -464,6 +464,17 @@ fn scenarios() -> Vec<Scenario> {
             c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW",
                 "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]});
         }),
+        scenario("seccomp-allowlist-three-arches", |c| {
+            // A docker-style profile: deny by default (ENOSYS), allow every
+            // x86_64 call except mkdir/mkdirat, on x86_64, x86 and x32.
+            let allowed: Vec<&str> = husk_runtime::seccomp::native_syscall_names()
+                .filter(|n| *n != "mkdir" && *n != "mkdirat")
+                .collect();
+            c["process"]["args"] = sh("mkdir /tmp/d; echo rc=$?; ls / | wc -l; grep Seccomp: /proc/self/status");
+            c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                "syscalls": [{"names": allowed, "action": "SCMP_ACT_ALLOW"}]});
+        }),
         scenario("tmpfs-mount", |c| {
             c["process"]["args"] = sh("grep scratch /proc/mounts; stat -c %a /mnt/scratch");
             c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/mnt/scratch", "type": "tmpfs", "source": "tmpfs",

@@ -31,6 +31,8 @@ enum Insn {
     And(u32),
     /// `ret k`.
     Ret(u32),
+    /// Unconditional jump with a 32-bit offset (for far targets).
+    Ja(Label),
     /// Marks where a label points; emits nothing.
     Bind(Label),
 }
@@ -106,6 +108,11 @@ impl Program {
         });
     }
 
+    /// Jump to `target` whatever A holds; reaches any distance.
+    pub fn jump_always(&mut self, target: Label) {
+        self.insns.push(Insn::Ja(target));
+    }
+
     /// Return `action` to the kernel.
     pub fn ret(&mut self, action: u32) {
         self.insns.push(Insn::Ret(action));
@@ -142,6 +149,13 @@ impl Program {
                 Insn::LoadAbs(k) => stmt((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, k),
                 Insn::And(k) => stmt((libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16, k),
                 Insn::Ret(k) => stmt((libc::BPF_RET | libc::BPF_K) as u16, k),
+                Insn::Ja(l) => {
+                    let at = positions[l.0].ok_or("jump to an unbound label")?;
+                    let delta = at
+                        .checked_sub(here + 1)
+                        .ok_or("backward jump in seccomp program")?;
+                    stmt((libc::BPF_JMP | libc::BPF_JA) as u16, delta as u32)
+                }
                 Insn::Jump { op, k, jt, jf } => libc::sock_filter {
                     code: (libc::BPF_JMP as u16) | op | (libc::BPF_K as u16),
                     jt: offset(jt)?,

@@ -13,12 +13,14 @@
 //! the same argument become alternative rules, as in runc.
 
 pub mod bpf;
+mod syscalls_x86;
 mod syscalls_x86_64;
 
 use crate::error::{Error, Result};
 use bpf::{Cmp, Program, To};
 use oci_spec::runtime::{
-    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag, LinuxSeccompOperator,
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag,
+    LinuxSeccompOperator,
 };
 
 const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
@@ -29,6 +31,7 @@ const SECCOMP_RET_TRACE: u32 = 0x7ff0_0000;
 const SECCOMP_RET_LOG: u32 = 0x7ffc_0000;
 const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 /// x32 system calls on x86_64 have this bit set in their number.
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 /// Offsets in `struct seccomp_data`.
@@ -57,6 +60,20 @@ pub enum SyscallLookup {
     Foreign,
     /// No Linux architecture has a call of that name.
     Unknown,
+}
+
+/// Every system call name of the native architecture (x86_64).
+pub fn native_syscall_names() -> impl Iterator<Item = &'static str> {
+    syscalls_x86_64::X86_64_SYSCALLS.iter().map(|(n, _)| *n)
+}
+
+/// The i386 number of `name`, for profiles that list `SCMP_ARCH_X86`.
+pub fn x86_syscall_number(name: &str) -> Option<u32> {
+    let table = syscalls_x86::X86_SYSCALLS;
+    table
+        .binary_search_by(|(n, _)| (*n).cmp(name))
+        .ok()
+        .map(|i| table[i].1)
 }
 
 /// Look `name` up in the native table, then in the foreign names.
@@ -196,6 +213,29 @@ fn emit_condition(p: &mut Program, arg: &LinuxSeccompArg, fail: bpf::Label) {
     p.bind(pass);
 }
 
+/// One rule block: compare the number, check the conditions, return the
+/// action. A holds the syscall number on entry when `a_holds_nr`.
+fn emit_rule(
+    p: &mut Program,
+    nr: u32,
+    action: u32,
+    conds: &[LinuxSeccompArg],
+    a_holds_nr: &mut bool,
+) {
+    let skip = p.label();
+    if !*a_holds_nr {
+        p.load(OFFSET_NR);
+    }
+    p.jump(Cmp::Eq, nr, To::Next, To::L(skip));
+    for c in conds {
+        emit_condition(p, c, skip);
+    }
+    p.ret(action);
+    p.bind(skip);
+    // Conditions load arguments into A; a plain block leaves the number.
+    *a_holds_nr = conds.is_empty();
+}
+
 /// Compile the spec's profile; errors name the offending field.
 pub fn compile(seccomp: &LinuxSeccomp) -> Result<Filter> {
     let default_action = action_value(
@@ -211,16 +251,12 @@ pub fn compile(seccomp: &LinuxSeccomp) -> Result<Filter> {
             LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => SECCOMP_FILTER_FLAG_SPEC_ALLOW,
         };
     }
-    // (number, action, conditions) in evaluation order.
-    let mut conditional = Vec::new();
-    let mut unconditional = Vec::new();
+    // (name, action, conditions): resolved per architecture below.
+    let mut conditional: Vec<(&str, u32, Vec<LinuxSeccompArg>)> = Vec::new();
+    let mut unconditional: Vec<(&str, u32, Vec<LinuxSeccompArg>)> = Vec::new();
     for (i, rule) in seccomp.syscalls().iter().flatten().enumerate() {
         let field = format!("linux.seccomp.syscalls[{i}]");
-        let action = action_value(
-            rule.action(),
-            rule.errno_ret().or(None),
-            &format!("{field}.action"),
-        )?;
+        let action = action_value(rule.action(), rule.errno_ret(), &format!("{field}.action"))?;
         let args = rule.args().clone().unwrap_or_default();
         for (j, a) in args.iter().enumerate() {
             if a.index() > 5 {
@@ -231,50 +267,85 @@ pub fn compile(seccomp: &LinuxSeccomp) -> Result<Filter> {
             }
         }
         for (j, name) in rule.names().iter().enumerate() {
-            let nr = match syscall_number(name) {
-                SyscallLookup::Native(nr) => nr,
-                SyscallLookup::Foreign => continue,
-                SyscallLookup::Unknown => {
-                    return Err(Error::spec(
-                        format!("{field}.names[{j}]"),
-                        format!("unknown system call {name:?}"),
-                    ));
-                }
-            };
+            if syscall_number(name) == SyscallLookup::Unknown {
+                return Err(Error::spec(
+                    format!("{field}.names[{j}]"),
+                    format!("unknown system call {name:?}"),
+                ));
+            }
             if action == default_action {
                 continue;
             }
             if args.is_empty() {
-                unconditional.push((nr, action, Vec::new()));
+                unconditional.push((name, action, Vec::new()));
             } else {
                 for alt in alternatives(&args) {
-                    conditional.push((nr, action, alt));
+                    conditional.push((name, action, alt));
                 }
             }
         }
     }
+    let arches: Vec<Arch> = seccomp.architectures().clone().unwrap_or_default();
+    let wants = |a: Arch| arches.contains(&a);
+    let with_x86 = wants(Arch::ScmpArchX86);
+    let with_x32 = wants(Arch::ScmpArchX32);
+    let rules: Vec<&(&str, u32, Vec<LinuxSeccompArg>)> =
+        conditional.iter().chain(unconditional.iter()).collect();
+
     let mut p = Program::default();
-    let native = p.label();
+    let x86_64 = p.label();
+    let i386 = p.label();
     p.load(OFFSET_ARCH);
-    p.jump(Cmp::Eq, AUDIT_ARCH_X86_64, To::L(native), To::Next);
+    let not_x86_64 = p.label();
+    p.jump(Cmp::Eq, AUDIT_ARCH_X86_64, To::Next, To::L(not_x86_64));
+    // Arch blocks can be far apart: reach them with 32-bit jumps.
+    p.jump_always(x86_64);
+    p.bind(not_x86_64);
+    if with_x86 {
+        let not_i386 = p.label();
+        p.jump(Cmp::Eq, AUDIT_ARCH_I386, To::Next, To::L(not_i386));
+        p.jump_always(i386);
+        p.bind(not_i386);
+    }
     p.ret(SECCOMP_RET_KILL_PROCESS);
-    p.bind(native);
-    let not_x32 = p.label();
+
+    // x86_64 (and x32, whose numbers carry X32_SYSCALL_BIT).
+    p.bind(x86_64);
     p.load(OFFSET_NR);
-    p.jump(Cmp::Ge, X32_SYSCALL_BIT, To::Next, To::L(not_x32));
-    p.ret(SECCOMP_RET_KILL_PROCESS);
-    p.bind(not_x32);
-    for (nr, action, conds) in conditional.iter().chain(unconditional.iter()) {
-        let skip = p.label();
-        p.load(OFFSET_NR);
-        p.jump(Cmp::Eq, *nr, To::Next, To::L(skip));
-        for c in conds {
-            emit_condition(&mut p, c, skip);
+    if !with_x32 {
+        let native = p.label();
+        p.jump(Cmp::Ge, X32_SYSCALL_BIT, To::Next, To::L(native));
+        p.ret(SECCOMP_RET_KILL_PROCESS);
+        p.bind(native);
+    }
+    let mut a_holds_nr = true;
+    let variants: &[u32] = if with_x32 {
+        &[0, X32_SYSCALL_BIT]
+    } else {
+        &[0]
+    };
+    for bit in variants {
+        for (name, action, conds) in &rules {
+            if let SyscallLookup::Native(nr) = syscall_number(name) {
+                emit_rule(&mut p, nr | bit, *action, conds, &mut a_holds_nr);
+            }
         }
-        p.ret(*action);
-        p.bind(skip);
     }
     p.ret(default_action);
+
+    if with_x86 {
+        p.bind(i386);
+        p.load(OFFSET_NR);
+        let mut a_holds_nr = true;
+        for (name, action, conds) in &rules {
+            if let Some(nr) = x86_syscall_number(name) {
+                emit_rule(&mut p, nr, *action, conds, &mut a_holds_nr);
+            }
+        }
+        p.ret(default_action);
+    } else {
+        p.bind(i386);
+    }
     let program = p.assemble().map_err(Error::Seccomp)?;
     if program.len() > MAX_INSNS {
         return Err(Error::spec(
@@ -333,6 +404,9 @@ mod tests {
                 libc::BPF_LD => acc = data[(f.k / 4) as usize],
                 libc::BPF_ALU => acc &= f.k,
                 libc::BPF_RET => return f.k,
+                libc::BPF_JMP if (f.code & 0xf0) as u32 == libc::BPF_JA => {
+                    pc += f.k as usize;
+                }
                 libc::BPF_JMP => {
                     let op = (f.code & 0xf0) as u32;
                     let taken = match op {
@@ -474,6 +548,72 @@ mod tests {
         assert_eq!(
             run(&f.program, AUDIT_ARCH_X86_64, MKDIR, [0; 6]),
             SECCOMP_RET_ERRNO | 1
+        );
+    }
+
+    #[test]
+    fn listed_i386_architecture_gets_its_own_numbers() {
+        let f = profile(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_X86"],
+               "syscalls":[{"names":["mkdir"],"action":"SCMP_ACT_ERRNO"}]}"#,
+        );
+        // mkdir is 39 on i386, 83 on x86_64.
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_I386, 39, [0; 6]),
+            SECCOMP_RET_ERRNO | 1
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_I386, 83, [0; 6]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, MKDIR, [0; 6]),
+            SECCOMP_RET_ERRNO | 1
+        );
+        assert_eq!(
+            run(
+                &f.program,
+                AUDIT_ARCH_X86_64,
+                X32_SYSCALL_BIT | MKDIR,
+                [0; 6]
+            ),
+            SECCOMP_RET_KILL_PROCESS
+        );
+    }
+
+    #[test]
+    fn large_profile_on_three_architectures_fits_and_stays_correct() {
+        let names: Vec<String> = syscalls_x86_64::X86_64_SYSCALLS
+            .iter()
+            .map(|(n, _)| format!("\"{n}\""))
+            .collect();
+        let f = profile(&format!(
+            r#"{{"defaultAction":"SCMP_ACT_ERRNO","defaultErrnoRet":38,
+                "architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_X86","SCMP_ARCH_X32"],
+                "syscalls":[{{"names":[{}],"action":"SCMP_ACT_ALLOW"}},
+                            {{"names":["personality"],"action":"SCMP_ACT_ALLOW","args":[{{"index":0,"value":8,"op":"SCMP_CMP_EQ"}}]}}]}}"#,
+            names.join(",")
+        ));
+        assert!(f.program.len() <= MAX_INSNS);
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, 0, [0; 6]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT, [0; 6]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_I386, 3, [0; 6]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run(&f.program, AUDIT_ARCH_X86_64, 9999, [0; 6]),
+            SECCOMP_RET_ERRNO | 38
+        );
+        assert_eq!(
+            run(&f.program, 0xc000_00b7, 0, [0; 6]),
+            SECCOMP_RET_KILL_PROCESS
         );
     }
 
