@@ -505,6 +505,29 @@ fn scenarios() -> Vec<Scenario> {
             c["process"]["args"] = json!(["cat", "/proc/self/cgroup"]);
             c["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "cgroup"}));
         }),
+        scenario("cgroup-mount-and-resource-files", |c| {
+            c["process"]["args"] = sh(
+                "ls /sys/fs/cgroup; grep ' /sys/fs/cgroup' /proc/mounts | cut -d' ' -f2,3,4 | sort; \
+                 cat /sys/fs/cgroup/cpu/cpu.shares /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us \
+                 /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/memory/memory.limit_in_bytes \
+                 /sys/fs/cgroup/memory/memory.soft_limit_in_bytes /sys/fs/cgroup/memory/memory.swappiness \
+                 /sys/fs/cgroup/cpuset/cpuset.cpus /sys/fs/cgroup/blkio/blkio.bfq.weight; \
+                 cat /sys/fs/cgroup/devices/devices.list",
+            );
+            c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+            c["linux"]["resources"]["cpu"] = json!({"shares": 512, "quota": 50000, "period": 100000, "cpus": "0"});
+            c["linux"]["resources"]["pids"] = json!({"limit": 64});
+            c["linux"]["resources"]["memory"] = json!({"limit": 67108864, "reservation": 33554432, "swappiness": 10});
+            c["linux"]["resources"]["blockIO"] = json!({"weight": 300});
+        }),
+        scenario("cgroup-mount-with-cgroupns", |c| {
+            c["process"]["args"] = sh("ls /sys/fs/cgroup; grep ' /sys/fs/cgroup' /proc/mounts | cut -d' ' -f2,3,4 | sort; cat /sys/fs/cgroup/pids/pids.max");
+            c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+            c["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "cgroup"}));
+            c["linux"]["resources"]["pids"] = json!({"limit": 32});
+        }),
         scenario("memory-limit-oom-kill", |c| {
             c["process"]["args"] = json!(["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
             c["linux"]["resources"]["memory"] = json!({"limit": 16777216});

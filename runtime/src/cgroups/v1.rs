@@ -72,27 +72,57 @@ fn type_char(t: Option<LinuxDeviceType>) -> char {
     }
 }
 
-fn apply_devices(dir: &Path, rules: &[LinuxDeviceCgroup]) -> Result<()> {
-    for rule in rules {
-        let access = rule.access().clone().unwrap_or_else(|| "rwm".into());
-        let line = device_rule(
-            type_char(rule.typ()),
-            rule.major().unwrap_or(-1),
-            rule.minor().unwrap_or(-1),
-            &access,
-        );
-        write(
-            dir,
-            if rule.allow() {
-                "devices.allow"
-            } else {
-                "devices.deny"
-            },
-            &line,
-        )?;
+/// One device rule: (type, major, minor, access, allow); -1 is `*`.
+type DeviceRule = (char, i64, i64, String, bool);
+
+/// The rules to write, in runc's order: a leading deny-all (or allow-all)
+/// first, then the allow rules of the spec and the defaults sorted by type,
+/// major and minor (wildcards first) without duplicates, then any specific
+/// deny rules. This yields the same `devices.list` as runc.
+fn ordered_device_rules(rules: &[LinuxDeviceCgroup]) -> Vec<DeviceRule> {
+    let mut all: Vec<DeviceRule> = rules
+        .iter()
+        .map(|r| {
+            (
+                type_char(r.typ()),
+                r.major().unwrap_or(-1),
+                r.minor().unwrap_or(-1),
+                r.access().clone().unwrap_or_else(|| "rwm".into()),
+                r.allow(),
+            )
+        })
+        .collect();
+    all.extend(
+        DEFAULT_ALLOWED_DEVICES
+            .iter()
+            .map(|(t, maj, min, acc)| (*t, *maj, *min, acc.to_string(), true)),
+    );
+    let mut out = Vec::new();
+    let mut rest = all.as_slice();
+    // Leading blanket rules keep their place.
+    while let Some((first, tail)) = rest.split_first() {
+        if first.0 != 'a' {
+            break;
+        }
+        out.push(first.clone());
+        rest = tail;
     }
-    for (t, maj, min, acc) in DEFAULT_ALLOWED_DEVICES {
-        write(dir, "devices.allow", &device_rule(*t, *maj, *min, acc))?;
+    let mut allows: Vec<DeviceRule> = rest.iter().filter(|r| r.4).cloned().collect();
+    allows.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    allows.dedup_by(|a, b| (a.0, a.1, a.2, &a.3) == (b.0, b.1, b.2, &b.3));
+    out.extend(allows);
+    out.extend(rest.iter().filter(|r| !r.4).cloned());
+    out
+}
+
+fn apply_devices(dir: &Path, rules: &[LinuxDeviceCgroup]) -> Result<()> {
+    for (t, maj, min, access, allow) in ordered_device_rules(rules) {
+        let file = if allow {
+            "devices.allow"
+        } else {
+            "devices.deny"
+        };
+        write(dir, file, &device_rule(t, maj, min, &access))?;
     }
     Ok(())
 }
@@ -338,6 +368,33 @@ pub fn stats(paths: &CgroupPaths) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_rules_follow_deny_all_sorted_like_runc() {
+        let deny_all: LinuxDeviceCgroup =
+            serde_json::from_str(r#"{"allow":false,"access":"rwm"}"#).unwrap();
+        let fuse: LinuxDeviceCgroup = serde_json::from_str(
+            r#"{"allow":true,"type":"c","major":10,"minor":229,"access":"rwm"}"#,
+        )
+        .unwrap();
+        let lines: Vec<String> = ordered_device_rules(&[deny_all, fuse])
+            .into_iter()
+            .map(|(t, maj, min, acc, allow)| {
+                format!(
+                    "{} {}",
+                    if allow { "+" } else { "-" },
+                    device_rule(t, maj, min, &acc)
+                )
+            })
+            .collect();
+        assert_eq!(lines[0], "- a *:* rwm");
+        assert_eq!(lines[1], "+ b *:* m");
+        assert_eq!(lines[2], "+ c *:* m");
+        assert_eq!(lines[3], "+ c 1:3 rwm");
+        let fuse_at = lines.iter().position(|l| l == "+ c 10:229 rwm").unwrap();
+        assert_eq!(lines[fuse_at - 1], "+ c 10:200 rwm");
+        assert_eq!(lines.last().unwrap(), "+ c 136:* rwm");
+    }
 
     #[test]
     fn device_rules_use_star_for_wildcards() {

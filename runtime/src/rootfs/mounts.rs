@@ -275,7 +275,9 @@ fn mount_cgroup(dest: &Path, opts: &MountOptions, ctx: &MountContext<'_>) -> Res
     }
     mount(Some("tmpfs"), dest, Some("tmpfs"), flags, Some("mode=755"))
         .at("mount cgroup tmpfs", dest)?;
-    for dir in &ctx.cgroups.dirs {
+    // As runc: the v1 hierarchies only (no `unified` in hybrid mode), and
+    // the tmpfs stays writable while each hierarchy gets the mount's flags.
+    for dir in ctx.cgroups.dirs.iter().filter(|d| !d.is_unified()) {
         let name = if dir.is_unified() {
             "unified".to_string()
         } else {
@@ -321,16 +323,6 @@ fn mount_cgroup(dest: &Path, opts: &MountOptions, ctx: &MountContext<'_>) -> Res
                 }
             }
         }
-    }
-    if opts.flags.contains(MsFlags::MS_RDONLY) {
-        mount(
-            None::<&str>,
-            dest,
-            None::<&str>,
-            flags | MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT,
-            Some("mode=755"),
-        )
-        .at("remount cgroup tmpfs read-only", dest)?;
     }
     Ok(())
 }
