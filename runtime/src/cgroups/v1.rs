@@ -108,7 +108,7 @@ fn ordered_device_rules(rules: &[LinuxDeviceCgroup]) -> Vec<DeviceRule> {
         rest = tail;
     }
     let mut allows: Vec<DeviceRule> = rest.iter().filter(|r| r.4).cloned().collect();
-    allows.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    allows.sort_by_key(|r| (r.0, r.1, r.2));
     allows.dedup_by(|a, b| (a.0, a.1, a.2, &a.3) == (b.0, b.1, b.2, &b.3));
     out.extend(allows);
     out.extend(rest.iter().filter(|r| !r.4).cloned());
