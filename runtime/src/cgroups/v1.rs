@@ -397,6 +397,64 @@ mod tests {
     }
 
     #[test]
+    fn v1_limits_land_in_each_controllers_hierarchy() {
+        use crate::cgroups::CgroupDir;
+        let root = tempfile::tempdir().unwrap();
+        let dirs: Vec<CgroupDir> = ["memory", "cpu", "pids", "cpuset", "blkio"]
+            .iter()
+            .map(|c| {
+                let path = root.path().join(c);
+                std::fs::create_dir(&path).unwrap();
+                CgroupDir {
+                    controllers: vec![c.to_string()],
+                    path,
+                }
+            })
+            .collect();
+        // blkio.weight exists on hosts without BFQ; this one has it.
+        std::fs::write(root.path().join("blkio/blkio.weight"), "").unwrap();
+        let paths = CgroupPaths {
+            unified_only: false,
+            dirs,
+        };
+        let r: LinuxResources = serde_json::from_str(
+            r#"{"memory":{"limit":16777216,"reservation":8388608,"swappiness":10,"disableOOMKiller":true},
+                "cpu":{"shares":512,"quota":20000,"period":100000,"cpus":"0"},
+                "pids":{"limit":7},
+                "blockIO":{"weight":300,"throttleWriteIOPSDevice":[{"major":8,"minor":16,"rate":50}]}}"#,
+        )
+        .unwrap();
+        apply(&paths, &r).unwrap();
+        let f = |name: &str| std::fs::read_to_string(root.path().join(name)).unwrap();
+        assert_eq!(f("memory/memory.limit_in_bytes"), "16777216");
+        assert_eq!(f("memory/memory.soft_limit_in_bytes"), "8388608");
+        assert_eq!(f("memory/memory.swappiness"), "10");
+        assert_eq!(f("memory/memory.oom_control"), "1");
+        assert_eq!(f("cpu/cpu.shares"), "512");
+        assert_eq!(f("cpu/cpu.cfs_quota_us"), "20000");
+        assert_eq!(f("cpu/cpu.cfs_period_us"), "100000");
+        assert_eq!(f("cpuset/cpuset.cpus"), "0");
+        assert_eq!(f("pids/pids.max"), "7");
+        assert_eq!(f("blkio/blkio.weight"), "300");
+        assert_eq!(f("blkio/blkio.throttle.write_iops_device"), "8:16 50");
+    }
+
+    #[test]
+    fn swappiness_above_100_is_rejected_naming_the_field() {
+        let root = tempfile::tempdir().unwrap();
+        let paths = CgroupPaths {
+            unified_only: false,
+            dirs: vec![crate::cgroups::CgroupDir {
+                controllers: vec!["memory".into()],
+                path: root.path().to_path_buf(),
+            }],
+        };
+        let r: LinuxResources = serde_json::from_str(r#"{"memory":{"swappiness":200}}"#).unwrap();
+        let e = apply(&paths, &r).unwrap_err().to_string();
+        assert!(e.contains("linux.resources.memory.swappiness"), "{e}");
+    }
+
+    #[test]
     fn device_rules_use_star_for_wildcards() {
         assert_eq!(device_rule('a', -1, -1, "rwm"), "a *:* rwm");
         assert_eq!(device_rule('c', 136, -1, "rwm"), "c 136:* rwm");

@@ -189,6 +189,45 @@ pub fn stats(dir: &Path) -> serde_json::Value {
 mod tests {
     use super::*;
 
+    fn resources(json: &str) -> LinuxResources {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn v2_limits_land_in_v2_files_with_v2_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = resources(
+            r#"{"memory":{"limit":1048576,"reservation":524288,"swap":2097152},
+                "cpu":{"shares":1024,"quota":50000,"period":100000,"cpus":"0-1","mems":"0"},
+                "pids":{"limit":0},
+                "blockIO":{"weight":300,"throttleReadBpsDevice":[{"major":8,"minor":0,"rate":1000}]},
+                "hugepageLimits":[{"pageSize":"2MB","limit":4194304}],
+                "unified":{"memory.high":"900000"}}"#,
+        );
+        apply(dir.path(), &r).unwrap();
+        let f = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert_eq!(f("memory.max"), "1048576");
+        assert_eq!(f("memory.low"), "524288");
+        assert_eq!(f("memory.swap.max"), "1048576");
+        assert_eq!(f("cpu.weight"), "39");
+        assert_eq!(f("cpu.max"), "50000 100000");
+        assert_eq!(f("cpuset.cpus"), "0-1");
+        assert_eq!(f("pids.max"), "max");
+        assert_eq!(f("io.weight"), "default 300");
+        assert_eq!(f("io.max"), "8:0 rbps=1000");
+        assert_eq!(f("hugetlb.2MB.max"), "4194304");
+        assert_eq!(f("memory.high"), "900000");
+    }
+
+    #[test]
+    fn unified_key_with_a_path_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = apply(dir.path(), &resources(r#"{"unified":{"../escape":"1"}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("linux.resources.unified"), "{e}");
+    }
+
     #[test]
     fn cpu_shares_convert_to_weight_range() {
         assert_eq!(shares_to_weight(2), 1);
