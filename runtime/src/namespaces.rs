@@ -82,10 +82,15 @@ impl NamespaceSet {
             }
             let path = ns.path().clone().filter(|p| !p.as_os_str().is_empty());
             if let Some(p) = &path {
-                if std::fs::metadata(p).is_err() {
+                if let Err(e) = std::fs::metadata(p) {
+                    let why = if e.kind() == std::io::ErrorKind::NotFound {
+                        "does not exist".to_string()
+                    } else {
+                        e.to_string()
+                    };
                     return Err(Error::spec(
                         format!("linux.namespaces[{i}].path"),
-                        format!("{} does not exist", p.display()),
+                        format!("{}: {why}", p.display()),
                     ));
                 }
             }

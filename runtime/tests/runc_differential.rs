@@ -494,6 +494,17 @@ fn scenarios() -> Vec<Scenario> {
             ),
             ..scenario("pid-numbering-after-init", args(sh("sh -c 'echo $$'; true")))
         },
+        scenario("join-namespaces-by-path", |c| {
+            // The test process's own (host) ipc and network namespaces:
+            // harmless to share, and identical for both runtimes.
+            let me = std::process::id();
+            c["process"]["args"] = sh("readlink /proc/self/ns/ipc /proc/self/ns/net; ls /sys/class/net | grep -c lo");
+            remove_ns(c, "ipc");
+            remove_ns(c, "network");
+            let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.push(json!({"type": "ipc", "path": format!("/proc/{me}/ns/ipc")}));
+            ns.push(json!({"type": "network", "path": format!("/proc/{me}/ns/net")}));
+        }),
         scenario("user-namespace-mapping", |c| {
             c["process"]["args"] = sh("id; cat /proc/self/uid_map /proc/self/gid_map; stat -c '%u:%g' /bin/busybox");
             c["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "user"}));
@@ -569,6 +580,21 @@ fn scenarios() -> Vec<Scenario> {
         kind: Kind::Custom(Box::new(|h, rt, id, bundle| {
             let mut o = h.cmd(rt, &["run", "-b", bundle.to_str().unwrap(), id], None);
             o.stdout.push_str(&std::fs::read_to_string(bundle.join("poststart.out")).unwrap_or_else(|e| format!("no hook output: {e}")));
+            o
+        })),
+        explained: None,
+    });
+    v.push(Scenario {
+        name: "poststop-hook-on-delete",
+        configure: Box::new(|c| {
+            c["process"]["args"] = json!(["true"]);
+            c["hooks"] = json!({"poststop": [{"path": BUSYBOX, "args": ["busybox", "sh", "-c", "cat > @BUNDLE@/poststop.out"]}]});
+        }),
+        kind: Kind::Custom(Box::new(|h, rt, id, bundle| {
+            let mut o = h.cmd(rt, &["run", "-b", bundle.to_str().unwrap(), id], None);
+            o.stdout.push_str(
+                &std::fs::read_to_string(bundle.join("poststop.out")).unwrap_or_else(|e| format!("no hook output: {e}")),
+            );
             o
         })),
         explained: None,
