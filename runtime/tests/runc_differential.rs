@@ -5,8 +5,9 @@
 //! Ends with a leak check: no new mounts, no leftover processes, no cgroup
 //! directories.
 //!
-//! Needs root. Without root it says so and runs nothing; without `runc` it
-//! runs every scenario under husk-runc alone and says that it did.
+//! Needs root. Without root it says so and runs nothing; without `runc` (or
+//! with `HUSK_DIFF_RUNC=none`) it runs every scenario under husk-runc alone
+//! and says that it did.
 
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -1032,13 +1033,19 @@ fn runc_differential() {
         );
         return;
     }
-    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
+    // HUSK_DIFF_RUNC=<path> picks another runc; HUSK_DIFF_RUNC=none forces
+    // the husk-only form (to check that form on a machine that has runc).
+    let runc = match std::env::var("HUSK_DIFF_RUNC").ok().as_deref() {
+        Some("none") => None,
+        Some(p) => Some(PathBuf::from(p)).filter(|p| p.exists()),
+        None => ["/usr/sbin/runc", "/usr/bin/runc"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists()),
+    };
     match &runc {
         Some(p) => println!("runc_differential: FULL FORM: husk-runc against {}", p.display()),
-        None => println!("runc_differential: HUSK-ONLY FORM: runc is not installed, so each scenario runs under husk-runc alone and nothing is compared"),
+        None => println!("runc_differential: HUSK-ONLY FORM: runc is not available (not installed, or HUSK_DIFF_RUNC=none), so each scenario runs under husk-runc alone and nothing is compared"),
     }
     assert!(
         Path::new(BUSYBOX).exists(),
