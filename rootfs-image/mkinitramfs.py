@@ -47,7 +47,7 @@ def newc_entry(inode, name, mode, data=b"", rdev=(0, 0), nlink=1):
 BUSYBOX_APPLETS = [
     "sh", "ash", "cat", "cp", "mv", "rm", "ln", "ls", "mkdir", "rmdir", "mount",
     "umount", "echo", "test", "[", "sha256sum", "md5sum", "dd", "head", "tail",
-    "wc", "stat", "chmod", "chown", "touch", "sync", "sleep", "uname", "grep",
+    "wc", "stat", "time", "chmod", "chown", "touch", "sync", "sleep", "uname", "grep",
     "sed", "awk", "find", "xargs", "seq", "true", "false", "env", "id", "ps",
     "kill", "hostname", "readlink", "realpath", "cut", "tr", "sort", "uniq",
     "printf", "expr", "date", "cmp", "diff", "tee", "mktemp", "basename", "dirname",

@@ -9,11 +9,24 @@ runs=${HUSK_BENCH_RUNS:-20}
 echo "=== built-in VMM: boot timings and memory overhead"
 cargo run -q --release -p husk-vmm --example boot_bench -- "$HUSK_KERNEL" "$HUSK_INITRD" "$runs"
 
-if [ -f runtime/Cargo.toml ] && grep -q 'husk-runtime-bench' runtime/Cargo.toml 2>/dev/null; then
-  echo
-  echo "=== OCI runtime: create+start+wait of /bin/true, husk-runc vs runc"
-  cargo run -q --release -p husk-runtime --bin husk-runtime-bench
-else
-  echo
-  echo "=== OCI runtime: not measured (the runtime crate has no bench yet)"
+echo
+echo "=== devices (vsock, virtio-fs) over vhost-user in qemu, beside vhost-device-vsock and the host file system"
+peer_root=${HUSK_CACHE_DIR:-/var/cache/husk}/peers
+peer=$peer_root/bin/vhost-device-vsock
+if [ ! -x "$peer" ]; then
+  echo "installing the vsock peer vhost-device-vsock 0.3.0 from crates.io into $peer_root (once)"
+  cargo install -q --locked vhost-device-vsock@0.3.0 --root "$peer_root" || echo "could not install vhost-device-vsock; the vsock peer will be missing"
 fi
+guest_bin=target/x86_64-unknown-linux-gnu/release
+RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p husk-agent -p husk-guest-probe --target x86_64-unknown-linux-gnu
+bench_dir=$(mktemp -d /tmp/husk-bench.XXXXXX)
+trap 'rm -rf "$bench_dir"' EXIT
+python3 rootfs-image/mkinitramfs.py "$guest_bin/husk-agent" "$bench_dir/bench-initrd.gz" --busybox /bin/busybox \
+  --add "$guest_bin/husk-guest-probe:/bench/husk-guest-probe" \
+  --add tests/bench/fs-ops.sh:/bench/fs-ops.sh --add tests/bench/guest-run.sh:/bench/run >/dev/null
+cargo run -q --release -p husk-vmm --example device_bench -- "$HUSK_BZIMAGE" "$bench_dir/bench-initrd.gz" "$bench_dir/work" "$peer"
+
+echo
+echo "=== OCI runtime: create+start+wait of /bin/true, husk-runc vs runc (100 runs each)"
+cargo build -q --release -p husk-runtime --bins
+./target/release/husk-runtime-bench 100
