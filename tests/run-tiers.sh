@@ -69,16 +69,18 @@ else
   not_run kvm "/dev/kvm is missing or not accessible"
 fi
 
-if has_tests "vmm/tests/guest_*.rs"; then
-  if command -v qemu-system-x86_64 >/dev/null; then
-    guest_targets=()
-    for f in vmm/tests/guest_*.rs; do guest_targets+=(--test "$(basename "$f" .rs)"); done
-    run_tier guest cargo test -p husk-vmm "${guest_targets[@]}" -- --nocapture --test-threads=1
-  else
-    not_run guest "qemu-system-x86_64 is missing (make deps installs qemu-system-x86)"
-  fi
-else
+guest_targets=()
+for f in vmm/tests/guest_*.rs tests/tests/guest_*.rs; do
+  [ -e "$f" ] || continue
+  pkg=$( [ "${f%%/*}" = vmm ] && echo husk-vmm || echo husk-tests )
+  guest_targets+=(-p "$pkg" --test "$(basename "$f" .rs)")
+done
+if [ ${#guest_targets[@]} -eq 0 ]; then
   not_run guest "no guest-tier suites exist yet"
+elif ! command -v qemu-system-x86_64 >/dev/null; then
+  not_run guest "qemu-system-x86_64 is missing (make deps installs qemu-system-x86)"
+else
+  run_tier guest cargo test "${guest_targets[@]}" -- --nocapture --test-threads=1
 fi
 
 not_run e2e "the shim's task service is not built yet (issue 6)"
