@@ -24,6 +24,19 @@ value() {
   echo "HUSK_VALUE $1=$2"
 }
 
+# check_live NAME COMMAND...: like check, but COMMAND's output goes to the
+# console as it runs (for commands whose progress lines the host waits for).
+check_live() {
+  husk_name=$1
+  shift
+  if "$@"; then
+    echo "HUSK_CHECK $husk_name ok"
+  else
+    echo "HUSK_CHECK $husk_name FAIL exit status $?"
+    HUSK_FAILED=$((HUSK_FAILED + 1))
+  fi
+}
+
 # wait_for PATH SECONDS: waits until PATH exists.
 wait_for() {
   husk_tries=$(($2 * 10))

@@ -3,9 +3,11 @@
 //! The machine is `microvm` without ACPI (QEMU then lists the virtio-mmio
 //! devices on the kernel command line), its memory a shared memfd so that
 //! vhost-user servers can map it, no default devices, and `-no-reboot` so a
-//! guest reset ends QEMU. The console goes to a file chardev and QMP to a
-//! Unix socket in the VM's run directory. Values embedded in `-chardev` and
-//! `-device` option strings have their commas doubled, QEMU's escape.
+//! guest reset ends QEMU. The virtio-mmio transports speak virtio 1.x (MMIO
+//! version 2) instead of microvm's legacy default. The console goes to a
+//! file chardev and QMP to a Unix socket in the VM's run directory. Values
+//! embedded in `-chardev` and `-device` option strings have their commas
+//! doubled, QEMU's escape.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -20,9 +22,6 @@ pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 
 /// The virtio-fs tag field is 36 bytes (virtio 1.2, 5.11.4).
 pub const MAX_FS_TAG_BYTES: usize = 36;
-
-/// Context ids 0-2 are reserved (hypervisor, local, host); guests get 3+.
-pub const FIRST_GUEST_CID: u64 = 3;
 
 /// The chardev ids the command line uses.
 const CONSOLE_CHARDEV: &str = "console";
@@ -51,6 +50,10 @@ pub fn qemu_arguments(
         &"-nographic",
     ]);
     push(&[&"-M", &"microvm,acpi=off,memory-backend=mem"]);
+    // microvm's virtio-mmio transports default to the legacy (version 1)
+    // interface; the device models, like the built-in VMM, speak virtio 1.x
+    // over MMIO version 2.
+    push(&[&"-global", &"virtio-mmio.force-legacy=false"]);
     push(&[&"-accel", &accel.qemu_name(), &"-cpu", &accel.cpu_model()]);
     push(&[&"-smp", &config.vcpus.to_string()]);
     push(&[&"-m", &memory]);
@@ -79,10 +82,7 @@ pub fn qemu_arguments(
         push(&[&"-chardev", &socket]);
         push(&[
             &"-device",
-            &format!(
-                "vhost-user-vsock-device,chardev={VSOCK_CHARDEV},guest-cid={}",
-                vsock.guest_cid
-            ),
+            &format!("vhost-user-vsock-device,chardev={VSOCK_CHARDEV}"),
         ]);
     }
     if let Some(fs) = &config.fs {
@@ -144,15 +144,6 @@ fn validate(config: &QemuVmConfig, qmp_socket: &Path) -> Result<(), QemuError> {
     check_socket_path(qmp_socket)?;
     if let Some(vsock) = &config.vsock {
         check_socket_path(&vsock.socket)?;
-        if vsock.guest_cid < FIRST_GUEST_CID || vsock.guest_cid > u64::from(u32::MAX) {
-            return Err(QemuError::InvalidOption {
-                option: "vsock.guest_cid",
-                reason: format!(
-                    "{} is reserved or out of range (guests use {FIRST_GUEST_CID}..=2^32-1)",
-                    vsock.guest_cid
-                ),
-            });
-        }
     }
     if let Some(fs) = &config.fs {
         check_socket_path(&fs.socket)?;
@@ -212,6 +203,7 @@ mod tests {
     fn guest_memory_is_a_shared_memfd_backing_microvm() {
         let args = args_of(&config().with_memory_mib(512), ResolvedAccel::Tcg);
         assert_eq!(value_of(&args, "-M"), "microvm,acpi=off,memory-backend=mem");
+        assert_eq!(value_of(&args, "-global"), "virtio-mmio.force-legacy=false");
         assert_eq!(value_of(&args, "-m"), "512M");
         assert_eq!(
             value_of(&args, "-object"),
@@ -280,7 +272,7 @@ mod tests {
     #[test]
     fn vhost_user_devices_connect_to_their_sockets() {
         let config = config()
-            .with_vsock("/run/vsock.sock", 3)
+            .with_vsock("/run/vsock.sock")
             .with_fs("/run/fs.sock", "kataShared");
         let args = args_of(&config, ResolvedAccel::Tcg);
         let chardevs = values_of(&args, "-chardev");
@@ -295,7 +287,7 @@ mod tests {
         assert_eq!(
             values_of(&args, "-device"),
             [
-                "vhost-user-vsock-device,chardev=vsock,guest-cid=3",
+                "vhost-user-vsock-device,chardev=vsock",
                 "vhost-user-fs-device,chardev=fs,tag=kataShared"
             ]
         );
@@ -321,13 +313,6 @@ mod tests {
     }
 
     #[test]
-    fn reserved_guest_cid_is_rejected() {
-        let config = config().with_vsock("/run/vsock.sock", 2);
-        let error = qemu_arguments(&config, ResolvedAccel::Tcg, Path::new("/q")).unwrap_err();
-        assert!(error.to_string().contains("vsock.guest_cid"), "{error}");
-    }
-
-    #[test]
     fn overlong_fs_tag_is_rejected() {
         let config = config().with_fs("/run/fs.sock", "t".repeat(MAX_FS_TAG_BYTES + 1));
         let error = qemu_arguments(&config, ResolvedAccel::Tcg, Path::new("/q")).unwrap_err();
@@ -337,7 +322,7 @@ mod tests {
     #[test]
     fn socket_path_longer_than_sun_path_is_rejected_with_its_path() {
         let long = format!("/{}", "s".repeat(MAX_SOCKET_PATH_BYTES));
-        let config = config().with_vsock(&long, 3);
+        let config = config().with_vsock(&long);
         let error = qemu_arguments(&config, ResolvedAccel::Tcg, Path::new("/q")).unwrap_err();
         assert!(error.to_string().contains(&long), "{error}");
     }

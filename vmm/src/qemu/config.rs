@@ -18,12 +18,14 @@ pub const DEFAULT_QEMU_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
 
 /// The hybrid vsock device, served over vhost-user by this process.
+///
+/// It carries no guest CID: QEMU 7.2's `vhost-user-vsock-device` has no
+/// `guest-cid` property and reads the CID from the backend's configuration
+/// space, so the vsock server's own configuration decides it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostUserVsock {
     /// The vhost-user socket the device's server listens on.
     pub socket: PathBuf,
-    /// The guest's context id (3 or more; 0-2 are reserved).
-    pub guest_cid: u64,
 }
 
 /// The virtio-fs device, served over vhost-user by this process.
@@ -114,10 +116,9 @@ impl QemuVmConfig {
         self
     }
 
-    pub fn with_vsock(mut self, socket: impl Into<PathBuf>, guest_cid: u64) -> Self {
+    pub fn with_vsock(mut self, socket: impl Into<PathBuf>) -> Self {
         self.vsock = Some(VhostUserVsock {
             socket: socket.into(),
-            guest_cid,
         });
         self
     }

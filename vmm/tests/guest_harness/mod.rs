@@ -13,10 +13,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use husk_vmm::qemu::{AccelChoice, QemuVmConfig};
+
+pub mod hybrid_vsock;
 
 /// The guest's target: the agent and the probe are linked statically for it.
 pub const GUEST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
@@ -349,21 +352,55 @@ pub fn pairs(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Waits until a line of the console log contains `needle`; returns it.
-pub fn wait_for_console_line(console_log: &Path, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = std::fs::read(console_log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        if let Some(line) = text.lines().find(|line| line.contains(needle)) {
-            return line.to_owned();
+/// Follows a running guest's console log for the lines host-side steps
+/// wait for. Clones share the `guest_ended` flag: once the caller sets it,
+/// waits give up at once instead of running into their timeout.
+#[derive(Debug, Clone)]
+pub struct ConsoleWatch {
+    pub path: PathBuf,
+    pub guest_ended: Arc<AtomicBool>,
+}
+
+impl ConsoleWatch {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            guest_ended: Arc::new(AtomicBool::new(false)),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the guest console never showed {needle:?} within {timeout:?}; console:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    /// Waits until a console line contains `needle` and returns that line.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Read the flag before the log: a line printed just before the
+            // guest ended is still found.
+            let ended = self.guest_ended.load(Ordering::SeqCst);
+            let text = std::fs::read(&self.path)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            if let Some(line) = text.lines().find(|line| line.contains(needle)) {
+                return Ok(line.to_owned());
+            }
+            if ended {
+                return Err(format!("the guest ended without printing {needle:?}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the console showed no {needle:?} within {timeout:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Tells every waiter that the guest is gone.
+    pub fn guest_has_ended(&self) {
+        self.guest_ended.store(true, Ordering::SeqCst);
+    }
+
+    pub fn has_guest_ended(&self) -> bool {
+        self.guest_ended.load(Ordering::SeqCst)
     }
 }
 

@@ -130,7 +130,9 @@ fn vsock_many(cid: u32, port: u32, n: usize, bytes: u64) -> io::Result<()> {
             let all_open = Arc::clone(&all_open);
             thread::spawn(move || -> io::Result<()> {
                 let connected = VsockStream::connect(cid, port);
-                all_open.wait();
+                if all_open.wait().is_leader() {
+                    progress(&format!("vsock-many: {n} connection attempts returned"));
+                }
                 let stream = connected?;
                 echo_round_trip(stream, index as u64, bytes)
             })
