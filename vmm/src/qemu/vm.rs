@@ -328,3 +328,103 @@ fn tail(text: &str, max_bytes: usize) -> String {
     }
     text[start..].to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A scratch directory with a fake QEMU script, kernel and initrd.
+    struct Scratch {
+        dir: PathBuf,
+    }
+
+    impl Scratch {
+        fn new(name: &str, fake_qemu: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("husk-qemu-vm-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("work")).unwrap();
+            std::fs::write(dir.join("qemu"), format!("#!/bin/sh\n{fake_qemu}\n")).unwrap();
+            std::fs::set_permissions(dir.join("qemu"), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            std::fs::write(dir.join("bzImage"), b"kernel").unwrap();
+            std::fs::write(dir.join("initrd"), b"initrd").unwrap();
+            Self { dir }
+        }
+
+        fn config(&self) -> QemuVmConfig {
+            QemuVmConfig::new(
+                self.dir.join("bzImage"),
+                self.dir.join("initrd"),
+                self.dir.join("console.log"),
+            )
+            .with_qemu_binary(self.dir.join("qemu"))
+            .with_accel(super::super::Accel::Tcg)
+            .with_work_dir(self.dir.join("work"))
+        }
+
+        fn work_dir_is_empty(&self) -> bool {
+            std::fs::read_dir(self.dir.join("work"))
+                .unwrap()
+                .next()
+                .is_none()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn qemu_older_than_7_2_is_refused_naming_the_debian_package() {
+        let scratch = Scratch::new(
+            "old",
+            "echo 'QEMU emulator version 6.2.0 (Debian 1:6.2+dfsg-2)'",
+        );
+        let error = QemuVm::start(scratch.config()).unwrap_err();
+        assert!(matches!(error, QemuError::VersionTooOld { .. }), "{error}");
+        assert!(error.to_string().contains("qemu-system-x86"), "{error}");
+        assert!(scratch.work_dir_is_empty());
+    }
+
+    #[test]
+    fn qemu_exiting_at_startup_reports_its_output_and_leaves_no_run_dir() {
+        let scratch = Scratch::new(
+            "exits",
+            "case \"$1\" in --version) echo 'QEMU emulator version 7.2.0'; exit 0;; esac\n\
+             echo 'qemu-system-x86_64: -device nonsense: no such device' >&2\nexit 1",
+        );
+        let error = QemuVm::start(scratch.config()).unwrap_err();
+        match &error {
+            QemuError::ExitedAtStart { status, output } => {
+                assert_eq!(status.code(), Some(1));
+                assert!(output.contains("no such device"), "{output}");
+            }
+            other => panic!("expected ExitedAtStart, got {other}"),
+        }
+        assert!(
+            scratch.work_dir_is_empty(),
+            "the run directory is removed on failure"
+        );
+    }
+
+    #[test]
+    fn missing_kernel_and_vhost_user_socket_are_named() {
+        let scratch = Scratch::new("missing", "echo 'QEMU emulator version 7.2.0'");
+        let config = scratch.config();
+        let mut without_kernel = config.clone();
+        without_kernel.kernel = scratch.dir.join("no-bzImage");
+        let error = QemuVm::start(without_kernel).unwrap_err();
+        assert!(error.to_string().contains("no-bzImage"), "{error}");
+        let socket = scratch.dir.join("vsock.sock");
+        let error = QemuVm::start(config.with_vsock(&socket)).unwrap_err();
+        assert!(
+            matches!(&error, QemuError::VhostUserSocketMissing { path, .. } if *path == socket),
+            "{error}"
+        );
+        assert!(scratch.work_dir_is_empty());
+    }
+}
