@@ -1,0 +1,446 @@
+//! The agent's guest tier: ONE guest boots through the `qemu` backend with
+//! the product kernel, an initramfs holding only the static agent as PID 1,
+//! and our vsock and virtio-fs device models served over vhost-user from
+//! this process. The client reaches the agent over hybrid vsock, creates the
+//! sandbox (the guest mounts the share), and every check below runs busybox
+//! containers whose rootfs is bind-mounted into the share.
+//!
+//! A TCG boot costs seconds, so the checks share the guest and run in a
+//! fixed order under this file's own `main` (`harness = false`), each
+//! reported as `test <name> ... ok|FAILED` under the name of the behaviour
+//! it proves; the last one destroys the sandbox and proves that QEMU exited
+//! cleanly and nothing is left on the host. `cargo test --test guest_agent
+//! -- <substring>` runs only the matching checks (the teardown always runs).
+//! Missing artifacts fail with the command that makes them.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use husk_agent_client::Code;
+use husk_tests::artifacts::host_kernel_release;
+use husk_tests::container::{read_text, read_to_end, Pipes};
+use husk_tests::guest::{GuestSandbox, GuestShape};
+use husk_vmm::qemu::GuestEnd;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long one ordinary check may take under TCG.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the 100 MiB stream may take (TCG generates and hashes it).
+const STREAM_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a single stdio stream may take to reach end of file.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The size of the big stdout stream.
+const STREAM_BYTES: u64 = 100 << 20;
+
+type CheckFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// One named check against the shared guest.
+struct Check {
+    name: &'static str,
+    timeout: Duration,
+    run: fn(Arc<GuestSandbox>) -> CheckFuture,
+}
+
+fn checks() -> Vec<Check> {
+    vec![
+        Check {
+            name: "container_uname_reports_the_guest_kernel_not_the_hosts",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| Box::pin(container_uname_reports_the_guest_kernel_not_the_hosts(sb)),
+        },
+        Check {
+            name: "stdin_is_echoed_to_stdout_and_stderr_arrives_separately",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| Box::pin(stdin_is_echoed_to_stdout_and_stderr_arrives_separately(sb)),
+        },
+        Check {
+            name: "exit_codes_zero_and_three_reach_the_host",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| Box::pin(exit_codes_zero_and_three_reach_the_host(sb)),
+        },
+        Check {
+            name: "container_killed_by_sigkill_reports_137_and_is_then_not_found",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| Box::pin(container_killed_by_sigkill_reports_137_and_is_then_not_found(sb)),
+        },
+        Check {
+            name: "exec_runs_inside_the_running_container_and_can_be_killed",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| Box::pin(exec_runs_inside_the_running_container_and_can_be_killed(sb)),
+        },
+        Check {
+            name: "hundred_mib_of_container_stdout_arrive_intact",
+            timeout: STREAM_TIMEOUT,
+            run: |sb| Box::pin(hundred_mib_of_container_stdout_arrive_intact(sb)),
+        },
+    ]
+}
+
+/// The teardown check's name; it always runs last.
+const TEARDOWN_CHECK: &str = "destroy_sandbox_powers_the_guest_off_and_leaves_nothing_on_the_host";
+
+fn main() -> ExitCode {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
+    husk_tests::guest::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot build the tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(filters))
+}
+
+async fn run(filters: Vec<String>) -> ExitCode {
+    let started = Instant::now();
+    let sandbox = match GuestSandbox::boot(GuestShape::default()).await {
+        Ok(sandbox) => sandbox,
+        Err(error) => {
+            eprintln!("test guest_boot ... FAILED\n{error:#}");
+            println!("husk-test-form: agent guest tier via qemu: FAILED before any check (the guest did not come up)");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "husk-test-form: agent guest tier via qemu ({}, {})",
+        sandbox.accel().accel,
+        sandbox.accel().reason
+    );
+    println!(
+        "agent answered Check {:.2} s after QEMU started (vhost-user vsock + virtio-fs, qemu microvm, {})",
+        sandbox.boot_to_check().as_secs_f64(),
+        sandbox.accel().accel
+    );
+
+    let sandbox = Arc::new(sandbox);
+    let (mut passed, mut failed) = (0usize, Vec::new());
+    for check in checks() {
+        if !filters.is_empty() && !filters.iter().any(|f| check.name.contains(f.as_str())) {
+            continue;
+        }
+        let check_started = Instant::now();
+        // A task of its own, so a panic in a check fails that check only.
+        let task = tokio::spawn((check.run)(sandbox.clone()));
+        let outcome = match tokio::time::timeout(check.timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join_error)) => Err(anyhow::anyhow!("the check panicked: {join_error}")),
+            Err(_) => Err(anyhow::anyhow!(
+                "the check took longer than {:?}",
+                check.timeout
+            )),
+        };
+        let seconds = check_started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => {
+                println!("test {} ... ok ({seconds:.1} s)", check.name);
+                passed += 1;
+            }
+            Err(error) => {
+                println!("test {} ... FAILED ({seconds:.1} s)", check.name);
+                eprintln!(
+                    "---- {} ----\n{error:#}\n---- guest console (tail) ----\n{}",
+                    check.name,
+                    sandbox.console_tail()
+                );
+                failed.push(check.name);
+            }
+        }
+    }
+
+    let check_started = Instant::now();
+    let outcome = match Arc::try_unwrap(sandbox) {
+        Ok(sandbox) => {
+            destroy_sandbox_powers_the_guest_off_and_leaves_nothing_on_the_host(sandbox).await
+        }
+        Err(_) => Err(anyhow::anyhow!("a timed-out check still holds the sandbox")),
+    };
+    let seconds = check_started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(()) => {
+            println!("test {TEARDOWN_CHECK} ... ok ({seconds:.1} s)");
+            passed += 1;
+        }
+        Err(error) => {
+            println!("test {TEARDOWN_CHECK} ... FAILED ({seconds:.1} s)");
+            eprintln!("---- {TEARDOWN_CHECK} ----\n{error:#}");
+            failed.push(TEARDOWN_CHECK);
+        }
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {} failed; one guest, {:.1} s in all",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        println!("failures: {}", failed.join(", "));
+        ExitCode::FAILURE
+    }
+}
+
+async fn container_uname_reports_the_guest_kernel_not_the_hosts(
+    sb: Arc<GuestSandbox>,
+) -> Result<()> {
+    let mut io = sb
+        .run_container("uname", &["uname", "-r"], Pipes::OUT_ERR)
+        .await?;
+    let stdout = read_text(&mut io.take_stdout()?, READ_TIMEOUT).await?;
+    let exit = sb.wait("uname", "").await?;
+    ensure!(exit.status == 0, "uname -r exited with {}", exit.status);
+    let host = host_kernel_release()?;
+    ensure!(
+        stdout.trim() == sb.kernel_release(),
+        "the container's uname -r printed {stdout:?}, the guest kernel is {:?}",
+        sb.kernel_release()
+    );
+    ensure!(
+        stdout.trim() != host,
+        "the container printed the host's release {host:?}: it did not run in the guest"
+    );
+    sb.remove_container("uname").await
+}
+
+async fn stdin_is_echoed_to_stdout_and_stderr_arrives_separately(
+    sb: Arc<GuestSandbox>,
+) -> Result<()> {
+    let mut io = sb
+        .run_container(
+            "echo",
+            &["sh", "-c", "cat; echo out; echo err >&2"],
+            Pipes::ALL,
+        )
+        .await?;
+    let mut stdin = io.take_stdin()?;
+    stdin
+        .write_all(b"hello from the host\n")
+        .await
+        .context("writing the container's stdin")?;
+    stdin
+        .shutdown()
+        .await
+        .context("closing the container's stdin")?;
+    let stdout = read_text(&mut io.take_stdout()?, READ_TIMEOUT).await?;
+    let stderr = read_text(&mut io.take_stderr()?, READ_TIMEOUT).await?;
+    ensure!(
+        stdout == "hello from the host\nout\n",
+        "stdout was {stdout:?}"
+    );
+    ensure!(stderr == "err\n", "stderr was {stderr:?}");
+    let exit = sb.wait("echo", "").await?;
+    ensure!(
+        exit.status == 0,
+        "the echo container exited with {}",
+        exit.status
+    );
+    sb.remove_container("echo").await
+}
+
+async fn exit_codes_zero_and_three_reach_the_host(sb: Arc<GuestSandbox>) -> Result<()> {
+    for (id, script, expected) in [("exit0", "exit 0", 0), ("exit3", "exit 3", 3)] {
+        sb.run_container(id, &["sh", "-c", script], Pipes::NONE)
+            .await?;
+        let exit = sb.wait(id, "").await?;
+        ensure!(
+            exit.status == expected,
+            "`sh -c {script:?}` reported {} instead of {expected}",
+            exit.status
+        );
+        ensure!(exit.exited_at_unix_ns > 0, "no exit time for {id}");
+        sb.remove_container(id).await?;
+    }
+    Ok(())
+}
+
+async fn container_killed_by_sigkill_reports_137_and_is_then_not_found(
+    sb: Arc<GuestSandbox>,
+) -> Result<()> {
+    let pid = {
+        sb.create_container("sleeper", &["sleep", "1000"], Pipes::NONE)
+            .await?;
+        sb.client()
+            .start_container("sleeper")
+            .await
+            .context("StartContainer sleeper")?
+    };
+    ensure!(pid > 0, "StartContainer returned pid {pid}");
+    sb.client()
+        .signal_process("sleeper", "", libc::SIGKILL as u32, false)
+        .await
+        .context("SignalProcess SIGKILL")?;
+    let exit = sb.wait("sleeper", "").await?;
+    ensure!(
+        exit.status == 137,
+        "SIGKILL reported {} instead of 137",
+        exit.status
+    );
+    match sb
+        .client()
+        .signal_process("sleeper", "", libc::SIGKILL as u32, false)
+        .await
+    {
+        Err(error) if error.code() == Some(Code::NOT_FOUND) => {}
+        other => bail!("signalling the dead init gave {other:?}, not NOT_FOUND"),
+    }
+    sb.remove_container("sleeper").await
+}
+
+async fn exec_runs_inside_the_running_container_and_can_be_killed(
+    sb: Arc<GuestSandbox>,
+) -> Result<()> {
+    sb.run_container("host", &["sleep", "1000"], Pipes::NONE)
+        .await?;
+    let mut io = sb
+        .exec(
+            "host",
+            "look",
+            &["sh", "-c", "hostname; cat /proc/1/comm; uname -r; exit 5"],
+            Pipes::OUT_ERR,
+        )
+        .await?;
+    let stdout = read_text(&mut io.take_stdout()?, READ_TIMEOUT).await?;
+    let expected = format!("husk-container\nsleep\n{}\n", sb.kernel_release());
+    ensure!(
+        stdout == expected,
+        "the exec printed {stdout:?}, expected {expected:?} (the container's hostname, its init, the guest kernel)"
+    );
+    let exit = sb.wait("host", "look").await?;
+    ensure!(
+        exit.status == 5,
+        "the exec exited with {} instead of 5",
+        exit.status
+    );
+
+    sb.exec("host", "long", &["sleep", "1000"], Pipes::NONE)
+        .await?;
+    sb.client()
+        .signal_process("host", "long", libc::SIGTERM as u32, false)
+        .await
+        .context("SignalProcess SIGTERM to the exec")?;
+    let exit = sb.wait("host", "long").await?;
+    ensure!(
+        exit.status == 128 + libc::SIGTERM,
+        "the killed exec reported {}",
+        exit.status
+    );
+    let processes = sb
+        .client()
+        .list_processes("host")
+        .await
+        .context("ListProcesses")?;
+    ensure!(
+        processes.len() == 1,
+        "the init should be alone after the exec's end: {processes:?}"
+    );
+
+    sb.client()
+        .signal_process("host", "", libc::SIGKILL as u32, false)
+        .await
+        .context("SignalProcess SIGKILL to the init")?;
+    let exit = sb.wait("host", "").await?;
+    ensure!(
+        exit.status == 137,
+        "the killed init reported {}",
+        exit.status
+    );
+    sb.remove_container("host").await
+}
+
+async fn hundred_mib_of_container_stdout_arrive_intact(sb: Arc<GuestSandbox>) -> Result<()> {
+    // The container hashes exactly what it writes: tee feeds a FIFO read
+    // by sha256sum, whose digest goes to stderr.
+    let script = format!(
+        "mkfifo /tmp/f && (sha256sum < /tmp/f >&2 &) && head -c {STREAM_BYTES} /dev/urandom | tee /tmp/f; wait"
+    );
+    let started = Instant::now();
+    let mut io = sb
+        .run_container("stream", &["sh", "-c", &script], Pipes::OUT_ERR)
+        .await?;
+    let mut stdout = io.take_stdout()?;
+    let reader = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = stdout
+                .read(&mut buffer)
+                .await
+                .context("reading the 100 MiB stdout")?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            bytes += n as u64;
+        }
+        anyhow::Ok((bytes, hasher.finalize()))
+    });
+    let stderr = read_to_end(&mut io.take_stderr()?, STREAM_TIMEOUT).await?;
+    let (bytes, digest) = reader.await.context("the stdout reader task")??;
+    let seconds = started.elapsed().as_secs_f64();
+    let exit = sb.wait("stream", "").await?;
+    let stderr = String::from_utf8_lossy(&stderr);
+    let guest_digest = stderr.split_whitespace().next().unwrap_or_default();
+    let host_digest: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    ensure!(
+        exit.status == 0,
+        "the stream container exited with {}; stderr {stderr:?}",
+        exit.status
+    );
+    ensure!(
+        bytes == STREAM_BYTES,
+        "{bytes} bytes arrived instead of {STREAM_BYTES}"
+    );
+    ensure!(
+        guest_digest == host_digest,
+        "the guest hashed {guest_digest:?} (stderr {stderr:?}), the host received {host_digest}"
+    );
+    println!(
+        "    100 MiB of stdout in {seconds:.1} s ({:.1} MiB/s, generated and hashed in the guest), sha256 {host_digest}",
+        100.0 / seconds
+    );
+    sb.remove_container("stream").await
+}
+
+async fn destroy_sandbox_powers_the_guest_off_and_leaves_nothing_on_the_host(
+    sb: GuestSandbox,
+) -> Result<()> {
+    let work_dir = sb.work_dir().to_path_buf();
+    let qemu_pid = sb.qemu_pid();
+    let teardown = sb.shut_down().await?;
+    ensure!(
+        teardown.guest_end == GuestEnd::PoweredOff,
+        "after DestroySandbox the guest ended as {:?} (reply {:?})",
+        teardown.guest_end,
+        teardown.destroy_reply
+    );
+    ensure!(
+        teardown.destroy_reply.is_ok(),
+        "DestroySandbox answered {:?}",
+        teardown.destroy_reply
+    );
+    ensure!(
+        teardown.leftovers.is_empty(),
+        "left on the host after the sandbox ended (QEMU pid {qemu_pid}, work dir {}): {:?}",
+        work_dir.display(),
+        teardown.leftovers
+    );
+    println!(
+        "    DestroySandbox to QEMU's exit: {:.2} s",
+        teardown.destroy_to_exit.as_secs_f64()
+    );
+    Ok(())
+}
