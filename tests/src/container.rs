@@ -164,6 +164,33 @@ pub async fn read_to_end(stream: &mut UnixStream, timeout: Duration) -> Result<V
     }
 }
 
+/// Reads until `needle` has appeared (within `timeout`); returns all read.
+pub async fn read_until(
+    stream: &mut UnixStream,
+    needle: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut data = Vec::new();
+    while !String::from_utf8_lossy(&data).contains(needle) {
+        let mut buffer = [0u8; 4096];
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(read) => read.context("reading a stdio stream failed")?,
+            Err(_) => bail!(
+                "{needle:?} did not arrive within {timeout:?}; got {:?}",
+                String::from_utf8_lossy(&data)
+            ),
+        };
+        ensure!(
+            n > 0,
+            "end of file before {needle:?}; got {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&buffer[..n]);
+    }
+    String::from_utf8(data).context("a stdio stream carried text that is not UTF-8")
+}
+
 /// Like [`read_to_end`], as text.
 pub async fn read_text(stream: &mut UnixStream, timeout: Duration) -> Result<String> {
     let data = read_to_end(stream, timeout).await?;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use husk_agent_client::Code;
 use husk_tests::artifacts::host_kernel_release;
-use husk_tests::container::{read_text, read_to_end, Pipes};
+use husk_tests::container::{read_text, read_to_end, read_until, Pipes};
 use husk_tests::guest::{GuestSandbox, GuestShape};
 use husk_vmm::qemu::GuestEnd;
 use sha2::{Digest, Sha256};
@@ -226,16 +226,21 @@ async fn stdin_is_echoed_to_stdout_and_stderr_arrives_separately(
         )
         .await?;
     let mut stdin = io.take_stdin()?;
+    let mut stdout = io.take_stdout()?;
     stdin
         .write_all(b"hello from the host\n")
         .await
         .context("writing the container's stdin")?;
-    stdin
-        .shutdown()
+    let echoed = read_until(&mut stdout, "hello from the host\n", READ_TIMEOUT).await?;
+    // CloseStdin is how the shim ends a process's input (containerd's
+    // CloseIO); cat then sees end of file and the script goes on.
+    sb.client()
+        .close_stdin("echo", "")
         .await
-        .context("closing the container's stdin")?;
-    let stdout = read_text(&mut io.take_stdout()?, READ_TIMEOUT).await?;
+        .context("CloseStdin echo")?;
+    let rest = read_text(&mut stdout, READ_TIMEOUT).await?;
     let stderr = read_text(&mut io.take_stderr()?, READ_TIMEOUT).await?;
+    let stdout = format!("{echoed}{rest}");
     ensure!(
         stdout == "hello from the host\nout\n",
         "stdout was {stdout:?}"
@@ -247,6 +252,7 @@ async fn stdin_is_echoed_to_stdout_and_stderr_arrives_separately(
         "the echo container exited with {}",
         exit.status
     );
+    drop(stdin);
     sb.remove_container("echo").await
 }
 
@@ -362,9 +368,10 @@ async fn exec_runs_inside_the_running_container_and_can_be_killed(
 
 async fn hundred_mib_of_container_stdout_arrive_intact(sb: Arc<GuestSandbox>) -> Result<()> {
     // The container hashes exactly what it writes: tee feeds a FIFO read
-    // by sha256sum, whose digest goes to stderr.
+    // by sha256sum, whose digest goes to stderr. `wait` keeps the init (sh)
+    // alive until sha256sum printed: the init's exit would kill it.
     let script = format!(
-        "mkfifo /tmp/f && (sha256sum < /tmp/f >&2 &) && head -c {STREAM_BYTES} /dev/urandom | tee /tmp/f; wait"
+        "mkfifo /tmp/f && {{ sha256sum < /tmp/f >&2 & head -c {STREAM_BYTES} /dev/urandom | tee /tmp/f; wait; }}"
     );
     let started = Instant::now();
     let mut io = sb
