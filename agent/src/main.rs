@@ -31,6 +31,7 @@ mod rpc;
 mod sandbox;
 mod server;
 mod stdio;
+mod switch_root;
 mod validate;
 
 use std::path::PathBuf;
@@ -64,6 +65,10 @@ fn main() {
 fn guest_main() -> ! {
     boot_timer::report_init_reached();
     console::log("husk-agent starting");
+    if let Err(error) = switch_root::switch_to_tmpfs_root() {
+        console::log(&format!("cannot leave the initramfs for a tmpfs root: {error}"));
+        power::power_off();
+    }
     if let Err(error) = mounts::mount_kernel_filesystems() {
         console::log(&format!("cannot mount the kernel filesystems: {error}"));
         power::power_off();
