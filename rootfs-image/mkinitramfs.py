@@ -49,7 +49,7 @@ BUSYBOX_APPLETS = [
     "umount", "echo", "test", "[", "sha256sum", "md5sum", "dd", "head", "tail",
     "wc", "stat", "time", "chmod", "chown", "touch", "sync", "sleep", "uname", "grep",
     "sed", "awk", "find", "xargs", "seq", "true", "false", "env", "id", "ps",
-    "kill", "hostname", "readlink", "realpath", "cut", "tr", "sort", "uniq",
+    "kill", "unshare", "hostname", "readlink", "realpath", "cut", "tr", "sort", "uniq",
     "printf", "expr", "date", "cmp", "diff", "tee", "mktemp", "basename", "dirname",
 ]
 
