@@ -48,10 +48,12 @@ pub const TX_QUEUE_INDEX: usize = 1;
 pub const EVENT_QUEUE_INDEX: usize = 2;
 /// Number of queues of a socket device, virtio 1.2, 5.10.2.
 pub const NUM_QUEUES: usize = 3;
-/// Maximum size of each queue. Our choice: 256 entries keep a 64 KiB-packet
-/// tx ring at 16 MiB in flight, well above what Linux's 256 KiB socket
-/// buffers can fill, and match Linux's default virtqueue size for vsock.
-pub const QUEUE_SIZE: u16 = 256;
+/// Maximum size of each queue. QEMU's `vhost-user-vsock-device` (7.2 and
+/// later) always sets its vrings to 1024 entries and has no option to lower
+/// them, and vhost-user backends refuse a SET_VRING_NUM above their maximum,
+/// so 1024 is the floor. Nothing in the model is sized by the queue: the
+/// MMIO transport lets the driver pick any smaller power of two.
+pub const QUEUE_SIZE: u16 = 1024;
 /// The well-known CID of the host (virtio 1.2, 5.10.4; Linux `VMADDR_CID_HOST`).
 pub const HOST_CID: u64 = 2;
 /// Lowest CID a guest may have: 0, 1 and 2 are reserved (virtio 1.2, 5.10.4).

@@ -1235,3 +1235,46 @@ fn vhost_user_frontend_negotiates_and_relays_a_host_connection_end_to_end() {
     );
     assert_eof(&mut client);
 }
+
+/// QEMU 7.2's `vhost-user-vsock-device` sets every vring to 1024 entries and
+/// cannot be told otherwise; a backend that refuses drops the session, which
+/// the next request that wants a reply would see.
+#[test]
+fn vhost_user_backend_accepts_qemu_vring_size_of_1024() {
+    use vhost::vhost_user::message::VhostUserVirtioFeatures;
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+
+    const QEMU_VSOCK_VRING_SIZE: u16 = 1024;
+    let dir = TempDir::new();
+    let socket = dir.path().join("vhost.sock");
+    let config = VsockConfig {
+        guest_cid: 7,
+        uds_path: dir.path().join("vsock.sock"),
+    };
+    let server = super::serve_vhost_user(&socket, config).unwrap();
+    let device = VsockDevice::new(device_config(&dir)).unwrap();
+    assert!(device
+        .queue_max_sizes()
+        .iter()
+        .all(|&size| size >= QEMU_VSOCK_VRING_SIZE));
+
+    let mut frontend = Frontend::connect(&socket, 3).unwrap();
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    frontend
+        .set_features(features & (1 << 32 | protocol))
+        .unwrap();
+    for index in 0..3 {
+        frontend
+            .set_vring_num(index, QEMU_VSOCK_VRING_SIZE)
+            .unwrap();
+    }
+    assert_eq!(
+        frontend.get_features().unwrap(),
+        features,
+        "the backend must keep the session after SET_VRING_NUM 1024"
+    );
+    server.stop();
+}
