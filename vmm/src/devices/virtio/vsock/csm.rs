@@ -117,7 +117,7 @@ pub struct Connection {
     /// the guest's, so they do not count in `fwd_cnt`.
     host_buf_unaccounted: usize,
 
-    // Host socket readiness (edge-triggered, cleared on EAGAIN).
+    // Host socket readiness (edge-triggered, cleared only on EAGAIN or EOF).
     host_readable: bool,
     host_writable: bool,
     host_hup: bool,
@@ -607,11 +607,11 @@ impl Connection {
                 Ok(Some(self.header(op::SHUTDOWN, 0, flags)))
             }
             Ok(n) => {
-                // A short read means the socket was drained; the next byte
-                // the host writes raises a new edge.
-                if n < want {
-                    self.host_readable = false;
-                }
+                // Stay readable even after a short read: the host's end of
+                // stream may have come with the data in the same edge (the
+                // peer wrote, shut down and closed before we looked), and no
+                // further edge would announce it. The next turn reads again
+                // and sees EOF, or EAGAIN, which clears the flag.
                 self.tx_cnt += Wrapping(n as u32);
                 let header = self.header(op::RW, n as u32, 0);
                 // This packet may have used the last of the guest's credit.

@@ -615,6 +615,79 @@ fn host_shutdown_write_sends_shutdown_send_and_guest_data_still_reaches_host() {
     assert_eq!(&got, b"reply");
 }
 
+/// The host writes its last bytes and closes before the device looks: one
+/// edge-triggered event carries data and end of stream together, so the
+/// short read of the data must not be taken for "drained".
+#[test]
+fn host_data_and_close_in_one_event_give_the_guest_the_data_then_shutdown() {
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(format!("{}_5000", h.uds_path.display())).unwrap();
+    let mut host = guest_initiated(&mut h, &listener, 40000, 5000);
+    host.write_all(&[7u8; 1000]).unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    drop(host);
+    assert_eq!(guest_read(&mut h, 5000, 1000), vec![7u8; 1000]);
+    let (shutdown, _) = h.expect_op(op::SHUTDOWN);
+    assert_eq!(shutdown.flags & SHUTDOWN_SEND, SHUTDOWN_SEND);
+}
+
+/// The guest tier's `vsock-many`: ten guest connections open at once, each
+/// sends 1000 bytes and shuts down its write side; the host echoes each,
+/// shuts down its write side and closes. Every guest socket must get its
+/// echo and then end of stream.
+#[test]
+fn ten_guest_connections_echoed_by_the_host_all_get_their_echo_and_eof() {
+    const CONNECTIONS: u32 = 10;
+    const BYTES: usize = 1000;
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(format!("{}_5002", h.uds_path.display())).unwrap();
+    let mut echoes = Vec::new();
+    for index in 0..CONNECTIONS {
+        let mut stream = guest_initiated(&mut h, &listener, 50000 + index, 5002);
+        echoes.push(std::thread::spawn(move || {
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).unwrap();
+            stream.write_all(&got).unwrap();
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            got.len()
+        }));
+    }
+    for index in 0..CONNECTIONS {
+        let data = vec![index as u8; BYTES];
+        guest_rw(&mut h, 50000 + index, 5002, &data);
+        let mut shutdown = h.guest_header(op::SHUTDOWN, 50000 + index, 5002);
+        shutdown.flags = SHUTDOWN_SEND;
+        h.send(&shutdown, &[]);
+    }
+    for echo in echoes {
+        assert_eq!(echo.join().unwrap(), BYTES);
+    }
+    let finished = |received: &std::collections::VecDeque<(PacketHeader, Vec<u8>)>, port: u32| {
+        let bytes: usize = received
+            .iter()
+            .filter(|(hd, _)| hd.op == op::RW && hd.dst_port == port)
+            .map(|(_, d)| d.len())
+            .sum();
+        let eof = received.iter().any(|(hd, _)| {
+            hd.op == op::SHUTDOWN && hd.dst_port == port && hd.flags & SHUTDOWN_SEND != 0
+        });
+        bytes == BYTES && eof
+    };
+    h.pump_until(WAIT, |received| {
+        (0..CONNECTIONS).all(|index| finished(received, 50000 + index))
+    });
+    for index in 0..CONNECTIONS {
+        let echoed: Vec<u8> = h
+            .received
+            .iter()
+            .filter(|(hd, _)| hd.op == op::RW && hd.dst_port == 50000 + index)
+            .flat_map(|(_, d)| d.iter().copied())
+            .collect();
+        assert_eq!(echoed, vec![index as u8; BYTES]);
+    }
+}
+
 #[test]
 fn unanswered_request_is_reset_and_the_client_closed_after_the_connect_timeout() {
     let mut h = Harness::with_timeouts(SHORT_TIMEOUTS);
@@ -1242,7 +1315,7 @@ fn vhost_user_frontend_negotiates_and_relays_a_host_connection_end_to_end() {
 #[test]
 fn vhost_user_backend_accepts_qemu_vring_size_of_1024() {
     use vhost::vhost_user::message::VhostUserVirtioFeatures;
-    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::vhost_user::Frontend;
     use vhost::VhostBackend;
 
     const QEMU_VSOCK_VRING_SIZE: u16 = 1024;
@@ -1259,7 +1332,7 @@ fn vhost_user_backend_accepts_qemu_vring_size_of_1024() {
         .iter()
         .all(|&size| size >= QEMU_VSOCK_VRING_SIZE));
 
-    let mut frontend = Frontend::connect(&socket, 3).unwrap();
+    let frontend = Frontend::connect(&socket, 3).unwrap();
     frontend.set_owner().unwrap();
     let features = frontend.get_features().unwrap();
     let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
