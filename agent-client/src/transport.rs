@@ -16,6 +16,10 @@ use crate::ClientError;
 
 /// Longest handshake answer we read (`OK ` and a 32-bit port, with margin).
 const MAX_HANDSHAKE_REPLY_BYTES: usize = 64;
+/// How long the device may take to answer `CONNECT`: husk's device resets
+/// an unanswered guest connect after 2 s, so a silent device is broken and
+/// must not hang the caller past its own deadline.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where the agent listens.
 #[derive(Debug, Clone)]
@@ -72,6 +76,25 @@ async fn connect_unix(path: &Path) -> Result<UnixStream, ClientError> {
 /// Connects to guest vsock `port` through the VM's hybrid vsock socket
 /// `uds` and returns the stream once the guest accepted.
 pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
+    hybrid_vsock_connect_within(uds, port, HANDSHAKE_TIMEOUT).await
+}
+
+async fn hybrid_vsock_connect_within(
+    uds: &Path,
+    port: u32,
+    timeout: std::time::Duration,
+) -> Result<UnixStream, ClientError> {
+    match tokio::time::timeout(timeout, hybrid_vsock_handshake(uds, port)).await {
+        Ok(result) => result,
+        Err(_) => Err(ClientError::Handshake {
+            path: uds.to_owned(),
+            port,
+            reply: format!("no answer within {} ms", timeout.as_millis()),
+        }),
+    }
+}
+
+async fn hybrid_vsock_handshake(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
     let mut stream = connect_unix(uds).await?;
     let io_error = |source| ClientError::Connect {
         path: uds.to_owned(),
@@ -138,6 +161,26 @@ mod tests {
         stream.read_exact(&mut echoed).await.unwrap();
         assert_eq!(&echoed, b"ping\n");
         assert_eq!(device.await.unwrap(), "CONNECT 1024\n");
+    }
+
+    #[tokio::test]
+    async fn a_device_that_never_answers_connect_fails_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let silent = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            drop(stream);
+        });
+        let error = hybrid_vsock_connect_within(&uds, 1024, std::time::Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("no answer within 200 ms"),
+            "{error}"
+        );
+        silent.abort();
     }
 
     #[tokio::test]
