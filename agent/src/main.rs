@@ -63,11 +63,20 @@ fn main() {
 }
 
 fn guest_main() -> ! {
-    boot_timer::report_init_reached();
-    console::log("husk-agent starting");
-    if let Err(error) = switch_root::switch_to_tmpfs_root() {
-        console::log(&format!("cannot leave the initramfs for a tmpfs root: {error}"));
-        power::power_off();
+    if !switch_root::already_switched() {
+        boot_timer::report_init_reached();
+        console::log("husk-agent starting");
+        if let Err(error) = switch_root::switch_to_tmpfs_root() {
+            console::log(&format!(
+                "cannot leave the initramfs for a tmpfs root: {error}"
+            ));
+            power::power_off();
+        }
+        // Only returns if the new /init cannot be executed.
+        let error = switch_root::exec_new_init();
+        console::log(&format!(
+            "cannot re-execute /init from the tmpfs root: {error}"
+        ));
     }
     if let Err(error) = mounts::mount_kernel_filesystems() {
         console::log(&format!("cannot mount the kernel filesystems: {error}"));

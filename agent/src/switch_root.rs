@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 
+/// Set in the environment of the re-executed agent, so it does not switch
+/// roots twice.
+const SWITCHED_ENV: &str = "HUSK_AGENT_ROOT_SWITCHED";
+
 /// Where the new root is assembled before it is moved onto `/`.
 const STAGING: &str = "/.husk-root";
 
@@ -82,6 +86,26 @@ pub fn switch_to_tmpfs_root() -> Result<(), SwitchRootError> {
         .map_err(sys_error("move onto /", staging))?;
     nix::unistd::chroot(".").map_err(sys_error("chroot into", staging))?;
     std::env::set_current_dir("/").map_err(io_error("enter", Path::new("/")))
+}
+
+/// Whether this process is the agent re-executed from the tmpfs root.
+/// The marker is removed so no child of the agent inherits it (this runs
+/// first thing in `main`, before any thread exists).
+pub fn already_switched() -> bool {
+    let switched = std::env::var_os(SWITCHED_ENV).is_some();
+    std::env::remove_var(SWITCHED_ENV);
+    switched
+}
+
+/// Re-executes `/init` (now on the tmpfs) as PID 1 with the same arguments,
+/// so PID 1 runs from the new root; returns only on failure.
+pub fn exec_new_init() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    std::process::Command::new("/init")
+        .args(args)
+        .env(SWITCHED_ENV, "1")
+        .exec()
 }
 
 fn copy_tree(source: &Path, target: &Path) -> Result<(), SwitchRootError> {
