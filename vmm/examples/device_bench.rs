@@ -29,6 +29,8 @@ const PING_PONGS: usize = 200;
 const PING_BYTES: usize = 64;
 /// How long one guest run may take under TCG.
 const GUEST_DEADLINE: Duration = Duration::from_secs(600);
+/// The longest the vsock peer's whole run may take.
+const PEER_DEADLINE: Duration = Duration::from_secs(300);
 /// How long the host waits for the guest to listen on a vsock port.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(180);
 
@@ -285,17 +287,6 @@ fn main() {
         Err(why) => println!("husk vsock could not be measured: {why}"),
     }
 
-    // The vsock peer, same guest and script, no file system.
-    let peer = peer_binary.as_ref().filter(|p| p.exists()).map(|binary| {
-        let socket = work.join("peer-vhost.sock");
-        let peer_uds = work.join("peer.uds");
-        let mut child = spawn_peer_vsock(binary, &socket, &peer_uds);
-        let run = run_guest(&bzimage, &initrd, &work, &socket, &peer_uds, None);
-        let _ = child.kill();
-        let _ = child.wait();
-        run
-    });
-
     // The file-system peer: the same script on a host directory.
     let host_dir = work.join("host-dir");
     std::fs::create_dir_all(&host_dir).unwrap();
@@ -310,7 +301,46 @@ fn main() {
     let host_fs = bench_lines(&String::from_utf8_lossy(&output.stdout));
 
     let accel = &ours.accel;
-    println!("devices over vhost-user in qemu microvm (accelerator: {accel}); 64 MiB vsock transfers, 200 round trips of 64 B");
+    println!("devices over vhost-user in qemu microvm (accelerator: {accel})");
+    let seconds = |lines: &[(String, f64)], name: &str| {
+        lines.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
+    };
+    for (name, label, amount, unit) in [
+        ("fs_seq_write", "sequential write 128 MiB", 128.0, "MiB/s"),
+        ("fs_seq_read", "sequential read 128 MiB", 128.0, "MiB/s"),
+        ("fs_create", "create 1000 files", 1000.0, "ops/s"),
+        ("fs_stat", "stat 1000 files (ls -l)", 1000.0, "ops/s"),
+        ("fs_unlink", "unlink 1000 files", 1000.0, "ops/s"),
+    ] {
+        let rate = |s: Option<f64>| s.map(|s| amount / s.max(0.01));
+        match (rate(seconds(&ours.fs, name)), rate(seconds(&host_fs, name))) {
+            (Some(guest), Some(host)) => println!(
+                "  virtio-fs {label}: guest {guest:.0} {unit}, host directory {host:.0} {unit}, ratio {} (the guest runs under {accel})",
+                ratio(guest, host)
+            ),
+            _ => println!("  virtio-fs {label}: not measured (no figure in the guest or host output)"),
+        }
+    }
+    // The vsock peer, same guest and script, no file system.
+    let peer = peer_binary.as_ref().filter(|p| p.exists()).map(|binary| {
+        let socket = work.join("peer-vhost.sock");
+        let peer_uds = work.join("peer.uds");
+        let mut child = spawn_peer_vsock(binary, &socket, &peer_uds);
+        // The peer must not hang the bench: past the deadline its process
+        // is killed, which fails its pending transfers with an error.
+        let peer_pid = child.id() as i32;
+        std::thread::spawn(move || {
+            std::thread::sleep(PEER_DEADLINE);
+            // SAFETY: plain kill(2) of the peer process we spawned.
+            unsafe { libc::kill(peer_pid, libc::SIGKILL) };
+        });
+        let run = run_guest(&bzimage, &initrd, &work, &socket, &peer_uds, None);
+        let _ = child.kill();
+        let _ = child.wait();
+        run
+    });
+
+    println!("  vsock: 64 MiB transfers each way, 200 round trips of 64 B");
     let Ok((h2g, g2h, rtt)) = ours.vsock.clone() else {
         std::process::exit(1);
     };
@@ -330,25 +360,6 @@ fn main() {
         None => {
             println!("  vsock host->guest {h2g:.1} MiB/s, guest->host {g2h:.1} MiB/s, round trip {rtt:.0} us");
             println!("  peer vhost-device-vsock not measured: its binary is missing (tests/run-bench.sh installs it)");
-        }
-    }
-    let seconds = |lines: &[(String, f64)], name: &str| {
-        lines.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
-    };
-    for (name, label, amount, unit) in [
-        ("fs_seq_write", "sequential write 128 MiB", 128.0, "MiB/s"),
-        ("fs_seq_read", "sequential read 128 MiB", 128.0, "MiB/s"),
-        ("fs_create", "create 1000 files", 1000.0, "ops/s"),
-        ("fs_stat", "stat 1000 files (ls -l)", 1000.0, "ops/s"),
-        ("fs_unlink", "unlink 1000 files", 1000.0, "ops/s"),
-    ] {
-        let rate = |s: Option<f64>| s.map(|s| amount / s.max(0.01));
-        match (rate(seconds(&ours.fs, name)), rate(seconds(&host_fs, name))) {
-            (Some(guest), Some(host)) => println!(
-                "  virtio-fs {label}: guest {guest:.0} {unit}, host directory {host:.0} {unit}, ratio {} (the guest runs under {accel})",
-                ratio(guest, host)
-            ),
-            _ => println!("  virtio-fs {label}: not measured (no figure in the guest or host output)"),
         }
     }
     let _ = std::fs::remove_dir_all(&work);
