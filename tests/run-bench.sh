@@ -27,6 +27,10 @@ python3 rootfs-image/mkinitramfs.py "$guest_bin/husk-agent" "$bench_dir/bench-in
 cargo run -q --release -p husk-vmm --example device_bench -- "$HUSK_BZIMAGE" "$bench_dir/bench-initrd.gz" "$bench_dir/work" "$peer"
 
 echo
+echo "=== agent: boot to Check, container create+start, exec, stdio throughput (qemu guest, our devices)"
+cargo run -q --release -p husk-tests --example agent_bench
+
+echo
 echo "=== OCI runtime: create+start+wait of /bin/true, husk-runc vs runc (100 runs each)"
 cargo build -q --release -p husk-runtime --bins
 ./target/release/husk-runtime-bench 100
