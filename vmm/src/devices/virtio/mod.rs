@@ -8,6 +8,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod vhost_user_connections;
 pub mod vsock;
 
 use std::sync::Arc;

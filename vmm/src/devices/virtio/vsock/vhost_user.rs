@@ -15,8 +15,7 @@
 //! on [`VhostUserServer::stop`], which makes the daemon's request loop end.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +38,7 @@ use super::{
     VsockConfig, VsockError, VsockTimeouts, EVENT_QUEUE_INDEX, NUM_QUEUES, QUEUE_SIZE,
     RX_QUEUE_INDEX, TX_QUEUE_INDEX, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::devices::virtio::vhost_user_connections::accepted_connections;
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
 /// Guest memory as the vhost-user framework shares it (no dirty bitmap).
@@ -459,7 +459,7 @@ impl Session {
     /// shut it down. The daemon does not expose it; it is the socket whose
     /// local name is our path and which is not the listener.
     fn remember_frontend(&self) {
-        let found = accepted_sockets_named(&self.socket_path, self.listener.as_raw_fd());
+        let found = accepted_connections(&self.socket_path);
         if let Ok(mut fds) = self.frontend.lock() {
             *fds = found;
         }
@@ -468,70 +468,4 @@ impl Session {
             shutdown_frontend(&self.frontend);
         }
     }
-}
-
-/// Duplicates every connected (non-listening) Unix socket of this process
-/// whose local address is `path`, except `listener_fd`.
-fn accepted_sockets_named(path: &Path, listener_fd: RawFd) -> Vec<OwnedFd> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return found;
-    };
-    let wanted = path.as_os_str().as_bytes();
-    for entry in entries.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
-        if fd == listener_fd {
-            continue;
-        }
-        // SAFETY: sockaddr_un is plain data; zero is a valid value.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        // SAFETY: addr/len describe a writable sockaddr_un; fd may not be a
-        // socket, in which case the call fails harmlessly.
-        if unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) }
-            != 0
-        {
-            continue;
-        }
-        if addr.sun_family != libc::AF_UNIX as libc::sa_family_t {
-            continue;
-        }
-        let name: Vec<u8> = addr
-            .sun_path
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
-        if name != wanted {
-            continue;
-        }
-        let mut accepting: libc::c_int = 0;
-        let mut optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: accepting/optlen describe a writable int.
-        let ret = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ACCEPTCONN,
-                (&mut accepting as *mut libc::c_int).cast(),
-                &mut optlen,
-            )
-        };
-        if ret != 0 || accepting != 0 {
-            continue;
-        }
-        // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own, or -1.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup >= 0 {
-            // SAFETY: dup is a fresh fd owned by nobody else.
-            found.push(unsafe { OwnedFd::from_raw_fd(dup) });
-        }
-    }
-    found
 }
