@@ -227,7 +227,8 @@ impl Process {
                 container = %finishing.container_id, exec = %finishing.exec_id,
                 pid, status = exit.status, "process exited"
             );
-            let _ = done_sender.send(Some(exit));
+            // The event first: a host that saw WaitProcess return finds the
+            // exit (and any OOM kill before it) in the event log.
             events.process_exited(ProcessExited {
                 container_id: finishing.container_id.clone(),
                 exec_id: finishing.exec_id.clone(),
@@ -236,6 +237,7 @@ impl Process {
                 exited_at_unix_ns: exit.unix_ns(),
                 ..Default::default()
             });
+            let _ = done_sender.send(Some(exit));
         });
         Ok(process)
     }

@@ -2,13 +2,21 @@
 //! cgroup statistics in the API's shape, and OOM-kill detection.
 //!
 //! OOM kills are read from the cgroup's own counter (`oom_kill` in
-//! `memory.events` on cgroup v2, `memory.oom_control` on v1) when the
-//! container's init exits, so no polling is needed: an OOM kill that ends a
-//! container is reported just before its exit.
+//! `memory.events` on cgroup v2, `memory.oom_control` on v1) whenever one
+//! of the container's processes the agent follows (its init or an exec)
+//! exits, so no polling is needed: an OOM kill that ends such a process is
+//! reported just before its exit.
+//!
+//! IO figures are the bytes the container's cgroup moved to and from block
+//! devices: `rbytes`/`wbytes` of `io.stat` on cgroup v2, the `Read`/`Write`
+//! lines of blkio's `io_service_bytes` on v1, summed over devices. A guest
+//! whose files all live on virtio-fs or tmpfs has no block device, so the
+//! kernel accounts no block IO and both figures are honestly zero there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use husk_protocols::agent::{CpuStats, MemoryStats, PidsStats, StatsContainerResponse};
+use husk_protocols::agent::{CpuStats, IoStats, MemoryStats, PidsStats, StatsContainerResponse};
 use husk_runtime::Container;
 use oci_spec::runtime::LinuxResources;
 use serde_json::Value;
@@ -98,7 +106,114 @@ pub fn stats(container: &Container) -> StatsContainerResponse {
             limit: number(&raw, &["pids", "limit"]),
             ..Default::default()
         }),
-        io: protobuf::MessageField::some(Default::default()),
+        io: protobuf::MessageField::some(io_stats(&container.record().cgroups)),
+        ..Default::default()
+    }
+}
+
+/// Block IO bytes read and written, summed over devices.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoBytes {
+    pub read: u64,
+    pub write: u64,
+}
+
+impl std::ops::AddAssign for IoBytes {
+    fn add_assign(&mut self, other: Self) {
+        self.read = self.read.saturating_add(other.read);
+        self.write = self.write.saturating_add(other.write);
+    }
+}
+
+/// Sums `rbytes=` and `wbytes=` over the device lines of a cgroup v2
+/// `io.stat` (`MAJ:MIN rbytes=N wbytes=N rios=N ...`). Empty text (no
+/// block device did IO for the cgroup) is zero.
+pub fn parse_io_stat(text: &str) -> IoBytes {
+    let mut total = IoBytes::default();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next().is_none() {
+            continue;
+        }
+        let mut device = IoBytes::default();
+        for word in words {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<u64>() else {
+                continue;
+            };
+            match key {
+                "rbytes" => device.read = value,
+                "wbytes" => device.write = value,
+                _ => {}
+            }
+        }
+        total += device;
+    }
+    total
+}
+
+/// Sums the `Read` and `Write` lines of a cgroup v1 blkio
+/// `*io_service_bytes*` file (`MAJ:MIN Read N`, ..., `MAJ:MIN Total N`,
+/// and a final `Total N`).
+pub fn parse_blkio_service_bytes(text: &str) -> IoBytes {
+    let mut total = IoBytes::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [device, op, value] = words.as_slice() else {
+            continue;
+        };
+        if !device.contains(':') {
+            continue;
+        }
+        let Ok(value) = value.parse::<u64>() else {
+            continue;
+        };
+        match *op {
+            "Read" => total.read = total.read.saturating_add(value),
+            "Write" => total.write = total.write.saturating_add(value),
+            _ => {}
+        }
+    }
+    total
+}
+
+/// The v1 blkio files that count bytes, best first: the throttle layer
+/// sees every bio whatever the IO scheduler, and the recursive forms
+/// include child cgroups.
+const BLKIO_SERVICE_BYTES: [&str; 4] = [
+    "blkio.throttle.io_service_bytes_recursive",
+    "blkio.throttle.io_service_bytes",
+    "blkio.io_service_bytes_recursive",
+    "blkio.io_service_bytes",
+];
+
+/// The container's block IO bytes from whichever hierarchy it has; zero
+/// where the kernel keeps no such figure.
+pub fn io_bytes(cgroups: &husk_runtime::cgroups::CgroupPaths) -> IoBytes {
+    if cgroups.unified_only {
+        return cgroups
+            .dir_for("io")
+            .and_then(|dir| std::fs::read_to_string(dir.join("io.stat")).ok())
+            .map(|text| parse_io_stat(&text))
+            .unwrap_or_default();
+    }
+    let Some(dir) = cgroups.dir_for("blkio") else {
+        return IoBytes::default();
+    };
+    BLKIO_SERVICE_BYTES
+        .iter()
+        .find_map(|file| std::fs::read_to_string(dir.join(file)).ok())
+        .map(|text| parse_blkio_service_bytes(&text))
+        .unwrap_or_default()
+}
+
+fn io_stats(cgroups: &husk_runtime::cgroups::CgroupPaths) -> IoStats {
+    let bytes = io_bytes(cgroups);
+    IoStats {
+        read_bytes: bytes.read,
+        write_bytes: bytes.write,
         ..Default::default()
     }
 }
@@ -115,7 +230,7 @@ fn oom_kill_count(container: &Container) -> Option<u64> {
     read_oom_kills(&memory_dir(container)?)
 }
 
-fn read_oom_kills(dir: &std::path::Path) -> Option<u64> {
+fn read_oom_kills(dir: &Path) -> Option<u64> {
     ["memory.events", "memory.oom_control"]
         .iter()
         .filter_map(|file| std::fs::read_to_string(dir.join(file)).ok())
@@ -127,25 +242,38 @@ fn read_oom_kills(dir: &std::path::Path) -> Option<u64> {
         .next()
 }
 
-/// Detects OOM kills in a container between its creation and its end.
+/// Detects OOM kills in a container's cgroup: each [`OomWatch::new_kills`]
+/// reports the kills since the previous call (or since creation).
 pub struct OomWatch {
     dir: Option<PathBuf>,
-    baseline: u64,
+    seen: Mutex<u64>,
 }
 
 impl OomWatch {
     pub fn new(container: &Container) -> Self {
-        let dir = memory_dir(container);
-        let baseline = dir.as_deref().and_then(read_oom_kills).unwrap_or(0);
-        Self { dir, baseline }
+        Self::in_dir(memory_dir(container))
     }
 
-    /// Whether the OOM killer struck since the watch began.
-    pub fn fired(&self) -> bool {
-        self.dir
-            .as_deref()
-            .and_then(read_oom_kills)
-            .is_some_and(|count| count > self.baseline)
+    fn in_dir(dir: Option<PathBuf>) -> Self {
+        let seen = dir.as_deref().and_then(read_oom_kills).unwrap_or(0);
+        Self {
+            dir,
+            seen: Mutex::new(seen),
+        }
+    }
+
+    /// How many OOM kills the cgroup counted since the last call.
+    pub fn new_kills(&self) -> u64 {
+        let Some(count) = self.dir.as_deref().and_then(read_oom_kills) else {
+            return 0;
+        };
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = count.saturating_sub(*seen);
+        *seen = count.max(*seen);
+        new
     }
 }
 
@@ -158,6 +286,61 @@ mod tests {
         assert_eq!(parse_cpu_list("0-2,4").unwrap(), vec![0, 1, 2, 4]);
         assert!(parse_cpu_list("2-1").is_err());
         assert!(parse_cpu_list("x").is_err());
+    }
+
+    #[test]
+    fn io_stat_sums_read_and_write_bytes_over_devices() {
+        let text = "254:0 rbytes=1459200 wbytes=8388608 rios=192 wios=353 dbytes=0 dios=0\n\
+                    254:16 rbytes=4096 wbytes=512 rios=1 wios=1 dbytes=0 dios=0\n";
+        assert_eq!(
+            parse_io_stat(text),
+            IoBytes {
+                read: 1_463_296,
+                write: 8_389_120
+            }
+        );
+        // No block device did IO for the cgroup: the kernel writes nothing.
+        assert_eq!(parse_io_stat(""), IoBytes::default());
+        // Unknown keys (io.cost, newer kernels) and junk are skipped.
+        assert_eq!(
+            parse_io_stat("8:0 rbytes=10 wbytes=x cost.usage=5 junk\n8:1\n"),
+            IoBytes { read: 10, write: 0 }
+        );
+    }
+
+    #[test]
+    fn blkio_service_bytes_sums_read_and_write_lines_not_totals() {
+        let text = "254:0 Read 4096\n254:0 Write 8388608\n254:0 Sync 8388608\n\
+                    254:0 Async 4096\n254:0 Discard 0\n254:0 Total 8392704\n\
+                    8:0 Read 100\n8:0 Write 0\n8:0 Total 100\nTotal 8392804\n";
+        assert_eq!(
+            parse_blkio_service_bytes(text),
+            IoBytes {
+                read: 4196,
+                write: 8_388_608
+            }
+        );
+        assert_eq!(parse_blkio_service_bytes("Total 0\n"), IoBytes::default());
+    }
+
+    #[test]
+    fn the_oom_watch_reports_each_kill_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("memory.events");
+        std::fs::write(&events, "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        let watch = OomWatch::in_dir(Some(dir.path().to_path_buf()));
+        assert_eq!(watch.new_kills(), 0, "kills before the watch began");
+        std::fs::write(&events, "low 0\nhigh 0\nmax 9\noom 3\noom_kill 3\n").unwrap();
+        assert_eq!(watch.new_kills(), 2);
+        assert_eq!(watch.new_kills(), 0);
+        // cgroup v1 reports the counter in memory.oom_control.
+        let v1 = tempfile::tempdir().unwrap();
+        let control = v1.path().join("memory.oom_control");
+        std::fs::write(&control, "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n").unwrap();
+        let watch = OomWatch::in_dir(Some(v1.path().to_path_buf()));
+        std::fs::write(&control, "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n").unwrap();
+        assert_eq!(watch.new_kills(), 1);
+        assert_eq!(OomWatch::in_dir(None).new_kills(), 0);
     }
 
     #[test]

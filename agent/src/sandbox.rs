@@ -52,6 +52,8 @@ impl AgentConfig {
 /// One container.
 struct ContainerEntry {
     init: Arc<Process>,
+    /// OOM kills in the container's cgroup, checked at each process exit.
+    oom: Arc<resources::OomWatch>,
     /// Exec processes by exec id; `None` while an exec is being started.
     execs: Mutex<HashMap<String, Option<Arc<Process>>>>,
 }
@@ -251,20 +253,27 @@ impl Sandbox {
         };
         let pid = helper::run(&self.reaper, helper_request, child_io).await?;
         let exit = self.reaper.watch(pid);
-        let oom = resources::OomWatch::new(&self.load(id)?);
-        let events = self.events.clone();
-        let container_id = id.clone();
-        let on_exit: OnExit = Box::new(move |_| {
-            if oom.fired() {
-                tracing::warn!(container = %container_id, "OOM kill in container");
-                events.oom_killed(&container_id);
-            }
-        });
+        let oom = Arc::new(resources::OomWatch::new(&self.load(id)?));
+        let on_exit = self.report_oom_kills(id, &oom);
         let init = Process::follow(id, "", pid, io, exit, self.events.clone(), on_exit).await?;
         Ok(Arc::new(ContainerEntry {
             init,
+            oom,
             execs: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// What a process exit of container `id` triggers: an `OomKilled`
+    /// event for each OOM kill its cgroup counted since the last exit, so
+    /// the event comes before the exit that the kill caused.
+    fn report_oom_kills(&self, id: &str, oom: &Arc<resources::OomWatch>) -> OnExit {
+        let (events, oom, container_id) = (self.events.clone(), oom.clone(), id.to_owned());
+        Box::new(move |_| {
+            for _ in 0..oom.new_kills() {
+                tracing::warn!(container = %container_id, "OOM kill in container");
+                events.oom_killed(&container_id);
+            }
+        })
     }
 
     pub async fn start_container(&self, id: &str) -> Result<u32> {
@@ -397,7 +406,7 @@ impl Sandbox {
             }
             execs.insert(request.exec_id.clone(), None);
         }
-        let result = self.exec_reserved(request).await;
+        let result = self.exec_reserved(request, &entry).await;
         let mut execs = lock(&entry.execs);
         match result {
             Ok(process) => {
@@ -412,7 +421,11 @@ impl Sandbox {
         }
     }
 
-    async fn exec_reserved(&self, request: &ExecProcessRequest) -> Result<Arc<Process>> {
+    async fn exec_reserved(
+        &self,
+        request: &ExecProcessRequest,
+        entry: &ContainerEntry,
+    ) -> Result<Arc<Process>> {
         let process: OciProcess = serde_json::from_slice(&request.process_json)
             .map_err(|e| AgentError::InvalidRequest(format!("OCI process: {e}")))?;
         let stdio = request.stdio.clone().unwrap_or_default();
@@ -440,7 +453,7 @@ impl Sandbox {
             io,
             exit,
             self.events.clone(),
-            Box::new(|_| {}),
+            self.report_oom_kills(&request.container_id, &entry.oom),
         )
         .await
     }

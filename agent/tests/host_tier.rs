@@ -22,7 +22,7 @@ use tokio::net::UnixStream;
 
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
-    "sh", "cat", "echo", "sleep", "stty", "hostname", "true", "ls",
+    "sh", "cat", "echo", "sleep", "stty", "hostname", "true", "ls", "dd", "wc",
 ];
 /// How long any single observation may take before the test fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -184,12 +184,18 @@ impl Harness {
 
     /// Creates (not starts) container `id` running `args`.
     async fn create(&self, id: &str, args: &[&str], wanted: HostStdioWanted) -> HostStdio {
+        self.create_with_spec(id, spec(args, wanted.terminal), wanted)
+            .await
+    }
+
+    /// Creates (not starts) container `id` from the OCI spec `spec`.
+    async fn create_with_spec(&self, id: &str, spec: Value, wanted: HostStdioWanted) -> HostStdio {
         let rootfs_path = self.rootfs(id);
         let ids = Self::stdio_ids(id, &wanted);
         let streams = self.open(&ids).await;
         let request = CreateContainerRequest {
             container_id: id.into(),
-            oci_spec_json: spec(args, wanted.terminal).to_string().into_bytes(),
+            oci_spec_json: spec.to_string().into_bytes(),
             rootfs_path,
             stdio: protobuf::MessageField::some(ids),
             ..Default::default()
@@ -974,4 +980,129 @@ async fn close_stdin_ends_the_input_of_an_exec_while_the_host_keeps_its_stream()
         0
     );
     assert_eq!(read_to_end(io.stdout.as_mut().unwrap()).await, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_megabyte_of_stdin_then_half_close_reaches_wc_and_its_count_comes_back() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    let mut io = h.create("counter", &["sh", "-c", "wc -c"], ALL_PIPES).await;
+    h.client.start_container("counter").await.unwrap();
+    let mut stdin = io.stdin.take().unwrap();
+    let writer = tokio::spawn(async move {
+        stdin.write_all(&vec![b'x'; 1 << 20]).await.unwrap();
+        // Half-close: the process must see end of file while the host's
+        // stream stays open for reading.
+        stdin.shutdown().await.unwrap();
+        stdin
+    });
+    let stdout = read_to_end(io.stdout.as_mut().unwrap()).await;
+    assert_eq!(stdout.trim(), "1048576");
+    let exit = h.client.wait_process("counter", "").await.unwrap();
+    assert_eq!(exit.status, 0);
+    drop(writer.await.unwrap());
+}
+
+/// `linux.resources.memory.limit` of `bytes` on a spec running `args`.
+fn spec_with_memory_limit(args: &[&str], bytes: u64) -> Value {
+    let mut spec = spec(args, false);
+    spec["linux"]["resources"] = json!({"memory": {"limit": bytes}});
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    let before = h.client.get_events(0, 0).await.expect("GetEvents");
+    let after = before.iter().map(|e| e.sequence).max().unwrap_or(0);
+    // dd's 64 MiB block buffer is filled from /dev/zero: 64 MiB touched
+    // under a 32 MiB limit.
+    let limit = 32u64 << 20;
+    h.create_with_spec(
+        "hog",
+        spec_with_memory_limit(
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+            limit,
+        ),
+        NO_STDIO,
+    )
+    .await;
+    h.client.start_container("hog").await.unwrap();
+    let exit = h.client.wait_process("hog", "").await.unwrap();
+    assert_eq!(exit.status, 137, "the OOM-killed init's status");
+    let stats = h.client.stats_container("hog").await.unwrap();
+    assert_eq!(stats.memory.limit_bytes, limit);
+    assert!(stats.memory.oom_kills >= 1, "{stats:?}");
+    let events = h.client.get_events(after, 5_000).await.expect("GetEvents");
+    let oom = events
+        .iter()
+        .find(|e| e.has_oom() && e.oom().container_id == "hog")
+        .unwrap_or_else(|| panic!("no OomKilled event for hog in {events:?}"));
+    let exited = events
+        .iter()
+        .find(|e| e.has_exited() && e.exited().container_id == "hog")
+        .unwrap_or_else(|| panic!("no exit event for hog in {events:?}"));
+    assert!(oom.sequence < exited.sequence, "{events:?}");
+    assert_eq!(exited.exited().exit_status, 137);
+}
+
+/// The whole disk (`major`, `minor`) holding `path`, if it is on one.
+fn disk_of(path: &Path) -> Option<(u64, u64)> {
+    let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(path).ok()?);
+    let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if !sys.exists() {
+        return None;
+    }
+    if !sys.join("partition").exists() {
+        return Some((major, minor));
+    }
+    let parent = std::fs::read_to_string(sys.join("../dev")).ok()?;
+    let (major, minor) = parent.trim().split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stats_count_the_bytes_a_container_wrote_to_disk() {
+    if !can_run() {
+        return;
+    }
+    let h = Harness::start().await;
+    let Some((major, minor)) = disk_of(h.dir.path()) else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "husk-test-form: agent host tier IO stats not run: the temp dir is on no block device"
+        );
+        return;
+    };
+    // The rootfs lives in a temp dir on that disk; conv=fsync makes dd
+    // itself submit the writes, so they are charged to its cgroup. The
+    // (never reached) throttle rule matters on cgroup v1: since Linux 6.10
+    // blkio counts bytes only on a disk where some throttle rule exists.
+    let mut spec = spec(
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/data bs=1M count=8 conv=fsync 2>/dev/null && echo written; sleep 1000",
+        ],
+        false,
+    );
+    spec["linux"]["resources"] = json!({"blockIO": {"throttleWriteBpsDevice": [
+        {"major": major, "minor": minor, "rate": 1u64 << 40}
+    ]}});
+    let mut io = h.create_with_spec("writer", spec, OUT_ERR).await;
+    h.client.start_container("writer").await.unwrap();
+    read_until(io.stdout.as_mut().unwrap(), "written").await;
+    let stats = h.client.stats_container("writer").await.unwrap();
+    assert!(
+        stats.io.write_bytes >= 8 << 20,
+        "8 MiB written with fsync to {major}:{minor}, stats say {} bytes",
+        stats.io.write_bytes
+    );
 }
