@@ -1,4 +1,18 @@
-//! The husk shim as a library: configuration today; the task service, the
-//! sandbox lifecycle, stdio plumbing and events build on it.
+//! The husk shim as a library: the lifecycle actions, the task service, the
+//! pod's sandbox (VM, agent, share), stdio plumbing, events and the
+//! configuration.
 
+pub mod cleanup;
 pub mod config;
+pub mod lifecycle;
+pub mod logging;
+pub mod metrics;
+pub mod options;
+pub mod paths;
+pub mod process;
+pub mod rootfs;
+pub mod sandbox;
+pub mod spec;
+pub mod stdio;
+pub mod task;
+pub mod vm;

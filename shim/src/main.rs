@@ -1,12 +1,13 @@
 //! `containerd-shim-kata-v2`: the containerd shim v2 for runtime type
-//! `io.containerd.kata.v2`. One shim process per pod holds the pod's microVM
-//! (see `../shared/ARCHITECTURE.md`). The task service is not built yet; the
-//! binary says so and fails rather than pretending to serve containerd.
+//! `io.containerd.kata.v2`. One shim process per pod holds the pod's
+//! microVM (see `../shared/ARCHITECTURE.md`).
 
-fn main() {
-    eprintln!(
-        "containerd-shim-kata-v2 (husk {}): the task service is not built yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(1);
+use husk_shim::lifecycle::{shim_config, HuskShim};
+
+/// The runtime id containerd knows this shim by.
+const RUNTIME_ID: &str = "io.containerd.kata.v2";
+
+#[tokio::main]
+async fn main() {
+    containerd_shim::asynchronous::run::<HuskShim>(RUNTIME_ID, Some(shim_config())).await;
 }

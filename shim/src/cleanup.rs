@@ -1,0 +1,137 @@
+//! Cleanup that works from paths alone: after a shim died (containerd's
+//! `delete` action runs a fresh process) or when a boot failed half-way.
+//! Kills the sandbox's VMM process if it is still there, unmounts whatever
+//! is mounted below a directory (deepest first), and removes it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::paths::SandboxPaths;
+
+/// Kills the VMM recorded in the sandbox directory (only if that process
+/// still names the directory on its command line, so a recycled pid is
+/// never hit), unmounts everything below the directory and removes it.
+pub fn remove_sandbox_dir(paths: &SandboxPaths) {
+    if let Some(pid) = recorded_vmm_pid(paths) {
+        kill_and_wait(pid, Duration::from_secs(5));
+    }
+    unmount_below(&paths.dir);
+    match std::fs::remove_dir_all(&paths.dir) {
+        Ok(()) => tracing::info!(dir = %paths.dir.display(), "sandbox directory removed"),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(%error, dir = %paths.dir.display(), "cannot remove the sandbox directory")
+        }
+    }
+}
+
+/// The VMM pid recorded for the sandbox, if that process is still alive
+/// and is the sandbox's VMM.
+pub fn recorded_vmm_pid(paths: &SandboxPaths) -> Option<i32> {
+    let text = std::fs::read_to_string(paths.vmm_pid_file()).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    cmdline
+        .contains(&*paths.dir.to_string_lossy())
+        .then_some(pid)
+}
+
+fn kill_and_wait(pid: i32, patience: Duration) {
+    // SAFETY: plain kill(2) on a pid we verified belongs to the sandbox.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let started = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < patience {
+        // A child of ours (same shim) must be reaped; others vanish alone.
+        // SAFETY: waitpid with WNOHANG on a pid; harmless if not our child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        if is_zombie_or_gone(pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(pid, "killed the sandbox's VMM process");
+}
+
+fn is_zombie_or_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => true,
+    }
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut mounts: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .map(PathBuf::from)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    mounts.dedup();
+    mounts
+}
+
+/// Detaches every mount at or below `dir` (stacked mounts included).
+pub fn unmount_below(dir: &Path) {
+    for _ in 0..8 {
+        let mounts = mounts_below(dir);
+        if mounts.is_empty() {
+            return;
+        }
+        for point in mounts {
+            if let Err(error) = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(%error, mount = %point.display(), "cannot unmount");
+            }
+        }
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Ok(value) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(value);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/end\"), r"/end\");
+    }
+
+    #[test]
+    fn a_directory_without_mounts_is_simply_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let paths = SandboxPaths::under(root.path(), "pod1");
+        std::fs::create_dir_all(paths.share().join("c1")).unwrap();
+        std::fs::write(paths.vmm_pid_file(), "999999999").unwrap();
+        remove_sandbox_dir(&paths);
+        assert!(!paths.dir.exists());
+    }
+}

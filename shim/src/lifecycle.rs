@@ -1,0 +1,162 @@
+//! The shim binary's lifecycle actions (containerd's shim v2 protocol):
+//!
+//! - `start`: prints the pod's shim address. A container of an existing
+//!   pod (CRI annotation `io.kubernetes.cri.sandbox-id`) gets the address of
+//!   the pod's running shim and no new process; otherwise a server process
+//!   is spawned, one per pod. Either way `address` is written to the bundle.
+//! - serve (no action): the ttrpc task service until `Shutdown`.
+//! - `delete`: cleanup after a shim that is gone: the VM, mounts, sockets
+//!   and share directory; answers with the exit status containerd records.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config as ShimConfig, Error as ShimError, Flags, StartOpts};
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::MessageField;
+
+use crate::cleanup;
+use crate::logging;
+use crate::paths::SandboxPaths;
+use crate::process::Exit;
+use crate::rootfs;
+use crate::spec;
+use crate::task::TaskService;
+
+/// The file in the bundle containerd reads the shim's address from.
+const ADDRESS_FILE: &str = "address";
+/// Exit status reported for a task whose shim died (SIGKILL).
+const SHIM_GONE_EXIT_STATUS: u32 = 137;
+
+/// The shim process.
+pub struct HuskShim {
+    exit: Arc<ExitSignal>,
+    id: String,
+    namespace: String,
+    bundle: PathBuf,
+}
+
+/// Options for `containerd_shim::asynchronous::run`: our own logger, and
+/// no implicit reaping (the shim reaps the processes it starts itself, and a
+/// global `waitpid(-1)` would steal QEMU's exit status).
+pub fn shim_config() -> ShimConfig {
+    ShimConfig {
+        no_setup_logger: true,
+        default_log_level: "info".to_owned(),
+        no_reaper: true,
+        no_sub_reaper: true,
+    }
+}
+
+fn bundle_of(flags: &Flags) -> PathBuf {
+    if flags.bundle.is_empty() {
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+    } else {
+        PathBuf::from(&flags.bundle)
+    }
+}
+
+/// The pod a container belongs to, from its bundle (itself if unreadable).
+fn sandbox_id_for(container_id: &str, bundle: &Path) -> String {
+    match spec::read_bundle_spec(bundle) {
+        Ok(spec) => spec::sandbox_id_of(container_id, &spec),
+        Err(_) => container_id.to_owned(),
+    }
+}
+
+fn write_address(bundle: &Path, address: &str) -> Result<(), ShimError> {
+    std::fs::write(bundle.join(ADDRESS_FILE), address).map_err(|err| ShimError::IoError {
+        context: format!("cannot write {}", bundle.join(ADDRESS_FILE).display()),
+        err,
+    })
+}
+
+fn socket_is_served(address: &str) -> bool {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+#[async_trait]
+impl Shim for HuskShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        if args.action.is_empty() {
+            logging::init_server(args.debug);
+        } else {
+            logging::init_stderr(args.debug);
+        }
+        HuskShim {
+            exit: Arc::new(ExitSignal::default()),
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            bundle: bundle_of(args),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
+        let grouping = sandbox_id_for(&opts.id, &self.bundle);
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+        if grouping != opts.id && socket_is_served(&address) {
+            tracing::info!(container_id = %opts.id, sandbox_id = %grouping, "joining the pod's running shim");
+            write_address(&self.bundle, &address)?;
+            return Ok(address);
+        }
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        write_address(&self.bundle, &address)?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
+        let sandbox_id = sandbox_id_for(&self.id, &self.bundle);
+        tracing::info!(
+            namespace = %self.namespace,
+            sandbox_id = %sandbox_id,
+            container_id = %self.id,
+            "cleaning up after a shim that is gone"
+        );
+        let paths = SandboxPaths::new(&sandbox_id);
+        if sandbox_id == self.id {
+            cleanup::remove_sandbox_dir(&paths);
+        } else {
+            remove_container_from_share(&paths, &self.id);
+        }
+        rootfs::unmount_rootfs(&self.bundle);
+        let exit = Exit::now(SHIM_GONE_EXIT_STATUS);
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.timestamp()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        TaskService::new(&self.namespace, &self.id, publisher, self.exit.clone())
+    }
+}
+
+/// Removes one container's entries from a pod's share (its rootfs, its
+/// directory bind mounts `<id>.m<n>`, its copied files).
+fn remove_container_from_share(paths: &SandboxPaths, container_id: &str) {
+    let share = paths.share();
+    let Ok(entries) = std::fs::read_dir(&share) else {
+        return;
+    };
+    let prefix = format!("{container_id}.m");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == container_id || name.starts_with(&prefix) {
+            cleanup::unmount_below(&entry.path());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir_all(paths.shared_files(container_id));
+}

@@ -1,0 +1,99 @@
+//! The shim's log: `tracing` events written to the FIFO containerd reads
+//! (`log` in the shim's working directory, the bundle) and shows in its own
+//! log, or to stderr where there is no FIFO (the `start` and `delete`
+//! actions, whose stderr containerd already captures). Events name the
+//! sandbox and container they concern in their fields; `-debug` raises
+//! the level to debug.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Arc, Mutex};
+
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::config::{Config, LogLevel};
+
+/// The FIFO containerd creates for a shim's log, in the shim's cwd.
+const LOG_FIFO: &str = "log";
+
+/// Where log lines go.
+#[derive(Clone)]
+struct SharedFile(Arc<Mutex<File>>);
+
+impl std::io::Write for SharedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+impl<'a> MakeWriter<'a> for SharedFile {
+    type Writer = SharedFile;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// The configured level (best effort: a broken configuration is reported
+/// at `Create`, where the user sees it).
+fn configured_level(debug: bool) -> LevelFilter {
+    if debug {
+        return LevelFilter::DEBUG;
+    }
+    match Config::load(None) {
+        Ok((config, _)) => match config.log_level {
+            LogLevel::Error => LevelFilter::ERROR,
+            LogLevel::Warn => LevelFilter::WARN,
+            LogLevel::Info => LevelFilter::INFO,
+            LogLevel::Debug => LevelFilter::DEBUG,
+            LogLevel::Trace => LevelFilter::TRACE,
+        },
+        Err(_) => LevelFilter::INFO,
+    }
+}
+
+/// Sets up logging for the serving shim: to containerd's log FIFO.
+pub fn init_server(debug: bool) {
+    let fifo = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(LOG_FIFO);
+    let level = configured_level(debug);
+    match fifo {
+        Ok(file) => {
+            // Blocking writes from here on: log lines are never dropped.
+            clear_nonblocking(&file);
+            let writer = SharedFile(Arc::new(Mutex::new(file)));
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_ansi(false)
+                .with_writer(writer)
+                .try_init();
+        }
+        Err(_) => init_stderr(debug),
+    }
+}
+
+/// Sets up logging to stderr (the `start` and `delete` actions).
+pub fn init_stderr(debug: bool) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(configured_level(debug))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn clear_nonblocking(file: &File) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+}

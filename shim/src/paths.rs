@@ -1,0 +1,75 @@
+//! Where a sandbox keeps its host-side state: one directory per pod under
+//! [`run_root`], holding the share, the device sockets, the guest console
+//! and the pid of a VMM process that outlives nothing but the shim. The
+//! `delete` action (after the shim died) finds everything it must clean up
+//! from this directory alone.
+
+use std::path::{Path, PathBuf};
+
+/// Overrides the root of the sandbox directories (tests use a private one).
+pub const RUN_ROOT_ENV: &str = "HUSK_RUN_DIR";
+/// The default root of the sandbox directories.
+pub const DEFAULT_RUN_ROOT: &str = "/run/husk/sandboxes";
+
+/// The directory all sandbox directories live in.
+pub fn run_root() -> PathBuf {
+    std::env::var_os(RUN_ROOT_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_ROOT))
+}
+
+/// The host paths of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+}
+
+impl SandboxPaths {
+    pub fn new(sandbox_id: &str) -> Self {
+        Self::under(&run_root(), sandbox_id)
+    }
+
+    pub fn under(root: &Path, sandbox_id: &str) -> Self {
+        Self {
+            dir: root.join(sandbox_id),
+        }
+    }
+
+    /// The virtio-fs shared directory.
+    pub fn share(&self) -> PathBuf {
+        self.dir.join("share")
+    }
+    /// The hybrid vsock socket (host end of guest vsock).
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    /// The vhost-user socket of the vsock device (qemu backend).
+    pub fn vsock_vhost(&self) -> PathBuf {
+        self.dir.join("vsock-vhost.sock")
+    }
+    /// The vhost-user socket of the virtio-fs device (qemu backend).
+    pub fn fs_vhost(&self) -> PathBuf {
+        self.dir.join("fs-vhost.sock")
+    }
+    /// The guest console.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// QEMU's own run directory (QMP socket, output).
+    pub fn qemu_dir(&self) -> PathBuf {
+        self.dir.join("qemu")
+    }
+    /// The pid of a separate VMM process (QEMU), for cleanup after a crash.
+    pub fn vmm_pid_file(&self) -> PathBuf {
+        self.dir.join("vmm.pid")
+    }
+    /// Host files (not directories) bind-mounted into containers are copied
+    /// here, inside the share: `<share>/<FILES_DIR>/<container>/<n>`.
+    pub fn shared_files(&self, container_id: &str) -> PathBuf {
+        self.share().join(SHARED_FILES_DIR).join(container_id)
+    }
+}
+
+/// The directory inside the share holding copies of host files that
+/// containers bind-mount (hosts, resolv.conf, hostname, ...).
+pub const SHARED_FILES_DIR: &str = ".files";

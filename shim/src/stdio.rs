@@ -1,0 +1,379 @@
+//! Stdio between containerd and a process in the guest. containerd names
+//! each pipe as a FIFO path (or a `file://` / `binary://` URI for logging);
+//! the guest end is one vsock stream per pipe to the agent's stdio port
+//! (with a terminal, one stream carries the pty both ways).
+//!
+//! The stdin FIFO is opened read-write so that it never reports EOF on its
+//! own: `CloseIO` is the end of stdin, as with runc's shim. Output copiers
+//! run until the guest closes its end, and [`ProcessIo::wait_output`] lets
+//! the exit path deliver every byte before containerd hears of the exit.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use husk_agent_client::agent::StdioStreams;
+use husk_agent_client::AgentClient;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// Distinguishes the streams one shim opens.
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
+
+/// The stdio containerd asked for.
+#[derive(Debug, Clone, Default)]
+pub struct StdioRequest {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+/// Identifies a process to a logging binary.
+#[derive(Debug, Clone)]
+pub struct LogIdentity {
+    pub container_id: String,
+    pub namespace: String,
+}
+
+/// The host side of a process's stdio, while it runs.
+pub struct ProcessIo {
+    stdin_close: Option<Arc<Notify>>,
+    output: Vec<JoinHandle<()>>,
+    /// Logging binaries to reap after the output ended.
+    loggers: Vec<std::process::Child>,
+}
+
+impl ProcessIo {
+    /// Opens the guest streams and the host ends and starts copying.
+    /// Returns the stream ids for the agent request.
+    pub async fn connect(
+        client: &AgentClient,
+        request: &StdioRequest,
+        identity: &LogIdentity,
+    ) -> Result<(StdioStreams, ProcessIo)> {
+        let mut streams = StdioStreams {
+            terminal: request.terminal,
+            ..Default::default()
+        };
+        let mut io = ProcessIo {
+            stdin_close: None,
+            output: Vec::new(),
+            loggers: Vec::new(),
+        };
+        let seq = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+        let (stdout_sink, stderr_sink) = open_output_sinks(request, identity, &mut io.loggers)?;
+
+        if request.terminal {
+            let id = format!("s{seq}-tty");
+            let stream = client
+                .open_stdio(&id)
+                .await
+                .with_context(|| format!("cannot open the terminal stream {id}"))?;
+            streams.stdout_id = id;
+            let (read_half, write_half) = stream.into_split();
+            if !request.stdin.is_empty() {
+                let fifo = open_stdin_fifo(&request.stdin)?;
+                let close = Arc::new(Notify::new());
+                io.stdin_close = Some(close.clone());
+                tokio::spawn(copy_stdin(fifo, write_half, close));
+            }
+            if let Some(sink) = stdout_sink {
+                io.output.push(tokio::spawn(copy_output(read_half, sink)));
+            }
+            return Ok((streams, io));
+        }
+
+        if !request.stdin.is_empty() {
+            let id = format!("s{seq}-in");
+            let stream = client
+                .open_stdio(&id)
+                .await
+                .with_context(|| format!("cannot open the stdin stream {id}"))?;
+            streams.stdin_id = id;
+            let fifo = open_stdin_fifo(&request.stdin)?;
+            let close = Arc::new(Notify::new());
+            io.stdin_close = Some(close.clone());
+            let (_, write_half) = stream.into_split();
+            tokio::spawn(copy_stdin(fifo, write_half, close));
+        }
+        for (kind, sink, slot) in [
+            ("out", stdout_sink, &mut streams.stdout_id),
+            ("err", stderr_sink, &mut streams.stderr_id),
+        ] {
+            let Some(sink) = sink else { continue };
+            let id = format!("s{seq}-{kind}");
+            let stream = client
+                .open_stdio(&id)
+                .await
+                .with_context(|| format!("cannot open the std{kind} stream {id}"))?;
+            *slot = id;
+            io.output.push(tokio::spawn(copy_output(stream, sink)));
+        }
+        Ok((streams, io))
+    }
+
+    /// Ends stdin: what is already in the FIFO is delivered, then the guest
+    /// sees EOF.
+    pub fn close_stdin(&self) {
+        if let Some(close) = &self.stdin_close {
+            close.notify_one();
+        }
+    }
+
+    /// Waits (up to `patience`) until the guest closed every output stream
+    /// and all output reached containerd.
+    pub async fn wait_output(&mut self, patience: Duration) {
+        let copiers = std::mem::take(&mut self.output);
+        let all = futures_join_all(copiers);
+        if tokio::time::timeout(patience, all).await.is_err() {
+            tracing::warn!(
+                ?patience,
+                "process output still open after its exit; not waiting longer"
+            );
+        }
+        for mut logger in self.loggers.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || logger.wait()).await;
+        }
+    }
+}
+
+impl Drop for ProcessIo {
+    fn drop(&mut self) {
+        if let Some(close) = &self.stdin_close {
+            close.notify_one();
+        }
+        for copier in &self.output {
+            copier.abort();
+        }
+        for logger in &mut self.loggers {
+            let _ = logger.kill();
+            let _ = logger.wait();
+        }
+    }
+}
+
+async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
+    for handle in handles {
+        let _ = handle.await;
+    }
+}
+
+type Sink = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn open_output_sinks(
+    request: &StdioRequest,
+    identity: &LogIdentity,
+    loggers: &mut Vec<std::process::Child>,
+) -> Result<(Option<Sink>, Option<Sink>)> {
+    if request.stdout.starts_with("binary://") {
+        let (stdout, stderr, child) = start_logging_binary(&request.stdout, identity)?;
+        loggers.push(child);
+        let stderr = (!request.stderr.is_empty() && !request.terminal).then_some(stderr);
+        return Ok((Some(stdout), stderr));
+    }
+    let stdout = open_sink(&request.stdout)?;
+    let stderr = if request.terminal {
+        None
+    } else {
+        open_sink(&request.stderr)?
+    };
+    Ok((stdout, stderr))
+}
+
+/// Opens one output destination: a FIFO path or `file://` URI.
+fn open_sink(target: &str) -> Result<Option<Sink>> {
+    if target.is_empty() {
+        return Ok(None);
+    }
+    if let Some(path) = target.strip_prefix("file://") {
+        let path = Path::new(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open the log file {}", path.display()))?;
+        return Ok(Some(Box::new(tokio::fs::File::from_std(file))));
+    }
+    if target.contains("://") && !target.starts_with("fifo://") {
+        return Err(anyhow!(
+            "unsupported stdio URI {target:?} (FIFO paths, file:// and binary:// are)"
+        ));
+    }
+    let path = target.strip_prefix("fifo://").unwrap_or(target);
+    // Read-write: opening never blocks or fails for want of a reader.
+    let sender = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_sender(path)
+        .with_context(|| format!("cannot open the output FIFO {path}"))?;
+    Ok(Some(Box::new(sender)))
+}
+
+fn open_stdin_fifo(path: &str) -> Result<tokio::net::unix::pipe::Receiver> {
+    let path = path.strip_prefix("fifo://").unwrap_or(path);
+    tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(path)
+        .with_context(|| format!("cannot open the stdin FIFO {path}"))
+}
+
+async fn copy_stdin(
+    mut fifo: tokio::net::unix::pipe::Receiver,
+    mut stream: tokio::net::unix::OwnedWriteHalf,
+    close: Arc<Notify>,
+) {
+    let mut buffer = vec![0u8; 32 * 1024];
+    loop {
+        tokio::select! {
+            read = fifo.read(&mut buffer) => match read {
+                Ok(0) => break,
+                Ok(n) => {
+                    if stream.write_all(&buffer[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "stdin FIFO read failed");
+                    break;
+                }
+            },
+            _ = close.notified() => {
+                // Deliver what the client wrote before it closed stdin.
+                loop {
+                    match fifo.try_read(&mut buffer) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if stream.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                break;
+            }
+        }
+    }
+    let _ = stream.shutdown().await;
+}
+
+async fn copy_output(mut stream: impl AsyncRead + Unpin, mut sink: Sink) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buffer).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Err(error) = sink.write_all(&buffer[..n]).await {
+                    tracing::debug!(%error, "cannot deliver process output");
+                    // Keep draining so the guest never blocks on a full stream.
+                    while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "process output stream failed");
+                break;
+            }
+        }
+    }
+    let _ = sink.flush().await;
+}
+
+/// `binary:///path?k=v`: containerd's logging-binary protocol. The binary
+/// gets the process's stdout as fd 3 and stderr as fd 4, and closes fd 5
+/// when it is ready; `CONTAINER_ID` and `CONTAINER_NAMESPACE` name the
+/// process.
+fn start_logging_binary(
+    uri: &str,
+    identity: &LogIdentity,
+) -> Result<(Sink, Sink, std::process::Child)> {
+    let rest = uri.trim_start_matches("binary://");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut args = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        args.push(percent_decode(key));
+        if !value.is_empty() {
+            args.push(percent_decode(value));
+        }
+    }
+    let (stdout_read, stdout_write) = pipe()?;
+    let (stderr_read, stderr_write) = pipe()?;
+    let (ready_read, ready_write) = pipe()?;
+    let fds = [
+        stdout_read.as_raw_fd(),
+        stderr_read.as_raw_fd(),
+        ready_write.as_raw_fd(),
+    ];
+    let mut command = std::process::Command::new(path);
+    command
+        .args(&args)
+        .env("CONTAINER_ID", &identity.container_id)
+        .env("CONTAINER_NAMESPACE", &identity.namespace)
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe dup2 calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            for (target, fd) in [3, 4, 5].into_iter().zip(fds) {
+                if libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .with_context(|| format!("cannot start the logging binary {path}"))?;
+    drop((stdout_read, stderr_read, ready_write));
+    // The binary signals readiness by closing fd 5.
+    let mut ready = std::fs::File::from(ready_read);
+    let mut byte = [0u8; 1];
+    let _ = std::io::Read::read(&mut ready, &mut byte);
+    Ok((
+        Box::new(tokio::fs::File::from_std(std::fs::File::from(stdout_write))),
+        Box::new(tokio::fs::File::from_std(std::fs::File::from(stderr_write))),
+        child,
+    ))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    // SAFETY: both fds were just created and are owned by no one else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                if let Ok(v) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                    out.push(v);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
