@@ -84,10 +84,12 @@ impl Shim for HuskShim {
     type T = TaskService;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
-        if args.action.is_empty() {
-            logging::init_server(args.debug);
-        } else {
-            logging::init_stderr(args.debug);
+        match args.action.as_str() {
+            "" => logging::init_server(args.debug),
+            // containerd reads `start`'s stdout and stderr together as the
+            // address: nothing else may be written there.
+            "start" => {}
+            _ => logging::init_stderr(args.debug),
         }
         HuskShim {
             exit: Arc::new(ExitSignal::default()),

@@ -62,6 +62,34 @@ fn internal(what: &str, error: anyhow::Error) -> ttrpc::Error {
     rpc_error(Code::INTERNAL, format!("{what}: {error:#}"))
 }
 
+/// Refuses a boot whose kernel or initramfs is missing, naming the setting.
+fn check_guest_artifacts(
+    config: &Config,
+    kind: config::HypervisorKind,
+    config_path: Option<&Path>,
+) -> TtrpcResult<()> {
+    let kernel = match kind {
+        config::HypervisorKind::Builtin => ("hypervisor.kernel", &config.hypervisor.kernel),
+        _ => ("hypervisor.qemu_kernel", &config.hypervisor.qemu_kernel),
+    };
+    for (setting, path) in [kernel, ("hypervisor.initrd", &config.hypervisor.initrd)] {
+        if !path.is_file() {
+            let source = config_path.map_or_else(
+                || "the built-in default".to_owned(),
+                |p| format!("set in {}", p.display()),
+            );
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "{setting} = {} is not a readable file ({source}); `make install` installs the guest kernel and initramfs",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One container: its init process, execs and host-side resources.
 struct Container {
     id: String,
@@ -184,6 +212,7 @@ impl TaskService {
         container_id: &str,
         spec: &oci_spec::runtime::Spec,
         config: &Config,
+        config_path: Option<&Path>,
     ) -> TtrpcResult<Arc<Sandbox>> {
         let mut slot = self.inner.sandbox.lock().await;
         if let Some(sandbox) = slot.as_ref() {
@@ -202,6 +231,7 @@ impl TaskService {
             reason = %reason,
             "hypervisor chosen"
         );
+        check_guest_artifacts(config, kind, config_path)?;
         let sandbox_id = spec::sandbox_id_of(container_id, spec);
         let hostname = spec.hostname().clone().unwrap_or_default();
         let (sandbox, watcher) = Sandbox::boot(&sandbox_id, config, kind, size, &hostname)
@@ -366,7 +396,9 @@ impl TaskService {
             config = %config_path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into()),
             "creating container"
         );
-        let sandbox = self.ensure_sandbox(&id, &spec, &config).await?;
+        let sandbox = self
+            .ensure_sandbox(&id, &spec, &config, config_path.as_deref())
+            .await?;
         let result = self.create_in_sandbox(&sandbox, req, &bundle, spec).await;
         if result.is_err() && self.containers().is_empty() {
             // Nothing else runs in the pod: do not keep a VM for nothing.
