@@ -20,9 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use husk_agent_client::agent::CreateContainerRequest;
 use husk_agent_client::Code;
 use husk_tests::artifacts::host_kernel_release;
-use husk_tests::container::{read_text, read_to_end, read_until, Pipes};
+use husk_tests::container::{container_spec, read_text, read_to_end, read_until, Pipes};
 use husk_tests::guest::{GuestSandbox, GuestShape};
 use husk_vmm::qemu::GuestEnd;
 use sha2::{Digest, Sha256};
@@ -72,6 +73,23 @@ fn checks() -> Vec<Check> {
             name: "exec_runs_inside_the_running_container_and_can_be_killed",
             timeout: CHECK_TIMEOUT,
             run: |sb| Box::pin(exec_runs_inside_the_running_container_and_can_be_killed(sb)),
+        },
+        Check {
+            name: "stdin_half_close_gives_cat_and_wc_end_of_file_and_their_output_arrives",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| {
+                Box::pin(stdin_half_close_gives_cat_and_wc_end_of_file_and_their_output_arrives(sb))
+            },
+        },
+        Check {
+            name: "an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| Box::pin(an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137(sb)),
+        },
+        Check {
+            name: "io_stats_report_the_guests_block_io_honestly",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| Box::pin(io_stats_report_the_guests_block_io_honestly(sb)),
         },
         Check {
             name: "hundred_mib_of_container_stdout_arrive_intact",
@@ -420,6 +438,205 @@ async fn hundred_mib_of_container_stdout_arrive_intact(sb: Arc<GuestSandbox>) ->
         100.0 / seconds
     );
     sb.remove_container("stream").await
+}
+
+/// Writes `data` to `stdin`, then shuts its write side down (half-close):
+/// the stream stays open for the guest's side to close.
+async fn write_then_half_close(
+    mut stdin: tokio::net::UnixStream,
+    data: Vec<u8>,
+) -> Result<tokio::net::UnixStream> {
+    stdin
+        .write_all(&data)
+        .await
+        .context("writing the process's stdin")?;
+    stdin
+        .shutdown()
+        .await
+        .context("shutting down the stdin stream's write side")?;
+    Ok(stdin)
+}
+
+async fn stdin_half_close_gives_cat_and_wc_end_of_file_and_their_output_arrives(
+    sb: Arc<GuestSandbox>,
+) -> Result<()> {
+    // A container init: cat copies 256 KiB (more than a pipe, the stream's
+    // credit and a socket buffer hold) back, then sees end of file. The
+    // host reads while it writes, as a shim does.
+    let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut io = sb.run_container("halfcat", &["cat"], Pipes::ALL).await?;
+    let writer = tokio::spawn(write_then_half_close(io.take_stdin()?, data.clone()));
+    let echoed = read_to_end(&mut io.take_stdout()?, READ_TIMEOUT).await?;
+    let stdin = writer.await.context("the stdin writer task")??;
+    ensure!(
+        echoed == data,
+        "cat echoed {} bytes, {} sent (equal prefix {} bytes)",
+        echoed.len(),
+        data.len(),
+        echoed
+            .iter()
+            .zip(&data)
+            .take_while(|(a, b)| a == b)
+            .count()
+    );
+    let exit = sb.wait("halfcat", "").await?;
+    ensure!(exit.status == 0, "cat exited with {}", exit.status);
+    drop(stdin);
+    sb.remove_container("halfcat").await?;
+
+    // An exec: `sh -c 'wc -c'` counts 1 MiB and prints after end of file.
+    sb.run_container("halfhost", &["sleep", "1000"], Pipes::NONE)
+        .await?;
+    let mut io = sb
+        .exec("halfhost", "wc", &["sh", "-c", "wc -c"], Pipes::ALL)
+        .await?;
+    let writer = tokio::spawn(write_then_half_close(io.take_stdin()?, vec![b'x'; 1 << 20]));
+    let counted = read_text(&mut io.take_stdout()?, READ_TIMEOUT).await?;
+    let stdin = writer.await.context("the stdin writer task")??;
+    ensure!(
+        counted.trim() == "1048576",
+        "wc -c printed {counted:?} for 1 MiB of stdin"
+    );
+    let exit = sb.wait("halfhost", "wc").await?;
+    ensure!(exit.status == 0, "the wc exec exited with {}", exit.status);
+    drop(stdin);
+    sb.client()
+        .signal_process("halfhost", "", libc::SIGKILL as u32, false)
+        .await
+        .context("SignalProcess SIGKILL halfhost")?;
+    sb.wait("halfhost", "").await?;
+    sb.remove_container("halfhost").await
+}
+
+/// Creates container `id` from `spec` (a [`container_spec`] with changes),
+/// with no stdio.
+async fn create_with_spec(sb: &GuestSandbox, id: &str, spec: serde_json::Value) -> Result<()> {
+    let rootfs_path = sb.add_rootfs(id)?;
+    let request = CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec_json: spec.to_string().into_bytes(),
+        rootfs_path,
+        ..Default::default()
+    };
+    sb.client()
+        .create_container(request)
+        .await
+        .with_context(|| format!("CreateContainer {id}"))?;
+    Ok(())
+}
+
+async fn an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137(
+    sb: Arc<GuestSandbox>,
+) -> Result<()> {
+    let before = sb
+        .client()
+        .get_events(0, 0)
+        .await
+        .context("GetEvents (baseline)")?;
+    let after = before.iter().map(|e| e.sequence).max().unwrap_or(0);
+    // dd fills its 64 MiB block buffer from /dev/zero, touching every page,
+    // under a 32 MiB limit: the cgroup's OOM killer ends it.
+    let limit = 32u64 << 20;
+    let mut spec = container_spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": limit}});
+    create_with_spec(&sb, "hog", spec).await?;
+    sb.client()
+        .start_container("hog")
+        .await
+        .context("StartContainer hog")?;
+    let exit = sb.wait("hog", "").await?;
+    ensure!(
+        exit.status == 137,
+        "the OOM-killed init reported {} instead of 137",
+        exit.status
+    );
+    let stats = sb
+        .client()
+        .stats_container("hog")
+        .await
+        .context("StatsContainer hog")?;
+    ensure!(
+        stats.memory.limit_bytes == limit && stats.memory.oom_kills >= 1,
+        "stats after the OOM kill: limit {} (set {limit}), oom_kills {}",
+        stats.memory.limit_bytes,
+        stats.memory.oom_kills
+    );
+    // WaitProcess returns after the exit event is logged, and the OOM event
+    // is logged before the exit it caused.
+    let events = sb
+        .client()
+        .get_events(after, 5_000)
+        .await
+        .context("GetEvents")?;
+    let oom = events
+        .iter()
+        .find(|e| e.has_oom() && e.oom().container_id == "hog");
+    let exited = events
+        .iter()
+        .find(|e| e.has_exited() && e.exited().container_id == "hog");
+    match (oom, exited) {
+        (Some(oom), Some(exited)) => ensure!(
+            oom.sequence < exited.sequence && exited.exited().exit_status == 137,
+            "OomKilled #{} and exit #{} (status {}) for hog",
+            oom.sequence,
+            exited.sequence,
+            exited.exited().exit_status
+        ),
+        _ => bail!("no OomKilled and exit events for hog in {events:?}"),
+    }
+    sb.remove_container("hog").await
+}
+
+async fn io_stats_report_the_guests_block_io_honestly(sb: Arc<GuestSandbox>) -> Result<()> {
+    // 8 MiB written with fsync to the rootfs (virtio-fs), then the guest's
+    // block devices listed.
+    let script = "dd if=/dev/zero of=/data bs=1M count=8 conv=fsync 2>/dev/null && \
+                  echo written; ls /sys/block; echo listed; sleep 1000";
+    let mut io = sb
+        .run_container("iowriter", &["sh", "-c", script], Pipes::OUT_ERR)
+        .await?;
+    let mut stdout = io.take_stdout()?;
+    let listing = read_until(&mut stdout, "listed\n", READ_TIMEOUT).await?;
+    ensure!(
+        listing.starts_with("written\n"),
+        "the writer printed {listing:?}"
+    );
+    let devices: Vec<&str> = listing
+        .lines()
+        .skip(1)
+        .take_while(|l| *l != "listed")
+        .flat_map(str::split_whitespace)
+        .collect();
+    let stats = sb
+        .client()
+        .stats_container("iowriter")
+        .await
+        .context("StatsContainer iowriter")?;
+    if devices.is_empty() {
+        // Every file of this guest is on virtio-fs or tmpfs: the kernel
+        // accounts no block IO, and the agent must not invent any.
+        println!(
+            "husk-test-form: guest IO stats: the guest has no block device; io.stat is empty and both figures must be 0 (8 MiB went to virtio-fs)"
+        );
+        ensure!(
+            stats.io.read_bytes == 0 && stats.io.write_bytes == 0,
+            "no block device, yet StatsContainer says read {} / write {} bytes",
+            stats.io.read_bytes,
+            stats.io.write_bytes
+        );
+    } else {
+        // A block device exists but the container's files are not on it.
+        println!(
+            "husk-test-form: guest IO stats: block devices {devices:?} carry no container file; figures read {} / write {} bytes",
+            stats.io.read_bytes, stats.io.write_bytes
+        );
+    }
+    sb.client()
+        .signal_process("iowriter", "", libc::SIGKILL as u32, false)
+        .await
+        .context("SignalProcess SIGKILL iowriter")?;
+    sb.wait("iowriter", "").await?;
+    sb.remove_container("iowriter").await
 }
 
 async fn destroy_sandbox_powers_the_guest_off_and_leaves_nothing_on_the_host(
