@@ -473,11 +473,7 @@ async fn stdin_half_close_gives_cat_and_wc_end_of_file_and_their_output_arrives(
         "cat echoed {} bytes, {} sent (equal prefix {} bytes)",
         echoed.len(),
         data.len(),
-        echoed
-            .iter()
-            .zip(&data)
-            .take_while(|(a, b)| a == b)
-            .count()
+        echoed.iter().zip(&data).take_while(|(a, b)| a == b).count()
     );
     let exit = sb.wait("halfcat", "").await?;
     ensure!(exit.status == 0, "cat exited with {}", exit.status);
