@@ -629,13 +629,35 @@ pub fn entries_of(dir: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// What exists on the host before the suite, so its leftovers stand out:
-/// shim sockets in `/run/containerd/s`, entries of `/run/husk`, and QEMU
-/// processes.
+/// The paths (relative to `dir`) of its entries down to `depth` levels
+/// (`/run/husk/sandboxes/<id>/share` at depth 3), not following symlinks.
+pub fn entries_to_depth(dir: &Path, depth: usize) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut pending = vec![(PathBuf::new(), 1)];
+    while let Some((relative, level)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(dir.join(&relative)) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = relative.join(entry.file_name());
+            if level < depth && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push((path.clone(), level + 1));
+            }
+            found.insert(path.to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+/// What exists on the host before the suite, so its leftovers stand out
+/// from other users' (another test's pods, a developer's shim): shim
+/// sockets in `/run/containerd/s`, entries of `/run/husk` and mounts below
+/// it, and QEMU processes.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub shim_sockets: BTreeSet<String>,
     pub husk_state: BTreeSet<String>,
+    pub husk_mounts: BTreeSet<String>,
     pub qemu_pids: BTreeSet<u32>,
 }
 
@@ -643,7 +665,10 @@ impl Snapshot {
     pub fn take() -> Self {
         Self {
             shim_sockets: entries_of(Path::new(SHIM_SOCKET_DIR)),
-            husk_state: entries_of(Path::new(HUSK_STATE_DIR)),
+            husk_state: entries_to_depth(Path::new(HUSK_STATE_DIR), 3),
+            husk_mounts: mounts_under(Path::new(HUSK_STATE_DIR))
+                .into_iter()
+                .collect(),
             qemu_pids: qemu_processes().iter().map(|p| p.pid).collect(),
         }
     }
@@ -685,13 +710,15 @@ pub fn leftovers(daemon: &PrivateContainerd, before: &Snapshot) -> Vec<String> {
     }
     for dir in [daemon.root(), daemon.state(), PathBuf::from(HUSK_STATE_DIR)] {
         for mount_point in mounts_under(&dir) {
-            found.push(format!("mount {mount_point}"));
+            if !before.husk_mounts.contains(&mount_point) {
+                found.push(format!("mount {mount_point}"));
+            }
         }
     }
     for name in entries_of(Path::new(SHIM_SOCKET_DIR)).difference(&before.shim_sockets) {
         found.push(format!("shim socket {SHIM_SOCKET_DIR}/{name}"));
     }
-    for name in entries_of(Path::new(HUSK_STATE_DIR)).difference(&before.husk_state) {
+    for name in entries_to_depth(Path::new(HUSK_STATE_DIR), 3).difference(&before.husk_state) {
         found.push(format!("husk state {HUSK_STATE_DIR}/{name}"));
     }
     let bundles = daemon
