@@ -8,6 +8,16 @@
 //! host directory (virtio-fs). Every line names the transport and the
 //! accelerator.
 //!
+//! The peer serves guest-to-host streams with its credit window
+//! (`--tx-buffer-size`) at [`PEER_TX_BUFFER_BYTES`], not its 64 KiB
+//! default: at 64 KiB the guest kernel (Linux 6.12.117, which allocates a
+//! TX packet of more than ~32 KiB as a non-linear skb) hands it packets
+//! whose payload spans several descriptors; its `virtio-vsock` 0.10 parser
+//! wants the payload in one descriptor (`DescriptorLengthTooSmall`), and
+//! its TX loop then drops the packet without returning the descriptor, so
+//! the stream stalls at 0 bytes. A 16 KiB window keeps every guest packet
+//! linear. Our device advertises [`vsock::csm::CONN_BUF_ALLOC`].
+//!
 //! Usage: device_bench BZIMAGE GUEST_INITRD WORK_DIR [PEER_VSOCK_BINARY]
 //! where GUEST_INITRD holds the agent, busybox, `/bench/husk-guest-probe`,
 //! `/bench/fs-ops.sh` and `/bench/run` (tests/run-bench.sh packs it).
@@ -32,6 +42,20 @@ const PING_BYTES: usize = 64;
 const SCRIPT_END_DEADLINE: Duration = Duration::from_secs(120);
 /// The longest the vsock peer's whole run may take.
 const PEER_DEADLINE: Duration = Duration::from_secs(300);
+/// The peer's credit window for guest-to-host data (see the module doc);
+/// `HUSK_PEER_TX_BUFFER_BYTES` overrides it (65536, the peer's default,
+/// reproduces the stall).
+const PEER_TX_BUFFER_BYTES: u32 = 16 << 10;
+
+fn peer_tx_buffer_bytes() -> u32 {
+    std::env::var("HUSK_PEER_TX_BUFFER_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PEER_TX_BUFFER_BYTES)
+}
+/// What the peer logs when a guest packet's payload is split across
+/// descriptors (its `vsock: error reading TX packet: ...`).
+const PEER_TX_ERROR: &str = "error reading TX packet";
 /// How long the host waits for the guest to listen on a vsock port.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(180);
 
@@ -197,14 +221,18 @@ fn run_guest(
     };
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     let script_failed = !log.contains("HUSK_EXEC_EXIT code=0") || log.contains("BENCH_ERROR");
+    let guest_errors = || {
+        log.lines()
+            .filter(|l| l.contains("BENCH_ERROR") || l.contains("husk-guest-probe"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     let vsock = match vsock {
         Ok(_) if script_failed => Err(format!(
             "the guest's side failed ({end:?}): {}",
-            log.lines()
-                .filter(|l| l.contains("BENCH_ERROR") || l.contains("husk-guest-probe"))
-                .collect::<Vec<_>>()
-                .join("; ")
+            guest_errors()
         )),
+        Err(why) => Err(format!("{why}; the guest said: {}", guest_errors())),
         other => other,
     };
     GuestRun {
@@ -214,15 +242,22 @@ fn run_guest(
     }
 }
 
-fn spawn_peer_vsock(binary: &Path, socket: &Path, uds: &Path) -> Child {
+fn spawn_peer_vsock(binary: &Path, socket: &Path, uds: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).expect("create the peer's log");
     let child = Command::new(binary)
         .arg("--socket")
         .arg(socket)
         .arg("--uds-path")
         .arg(uds)
         .args(["--guest-cid", "3"])
+        .arg("--tx-buffer-size")
+        .arg(peer_tx_buffer_bytes().to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var("HUSK_PEER_LOG").unwrap_or_else(|_| "debug".into()),
+        )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("vhost-device-vsock starts");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -333,7 +368,7 @@ fn main() {
     let peer = peer_binary.as_ref().filter(|p| p.exists()).map(|binary| {
         let socket = work.join("peer-vhost.sock");
         let peer_uds = work.join("peer.uds");
-        let mut child = spawn_peer_vsock(binary, &socket, &peer_uds);
+        let mut child = spawn_peer_vsock(binary, &socket, &peer_uds, &work.join("peer-vsock.log"));
         // The peer must not hang the bench: past the deadline its process
         // is killed, which fails its pending transfers with an error.
         let peer_pid = child.id() as i32;
@@ -348,10 +383,19 @@ fn main() {
         run
     });
 
-    println!("  vsock: 64 MiB transfers each way, 200 round trips of 64 B");
+    println!(
+        "  vsock: 64 MiB transfers each way, 200 round trips of 64 B; guest->host credit window: husk {} KiB, vhost-device-vsock {} KiB (--tx-buffer-size)",
+        vsock::csm::CONN_BUF_ALLOC >> 10,
+        peer_tx_buffer_bytes() >> 10
+    );
     let Ok((h2g, g2h, rtt)) = ours.vsock.clone() else {
         std::process::exit(1);
     };
+    let peer_log = std::fs::read_to_string(work.join("peer-vsock.log")).unwrap_or_default();
+    let peer_tx_errors: Vec<&str> = peer_log
+        .lines()
+        .filter(|l| l.contains(PEER_TX_ERROR))
+        .collect();
     match peer.as_ref().map(|p| &p.vsock) {
         Some(Ok((p_h2g, p_g2h, p_rtt))) => {
             println!("  vsock host->guest: husk {h2g:.1} MiB/s, vhost-device-vsock {p_h2g:.1} MiB/s, ratio {}", ratio(h2g, *p_h2g));
@@ -370,5 +414,13 @@ fn main() {
             println!("  peer vhost-device-vsock not measured: its binary is missing (tests/run-bench.sh installs it)");
         }
     }
-    let _ = std::fs::remove_dir_all(&work);
+    if let Some(first) = peer_tx_errors.first() {
+        println!(
+            "  peer vhost-device-vsock dropped {} guest TX packet(s); first: {first}",
+            peer_tx_errors.len()
+        );
+    }
+    if std::env::var_os("HUSK_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
 }
