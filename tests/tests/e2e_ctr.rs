@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use husk_tests::artifacts::{bzimage_release, host_kernel_release};
 use husk_tests::containerd::{
     self, leftovers, run_with_timeout, test_husk_config, toml_string, Options, PrivateContainerd,
     Snapshot, HUSK_RUNTIME, IMAGE, IMAGE_UID1000, RUNC_RUNTIME,
@@ -307,6 +308,10 @@ fn scenarios() -> Vec<Scenario> {
         both("tty_session_computes_42", tty_session_computes_42),
         both("five_containers_in_parallel", five_containers_in_parallel),
         both("twenty_runs_in_sequence", twenty_runs_in_sequence),
+        husk(
+            "guest_kernel_and_vm_size_from_config_and_annotations",
+            guest_kernel_and_vm_size,
+        ),
         husk("bad_unknown_hypervisor_kind", bad_unknown_hypervisor_kind),
         husk("bad_missing_kernel", bad_missing_kernel),
         husk("bad_10000_vcpus_annotation", bad_10000_vcpus_annotation),
@@ -609,6 +614,67 @@ fn twenty_runs_in_sequence(suite: &Suite, rt: Runtime) -> Result<String> {
         times[19].as_secs_f64() * 1e3
     );
     Ok("20/20 printed their word, exit 0".to_owned())
+}
+
+/// `uname -r`, the processors and the memory a container sees, for a pod
+/// with the test configuration's size (1 vCPU, 256 MiB from
+/// `shim/configuration.toml`, named by containerd's `$HUSK_CONFIG`) and for
+/// one whose annotations ask for 2 vCPUs and 512 MiB within the limits.
+fn guest_kernel_and_vm_size(suite: &Suite, rt: Runtime) -> Result<String> {
+    let (_, bzimage) = &containerd::guest_artifacts()[1];
+    let guest_release = bzimage_release(bzimage)?;
+    let host_release = host_kernel_release()?;
+    let probe = [
+        "sh",
+        "-c",
+        "uname -r; grep -c ^processor /proc/cpuinfo; sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+    ];
+    let mut seen = Vec::new();
+    for (annotations, vcpus, memory_mib) in [
+        (&[][..], 1u32, 256u64),
+        (
+            &[
+                "--annotation",
+                "io.katacontainers.config.hypervisor.default_vcpus=2",
+                "--annotation",
+                "io.katacontainers.config.hypervisor.default_memory=512",
+            ][..],
+            2,
+            512,
+        ),
+    ] {
+        let id = suite.id(rt, "size");
+        let mut flags = vec!["--rm"];
+        flags.extend_from_slice(annotations);
+        let out = suite.ctr_run(rt, &flags, IMAGE, &id, &probe)?;
+        ensure!(out.status.success(), "the probe failed: {}", describe(&out));
+        let shown = text(&out.stdout);
+        let lines: Vec<&str> = shown.lines().collect();
+        ensure!(lines.len() == 3, "the probe printed {shown:?}");
+        ensure!(
+            lines[0] == guest_release && lines[0] != host_release,
+            "uname -r in the container is {:?}: not the guest kernel {guest_release} (host {host_release})",
+            lines[0]
+        );
+        ensure!(
+            lines[1] == vcpus.to_string(),
+            "the container sees {} processors, not {vcpus} ({annotations:?})",
+            lines[1]
+        );
+        let total_kib: u64 = lines[2].parse().context("MemTotal")?;
+        // The kernel keeps some memory for itself: MemTotal is a little
+        // below the VM's size, never above it.
+        ensure!(
+            total_kib <= memory_mib * 1024 && total_kib > memory_mib * 1024 * 3 / 4,
+            "MemTotal {total_kib} kB does not fit a {memory_mib} MiB VM ({annotations:?})"
+        );
+        seen.push(format!("{vcpus} vCPU/{memory_mib} MiB ok"));
+        suite.nothing_left_of(&id)?;
+    }
+    Ok(format!(
+        "guest kernel {guest_release} (host {host_release}); {}",
+        seen.join(", ")
+    ))
 }
 
 /// Runs `/bin/true` with `flags` and checks that `ctr run` fails with a
