@@ -222,10 +222,15 @@ fn run_guest(
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     let script_failed = !log.contains("HUSK_EXEC_EXIT code=0") || log.contains("BENCH_ERROR");
     let guest_errors = || {
-        log.lines()
+        let lines: Vec<&str> = log
+            .lines()
             .filter(|l| l.contains("BENCH_ERROR") || l.contains("husk-guest-probe"))
-            .collect::<Vec<_>>()
-            .join("; ")
+            .collect();
+        if lines.is_empty() {
+            "nothing (its probe was still waiting)".to_owned()
+        } else {
+            lines.join("; ")
+        }
     };
     let vsock = match vsock {
         Ok(_) if script_failed => Err(format!(
