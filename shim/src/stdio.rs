@@ -9,9 +9,10 @@
 //! the exit path deliver every byte before containerd hears of the exit.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::StdioStreams;
 use husk_agent_client::AgentClient;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 /// Distinguishes the streams one shim opens.
@@ -44,6 +45,7 @@ pub struct LogIdentity {
 /// The host side of a process's stdio, while it runs.
 pub struct ProcessIo {
     stdin_close: Option<Arc<Notify>>,
+    stdin_reader: Option<StdinReader>,
     output: Vec<JoinHandle<()>>,
     /// Logging binaries to reap after the output ended.
     loggers: Vec<std::process::Child>,
@@ -63,6 +65,7 @@ impl ProcessIo {
         };
         let mut io = ProcessIo {
             stdin_close: None,
+            stdin_reader: None,
             output: Vec::new(),
             loggers: Vec::new(),
         };
@@ -78,10 +81,11 @@ impl ProcessIo {
             streams.stdout_id = id;
             let (read_half, write_half) = stream.into_split();
             if !request.stdin.is_empty() {
-                let fifo = open_stdin_fifo(&request.stdin)?;
+                let (reader, chunks) = StdinReader::start(&request.stdin)?;
+                io.stdin_reader = Some(reader);
                 let close = Arc::new(Notify::new());
                 io.stdin_close = Some(close.clone());
-                tokio::spawn(copy_stdin(fifo, write_half, close));
+                tokio::spawn(copy_stdin(chunks, write_half, close));
             }
             if let Some(sink) = stdout_sink {
                 io.output.push(tokio::spawn(copy_output(read_half, sink)));
@@ -96,11 +100,12 @@ impl ProcessIo {
                 .await
                 .with_context(|| format!("cannot open the stdin stream {id}"))?;
             streams.stdin_id = id;
-            let fifo = open_stdin_fifo(&request.stdin)?;
+            let (reader, chunks) = StdinReader::start(&request.stdin)?;
+            io.stdin_reader = Some(reader);
             let close = Arc::new(Notify::new());
             io.stdin_close = Some(close.clone());
             let (_, write_half) = stream.into_split();
-            tokio::spawn(copy_stdin(fifo, write_half, close));
+            tokio::spawn(copy_stdin(chunks, write_half, close));
         }
         for (kind, sink, slot) in [
             ("out", stdout_sink, &mut streams.stdout_id),
@@ -218,45 +223,85 @@ fn open_sink(target: &str) -> Result<Option<Sink>> {
     Ok(Some(Box::new(sender)))
 }
 
-fn open_stdin_fifo(path: &str) -> Result<tokio::net::unix::pipe::Receiver> {
-    let path = path.strip_prefix("fifo://").unwrap_or(path);
-    tokio::net::unix::pipe::OpenOptions::new()
-        .read_write(true)
-        .open_receiver(path)
-        .with_context(|| format!("cannot open the stdin FIFO {path}"))
+/// Reads the stdin FIFO on a thread of its own. The FIFO is opened
+/// read-only and blocking: the open waits for the client's writer, and the
+/// reads end with EOF when the client closes it, as with runc's shim.
+/// Chunks travel to the async copier through a channel.
+struct StdinReader {
+    path: PathBuf,
+    released: Arc<AtomicBool>,
+}
+
+impl StdinReader {
+    fn start(path: &str) -> Result<(Self, mpsc::Receiver<Vec<u8>>)> {
+        let path = PathBuf::from(path.strip_prefix("fifo://").unwrap_or(path));
+        let metadata = std::fs::metadata(&path)
+            .with_context(|| format!("cannot open the stdin FIFO {}", path.display()))?;
+        if !metadata.file_type().is_fifo() {
+            return Err(anyhow!("stdin {} is not a FIFO", path.display()));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let released = Arc::new(AtomicBool::new(false));
+        let (thread_path, thread_released) = (path.clone(), released.clone());
+        std::thread::Builder::new()
+            .name("husk-stdin".into())
+            .spawn(move || {
+                let Ok(mut fifo) = std::fs::File::open(&thread_path) else {
+                    return;
+                };
+                let mut buffer = vec![0u8; 32 * 1024];
+                while !thread_released.load(Ordering::Acquire) {
+                    match std::io::Read::read(&mut fifo, &mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx.blocking_send(buffer[..n].to_vec()).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+            .context("cannot start the stdin reader thread")?;
+        Ok((Self { path, released }, rx))
+    }
+}
+
+impl Drop for StdinReader {
+    fn drop(&mut self) {
+        self.released.store(true, Ordering::Release);
+        // A reader still waiting in open() for a client that never came is
+        // released by a writer that arrives and leaves at once.
+        if let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.path)
+        {
+            drop(file);
+        }
+    }
 }
 
 async fn copy_stdin(
-    mut fifo: tokio::net::unix::pipe::Receiver,
+    mut chunks: mpsc::Receiver<Vec<u8>>,
     mut stream: tokio::net::unix::OwnedWriteHalf,
     close: Arc<Notify>,
 ) {
-    let mut buffer = vec![0u8; 32 * 1024];
     loop {
         tokio::select! {
-            read = fifo.read(&mut buffer) => match read {
-                Ok(0) => break,
-                Ok(n) => {
-                    if stream.write_all(&buffer[..n]).await.is_err() {
+            chunk = chunks.recv() => match chunk {
+                Some(chunk) => {
+                    if stream.write_all(&chunk).await.is_err() {
                         return;
                     }
                 }
-                Err(error) => {
-                    tracing::debug!(%error, "stdin FIFO read failed");
-                    break;
-                }
+                None => break,
             },
             _ = close.notified() => {
-                // Deliver what the client wrote before it closed stdin.
-                loop {
-                    match fifo.try_read(&mut buffer) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            if stream.write_all(&buffer[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => break,
+                // Deliver what already arrived before stdin was closed.
+                while let Ok(chunk) = chunks.try_recv() {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
                     }
                 }
                 break;
