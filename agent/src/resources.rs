@@ -4,8 +4,12 @@
 //! OOM kills are read from the cgroup's own counter (`oom_kill` in
 //! `memory.events` on cgroup v2, `memory.oom_control` on v1) whenever one
 //! of the container's processes the agent follows (its init or an exec)
-//! exits, so no polling is needed: an OOM kill that ends such a process is
-//! reported just before its exit.
+//! exits, so an OOM kill that ends such a process is reported just before
+//! its exit. On cgroup v2 the agent also follows `memory.events` with
+//! inotify (the kernel signals a change of that file), so a kill of any
+//! other process in the container (a child of its shell) is reported when
+//! it happens, without polling. Each kill is reported once, whichever path
+//! sees it first.
 //!
 //! IO figures are the bytes the container's cgroup moved to and from block
 //! devices: `rbytes`/`wbytes` of `io.stat` on cgroup v2, the `Read`/`Write`
@@ -13,13 +17,15 @@
 //! whose files all live on virtio-fs or tmpfs has no block device, so the
 //! kernel accounts no block IO and both figures are honestly zero there.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use husk_protocols::agent::{CpuStats, IoStats, MemoryStats, PidsStats, StatsContainerResponse};
 use husk_runtime::Container;
 use oci_spec::runtime::LinuxResources;
 use serde_json::Value;
+use tokio::io::unix::AsyncFd;
 
 use crate::error::{AgentError, Result};
 use crate::guest;
@@ -242,7 +248,7 @@ fn read_oom_kills(dir: &Path) -> Option<u64> {
         .next()
 }
 
-/// Detects OOM kills in a container's cgroup: each [`OomWatch::new_kills`]
+/// Detects OOM kills in a container's cgroup: each [`OomWatch::report_new_kills`]
 /// reports the kills since the previous call (or since creation).
 pub struct OomWatch {
     dir: Option<PathBuf>,
@@ -262,19 +268,116 @@ impl OomWatch {
         }
     }
 
-    /// How many OOM kills the cgroup counted since the last call.
-    pub fn new_kills(&self) -> u64 {
-        let Some(count) = self.dir.as_deref().and_then(read_oom_kills) else {
-            return 0;
-        };
+    /// Calls `report` with the number of OOM kills the cgroup counted since
+    /// the last call, if any. `report` runs under the watch's lock, so two
+    /// callers cannot report one kill twice or out of order.
+    pub fn report_new_kills(&self, report: impl FnOnce(u64)) {
         let mut seen = self
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(count) = self.dir.as_deref().and_then(read_oom_kills) else {
+            return;
+        };
         let new = count.saturating_sub(*seen);
         *seen = count.max(*seen);
-        new
+        if new > 0 {
+            report(new);
+        }
     }
+
+    #[cfg(test)]
+    fn new_kills(&self) -> u64 {
+        let mut kills = 0;
+        self.report_new_kills(|new| kills = new);
+        kills
+    }
+
+    /// On cgroup v2, a task that calls `report_new_kills(report)` each time
+    /// the kernel signals a change of `memory.events`, until the cgroup is
+    /// removed or the task aborted. `None` where there is no such file
+    /// (cgroup v1: kills are then seen when a followed process exits).
+    pub fn follow<F>(self: &Arc<Self>, report: F) -> Option<tokio::task::JoinHandle<()>>
+    where
+        F: Fn(u64) + Send + Sync + 'static,
+    {
+        let events = self.dir.as_deref()?.join("memory.events");
+        if !events.exists() {
+            return None;
+        }
+        let inotify = match inotify_on(&events) {
+            Ok(inotify) => inotify,
+            Err(error) => {
+                tracing::warn!(path = %events.display(), %error, "cannot follow OOM kills with inotify");
+                return None;
+            }
+        };
+        let watch = self.clone();
+        Some(tokio::spawn(async move {
+            let mut buffer = [0u8; 4096];
+            loop {
+                let read = inotify
+                    .async_io(tokio::io::Interest::READABLE, |fd| {
+                        // SAFETY: reads into a live buffer of the given length.
+                        let n = unsafe {
+                            libc::read(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len())
+                        };
+                        if n < 0 {
+                            Err(std::io::Error::last_os_error())
+                        } else {
+                            Ok(n as usize)
+                        }
+                    })
+                    .await;
+                let n = match read {
+                    Ok(n) => n,
+                    Err(error) => {
+                        tracing::debug!(%error, "OOM follower ended");
+                        return;
+                    }
+                };
+                watch.report_new_kills(&report);
+                if inotify_events_end_the_watch(&buffer[..n]) {
+                    return;
+                }
+            }
+        }))
+    }
+}
+
+/// A non-blocking inotify instance watching `path` for modifications.
+fn inotify_on(path: &Path) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: inotify_init1 takes only flags.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid inotify fd and a NUL-terminated path.
+    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c_path.as_ptr(), libc::IN_MODIFY) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the AsyncFd owns `fd` and deregisters it before closing it;
+    // no other registration of this descriptor exists.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
+/// Whether a batch of `inotify_event`s says the watch is gone (the file,
+/// so the cgroup, was removed).
+fn inotify_events_end_the_watch(mut events: &[u8]) -> bool {
+    const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
+    while events.len() >= HEADER {
+        let mask = u32::from_ne_bytes([events[4], events[5], events[6], events[7]]);
+        let name_len = u32::from_ne_bytes([events[12], events[13], events[14], events[15]]);
+        if mask & libc::IN_IGNORED != 0 {
+            return true;
+        }
+        events = events.get(HEADER + name_len as usize..).unwrap_or_default();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -341,6 +444,44 @@ mod tests {
         std::fs::write(&control, "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n").unwrap();
         assert_eq!(watch.new_kills(), 1);
         assert_eq!(OomWatch::in_dir(None).new_kills(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_follower_reports_a_kill_when_memory_events_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("memory.events");
+        std::fs::write(&events, "oom 0\noom_kill 0\n").unwrap();
+        let watch = Arc::new(OomWatch::in_dir(Some(dir.path().to_path_buf())));
+        let (sender, mut kills) = tokio::sync::mpsc::unbounded_channel();
+        let follower = watch
+            .follow(move |new| {
+                let _ = sender.send(new);
+            })
+            .expect("memory.events exists");
+        std::fs::write(&events, "oom 1\noom_kill 1\n").unwrap();
+        assert_eq!(kills.recv().await, Some(1));
+        // Removing the file ends the watch and the task.
+        std::fs::remove_file(&events).unwrap();
+        follower.await.unwrap();
+        // The exit path finds nothing new: the kill was reported once.
+        assert_eq!(watch.new_kills(), 0);
+    }
+
+    #[test]
+    fn an_ignored_event_ends_the_watch() {
+        let event = |mask: u32, name_len: u32| {
+            let mut bytes = Vec::new();
+            bytes.extend_from_slice(&1i32.to_ne_bytes());
+            bytes.extend_from_slice(&mask.to_ne_bytes());
+            bytes.extend_from_slice(&0u32.to_ne_bytes());
+            bytes.extend_from_slice(&name_len.to_ne_bytes());
+            bytes.extend(std::iter::repeat_n(0, name_len as usize));
+            bytes
+        };
+        let mut batch = event(libc::IN_MODIFY, 16);
+        assert!(!inotify_events_end_the_watch(&batch));
+        batch.extend(event(libc::IN_IGNORED, 0));
+        assert!(inotify_events_end_the_watch(&batch));
     }
 
     #[test]

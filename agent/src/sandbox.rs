@@ -54,8 +54,28 @@ struct ContainerEntry {
     init: Arc<Process>,
     /// OOM kills in the container's cgroup, checked at each process exit.
     oom: Arc<resources::OomWatch>,
+    /// The task following `memory.events` (cgroup v2).
+    oom_follower: Option<tokio::task::JoinHandle<()>>,
     /// Exec processes by exec id; `None` while an exec is being started.
     execs: Mutex<HashMap<String, Option<Arc<Process>>>>,
+}
+
+impl Drop for ContainerEntry {
+    fn drop(&mut self) {
+        if let Some(follower) = self.oom_follower.take() {
+            follower.abort();
+        }
+    }
+}
+
+/// Publishes `new` OOM kills of `container_id` as events.
+fn oom_reporter(events: EventLog, container_id: String) -> impl Fn(u64) + Send + Sync + 'static {
+    move |new| {
+        for _ in 0..new {
+            tracing::warn!(container = %container_id, "OOM kill in container");
+            events.oom_killed(&container_id);
+        }
+    }
 }
 
 /// A slot in the container table: reserved while being created.
@@ -256,24 +276,22 @@ impl Sandbox {
         let oom = Arc::new(resources::OomWatch::new(&self.load(id)?));
         let on_exit = self.report_oom_kills(id, &oom);
         let init = Process::follow(id, "", pid, io, exit, self.events.clone(), on_exit).await?;
+        let oom_follower = oom.follow(oom_reporter(self.events.clone(), id.clone()));
         Ok(Arc::new(ContainerEntry {
             init,
             oom,
+            oom_follower,
             execs: Mutex::new(HashMap::new()),
         }))
     }
 
     /// What a process exit of container `id` triggers: an `OomKilled`
-    /// event for each OOM kill its cgroup counted since the last exit, so
+    /// event for each OOM kill its cgroup counted since the last report, so
     /// the event comes before the exit that the kill caused.
     fn report_oom_kills(&self, id: &str, oom: &Arc<resources::OomWatch>) -> OnExit {
-        let (events, oom, container_id) = (self.events.clone(), oom.clone(), id.to_owned());
-        Box::new(move |_| {
-            for _ in 0..oom.new_kills() {
-                tracing::warn!(container = %container_id, "OOM kill in container");
-                events.oom_killed(&container_id);
-            }
-        })
+        let oom = oom.clone();
+        let report = oom_reporter(self.events.clone(), id.to_owned());
+        Box::new(move |_| oom.report_new_kills(report))
     }
 
     pub async fn start_container(&self, id: &str) -> Result<u32> {

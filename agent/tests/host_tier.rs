@@ -496,10 +496,13 @@ async fn death_by_signal_reads_as_128_plus_the_signal_and_a_gone_process_is_not_
     h.create("sleeper", &["sleep", "1000"], NO_STDIO).await;
     let pid = h.client.start_container("sleeper").await.unwrap();
     assert!(pid > 0);
+    // The init is listed by pid: its command may still be the runtime's
+    // until its exec of `sleep` completes (StartContainer, like runc's
+    // start, returns once the init was released, not once it exec'd).
     let processes = h.client.list_processes("sleeper").await.unwrap();
     assert!(
-        processes.iter().any(|p| p.command == "sleep"),
-        "{processes:?}"
+        processes.iter().any(|p| p.pid == pid),
+        "init pid {pid} not in {processes:?}"
     );
     h.client
         .signal_process("sleeper", "", 9, false)
@@ -897,8 +900,13 @@ async fn bad_requests_get_their_status_codes_and_the_agent_keeps_serving() {
         Some(Code::NOT_FOUND)
     );
     assert!(h.client.check().await.unwrap());
+    // Only the init is left once the exec has ended.
+    assert_eq!(
+        h.client.wait_process("real", "once").await.unwrap().status,
+        0
+    );
     let processes = h.client.list_processes("real").await.unwrap();
-    assert_eq!(processes.len(), 1);
+    assert_eq!(processes.len(), 1, "{processes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
