@@ -87,6 +87,11 @@ fn checks() -> Vec<Check> {
             run: |sb| Box::pin(an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137(sb)),
         },
         Check {
+            name: "an_oom_kill_of_a_child_is_an_event_while_the_container_runs_on",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| Box::pin(an_oom_kill_of_a_child_is_an_event_while_the_container_runs_on(sb)),
+        },
+        Check {
             name: "io_stats_report_the_guests_block_io_honestly",
             timeout: CHECK_TIMEOUT,
             run: |sb| Box::pin(io_stats_report_the_guests_block_io_honestly(sb)),
@@ -581,6 +586,82 @@ async fn an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137(
         _ => bail!("no OomKilled and exit events for hog in {events:?}"),
     }
     sb.remove_container("hog").await
+}
+
+async fn an_oom_kill_of_a_child_is_an_event_while_the_container_runs_on(
+    sb: Arc<GuestSandbox>,
+) -> Result<()> {
+    let before = sb
+        .client()
+        .get_events(0, 0)
+        .await
+        .context("GetEvents (baseline)")?;
+    let mut after = before.iter().map(|e| e.sequence).max().unwrap_or(0);
+    // The shell (the init) outlives its OOM-killed dd: no process the
+    // agent follows exits, so only the agent's watch of the cgroup's
+    // memory.events can report the kill.
+    let limit = 32u64 << 20;
+    let mut spec = container_spec(&[
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/null bs=64M count=1; echo dd-ended; exec sleep 1000",
+    ]);
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": limit}});
+    create_with_spec(&sb, "childhog", spec).await?;
+    sb.client()
+        .start_container("childhog")
+        .await
+        .context("StartContainer childhog")?;
+    let found = loop {
+        let events = sb
+            .client()
+            .get_events(after, 30_000)
+            .await
+            .context("GetEvents")?;
+        ensure!(
+            !events.is_empty(),
+            "no event within 30 s of the OOM-killing container's start"
+        );
+        if let Some(event) = events
+            .iter()
+            .find(|e| e.has_oom() && e.oom().container_id == "childhog")
+        {
+            break event.clone();
+        }
+        ensure!(
+            !events
+                .iter()
+                .any(|e| e.has_exited() && e.exited().container_id == "childhog"),
+            "childhog exited without an OOM event: {events:?}"
+        );
+        after = events.iter().map(|e| e.sequence).max().unwrap_or(after);
+    };
+    let processes = sb
+        .client()
+        .list_processes("childhog")
+        .await
+        .context("ListProcesses childhog")?;
+    ensure!(
+        !processes.is_empty(),
+        "the container ended although only its child was OOM-killed (event {found:?})"
+    );
+    sb.client()
+        .signal_process("childhog", "", libc::SIGKILL as u32, false)
+        .await
+        .context("SignalProcess SIGKILL childhog")?;
+    let exit = sb.wait("childhog", "").await?;
+    ensure!(exit.status == 137, "childhog reported {}", exit.status);
+    // The kill was reported once: nothing new at the init's exit.
+    let events = sb
+        .client()
+        .get_events(found.sequence, 0)
+        .await
+        .context("GetEvents after the exit")?;
+    ensure!(
+        !events.iter().any(|e| e.has_oom()),
+        "a second OOM event after the first: {events:?}"
+    );
+    sb.remove_container("childhog").await
 }
 
 async fn io_stats_report_the_guests_block_io_honestly(sb: Arc<GuestSandbox>) -> Result<()> {
