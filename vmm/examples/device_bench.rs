@@ -10,13 +10,18 @@
 //!
 //! The peer serves guest-to-host streams with its credit window
 //! (`--tx-buffer-size`) at [`PEER_TX_BUFFER_BYTES`], not its 64 KiB
-//! default: at 64 KiB the guest kernel (Linux 6.12.117, which allocates a
-//! TX packet of more than ~32 KiB as a non-linear skb) hands it packets
-//! whose payload spans several descriptors; its `virtio-vsock` 0.10 parser
-//! wants the payload in one descriptor (`DescriptorLengthTooSmall`), and
-//! its TX loop then drops the packet without returning the descriptor, so
-//! the stream stalls at 0 bytes. A 16 KiB window keeps every guest packet
-//! linear. Our device advertises [`vsock::csm::CONN_BUF_ALLOC`].
+//! default. The guest kernel (Debian's 6.12.117) builds a TX packet whose
+//! payload exceeds about 32 KiB as a non-linear skb of page fragments of at
+//! most 32 KiB (order-3 pages) each, so a 64 KiB packet reaches the device
+//! as a header descriptor plus two or more data descriptors, which virtio
+//! allows. The peer's `virtio-vsock` 0.10 parser wants the whole payload in
+//! one descriptor and fails with `DescriptorLengthTooSmall`; its TX loop
+//! then drops the packet without returning the descriptor, and the stream
+//! stalls at 0 bytes with the guest's credit spent. A 32 KiB window keeps
+//! every payload within one descriptor (one fragment, or a linear skb), so
+//! the peer can be measured; the bench still counts the peer's dropped TX
+//! packets and prints them. Our device advertises
+//! [`vsock::csm::CONN_BUF_ALLOC`] and gathers payloads across descriptors.
 //!
 //! Usage: device_bench BZIMAGE GUEST_INITRD WORK_DIR [PEER_VSOCK_BINARY]
 //! where GUEST_INITRD holds the agent, busybox, `/bench/husk-guest-probe`,
@@ -45,7 +50,7 @@ const PEER_DEADLINE: Duration = Duration::from_secs(300);
 /// The peer's credit window for guest-to-host data (see the module doc);
 /// `HUSK_PEER_TX_BUFFER_BYTES` overrides it (65536, the peer's default,
 /// reproduces the stall).
-const PEER_TX_BUFFER_BYTES: u32 = 16 << 10;
+const PEER_TX_BUFFER_BYTES: u32 = 32 << 10;
 
 fn peer_tx_buffer_bytes() -> u32 {
     std::env::var("HUSK_PEER_TX_BUFFER_BYTES")
