@@ -23,7 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use husk_agent_client::agent::CreateContainerRequest;
 use husk_agent_client::Code;
 use husk_tests::artifacts::host_kernel_release;
-use husk_tests::container::{container_spec, read_text, read_to_end, read_until, Pipes};
+use husk_tests::container::{container_spec, read_text, read_to_end, read_until, HostStdio, Pipes};
 use husk_tests::guest::{GuestSandbox, GuestShape};
 use husk_vmm::qemu::GuestEnd;
 use sha2::{Digest, Sha256};
@@ -509,21 +509,43 @@ async fn stdin_half_close_gives_cat_and_wc_end_of_file_and_their_output_arrives(
     sb.remove_container("halfhost").await
 }
 
-/// Creates container `id` from `spec` (a [`container_spec`] with changes),
-/// with no stdio.
-async fn create_with_spec(sb: &GuestSandbox, id: &str, spec: serde_json::Value) -> Result<()> {
+/// Creates container `id` from `spec` (a [`container_spec`] with changes)
+/// with the stdio streams `pipes` asks for.
+async fn create_with_spec(
+    sb: &GuestSandbox,
+    id: &str,
+    spec: serde_json::Value,
+    pipes: Pipes,
+) -> Result<HostStdio> {
     let rootfs_path = sb.add_rootfs(id)?;
+    let ids = pipes.stream_ids(id);
+    let open = |stream_id: String| async move {
+        if stream_id.is_empty() {
+            return Ok(None);
+        }
+        sb.client()
+            .open_stdio(&stream_id)
+            .await
+            .map(Some)
+            .with_context(|| format!("cannot open stdio stream {stream_id}"))
+    };
+    let stdio = HostStdio {
+        stdin: open(ids.stdin_id.clone()).await?,
+        stdout: open(ids.stdout_id.clone()).await?,
+        stderr: open(ids.stderr_id.clone()).await?,
+    };
     let request = CreateContainerRequest {
         container_id: id.into(),
         oci_spec_json: spec.to_string().into_bytes(),
         rootfs_path,
+        stdio: protobuf::MessageField::some(ids),
         ..Default::default()
     };
     sb.client()
         .create_container(request)
         .await
         .with_context(|| format!("CreateContainer {id}"))?;
-    Ok(())
+    Ok(stdio)
 }
 
 async fn an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137(
@@ -540,7 +562,7 @@ async fn an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137(
     let limit = 32u64 << 20;
     let mut spec = container_spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
     spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": limit}});
-    create_with_spec(&sb, "hog", spec).await?;
+    create_with_spec(&sb, "hog", spec, Pipes::NONE).await?;
     sb.client()
         .start_container("hog")
         .await
@@ -607,7 +629,7 @@ async fn an_oom_kill_of_a_child_is_an_event_while_the_container_runs_on(
         "dd if=/dev/zero of=/dev/null bs=64M count=1; echo dd-ended; exec sleep 1000",
     ]);
     spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": limit}});
-    create_with_spec(&sb, "childhog", spec).await?;
+    create_with_spec(&sb, "childhog", spec, Pipes::NONE).await?;
     sb.client()
         .start_container("childhog")
         .await
@@ -664,47 +686,96 @@ async fn an_oom_kill_of_a_child_is_an_event_while_the_container_runs_on(
     sb.remove_container("childhog").await
 }
 
+/// Sums `rbytes=` and `wbytes=` over the lines of an `io.stat` text.
+fn io_stat_sums(text: &str) -> (u64, u64) {
+    let mut sums = (0u64, 0u64);
+    for word in text.split_whitespace() {
+        if let Some(v) = word
+            .strip_prefix("rbytes=")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            sums.0 += v;
+        } else if let Some(v) = word
+            .strip_prefix("wbytes=")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            sums.1 += v;
+        }
+    }
+    sums
+}
+
 async fn io_stats_report_the_guests_block_io_honestly(sb: Arc<GuestSandbox>) -> Result<()> {
-    // 8 MiB written with fsync to the rootfs (virtio-fs), then the guest's
-    // block devices listed.
-    let script = "dd if=/dev/zero of=/data bs=1M count=8 conv=fsync 2>/dev/null && \
-                  echo written; ls /sys/block; echo listed; sleep 1000";
-    let mut io = sb
-        .run_container("iowriter", &["sh", "-c", script], Pipes::OUT_ERR)
-        .await?;
+    // 8 MiB written with fsync to the rootfs (virtio-fs); then the guest's
+    // block devices and the container's own io.stat, read through a
+    // read-only cgroup2 mount (no cgroup namespace: /proc/self/cgroup
+    // names the full path).
+    let script = "dd if=/dev/zero of=/data bs=1M count=8 conv=fsync 2>/dev/null && echo written; \
+                  echo devices: $(ls /sys/block); \
+                  p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
+                  if [ -e /sys/fs/cgroup$p/io.stat ]; then echo io.stat:; cat /sys/fs/cgroup$p/io.stat; \
+                  else echo no io.stat in $p; fi; echo end; exec sleep 1000";
+    let mut spec = container_spec(&["sh", "-c", script]);
+    spec["mounts"]
+        .as_array_mut()
+        .context("the spec's mounts")?
+        .push(serde_json::json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "ro"]
+        }));
+    let mut io = create_with_spec(&sb, "iowriter", spec, Pipes::OUT_ERR).await?;
+    sb.client()
+        .start_container("iowriter")
+        .await
+        .context("StartContainer iowriter")?;
     let mut stdout = io.take_stdout()?;
-    let listing = read_until(&mut stdout, "listed\n", READ_TIMEOUT).await?;
+    let report = read_until(&mut stdout, "end\n", READ_TIMEOUT).await?;
+    let mut lines = report.lines();
     ensure!(
-        listing.starts_with("written\n"),
-        "the writer printed {listing:?}"
+        lines.next() == Some("written"),
+        "the writer printed {report:?}"
     );
-    let devices: Vec<&str> = listing
-        .lines()
-        .skip(1)
-        .take_while(|l| *l != "listed")
-        .flat_map(str::split_whitespace)
-        .collect();
+    let devices: Vec<&str> = lines
+        .next()
+        .and_then(|l| l.strip_prefix("devices:"))
+        .map(|l| l.split_whitespace().collect())
+        .with_context(|| format!("no device line in {report:?}"))?;
+    ensure!(
+        lines.next() == Some("io.stat:"),
+        "the container's cgroup has no io.stat (is the io controller enabled?): {report:?}"
+    );
+    let io_stat: String = lines
+        .take_while(|l| *l != "end")
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (read, written) = io_stat_sums(&io_stat);
     let stats = sb
         .client()
         .stats_container("iowriter")
         .await
         .context("StatsContainer iowriter")?;
+    ensure!(
+        stats.io.read_bytes >= read && stats.io.write_bytes >= written,
+        "io.stat said rbytes {read} / wbytes {written} ({io_stat:?}), StatsContainer read {} / write {}",
+        stats.io.read_bytes,
+        stats.io.write_bytes
+    );
     if devices.is_empty() {
         // Every file of this guest is on virtio-fs or tmpfs: the kernel
         // accounts no block IO, and the agent must not invent any.
         println!(
-            "husk-test-form: guest IO stats: the guest has no block device; io.stat is empty and both figures must be 0 (8 MiB went to virtio-fs)"
+            "husk-test-form: guest IO stats: the guest has no block device; its io.stat is {io_stat:?} and both figures must be 0 (8 MiB went to virtio-fs)"
         );
         ensure!(
-            stats.io.read_bytes == 0 && stats.io.write_bytes == 0,
-            "no block device, yet StatsContainer says read {} / write {} bytes",
+            io_stat.trim().is_empty() && stats.io.read_bytes == 0 && stats.io.write_bytes == 0,
+            "no block device, yet io.stat {io_stat:?} and StatsContainer read {} / write {} bytes",
             stats.io.read_bytes,
             stats.io.write_bytes
         );
     } else {
         // A block device exists but the container's files are not on it.
         println!(
-            "husk-test-form: guest IO stats: block devices {devices:?} carry no container file; figures read {} / write {} bytes",
+            "husk-test-form: guest IO stats: block devices {devices:?} carry no container file; io.stat {io_stat:?}, figures read {} / write {} bytes",
             stats.io.read_bytes, stats.io.write_bytes
         );
     }
