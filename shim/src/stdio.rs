@@ -23,6 +23,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
+/// How long stdin stays open after CloseIO while the client still holds
+/// the FIFO open.
+const STDIN_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// Distinguishes the streams one shim opens.
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
 
@@ -287,10 +291,13 @@ async fn copy_stdin(
     mut stream: tokio::net::unix::OwnedWriteHalf,
     close: Arc<Notify>,
 ) {
+    let mut forwarded = 0usize;
+    let mut ended_by = "EOF";
     loop {
         tokio::select! {
             chunk = chunks.recv() => match chunk {
                 Some(chunk) => {
+                    forwarded += chunk.len();
                     if stream.write_all(&chunk).await.is_err() {
                         return;
                     }
@@ -298,17 +305,30 @@ async fn copy_stdin(
                 None => break,
             },
             _ = close.notified() => {
-                // Deliver what already arrived before stdin was closed.
-                while let Ok(chunk) = chunks.try_recv() {
-                    if stream.write_all(&chunk).await.is_err() {
-                        return;
+                // CloseIO comes right after the client closed its end of the
+                // FIFO: what it wrote may still be in the pipe, so read on to
+                // the reader's EOF. A client that keeps the FIFO open after
+                // CloseIO gets its stdin closed after STDIN_CLOSE_GRACE.
+                ended_by = "CloseIO";
+                let drained = tokio::time::timeout(STDIN_CLOSE_GRACE, async {
+                    while let Some(chunk) = chunks.recv().await {
+                        forwarded += chunk.len();
+                        if stream.write_all(&chunk).await.is_err() {
+                            return false;
+                        }
                     }
+                    true
+                })
+                .await;
+                if matches!(drained, Ok(false)) {
+                    return;
                 }
                 break;
             }
         }
     }
     let _ = stream.shutdown().await;
+    tracing::info!(forwarded, ended_by, "stdin closed");
 }
 
 async fn copy_output(mut stream: impl AsyncRead + Unpin, mut sink: Sink) {

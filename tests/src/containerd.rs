@@ -25,6 +25,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -57,7 +58,8 @@ const PID_FILE: &str = "containerd.pid";
 #[derive(Debug)]
 pub struct PrivateContainerd {
     dir: PathBuf,
-    pid: i32,
+    /// Changes when [`PrivateContainerd::restart`] starts a new daemon.
+    pid: AtomicI32,
     /// Whether this process started it (and must reap it).
     child: bool,
     stopped: bool,
@@ -174,49 +176,10 @@ impl PrivateContainerd {
             "the socket path {} is too long for a Unix socket; use a shorter work directory",
             address.display()
         );
-        let config = dir.join("config.toml");
-        write_file(&config, &containerd_config(&dir))?;
-        let log_path = dir.join("containerd.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let log_err = log.try_clone().context("cannot duplicate the log file")?;
-        let path = format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            options.shim_dir.display()
-        );
-        let mut command = Command::new("containerd");
-        command
-            .arg("--config")
-            .arg(&config)
-            .env_clear()
-            .env("PATH", path)
-            .env("HUSK_CONFIG", &options.husk_config)
-            .env("HOME", "/root")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        if let Ok(log_level) = std::env::var("RUST_LOG") {
-            command.env("RUST_LOG", log_level);
-        }
-        // Its own session: a `ctr` or terminal signal to our process group
-        // never reaches it, and it outlives the `e2e_env up` process.
-        // SAFETY: setsid is async-signal-safe and touches no memory.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn().context("cannot start containerd")?;
-        let pid = child.id() as i32;
-        // The Child handle is dropped; `stop` reaps the pid with waitpid.
-        drop(child);
-        write_file(&dir.join(PID_FILE), &format!("{pid}\n"))?;
+        let pid = spawn_daemon(&dir, options)?;
         let mut daemon = Self {
             dir,
-            pid,
+            pid: AtomicI32::new(pid),
             child: true,
             stopped: false,
         };
@@ -239,13 +202,13 @@ impl PrivateContainerd {
             .with_context(|| format!("{} holds no pid", pid_file.display()))?;
         Ok(Self {
             dir: dir.to_owned(),
-            pid,
+            pid: AtomicI32::new(pid),
             child: false,
             stopped: false,
         })
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    fn wait_ready(&self) -> Result<()> {
         let started = Instant::now();
         loop {
             if !self.alive() {
@@ -265,6 +228,31 @@ impl PrivateContainerd {
         }
     }
 
+    /// Restarts containerd as an operator would (SIGTERM, then a new
+    /// daemon on the same root, state and sockets), leaving its shims
+    /// running: the new daemon must find them through their `address`
+    /// files.
+    pub fn restart(&self, options: &Options) -> Result<()> {
+        ensure!(
+            self.child,
+            "only a daemon this process started can be restarted"
+        );
+        // SAFETY: plain signal to a pid we started.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let started = Instant::now();
+        while self.alive() {
+            ensure!(
+                started.elapsed() < STOP_DEADLINE,
+                "containerd (pid {}) ignored SIGTERM for {STOP_DEADLINE:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pid = spawn_daemon(&self.dir, options)?;
+        self.pid.store(pid, Ordering::Relaxed);
+        self.wait_ready()
+    }
+
     /// The work directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -272,7 +260,7 @@ impl PrivateContainerd {
 
     /// containerd's pid.
     pub fn pid(&self) -> i32 {
-        self.pid
+        self.pid.load(Ordering::Relaxed)
     }
 
     /// containerd's gRPC socket.
@@ -362,13 +350,13 @@ impl PrivateContainerd {
             // Reap it if it exited, so a zombie does not count as alive.
             let mut status = 0;
             // SAFETY: waitpid on our own child with a valid status pointer.
-            let reaped = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-            if reaped == self.pid {
+            let reaped = unsafe { libc::waitpid(self.pid(), &mut status, libc::WNOHANG) };
+            if reaped == self.pid() {
                 return false;
             }
         }
-        Path::new(&format!("/proc/{}", self.pid)).exists()
-            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+        Path::new(&format!("/proc/{}", self.pid())).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
                 .map(|stat| stat.contains(") Z "))
                 .unwrap_or(true)
     }
@@ -399,7 +387,7 @@ impl PrivateContainerd {
         if self.alive() {
             forced.extend(self.remove_everything_in_namespace());
             // SAFETY: plain signal to a pid we started.
-            unsafe { libc::kill(self.pid, libc::SIGTERM) };
+            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
             let started = Instant::now();
             while self.alive() && started.elapsed() < STOP_DEADLINE {
                 std::thread::sleep(Duration::from_millis(50));
@@ -407,10 +395,11 @@ impl PrivateContainerd {
             if self.alive() {
                 forced.push(format!(
                     "containerd (pid {}) ignored SIGTERM for {:?}; killed",
-                    self.pid, STOP_DEADLINE
+                    self.pid(),
+                    STOP_DEADLINE
                 ));
                 // SAFETY: as above.
-                unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                unsafe { libc::kill(self.pid(), libc::SIGKILL) };
                 while self.alive() && started.elapsed() < STOP_DEADLINE * 2 {
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -785,4 +774,49 @@ pub fn run_with_input(
         stdout: stdout.join().unwrap_or_default(),
         stderr: stderr.join().unwrap_or_default(),
     })
+}
+
+/// Starts a containerd process for `dir` (config, log, pid file).
+fn spawn_daemon(dir: &Path, options: &Options) -> Result<i32> {
+    let config = dir.join("config.toml");
+    write_file(&config, &containerd_config(dir))?;
+    let log_path = dir.join("containerd.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log_err = log.try_clone().context("cannot duplicate the log file")?;
+    let path = format!(
+        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        options.shim_dir.display()
+    );
+    let mut command = Command::new("containerd");
+    command
+        .arg("--config")
+        .arg(&config)
+        .env_clear()
+        .env("PATH", path)
+        .env("HUSK_CONFIG", &options.husk_config)
+        .env("HOME", "/root")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    if let Ok(log_level) = std::env::var("RUST_LOG") {
+        command.env("RUST_LOG", log_level);
+    }
+    // Its own session: a `ctr` or terminal signal to our process group
+    // never reaches it, and it outlives the `e2e_env up` process.
+    // SAFETY: setsid is async-signal-safe and touches no memory.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().context("cannot start containerd")?;
+    let pid = child.id() as i32;
+    // The Child handle is dropped; `stop` reaps the pid with waitpid.
+    drop(child);
+    write_file(&dir.join(PID_FILE), &format!("{pid}\n"))?;
+    Ok(pid)
 }

@@ -71,6 +71,7 @@ impl Runtime {
 /// Everything a scenario needs.
 struct Suite {
     daemon: PrivateContainerd,
+    options: Options,
     work: PathBuf,
     next_id: AtomicU32,
 }
@@ -306,12 +307,20 @@ fn scenarios() -> Vec<Scenario> {
             detached_lifecycle,
         ),
         both("tty_session_computes_42", tty_session_computes_42),
+        both("stdin_piped_reaches_the_container", stdin_piped),
+        both("output_complete_at_exit", output_complete_at_exit),
+        both(
+            "containerd_restart_reconnects_to_the_shim",
+            containerd_restart_reconnects,
+        ),
         both("five_containers_in_parallel", five_containers_in_parallel),
         both("twenty_runs_in_sequence", twenty_runs_in_sequence),
         husk(
             "guest_kernel_and_vm_size_from_config_and_annotations",
             guest_kernel_and_vm_size,
         ),
+        husk("vm_death_reports_the_task_exited", vm_death_reports_exit),
+        husk("shim_sigkill_leaves_nothing", shim_sigkill_leaves_nothing),
         husk("bad_unknown_hypervisor_kind", bad_unknown_hypervisor_kind),
         husk("bad_missing_kernel", bad_missing_kernel),
         husk("bad_10000_vcpus_annotation", bad_10000_vcpus_annotation),
@@ -548,6 +557,187 @@ fn tty_session_computes_42(suite: &Suite, rt: Runtime) -> Result<String> {
     );
     suite.nothing_left_of(&id)?;
     Ok(format!("42,exit={code}"))
+}
+
+/// Lines piped into `ctr run` reach the container, then EOF. The input is
+/// written once the container runs: containerd 1.6's runc shim loses the
+/// EOF of a client that wrote and closed stdin before the shim opened the
+/// FIFO (seen here: `ctr run` then hangs for good under runc).
+fn stdin_piped(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "stdin");
+    let run = suite.run_command(rt, &["--rm"], IMAGE, &id, &["sh", "-c", "wc -l; echo end"]);
+    let feed = format!(
+        "(while ! {ctr} task ls | grep -q '^{id} .*RUNNING'; do sleep 0.1; done; printf 'a\\nb\\nc\\n') | {run}",
+        ctr = shell_line(&suite.daemon.ctr()),
+        run = shell_line(&run)
+    );
+    let out = run_with_timeout(Command::new("sh").args(["-c", &feed]), CTR_TIMEOUT)?;
+    let shown = text(&out.stdout);
+    ensure!(
+        out.status.success() && shown.split_whitespace().collect::<Vec<_>>() == ["3", "end"],
+        "three lines piped into `ctr run` then EOF: {}",
+        describe(&out)
+    );
+    suite.nothing_left_of(&id)?;
+    Ok(shown.split_whitespace().collect::<Vec<_>>().join(","))
+}
+
+fn output_complete_at_exit(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "output");
+    let script =
+        "i=0; while [ $i -lt 3000 ]; do echo line-$i; i=$((i+1)); done; echo to-stderr >&2";
+    let out = suite.ctr_run(rt, &["--rm"], IMAGE, &id, &["sh", "-c", script])?;
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    ensure!(
+        out.status.success()
+            && lines.len() == 3000
+            && lines.last() == Some(&"line-2999")
+            && text(&out.stderr).contains("to-stderr"),
+        "3000 lines then exit: got {} lines, last {:?}, stderr {:?}",
+        lines.len(),
+        lines.last(),
+        text(&out.stderr)
+    );
+    Ok(format!("{} lines,{} bytes", lines.len(), stdout.len()))
+}
+
+fn containerd_restart_reconnects(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "restart");
+    let out = suite.ctr_run(rt, &["-d"], IMAGE, &id, &["sleep", "1000"])?;
+    ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+    let result = (|| -> Result<String> {
+        suite.wait_status(&id, "RUNNING")?;
+        suite
+            .daemon
+            .restart(&suite.options)
+            .context("restarting containerd")?;
+        suite.wait_status(&id, "RUNNING")?;
+        let echoed = suite.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "after",
+            &id,
+            "echo",
+            "after-restart",
+        ])?;
+        ensure!(
+            echoed.trim() == "after-restart",
+            "exec after the restart printed {echoed:?}"
+        );
+        suite.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id])?;
+        suite.wait_status(&id, "STOPPED")?;
+        Ok("RUNNING,restart,RUNNING,exec-ok,STOPPED".to_owned())
+    })();
+    let _ = suite.ctr_ok(&["task", "delete", &id]);
+    let _ = suite.ctr_ok(&["containers", "rm", &id]);
+    let observed = result?;
+    suite.nothing_left_of(&id)?;
+    Ok(observed)
+}
+
+/// The pid of the husk shim serving container `id`.
+fn husk_shim_of(suite: &Suite, id: &str) -> Result<u32> {
+    suite
+        .daemon
+        .shim_processes()
+        .into_iter()
+        .find(|p| p.args.iter().any(|a| a == id))
+        .map(|p| p.pid)
+        .with_context(|| format!("no shim serves {id}"))
+}
+
+fn husk_sandbox_dir(id: &str) -> PathBuf {
+    Path::new("/run/husk/sandboxes").join(id)
+}
+
+fn vm_death_reports_exit(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "vmdeath");
+    let out = suite.ctr_run(rt, &["-d"], IMAGE, &id, &["sleep", "1000"])?;
+    ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+    let result = (|| -> Result<String> {
+        suite.wait_status(&id, "RUNNING")?;
+        let shim = husk_shim_of(suite, &id)?;
+        let vm = containerd::qemu_processes()
+            .into_iter()
+            .find(|p| p.ppid == shim)
+            .with_context(|| format!("the shim {shim} of {id} has no QEMU child"))?;
+        // SAFETY: plain kill of the VM process the test found.
+        unsafe { libc::kill(vm.pid as i32, libc::SIGKILL) };
+        suite.wait_status(&id, "STOPPED")?;
+        let deleted = run_with_timeout(
+            suite.daemon.ctr().args(["task", "delete", &id]),
+            CTR_TIMEOUT,
+        )?;
+        let said = text(&deleted.stderr) + &text(&deleted.stdout);
+        ensure!(
+            said.contains("exit code 255") || deleted.status.success(),
+            "ctr task delete after the VM died: {}",
+            describe(&deleted)
+        );
+        Ok(format!(
+            "STOPPED,delete:{}",
+            if said.contains("255") { "255" } else { "ok" }
+        ))
+    })();
+    let _ = suite.ctr_ok(&["containers", "rm", &id]);
+    let observed = result?;
+    suite.nothing_left_of(&id)?;
+    ensure!(
+        !husk_sandbox_dir(&id).exists(),
+        "{} is left after the VM died and the task was deleted",
+        husk_sandbox_dir(&id).display()
+    );
+    Ok(observed)
+}
+
+fn shim_sigkill_leaves_nothing(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "shimkill");
+    let out = suite.ctr_run(rt, &["-d"], IMAGE, &id, &["sleep", "1000"])?;
+    ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+    let result = (|| -> Result<()> {
+        suite.wait_status(&id, "RUNNING")?;
+        let shim = husk_shim_of(suite, &id)?;
+        // SAFETY: plain kill of the shim process the test found.
+        unsafe { libc::kill(shim as i32, libc::SIGKILL) };
+        // containerd notices the shim's end and runs `shim delete`.
+        let started = Instant::now();
+        while suite.task_status(&id)?.is_some_and(|s| s != "STOPPED") {
+            ensure!(
+                started.elapsed() < STATE_TIMEOUT,
+                "task {id} still listed after its shim was killed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    })();
+    let _ = suite.ctr_ok(&["task", "delete", &id]);
+    let _ = suite.ctr_ok(&["containers", "rm", &id]);
+    result?;
+    suite.nothing_left_of(&id)?;
+    let dir = husk_sandbox_dir(&id);
+    let started = Instant::now();
+    while dir.exists() && started.elapsed() < STATE_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        !dir.exists(),
+        "{} is left after the shim was killed",
+        dir.display()
+    );
+    let vms: Vec<_> = containerd::qemu_processes()
+        .into_iter()
+        .filter(|p| p.args.iter().any(|a| a.contains(&*dir.to_string_lossy())))
+        .collect();
+    ensure!(vms.is_empty(), "the killed shim's VM still runs: {vms:?}");
+    let mounts = containerd::mounts_under(&dir);
+    ensure!(
+        mounts.is_empty(),
+        "mounts left under {}: {mounts:?}",
+        dir.display()
+    );
+    Ok("nothing left".to_owned())
 }
 
 fn five_containers_in_parallel(suite: &Suite, rt: Runtime) -> Result<String> {
@@ -866,6 +1056,7 @@ fn run(filters: &[String]) -> Result<bool> {
     );
     let suite = Suite {
         daemon,
+        options: options.clone(),
         work: work.clone(),
         next_id: AtomicU32::new(0),
     };
