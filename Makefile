@@ -23,7 +23,7 @@ export HUSK_KERNEL := $(KERNEL)
 export HUSK_BZIMAGE := $(BZIMAGE)
 export HUSK_INITRD := $(INITRD)
 
-.PHONY: all deps build agent kernel initrd guest test bench demo install clean lint
+.PHONY: all deps build agent kernel initrd guest test bench demo demo-vmm install clean lint
 
 all: build
 
@@ -61,8 +61,13 @@ test: deps build guest
 bench: deps build guest
 	tests/run-bench.sh
 
-## demo: boot the microVM and show the guest's console.
+## demo: a container in a husk microVM through containerd (ctr): its
+## output, the guest kernel beside the host's, the shim and VM processes.
 demo: deps build guest
+	tests/e2e/demo-ctr.sh
+
+## demo-vmm: the guest kernel and agent booted directly (built-in VMM, then QEMU).
+demo-vmm: deps build guest
 	tests/demo.sh
 
 lint:
@@ -80,6 +85,8 @@ install: build guest
 		echo "keeping the existing $(DESTDIR)/etc/husk/configuration.toml"; \
 	else install -m 0644 shim/configuration.toml $(DESTDIR)/etc/husk/configuration.toml; fi
 	@echo "installed husk into $(DESTDIR)$(PREFIX)/bin and $(DESTDIR)$(SHARE_DIR)"
+	@echo
+	@cat shim/containerd-snippet.toml
 
 clean:
 	$(CARGO) clean

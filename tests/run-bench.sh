@@ -34,3 +34,7 @@ echo
 echo "=== OCI runtime: create+start+wait of /bin/true, husk-runc vs runc (100 runs each)"
 cargo build -q --release -p husk-runtime --bins
 ./target/release/husk-runtime-bench 100
+
+echo
+echo "=== containerd: ctr run --rm of /bin/true and host memory per pod, husk beside runc (private containerd)"
+tests/bench/ctr-run.sh
