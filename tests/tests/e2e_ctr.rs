@@ -309,6 +309,8 @@ fn scenarios() -> Vec<Scenario> {
         both("tty_session_computes_42", tty_session_computes_42),
         both("stdin_piped_reaches_the_container", stdin_piped),
         both("output_complete_at_exit", output_complete_at_exit),
+        both("task_events_published", task_events_published),
+        both("oom_kill_reported", oom_kill_reported),
         both(
             "containerd_restart_reconnects_to_the_shim",
             containerd_restart_reconnects,
@@ -738,6 +740,148 @@ fn shim_sigkill_leaves_nothing(suite: &Suite, rt: Runtime) -> Result<String> {
         dir.display()
     );
     Ok("nothing left".to_owned())
+}
+
+/// `ctr events` running in the background, for one scenario.
+struct EventWatch {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventWatch {
+    fn start(suite: &Suite) -> Result<Self> {
+        let mut child = suite
+            .daemon
+            .ctr()
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run ctr events")?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        // ctr events subscribes asynchronously; give it a moment to be
+        // listening before the scenario acts (an event published before
+        // would be missed, which the assertions would report).
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self {
+            child,
+            lines,
+            reader: Some(reader),
+        })
+    }
+
+    /// The task topics seen for container `id`, in order.
+    fn topics_for(&self, id: &str) -> Vec<String> {
+        let needle = format!("\"container_id\":\"{id}\"");
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(&needle))
+            .filter_map(|line| line.split_whitespace().find(|w| w.starts_with("/tasks/")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until `topic` was seen for `id`.
+    fn wait_for(&self, id: &str, topic: &str) -> Result<()> {
+        let started = Instant::now();
+        while !self.topics_for(id).iter().any(|t| t == topic) {
+            ensure!(
+                started.elapsed() < STATE_TIMEOUT,
+                "no {topic} event for {id}; saw {:?}",
+                self.topics_for(id)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// The task events a run -d / exec / pause / resume / kill / delete cycle
+/// publishes, by topic and in order.
+fn task_events_published(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "events");
+    let watch = EventWatch::start(suite)?;
+    let out = suite.ctr_run(rt, &["-d"], IMAGE, &id, &["sleep", "1000"])?;
+    ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+    let result = (|| -> Result<()> {
+        suite.wait_status(&id, "RUNNING")?;
+        suite.ctr_ok(&["task", "exec", "--exec-id", "ev", &id, "true"])?;
+        suite.ctr_ok(&["task", "pause", &id])?;
+        suite.ctr_ok(&["task", "resume", &id])?;
+        suite.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id])?;
+        suite.wait_status(&id, "STOPPED")?;
+        suite.ctr_ok(&["task", "delete", &id])?;
+        watch.wait_for(&id, "/tasks/delete")
+    })();
+    let _ = suite.ctr_ok(&["task", "delete", &id]);
+    let _ = suite.ctr_ok(&["containers", "rm", &id]);
+    result?;
+    let topics = watch.topics_for(&id);
+    for wanted in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        ensure!(
+            topics.iter().any(|t| t == wanted),
+            "no {wanted} event for {id}; saw {topics:?}"
+        );
+    }
+    suite.nothing_left_of(&id)?;
+    Ok(topics.join(","))
+}
+
+/// A container that allocates past its memory limit is OOM-killed: exit
+/// 137 and a /tasks/oom event naming it.
+fn oom_kill_reported(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "oom");
+    let watch = EventWatch::start(suite)?;
+    let out = suite.ctr_run(
+        rt,
+        &["--rm", "--memory-limit", "33554432"],
+        IMAGE,
+        &id,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+    )?;
+    let code = out.status.code().unwrap_or(-1);
+    ensure!(
+        code == 137,
+        "dd of a 64 MiB block under a 32 MiB limit: {}",
+        describe(&out)
+    );
+    watch.wait_for(&id, "/tasks/oom")?;
+    suite.nothing_left_of(&id)?;
+    Ok(format!("exit={code},oom-event"))
 }
 
 fn five_containers_in_parallel(suite: &Suite, rt: Runtime) -> Result<String> {
