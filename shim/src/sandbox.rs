@@ -164,14 +164,20 @@ impl Sandbox {
         let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(vm) = vm {
             let destroy = self.client.destroy_sandbox(&self.id);
-            match tokio::time::timeout(self.shutdown_grace, destroy).await {
-                Ok(Ok(())) => {}
+            // Once the guest has torn its containers down there is nothing
+            // left in it to save: the VM is stopped at once rather than
+            // waiting for the guest kernel's power-off (a second under TCG).
+            let grace = match tokio::time::timeout(self.shutdown_grace, destroy).await {
+                Ok(Ok(())) => Duration::ZERO,
                 Ok(Err(error)) => {
-                    tracing::debug!(%error, "DestroySandbox (the guest may power off first)")
+                    tracing::debug!(%error, "DestroySandbox (the guest may power off first)");
+                    self.shutdown_grace
                 }
-                Err(_) => tracing::warn!("DestroySandbox got no answer in time"),
-            }
-            let grace = self.shutdown_grace;
+                Err(_) => {
+                    tracing::warn!("DestroySandbox got no answer in time");
+                    Duration::ZERO
+                }
+            };
             let end = tokio::task::spawn_blocking(move || vm.stop(grace))
                 .await
                 .unwrap_or_default();

@@ -173,7 +173,8 @@ impl PodVm {
         .with_memory_mib(memory_mib)
         .with_vsock(paths.vsock_vhost())
         .with_fs(paths.fs_vhost(), SHARED_FS_TAG)
-        .with_work_dir(paths.qemu_dir());
+        .with_work_dir(paths.qemu_dir())
+        .append_cmdline("quiet");
         if let Some(binary) = &config.hypervisor.qemu_binary {
             qemu = qemu.with_qemu_binary(binary);
         }
@@ -234,7 +235,13 @@ impl PodVm {
                 format!("{exit:?}")
             }
             PodVm::Qemu(mut pod) => {
-                let end = pod.vm.take().map(|vm| vm.wait_or_stop(grace));
+                let end = pod.vm.take().map(|vm| {
+                    if grace.is_zero() {
+                        vm.stop()
+                    } else {
+                        vm.wait_or_stop(grace)
+                    }
+                });
                 pod.stop_servers();
                 format!("{end:?}")
             }

@@ -29,12 +29,26 @@ pub enum ResolvedAccel {
     Tcg,
 }
 
+/// The TCG translation cache, MiB.
+pub const TCG_TRANSLATION_CACHE_MIB: u32 = 32;
+
 impl ResolvedAccel {
     /// The `-accel` value.
     pub fn qemu_name(self) -> &'static str {
         match self {
             ResolvedAccel::Kvm => "kvm",
             ResolvedAccel::Tcg => "tcg",
+        }
+    }
+
+    /// The whole `-accel` option. Under TCG the translation cache is
+    /// bounded: QEMU's default reserves up to 1 GiB for translated code,
+    /// which a small guest's kernel and busybox never need but which the
+    /// host pays for in touched pages.
+    pub fn qemu_option(self) -> String {
+        match self {
+            ResolvedAccel::Kvm => "kvm".to_owned(),
+            ResolvedAccel::Tcg => format!("tcg,tb-size={TCG_TRANSLATION_CACHE_MIB}"),
         }
     }
 

@@ -54,7 +54,7 @@ pub fn qemu_arguments(
     // interface; the device models, like the built-in VMM, speak virtio 1.x
     // over MMIO version 2.
     push(&[&"-global", &"virtio-mmio.force-legacy=false"]);
-    push(&[&"-accel", &accel.qemu_name(), &"-cpu", &accel.cpu_model()]);
+    push(&[&"-accel", &accel.qemu_option(), &"-cpu", &accel.cpu_model()]);
     push(&[&"-smp", &config.vcpus.to_string()]);
     push(&[&"-m", &memory]);
     push(&[
@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn tcg_runs_the_max_cpu_and_kvm_the_host_cpu() {
         let tcg = args_of(&config(), ResolvedAccel::Tcg);
-        assert_eq!(value_of(&tcg, "-accel"), "tcg");
+        assert_eq!(value_of(&tcg, "-accel"), "tcg,tb-size=32");
         assert_eq!(value_of(&tcg, "-cpu"), "max");
         let kvm = args_of(&config(), ResolvedAccel::Kvm);
         assert_eq!(value_of(&kvm, "-accel"), "kvm");
