@@ -310,6 +310,7 @@ fn scenarios() -> Vec<Scenario> {
         both("stdin_piped_reaches_the_container", stdin_piped),
         both("output_complete_at_exit", output_complete_at_exit),
         both("task_events_published", task_events_published),
+        both("log_uri_file_and_binary", log_uri_file_and_binary),
         both("oom_kill_reported", oom_kill_reported),
         both(
             "containerd_restart_reconnects_to_the_shim",
@@ -882,6 +883,73 @@ fn oom_kill_reported(suite: &Suite, rt: Runtime) -> Result<String> {
     watch.wait_for(&id, "/tasks/oom")?;
     suite.nothing_left_of(&id)?;
     Ok(format!("exit={code},oom-event"))
+}
+
+/// `ctr run -d --log-uri`: the container's stdout and stderr reach a
+/// `file://` log, and a `binary://` logging program (containerd's protocol:
+/// stdout on fd 3, stderr on fd 4, fd 5 closed when ready).
+fn log_uri_file_and_binary(suite: &Suite, rt: Runtime) -> Result<String> {
+    let dir = suite.work.join(format!("logs-{}", rt.label()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let logger = dir.join("logger.sh");
+    std::fs::write(
+        &logger,
+        format!(
+            "#!/bin/sh\nexec 5>&-\ncat <&3 > {d}/binary-out &\ncat <&4 > {d}/binary-err\nwait\n",
+            d = dir.display()
+        ),
+    )?;
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let mut seen = Vec::new();
+    for (kind, uri) in [
+        ("file", format!("file://{}/file.log", dir.display())),
+        ("binary", format!("binary://{}", logger.display())),
+    ] {
+        let id = suite.id(rt, &format!("log{kind}"));
+        let out = suite.ctr_run(
+            rt,
+            &["-d", "--log-uri", &uri],
+            IMAGE,
+            &id,
+            &["sh", "-c", "echo to-stdout; echo to-stderr >&2"],
+        )?;
+        let result = (|| -> Result<()> {
+            ensure!(
+                out.status.success(),
+                "ctr run -d --log-uri {uri}: {}",
+                describe(&out)
+            );
+            suite.wait_status(&id, "STOPPED")?;
+            Ok(())
+        })();
+        let _ = suite.ctr_ok(&["task", "delete", &id]);
+        let _ = suite.ctr_ok(&["containers", "rm", &id]);
+        result?;
+        suite.nothing_left_of(&id)?;
+        let logged = if kind == "file" {
+            let text = std::fs::read_to_string(dir.join("file.log")).unwrap_or_default();
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines.sort();
+            lines.join("+")
+        } else {
+            let started = Instant::now();
+            // The logging program ends when both pipes closed.
+            while !dir.join("binary-err").exists() && started.elapsed() < STATE_TIMEOUT {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let out = std::fs::read_to_string(dir.join("binary-out")).unwrap_or_default();
+            let err = std::fs::read_to_string(dir.join("binary-err")).unwrap_or_default();
+            format!("out:{}|err:{}", out.trim(), err.trim())
+        };
+        seen.push(format!("{kind}={logged}"));
+    }
+    let observed = seen.join(",");
+    ensure!(
+        observed == "file=to-stderr+to-stdout,binary=out:to-stdout|err:to-stderr",
+        "what the logs received: {observed}"
+    );
+    Ok(observed)
 }
 
 fn five_containers_in_parallel(suite: &Suite, rt: Runtime) -> Result<String> {
