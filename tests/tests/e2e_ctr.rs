@@ -311,6 +311,10 @@ fn scenarios() -> Vec<Scenario> {
         both("output_complete_at_exit", output_complete_at_exit),
         both("task_events_published", task_events_published),
         both("log_uri_file_and_binary", log_uri_file_and_binary),
+        both(
+            "pod_containers_share_one_shim",
+            pod_containers_share_one_shim,
+        ),
         both("oom_kill_reported", oom_kill_reported),
         both(
             "containerd_restart_reconnects_to_the_shim",
@@ -949,6 +953,78 @@ fn log_uri_file_and_binary(suite: &Suite, rt: Runtime) -> Result<String> {
         observed == "file=to-stderr+to-stdout,binary=out:to-stdout|err:to-stderr",
         "what the logs received: {observed}"
     );
+    Ok(observed)
+}
+
+/// Two containers of one CRI pod (annotation `io.kubernetes.cri.sandbox-id`)
+/// are served by one shim process (and, under husk, one VM).
+fn pod_containers_share_one_shim(suite: &Suite, rt: Runtime) -> Result<String> {
+    let pod = suite.id(rt, "pod");
+    let member = suite.id(rt, "member");
+    let sandbox_annotation = format!("io.kubernetes.cri.sandbox-id={pod}");
+    let mut started = Vec::new();
+    let result = (|| -> Result<String> {
+        for (id, kind) in [(&pod, "sandbox"), (&member, "container")] {
+            let type_annotation = format!("io.kubernetes.cri.container-type={kind}");
+            let out = suite.ctr_run(
+                rt,
+                &[
+                    "-d",
+                    "--annotation",
+                    &sandbox_annotation,
+                    "--annotation",
+                    &type_annotation,
+                ],
+                IMAGE,
+                id,
+                &["sleep", "1000"],
+            )?;
+            ensure!(out.status.success(), "ctr run -d {id}: {}", describe(&out));
+            started.push(id.clone());
+            suite.wait_status(id, "RUNNING")?;
+        }
+        let shims: Vec<u32> = suite
+            .daemon
+            .shim_processes()
+            .into_iter()
+            .filter(|p| p.args.iter().any(|a| a == &pod || a == &member))
+            .map(|p| p.pid)
+            .collect();
+        ensure!(
+            shims.len() == 1,
+            "the pod's two containers have shims {shims:?}"
+        );
+        let vms = containerd::qemu_processes()
+            .into_iter()
+            .filter(|p| p.ppid == shims[0])
+            .count();
+        if rt == Runtime::Husk {
+            ensure!(vms <= 1, "the pod's shim runs {vms} VMs");
+        }
+        let echoed = suite.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "m",
+            &member,
+            "echo",
+            "member-ok",
+        ])?;
+        ensure!(
+            echoed.trim() == "member-ok",
+            "exec in the pod's second container printed {echoed:?}"
+        );
+        Ok(format!("shims=1,exec={}", echoed.trim()))
+    })();
+    for id in started.iter().rev() {
+        let _ = suite.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        let _ = suite.wait_status(id, "STOPPED");
+        let _ = suite.ctr_ok(&["task", "delete", id]);
+        let _ = suite.ctr_ok(&["containers", "rm", id]);
+    }
+    let observed = result?;
+    suite.nothing_left_of(&pod)?;
+    suite.nothing_left_of(&member)?;
     Ok(observed)
 }
 
