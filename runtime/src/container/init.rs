@@ -10,6 +10,11 @@
 //! seccomp, user and capabilities, reports `Ready`, and blocks opening the
 //! exec fifo until `start` opens its other end; then it execs. Every failure
 //! before `Ready` goes back over the channel as text.
+//!
+//! Both stages write to the same channel, so their order on it is set here:
+//! stage 2 says nothing until stage 1 has sent `Stage2Pid` (see
+//! [`fork_stage2`]). The runtime can then read the channel as one ordered
+//! conversation — the pid first, then whatever stage 2 has to say.
 
 use crate::capabilities::CapabilityMasks;
 use crate::cgroups::CgroupPaths;
@@ -21,7 +26,7 @@ use crate::sync::{Channel, Message};
 use crate::{console, process, seccomp};
 use nix::unistd::{ForkResult, Gid, Uid};
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 /// What the create stages need, prepared by the runtime before forking.
@@ -96,13 +101,103 @@ fn create_stage1(init: &CreateInit<'_>, chan: &Channel) -> Result<()> {
         become_namespace_root()?;
     }
     init.namespaces.enter_non_user()?;
+    fork_stage2(chan, "container process", || create_stage2(init, chan))
+}
+
+/// Fork stage 2 from stage 1 and report its pid to the runtime, in that
+/// order on the channel: `Stage2Pid` is always the first message the
+/// runtime reads after stage 1's own, never behind stage 2's `Ready`,
+/// `RunCreateRuntimeHooks` or `Error`.
+///
+/// Without that order, a stage 2 scheduled before its parent got back from
+/// `fork` could write `Ready` (or an early error) ahead of the pid, and the
+/// runtime — which needs the pid before anything stage 2 says — failed
+/// the create with "unexpected Ready while waiting for the container pid".
+/// Rather than teach the runtime to buffer out-of-order messages, stage 2
+/// waits at a [`PidGate`] that stage 1 opens only once the pid is sent, so
+/// the protocol stays one strictly ordered conversation on both paths.
+fn fork_stage2(chan: &Channel, what: &str, stage2: impl FnOnce() -> Result<()>) -> Result<()> {
+    fork_stage2_reporting(
+        chan,
+        what,
+        |pid| chan.send(&Message::Stage2Pid(pid)),
+        stage2,
+    )
+}
+
+/// [`fork_stage2`] with the report as a parameter, so a test can hold stage
+/// 1 back after the fork and check that stage 2 still cannot get ahead.
+fn fork_stage2_reporting(
+    chan: &Channel,
+    what: &str,
+    report: impl FnOnce(i32) -> Result<()>,
+    stage2: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let gate = PidGate::new()?;
     // SAFETY: still single-threaded; see fork_create.
-    match sys(unsafe { nix::unistd::fork() }, "fork", "container process")? {
+    match sys(unsafe { nix::unistd::fork() }, "fork", what)? {
         ForkResult::Parent { child } => {
-            chan.send(&Message::Stage2Pid(child.as_raw()))?;
+            report(child.as_raw())?;
+            gate.open();
             Ok(())
         }
-        ForkResult::Child => child_main(chan, || create_stage2(init, chan)),
+        ForkResult::Child => {
+            if !gate.wait() {
+                // Stage 1 died or failed before reporting our pid: the
+                // runtime cannot track this process, and stage 1 already
+                // reported its error (or its death reads as end-of-file
+                // once we are gone too). Leave quietly.
+                // SAFETY: as in child_main.
+                unsafe { libc::_exit(1) }
+            }
+            child_main(chan, stage2)
+        }
+    }
+}
+
+/// A pipe from stage 1 to stage 2 that says "the runtime has your pid".
+///
+/// Stage 1 writes one byte after sending `Stage2Pid`; stage 2 reads it
+/// before doing anything else. If stage 1 exits or is killed first, stage 2
+/// reads end-of-file instead and gives up. Both ends are close-on-exec and
+/// are closed by each side once used, so nothing reaches the container.
+struct PidGate {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl PidGate {
+    fn new() -> Result<Self> {
+        let (read, write) = sys(
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC),
+            "pipe2",
+            "stage 2 gate",
+        )?;
+        Ok(Self { read, write })
+    }
+
+    /// Stage 1, after the pid is on the channel: let stage 2 go.
+    fn open(self) {
+        drop(self.read);
+        // The write fails only if stage 2 is already dead (EPIPE): then
+        // there is no one to let go, and the runtime, which has the pid,
+        // reads the end of the channel instead of a misleading gate error.
+        let _ = nix::unistd::write(&self.write, b"1");
+    }
+
+    /// Stage 2: block until stage 1 opened the gate. False if stage 1 went
+    /// away (or the read failed) without opening it.
+    fn wait(self) -> bool {
+        // Our copy of the write end must go, or end-of-file never comes.
+        drop(self.write);
+        let mut byte = [0u8; 1];
+        loop {
+            match nix::unistd::read(self.read.as_raw_fd(), &mut byte) {
+                Ok(n) => return n == 1,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
     }
 }
 
@@ -335,14 +430,7 @@ fn exec_stage1(init: &ExecInit<'_>, chan: &Channel) -> Result<()> {
             proc_name(*typ),
         )?;
     }
-    // SAFETY: single-threaded; see fork_create.
-    match sys(unsafe { nix::unistd::fork() }, "fork", "exec process")? {
-        ForkResult::Parent { child } => {
-            chan.send(&Message::Stage2Pid(child.as_raw()))?;
-            Ok(())
-        }
-        ForkResult::Child => child_main(chan, || exec_stage2(init)),
-    }
+    fork_stage2(chan, "exec process", || exec_stage2(init))
 }
 
 fn exec_stage2(init: &ExecInit<'_>) -> Result<()> {
@@ -389,4 +477,91 @@ pub fn host_root_id(maps: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>) -> u3
         .flatten()
         .find(|m| m.container_id() == 0)
         .map_or(0, |m| m.host_id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::channel_pair;
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::Pid;
+
+    /// The state letter of `pid` from `/proc/<pid>/stat`; `None` once gone.
+    fn proc_state(pid: i32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.trim_start().chars().next()
+    }
+
+    /// Hold "stage 1" (this process) back after the fork until stage 2 has
+    /// gone as far as it can on its own: asleep ('S') if something holds it
+    /// — the gate; it does nothing else that sleeps before its first
+    /// message — or dead ('Z') if nothing did and it already sent and
+    /// exited. Polls the state, with no timing assumption.
+    fn until_stage2_is_stuck_or_done(pid: i32) {
+        loop {
+            match proc_state(pid) {
+                Some('S' | 'Z' | 'X') | None => return,
+                _ => std::thread::yield_now(),
+            }
+        }
+    }
+
+    /// The interleaving behind "unexpected Ready while waiting for the
+    /// container pid": stage 2 runs to its `Ready` before stage 1 is back
+    /// from `fork` to report the pid. Forced here on every run by making
+    /// stage 1 wait for stage 2 before reporting; the runtime's end must
+    /// still read the pid first, then `Ready`. (Without the gate, stage 2
+    /// sends `Ready` and exits before the pid is sent, and this fails.)
+    #[test]
+    fn the_pid_reaches_the_runtime_before_anything_stage2_says() {
+        let (runtime_end, child_end) = channel_pair().unwrap();
+        let mut stage2 = 0;
+        fork_stage2_reporting(
+            &child_end,
+            "test stage 2",
+            |pid| {
+                stage2 = pid;
+                until_stage2_is_stuck_or_done(pid);
+                child_end.send(&Message::Stage2Pid(pid))
+            },
+            || child_end.send(&Message::Ready),
+        )
+        .unwrap();
+        assert_eq!(
+            runtime_end.recv().unwrap(),
+            Some(Message::Stage2Pid(stage2))
+        );
+        assert_eq!(runtime_end.recv().unwrap(), Some(Message::Ready));
+        assert_eq!(
+            waitpid(Pid::from_raw(stage2), None).unwrap(),
+            WaitStatus::Exited(Pid::from_raw(stage2), 0)
+        );
+    }
+
+    /// If stage 1 fails (or dies) before reporting the pid, stage 2 must not
+    /// carry on as a process the runtime does not know: it leaves without a
+    /// word, and the runtime sees only stage 1's error or end-of-file.
+    #[test]
+    fn stage2_gives_up_when_stage1_never_reports_its_pid() {
+        let (runtime_end, child_end) = channel_pair().unwrap();
+        let mut stage2 = 0;
+        let err = fork_stage2_reporting(
+            &child_end,
+            "test stage 2",
+            |pid| {
+                stage2 = pid;
+                until_stage2_is_stuck_or_done(pid);
+                Err(Error::Init("stage 1 failed".into()))
+            },
+            || child_end.send(&Message::Ready),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("stage 1 failed"), "{err}");
+        assert_eq!(
+            waitpid(Pid::from_raw(stage2), None).unwrap(),
+            WaitStatus::Exited(Pid::from_raw(stage2), 1)
+        );
+        drop(child_end);
+        assert_eq!(runtime_end.recv().unwrap(), None);
+    }
 }

@@ -226,6 +226,9 @@ impl ContainerBuilder {
             parent_end.send(&Message::MapsDone)?;
             msg = parent_end.expect("namespace setup")?;
         }
+        // Stage 2 cannot speak before stage 1 has sent its pid (it waits at
+        // a gate stage 1 opens after sending; see init::fork_stage2), so the
+        // pid is next on the channel and anything else is a protocol bug.
         let Message::Stage2Pid(pid) = msg else {
             return Err(Error::Init(format!(
                 "unexpected {msg:?} while waiting for the container pid"
@@ -288,6 +291,51 @@ impl ContainerBuilder {
         cleanup.armed = false;
         tracing::debug!(container = %self.id, pid, "created");
         Ok(Container { store, record })
+    }
+}
+
+/// Wait for the created init's byte on `exec.fifo`, opened non-blocking as
+/// `fd` (the init writes it once `start` has opened the fifo, then execs).
+/// `alive` says whether the init still runs; a dead init that never wrote
+/// is a stopped container (`InvalidArgument`).
+fn await_exec_fifo(
+    fd: &OwnedFd,
+    fifo: &Path,
+    deadline: Instant,
+    alive: impl Fn() -> bool,
+) -> Result<()> {
+    let mut byte = [0u8; 1];
+    let mut read_byte = || loop {
+        match nix::unistd::read(fd.as_raw_fd(), &mut byte) {
+            Ok(n) => return Ok(n == 1),
+            Err(nix::errno::Errno::EAGAIN) => return Ok(false),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return sys(Err(e), "read", fifo.display()),
+        }
+    };
+    loop {
+        if read_byte()? {
+            return Ok(());
+        }
+        if !alive() {
+            // Between the read above and this check the init may have
+            // written its byte, exec'd a short command, exited and been
+            // reaped (a loaded machine, many creates at once). Then it did
+            // start: the byte is in the fifo. Only a dead init with no
+            // byte never started.
+            if read_byte()? {
+                return Ok(());
+            }
+            return Err(Error::InvalidArgument(
+                "cannot start a container that has stopped".into(),
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Init(
+                "container init did not answer on exec.fifo".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -395,27 +443,11 @@ impl Container {
         // SAFETY: fd was just opened and is owned here.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let deadline = Instant::now() + Duration::from_millis(PROCESS_WAIT_MS);
-        let mut byte = [0u8; 1];
-        loop {
-            match nix::unistd::read(fd.as_raw_fd(), &mut byte) {
-                Ok(1) => break,
-                Ok(_) | Err(nix::errno::Errno::EAGAIN) => {
-                    if !self.record.process_alive() {
-                        let _ = std::fs::remove_file(&fifo);
-                        return Err(Error::InvalidArgument(
-                            "cannot start a container that has stopped".into(),
-                        ));
-                    }
-                    if Instant::now() > deadline {
-                        return Err(Error::Init(
-                            "container init did not answer on exec.fifo".into(),
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return sys(Err(e), "read", fifo.display()),
+        if let Err(e) = await_exec_fifo(&fd, &fifo, deadline, || self.record.process_alive()) {
+            if matches!(e, Error::InvalidArgument(_)) {
+                let _ = std::fs::remove_file(&fifo);
             }
+            return Err(e);
         }
         std::fs::remove_file(&fifo).at("remove", &fifo)?;
         let hooks = self.record.spec.hooks().as_ref();
@@ -620,6 +652,8 @@ impl Container {
             .expect("joining the container")
             .map_err(kill_stage1)?;
         let _ = waitpid(Pid::from_raw(stage1), None);
+        // The pid comes before anything the exec process says; see
+        // init::fork_stage2.
         let Message::Stage2Pid(child) = msg else {
             return Err(Error::Init(format!("unexpected {msg:?} from exec init")));
         };
@@ -648,4 +682,62 @@ impl Container {
 /// process from the container's defaults).
 pub fn container_spec(c: &Container) -> &Spec {
     &c.record.spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fifo in a fresh directory with `start`'s non-blocking read end and
+    /// a write end standing in for the init's.
+    fn fifo_pair(name: &str) -> (PathBuf, OwnedFd, std::fs::File) {
+        let dir = std::env::temp_dir().join(format!("husk-fifo-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join(EXEC_FIFO);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let fd = nix::fcntl::open(
+            &fifo,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        // SAFETY: fd was just opened and is owned here.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        (fifo, fd, writer)
+    }
+
+    /// The interleaving behind "cannot start a container that has stopped"
+    /// for a container that did start: `start` reads nothing yet, then the
+    /// init writes its byte, runs a short command and is gone before
+    /// `start` checks on it. Forced here by having the liveness check do
+    /// the write and report the init dead.
+    #[test]
+    fn an_init_that_wrote_its_byte_and_exited_before_the_check_has_started() {
+        use std::io::Write;
+        let (fifo, fd, writer) = fifo_pair("fast");
+        let writer = std::cell::RefCell::new(Some(writer));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        await_exec_fifo(&fd, &fifo, deadline, || {
+            if let Some(mut w) = writer.borrow_mut().take() {
+                w.write_all(b"0").unwrap();
+            }
+            false
+        })
+        .unwrap();
+        let _ = std::fs::remove_dir_all(fifo.parent().unwrap());
+    }
+
+    /// And a dead init that never wrote is a stopped container.
+    #[test]
+    fn an_init_that_died_without_its_byte_is_stopped() {
+        let (fifo, fd, writer) = fifo_pair("dead");
+        drop(writer);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let err = await_exec_fifo(&fd, &fifo, deadline, || false).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("has stopped"), "{err}");
+        let _ = std::fs::remove_dir_all(fifo.parent().unwrap());
+    }
 }
