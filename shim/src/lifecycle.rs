@@ -36,6 +36,8 @@ pub struct HuskShim {
     exit: Arc<ExitSignal>,
     id: String,
     namespace: String,
+    /// containerd's address (the shim socket's name derives from it).
+    containerd_address: String,
     bundle: PathBuf,
 }
 
@@ -95,6 +97,7 @@ impl Shim for HuskShim {
             exit: Arc::new(ExitSignal::default()),
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            containerd_address: args.address.clone(),
             bundle: bundle_of(args),
         }
     }
@@ -123,6 +126,7 @@ impl Shim for HuskShim {
         let paths = SandboxPaths::new(&sandbox_id);
         if sandbox_id == self.id {
             cleanup::remove_sandbox_dir(&paths);
+            self.remove_dead_shim_socket(&sandbox_id);
         } else {
             remove_container_from_share(&paths, &self.id);
         }
@@ -142,6 +146,32 @@ impl Shim for HuskShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         TaskService::new(&self.namespace, &self.id, publisher, self.exit.clone())
+    }
+}
+
+impl HuskShim {
+    /// The socket of the pod's shim, if that shim is gone (a killed shim
+    /// cannot remove it itself).
+    fn remove_dead_shim_socket(&self, sandbox_id: &str) {
+        if self.containerd_address.is_empty() {
+            return;
+        }
+        let address =
+            containerd_shim::socket_address(&self.containerd_address, &self.namespace, sandbox_id);
+        let path = Path::new(address.strip_prefix("unix://").unwrap_or(&address));
+        let is_socket = std::fs::symlink_metadata(path)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            .unwrap_or(false);
+        if is_socket && !socket_is_served(&address) {
+            match std::fs::remove_file(path) {
+                Ok(()) => {
+                    tracing::info!(socket = %path.display(), "removed the dead shim's socket")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, socket = %path.display(), "cannot remove the dead shim's socket")
+                }
+            }
+        }
     }
 }
 
