@@ -328,7 +328,7 @@ async fn copy_stdin(
         }
     }
     let _ = stream.shutdown().await;
-    tracing::info!(forwarded, ended_by, "stdin closed");
+    tracing::debug!(forwarded, ended_by, "stdin closed");
 }
 
 async fn copy_output(mut stream: impl AsyncRead + Unpin, mut sink: Sink) {
