@@ -139,7 +139,7 @@ impl ProcessIo {
     /// and all output reached containerd.
     pub async fn wait_output(&mut self, patience: Duration) {
         let copiers = std::mem::take(&mut self.output);
-        let all = futures_join_all(copiers);
+        let all = join_all(copiers);
         if tokio::time::timeout(patience, all).await.is_err() {
             tracing::warn!(
                 ?patience,
@@ -167,7 +167,7 @@ impl Drop for ProcessIo {
     }
 }
 
-async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
+async fn join_all(handles: Vec<JoinHandle<()>>) {
     for handle in handles {
         let _ = handle.await;
     }

@@ -51,10 +51,7 @@ fn rpc_error(code: Code, message: impl Into<String>) -> ttrpc::Error {
 }
 
 fn agent_error(what: &str, error: ClientError) -> ttrpc::Error {
-    let code = match error.code() {
-        Some(code) => code,
-        None => Code::UNAVAILABLE,
-    };
+    let code = error.code().unwrap_or(Code::UNAVAILABLE);
     rpc_error(code, format!("{what}: {error}"))
 }
 

@@ -10,7 +10,7 @@
 //! [`SandboxPaths::vsock_uds`] and the share as [`SandboxPaths::share`].
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -318,7 +318,5 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this fd to us.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    debug_assert!(fd.as_raw_fd() >= 0);
-    Ok(fd)
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -569,19 +569,7 @@ pub fn processes() -> Vec<Process> {
         .collect()
 }
 
-/// Mount points at or below `path`, in mount order.
-pub fn mounts_under(path: &Path) -> Vec<String> {
-    let prefix = path.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .filter(|mount_point| {
-            *mount_point == prefix || mount_point.starts_with(&format!("{prefix}/"))
-        })
-        .map(str::to_owned)
-        .collect()
-}
+pub use crate::guest::mounts_under;
 
 /// Sockets at or below `path`.
 pub fn sockets_under(path: &Path) -> Vec<PathBuf> {

@@ -528,14 +528,17 @@ pub fn processes_mentioning(path: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// Mount points at or below `path` in this process's mount namespace.
+/// Mount points at or below `path` in this process's mount namespace, in
+/// mount order.
 pub fn mounts_under(path: &Path) -> Vec<String> {
     let prefix = path.to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
-        .filter(|mount_point| mount_point.starts_with(&prefix))
+        .filter(|mount_point| {
+            *mount_point == prefix || mount_point.starts_with(&format!("{prefix}/"))
+        })
         .map(str::to_owned)
         .collect()
 }

@@ -1148,6 +1148,15 @@ fn guest_kernel_and_vm_size(suite: &Suite, rt: Runtime) -> Result<String> {
         );
         seen.push(format!("{vcpus} vCPU/{memory_mib} MiB ok"));
         suite.nothing_left_of(&id)?;
+        // The shim logs through containerd's log FIFO, naming the pod and
+        // the container.
+        let log = std::fs::read_to_string(suite.daemon.log_path()).unwrap_or_default();
+        let started = format!("container started sandbox_id={id} container_id={id}");
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("husk_shim") && l.contains(&started)),
+            "containerd's log has no shim line {started:?}"
+        );
     }
     Ok(format!(
         "guest kernel {guest_release} (host {host_release}); {}",
