@@ -325,31 +325,9 @@ pub struct VmSize {
     pub memory_mib: u64,
 }
 
-/// The hypervisor a pod will use, and why (for the log).
-pub fn resolve_hypervisor(
-    kind: HypervisorKind,
-    host: &husk_vmm::host::HostKvm,
-) -> (HypervisorKind, String) {
-    match kind {
-        HypervisorKind::Auto if host.runs_stock_guests() => (
-            HypervisorKind::Builtin,
-            format!("auto: {}, so the built-in VMM", host.describe()),
-        ),
-        HypervisorKind::Auto => (
-            HypervisorKind::Qemu,
-            format!(
-                "auto: {}, so qemu (with TCG where KVM cannot run the guest)",
-                host.describe()
-            ),
-        ),
-        explicit => (explicit, "set in the configuration".to_owned()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use husk_vmm::host::HostKvm;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("/test/configuration.toml"))
@@ -432,21 +410,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("/nonexistent/husk.toml"), "{error}");
-    }
-
-    #[test]
-    fn auto_picks_builtin_only_where_stock_guests_run() {
-        assert_eq!(
-            resolve_hypervisor(HypervisorKind::Auto, &HostKvm::Hardware).0,
-            HypervisorKind::Builtin
-        );
-        assert_eq!(
-            resolve_hypervisor(HypervisorKind::Auto, &HostKvm::Pvm).0,
-            HypervisorKind::Qemu
-        );
-        assert_eq!(
-            resolve_hypervisor(HypervisorKind::Builtin, &HostKvm::Pvm).0,
-            HypervisorKind::Builtin
-        );
     }
 }

@@ -1,18 +1,23 @@
-//! The husk shim as a library: the lifecycle actions, the task service, the
-//! pod's sandbox (VM, agent, share), stdio plumbing, events and the
-//! configuration.
+//! The husk shim as a library: the lifecycle actions, the task service
+//! over the pod model, the pod's sandbox behind the hypervisor seam, the
+//! host resources of containers, stdio plumbing, events and the
+//! configuration. `docs/architecture.md` draws the whole.
 
-pub mod cleanup;
 pub mod config;
+pub mod events;
+pub mod hypervisor;
+pub mod ids;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod options;
 pub mod paths;
-pub mod process;
-pub mod rootfs;
+pub mod pod;
+pub mod resources;
 pub mod sandbox;
 pub mod spec;
 pub mod stdio;
 pub mod task;
-pub mod vm;
+
+#[cfg(test)]
+mod testing;

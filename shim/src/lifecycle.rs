@@ -18,11 +18,11 @@ use containerd_shim::{Config as ShimConfig, Error as ShimError, Flags, StartOpts
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::MessageField;
 
-use crate::cleanup;
+use crate::ids;
 use crate::logging;
 use crate::paths::SandboxPaths;
-use crate::process::Exit;
-use crate::rootfs;
+use crate::pod::process::Exit;
+use crate::resources::{cleanup, rootfs};
 use crate::spec;
 use crate::task::TaskService;
 
@@ -61,12 +61,28 @@ fn bundle_of(flags: &Flags) -> PathBuf {
     }
 }
 
-/// The pod a container belongs to, from its bundle (itself if unreadable).
-fn sandbox_id_for(container_id: &str, bundle: &Path) -> String {
-    match spec::read_bundle_spec(bundle) {
+/// The pod a container belongs to, from its bundle (itself if the bundle
+/// is unreadable); `None` if the id found is not a valid identifier, so it
+/// is never used as a path or a socket name.
+fn sandbox_id_for(container_id: &str, bundle: &Path) -> Option<String> {
+    let id = match spec::read_bundle_spec(bundle) {
         Ok(spec) => spec::sandbox_id_of(container_id, &spec),
         Err(_) => container_id.to_owned(),
+    };
+    match ids::validate("sandbox id", &id) {
+        Ok(()) => Some(id),
+        Err(error) => {
+            tracing::error!(%error, container_id, "refusing the bundle's sandbox id");
+            None
+        }
     }
+}
+
+fn invalid_sandbox_id(container_id: &str) -> ShimError {
+    ShimError::InvalidArgument(format!(
+        "the bundle of container {container_id} names an invalid sandbox id (annotation {})",
+        spec::ANNOTATION_SANDBOX_ID
+    ))
 }
 
 fn write_address(bundle: &Path, address: &str) -> Result<(), ShimError> {
@@ -103,7 +119,8 @@ impl Shim for HuskShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
-        let grouping = sandbox_id_for(&opts.id, &self.bundle);
+        let grouping =
+            sandbox_id_for(&opts.id, &self.bundle).ok_or_else(|| invalid_sandbox_id(&opts.id))?;
         let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
         if grouping != opts.id && socket_is_served(&address) {
             tracing::info!(container_id = %opts.id, sandbox_id = %grouping, "joining the pod's running shim");
@@ -116,7 +133,8 @@ impl Shim for HuskShim {
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
-        let sandbox_id = sandbox_id_for(&self.id, &self.bundle);
+        let sandbox_id =
+            sandbox_id_for(&self.id, &self.bundle).ok_or_else(|| invalid_sandbox_id(&self.id))?;
         tracing::info!(
             namespace = %self.namespace,
             sandbox_id = %sandbox_id,
@@ -175,20 +193,52 @@ impl HuskShim {
     }
 }
 
-/// Removes one container's entries from a pod's share (its rootfs, its
-/// directory bind mounts `<id>.m<n>`, its copied files).
+/// Removes one container's entries from a pod's share: its directory
+/// `<share>/<id>` (rootfs and volumes, unmounted first) and its copied
+/// files. Exact names only: deleting `web` never touches `web.mysql`.
 fn remove_container_from_share(paths: &SandboxPaths, container_id: &str) {
-    let share = paths.share();
-    let Ok(entries) = std::fs::read_dir(&share) else {
+    if let Err(error) = ids::validate("container id", container_id) {
+        tracing::warn!(%error, "not cleaning the share for an invalid container id");
         return;
-    };
-    let prefix = format!("{container_id}.m");
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name == container_id || name.starts_with(&prefix) {
-            cleanup::unmount_below(&entry.path());
-            let _ = std::fs::remove_dir_all(entry.path());
+    }
+    cleanup::unmount_and_remove(&paths.share().join(container_id));
+    cleanup::unmount_and_remove(&paths.shared_files(container_id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deleting_a_container_leaves_the_share_entries_of_a_similarly_named_one() {
+        let root = tempfile::tempdir().unwrap();
+        let paths = SandboxPaths::under(root.path(), "pod");
+        for id in ["web", "web.mysql", "web.m0"] {
+            std::fs::create_dir_all(paths.share().join(id).join("rootfs")).unwrap();
+            std::fs::create_dir_all(paths.shared_files(id)).unwrap();
+        }
+        std::fs::create_dir_all(paths.share().join("web/volumes/0")).unwrap();
+        remove_container_from_share(&paths, "web");
+        assert!(!paths.share().join("web").exists());
+        assert!(!paths.shared_files("web").exists());
+        for id in ["web.mysql", "web.m0"] {
+            assert!(
+                paths.share().join(id).join("rootfs").is_dir(),
+                "{id} lost its rootfs"
+            );
+            assert!(paths.shared_files(id).is_dir(), "{id} lost its files");
         }
     }
-    let _ = std::fs::remove_dir_all(paths.shared_files(container_id));
+
+    #[test]
+    fn an_invalid_sandbox_id_in_a_bundle_is_never_used_as_a_path() {
+        let bundle = tempfile::tempdir().unwrap();
+        std::fs::write(
+            bundle.path().join("config.json"),
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
+                "annotations":{"io.kubernetes.cri.sandbox-id":"/"}}"#,
+        )
+        .unwrap();
+        assert_eq!(sandbox_id_for("c1", bundle.path()), None);
+    }
 }

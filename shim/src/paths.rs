@@ -1,6 +1,7 @@
 //! Where a sandbox keeps its host-side state: one directory per pod under
-//! [`run_root`], holding the share, the device sockets, the guest console
-//! and the pid of a VMM process that outlives nothing but the shim. The
+//! [`run_root`], holding the share, the hybrid vsock socket, the guest
+//! console, and the backend's own files (device sockets, the pid of a VMM
+//! process that outlives nothing but the shim). The
 //! `delete` action (after the shim died) finds everything it must clean up
 //! from this directory alone.
 
@@ -43,25 +44,13 @@ impl SandboxPaths {
     pub fn vsock_uds(&self) -> PathBuf {
         self.dir.join("vsock.sock")
     }
-    /// The vhost-user socket of the vsock device (qemu backend).
-    pub fn vsock_vhost(&self) -> PathBuf {
-        self.dir.join("vsock-vhost.sock")
-    }
-    /// The vhost-user socket of the virtio-fs device (qemu backend).
-    pub fn fs_vhost(&self) -> PathBuf {
-        self.dir.join("fs-vhost.sock")
-    }
     /// The guest console.
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
-    /// QEMU's own run directory (QMP socket, output).
-    pub fn qemu_dir(&self) -> PathBuf {
-        self.dir.join("qemu")
-    }
     /// The pid of a separate VMM process (QEMU), for cleanup after a crash.
     pub fn vmm_pid_file(&self) -> PathBuf {
-        self.dir.join("vmm.pid")
+        self.dir.join(crate::hypervisor::qemu::VMM_PID_FILE)
     }
     /// Host files (not directories) bind-mounted into containers are copied
     /// here, inside the share: `<share>/<FILES_DIR>/<container>/<n>`.

@@ -1,53 +1,95 @@
-//! One pod's sandbox: its VM, the agent client, and the share. Booted by
-//! the pod's first `Create`, destroyed when the shim shuts down. A failed
-//! boot leaves nothing behind: the VM is stopped, the device servers end,
-//! mounts are detached and the sandbox directory is removed.
+//! One pod's sandbox: its VM (behind the [`Hypervisor`] seam), the agent
+//! client, and the share. Booted by the pod's first `Create`, destroyed
+//! when the shim shuts down. A failed boot leaves nothing behind: the VM is
+//! stopped, the device servers end, mounts are detached and the sandbox
+//! directory is removed.
 
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::CreateSandboxRequest;
-use husk_agent_client::{AgentClient, Endpoint};
-use husk_vmm::devices::virtio::fs::SharedDirectory;
+use husk_agent_client::AgentClient;
+use husk_vmm::devices::virtio::fs::{CachePolicy, FsConfig, SharedDirectory};
 
-use crate::cleanup;
-use crate::config::{Config, HypervisorKind, VmSize};
+use crate::config::Config;
+use crate::hypervisor::{
+    Device, ExitWatcher, Hypervisor, Launcher, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
+};
 use crate::paths::SandboxPaths;
-use crate::vm::{ExitWatcher, PodVm, VmDescription, SHARED_FS_TAG};
+use crate::resources::cleanup;
 
 /// Lines of the guest console quoted in boot errors.
 const CONSOLE_TAIL_LINES: usize = 30;
+/// Extra time, beyond the agent deadline, for the last handshake attempt.
+const HANDSHAKE_SLACK: Duration = Duration::from_secs(5);
+
+/// What a sandbox is booted from.
+pub struct BootRequest<'a> {
+    pub sandbox_id: &'a str,
+    pub config: &'a Config,
+    pub spec: VmSpec,
+    pub hostname: &'a str,
+    pub paths: SandboxPaths,
+}
 
 /// A running sandbox.
 pub struct Sandbox {
     pub id: String,
     pub paths: SandboxPaths,
     pub client: AgentClient,
-    pub description: VmDescription,
-    shared: Mutex<Option<SharedDirectory>>,
-    vm: Mutex<Option<PodVm>>,
+    pub description: VmInfo,
+    share: Arc<SharedDirectory>,
+    vm: Mutex<Option<Box<dyn Hypervisor>>>,
     shutdown_grace: Duration,
 }
 
+/// The virtio-fs configuration of a pod's share.
+fn fs_config(share: &Path, config: &Config) -> Result<FsConfig> {
+    let mut fs = FsConfig::new(share);
+    fs.tag = SHARED_FS_TAG.to_owned();
+    fs.cache = [
+        CachePolicy::Never,
+        CachePolicy::Metadata,
+        CachePolicy::Auto,
+        CachePolicy::Always,
+    ]
+    .into_iter()
+    .find(|policy| policy.as_str() == config.shared_fs.cache)
+    .ok_or_else(|| {
+        anyhow!(
+            "shared_fs.cache = {:?} is not a virtio-fs cache policy",
+            config.shared_fs.cache
+        )
+    })?;
+    fs.xattr = config.shared_fs.xattr;
+    Ok(fs)
+}
+
+/// Stops a VM off the async runtime (stopping blocks).
+async fn stop_vm(mut vm: Box<dyn Hypervisor>, grace: Duration) -> String {
+    tokio::task::spawn_blocking(move || vm.stop(grace))
+        .await
+        .unwrap_or_else(|error| format!("the stop task failed: {error}"))
+}
+
 impl Sandbox {
-    /// Boots the VM, waits for the agent and creates the sandbox in the
-    /// guest. Returns the sandbox and a watcher of the VM's end.
+    /// Boots the VM through `launcher`, waits for the agent and creates the
+    /// sandbox in the guest. Returns the sandbox and a watcher of the VM's
+    /// end.
     pub async fn boot(
-        id: &str,
-        config: &Config,
-        kind: HypervisorKind,
-        size: VmSize,
-        hostname: &str,
+        launcher: &dyn Launcher,
+        request: BootRequest<'_>,
     ) -> Result<(Self, ExitWatcher)> {
-        let paths = SandboxPaths::new(id);
+        let paths = request.paths.clone();
         if paths.dir.exists() {
             tracing::warn!(dir = %paths.dir.display(), "a stale sandbox directory exists; cleaning it");
             cleanup::remove_sandbox_dir(&paths);
         }
         std::fs::create_dir_all(paths.share())
             .with_context(|| format!("cannot create {}", paths.share().display()))?;
-        let result = Self::boot_in(id, &paths, config, kind, size, hostname).await;
+        let result = Self::boot_in(launcher, request).await;
         if result.is_err() {
             cleanup::remove_sandbox_dir(&paths);
         }
@@ -55,49 +97,61 @@ impl Sandbox {
     }
 
     async fn boot_in(
-        id: &str,
-        paths: &SandboxPaths,
-        config: &Config,
-        kind: HypervisorKind,
-        size: VmSize,
-        hostname: &str,
+        launcher: &dyn Launcher,
+        request: BootRequest<'_>,
     ) -> Result<(Self, ExitWatcher)> {
-        let shared = SharedDirectory::open(&paths.share())
+        let BootRequest {
+            sandbox_id: id,
+            config,
+            spec,
+            hostname,
+            paths,
+        } = request;
+        let shutdown_grace = Duration::from_millis(config.timeouts.shutdown_ms);
+        let share = SharedDirectory::open(&paths.share())
             .with_context(|| format!("cannot open the share {}", paths.share().display()))?;
+        let (vcpus, memory_mib) = (spec.vcpus, spec.memory_mib);
         let started = Instant::now();
-        let (config_owned, paths_owned) = (config.clone(), paths.clone());
-        let vm = tokio::task::spawn_blocking(move || {
-            PodVm::start(kind, &config_owned, size, &paths_owned)
+        let mut vm = launcher.create(spec)?;
+        vm.add_device(Device::Vsock {
+            guest_cid: GUEST_CID,
+            uds: paths.vsock_uds(),
+        })?;
+        vm.add_device(Device::SharedFs(fs_config(&paths.share(), config)?))?;
+        let (mut vm, started_vm) = tokio::task::spawn_blocking(move || {
+            let result = vm.start();
+            (vm, result)
         })
         .await
-        .map_err(|e| anyhow!("the VM start task failed: {e}"))??;
+        .map_err(|e| anyhow!("the VM start task failed: {e}"))?;
+        if let Err(error) = started_vm {
+            let end = tokio::task::spawn_blocking(move || vm.stop(Duration::ZERO)).await;
+            tracing::debug!(?end, "the VM that failed to start is stopped");
+            return Err(error.into());
+        }
         let description = vm.describe();
         tracing::info!(
             sandbox_id = id,
             backend = description.backend,
             accelerator = %description.accelerator,
             vmm_pid = description.vmm_pid,
-            vcpus = size.vcpus,
-            memory_mib = size.memory_mib,
+            vcpus,
+            memory_mib,
             "VM started"
         );
-        let stop_vm = |vm: PodVm| {
-            let grace = Duration::from_millis(config.timeouts.shutdown_ms);
-            tokio::task::spawn_blocking(move || vm.stop(grace))
-        };
-        let watcher = match vm.exit_watcher() {
-            Ok(watcher) => watcher,
+        let (watcher, endpoint) = match vm
+            .exit_watcher()
+            .and_then(|w| Ok((w, vm.agent_endpoint()?)))
+        {
+            Ok(pair) => pair,
             Err(error) => {
-                let _ = stop_vm(vm).await;
-                return Err(error);
+                stop_vm(vm, Duration::ZERO).await;
+                return Err(error.into());
             }
         };
         let deadline = Duration::from_millis(config.timeouts.agent_ready_ms);
-        let endpoint = Endpoint::HybridVsock {
-            uds: paths.vsock_uds(),
-        };
         let connected = tokio::time::timeout(
-            deadline + Duration::from_secs(5),
+            deadline + HANDSHAKE_SLACK,
             AgentClient::connect(endpoint, deadline),
         )
         .await
@@ -106,13 +160,13 @@ impl Sandbox {
         let client = match connected {
             Ok(client) => client,
             Err(error) => {
-                let end = stop_vm(vm).await.unwrap_or_default();
+                let end = stop_vm(vm, shutdown_grace).await;
                 return Err(error.context(format!(
                     "the guest agent did not answer within {} ms ({} backend, {}; VM end: {end}); guest console:\n{}",
                     config.timeouts.agent_ready_ms,
                     description.backend,
                     description.accelerator,
-                    console_tail(paths)
+                    console_tail(&paths)
                 )));
             }
         };
@@ -128,38 +182,34 @@ impl Sandbox {
             ..Default::default()
         };
         if let Err(error) = client.create_sandbox(request).await {
-            let _ = stop_vm(vm).await;
+            stop_vm(vm, Duration::ZERO).await;
             return Err(anyhow!(error).context(format!(
                 "CreateSandbox failed in the guest; console:\n{}",
-                console_tail(paths)
+                console_tail(&paths)
             )));
         }
         Ok((
             Self {
                 id: id.to_owned(),
-                paths: paths.clone(),
+                paths,
                 client,
                 description,
-                shared: Mutex::new(Some(shared)),
+                share: Arc::new(share),
                 vm: Mutex::new(Some(vm)),
-                shutdown_grace: Duration::from_millis(config.timeouts.shutdown_ms),
+                shutdown_grace,
             },
             watcher,
         ))
     }
 
-    /// Runs `f` with the share, unless the sandbox was destroyed.
-    pub fn with_share<T>(&self, f: impl FnOnce(&SharedDirectory) -> Result<T>) -> Result<T> {
-        let guard = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        let shared = guard
-            .as_ref()
-            .ok_or_else(|| anyhow!("the sandbox {} is already destroyed", self.id))?;
-        f(shared)
+    /// The pod's share, where containers' rootfs and volumes are mounted.
+    pub fn share(&self) -> &Arc<SharedDirectory> {
+        &self.share
     }
 
     /// Ends the sandbox: asks the guest to power off, stops the VM (killing
-    /// it after the grace period), unmounts the share and removes the
-    /// sandbox directory. Safe to call twice.
+    /// it after the grace period), and removes the sandbox directory with
+    /// everything mounted in it. Safe to call twice.
     pub async fn destroy(&self) {
         let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(vm) = vm {
@@ -178,13 +228,9 @@ impl Sandbox {
                     Duration::ZERO
                 }
             };
-            let end = tokio::task::spawn_blocking(move || vm.stop(grace))
-                .await
-                .unwrap_or_default();
+            let end = stop_vm(vm, grace).await;
             tracing::info!(sandbox_id = %self.id, end = %end, "VM stopped");
         }
-        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
-        drop(shared);
         cleanup::remove_sandbox_dir(&self.paths);
     }
 }

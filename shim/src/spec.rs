@@ -3,8 +3,8 @@
 //! host programs and are dropped (containerd runs none for shim v2
 //! runtimes), namespace paths name host namespaces and are dropped (the
 //! guest creates fresh ones), and bind-mount sources are made visible in
-//! the share (directories bind-mounted, files copied) and renamed to their
-//! share-relative paths.
+//! the share (directories bind-mounted as the container's volumes, files
+//! copied) and renamed to their share-relative paths.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,22 +43,21 @@ pub fn sandbox_id_of(container_id: &str, spec: &Spec) -> String {
         .unwrap_or_else(|| container_id.to_owned())
 }
 
-/// Host-side things made for a container's bind mounts, to undo at delete.
+/// Host-side things made for a container's bind mounts that the share does
+/// not remove with the container, to undo at delete.
 #[derive(Debug, Default)]
 pub struct SharedMounts {
-    /// Ids of share entries (directory bind mounts) added for the container.
-    pub share_entries: Vec<String>,
     /// Directory of copied files, if any.
     pub files_dir: Option<PathBuf>,
 }
 
-/// Rewrites `spec` for the guest; `share_dir` adds a host directory to the
-/// share under an entry id and returns its share-relative path.
+/// Rewrites `spec` for the guest; `share_volume` adds the host directory of
+/// mount `index` to the share and returns its share-relative path.
 pub fn for_guest(
     mut spec: Spec,
     container_id: &str,
     paths: &SandboxPaths,
-    mut share_dir: impl FnMut(&str, &Path) -> Result<String>,
+    mut share_volume: impl FnMut(usize, &Path) -> Result<String>,
     shared: &mut SharedMounts,
 ) -> Result<Spec> {
     spec.set_hooks(None);
@@ -103,10 +102,7 @@ pub fn for_guest(
             )
         })?;
         let relative = if metadata.is_dir() {
-            let entry = format!("{container_id}.m{index}");
-            let relative = share_dir(&entry, &source)?;
-            shared.share_entries.push(entry);
-            relative
+            share_volume(index, &source)?
         } else {
             let dir = paths.shared_files(container_id);
             std::fs::create_dir_all(&dir)
@@ -171,9 +167,9 @@ mod tests {
             original,
             "c1",
             &paths,
-            |entry, source| {
-                added.push((entry.to_owned(), source.to_owned()));
-                Ok(format!("{entry}/rootfs"))
+            |index, source| {
+                added.push((index, source.to_owned()));
+                Ok(format!("c1/volumes/{index}"))
             },
             &mut shared,
         )
@@ -191,16 +187,16 @@ mod tests {
         assert_eq!(mounts[0].source().as_deref(), Some(Path::new("proc")));
         assert_eq!(
             mounts[1].source().as_deref(),
-            Some(Path::new("c1.m1/rootfs"))
+            Some(Path::new("c1/volumes/1"))
         );
-        assert_eq!(added, vec![("c1.m1".to_owned(), host_dir)]);
+        assert_eq!(added, vec![(1, host_dir)]);
         assert_eq!(
             mounts[2].source().as_deref(),
             Some(Path::new(".files/c1/2"))
         );
         let copied = std::fs::read_to_string(paths.shared_files("c1").join("2")).unwrap();
         assert_eq!(copied, "127.0.0.1 localhost\n");
-        assert_eq!(shared.share_entries, vec!["c1.m1".to_owned()]);
+        assert_eq!(shared.files_dir, Some(paths.shared_files("c1")));
     }
 
     #[test]

@@ -26,6 +26,9 @@ use std::sync::{Mutex, MutexGuard};
 pub const CONTAINER_ID_MAX_LEN: usize = 76;
 /// The directory under `<shared_dir>/<id>` where the rootfs is mounted.
 pub const ROOTFS_DIR_NAME: &str = "rootfs";
+/// The directory under `<shared_dir>/<id>` holding the container's volumes
+/// (host directories it bind-mounts), one numbered directory each.
+pub const VOLUMES_DIR_NAME: &str = "volumes";
 /// Mode of the directories this module creates: the guest reads them as root.
 const CONTAINER_DIR_MODE: libc::mode_t = 0o755;
 
@@ -72,8 +75,17 @@ pub enum SharedDirError {
 pub struct SharedDirectory {
     root: PathBuf,
     root_fd: OwnedFd,
-    /// An `O_PATH` fd on the root of each container's bind mount.
-    mounts: Mutex<HashMap<String, OwnedFd>>,
+    /// What this share mounted for each container.
+    mounts: Mutex<HashMap<String, ContainerMounts>>,
+}
+
+/// The mounts of one container in the share, each remembered by an
+/// `O_PATH` fd on its root so unmounting needs no path.
+struct ContainerMounts {
+    /// `<shared_dir>/<id>`.
+    dir: OwnedFd,
+    rootfs: OwnedFd,
+    volumes: Vec<OwnedFd>,
 }
 
 impl SharedDirectory {
@@ -135,51 +147,26 @@ impl SharedDirectory {
         }
         let container_dir = self.root.join(id);
         let target = container_dir.join(ROOTFS_DIR_NAME);
-        let io_error = |operation, path: &Path| {
-            let id = id.to_owned();
-            let path = path.to_owned();
-            move |source| SharedDirError::Io {
-                id,
-                operation,
-                path,
-                source,
-            }
-        };
         let c_id = component_cstring(id)?;
-        let c_rootfs = component_cstring(ROOTFS_DIR_NAME)?;
-        let c_source =
-            path_to_cstring(source_rootfs).map_err(io_error("resolve", source_rootfs))?;
-
-        mkdir_at(&self.root_fd, &c_id).map_err(io_error("create", &container_dir))?;
-        let result = (|| {
-            let id_fd = open_path_fd(self.root_fd.as_raw_fd(), &c_id, libc::O_DIRECTORY)
-                .map_err(io_error("open", &container_dir))?;
-            mkdir_at(&id_fd, &c_rootfs).map_err(io_error("create", &target))?;
-            let mount_point = open_path_fd(id_fd.as_raw_fd(), &c_rootfs, libc::O_DIRECTORY)
-                .map_err(io_error("open", &target))?;
-            bind_mount(&c_source, &mount_point).map_err(io_error("bind-mount onto", &target))?;
-            // Looked up again by name, the mount point now shows the mount's
-            // root; keep that fd so the unmount needs no path.
-            let mount_root = match open_path_fd(id_fd.as_raw_fd(), &c_rootfs, libc::O_DIRECTORY) {
-                Ok(fd) => fd,
-                Err(source) => {
-                    detach_mount(&mount_point);
-                    return Err(io_error("open", &target)(source));
-                }
-            };
-            if !same_inode(&mount_root, source_rootfs) {
-                detach_mount(&mount_root);
-                return Err(SharedDirError::MountMismatch {
-                    id: id.to_owned(),
-                    source_rootfs: source_rootfs.to_owned(),
-                    target: target.clone(),
-                });
-            }
-            Ok(mount_root)
-        })();
+        mkdir_at(&self.root_fd, &c_id).map_err(io_error(id, "create", &container_dir))?;
+        let result = open_path_fd(self.root_fd.as_raw_fd(), &c_id, libc::O_DIRECTORY)
+            .map_err(io_error(id, "open", &container_dir))
+            .and_then(|id_fd| {
+                mkdir_at(&id_fd, &component_cstring(ROOTFS_DIR_NAME)?)
+                    .map_err(io_error(id, "create", &target))?;
+                let rootfs = mount_at(&id_fd, ROOTFS_DIR_NAME, source_rootfs, id, &target)?;
+                Ok((id_fd, rootfs))
+            });
         match result {
-            Ok(mount_root) => {
-                mounts.insert(id.to_owned(), mount_root);
+            Ok((dir, rootfs)) => {
+                mounts.insert(
+                    id.to_owned(),
+                    ContainerMounts {
+                        dir,
+                        rootfs,
+                        volumes: Vec::new(),
+                    },
+                );
                 tracing::info!(container_id = id, target = %target.display(), "container rootfs added to the share");
                 Ok(target)
             }
@@ -190,10 +177,55 @@ impl SharedDirectory {
         }
     }
 
-    /// Unmounts a container's rootfs and removes `<shared_dir>/<id>`.
+    /// Where volume `index` of a container sits relative to the share root:
+    /// `<id>/volumes/<index>`. Inside the container's own directory, so no
+    /// other container's id can ever name it.
+    pub fn volume_relative_path(id: &str, index: usize) -> Result<PathBuf, SharedDirError> {
+        validate_container_id(id)?;
+        Ok(Path::new(id).join(VOLUMES_DIR_NAME).join(index.to_string()))
+    }
+
+    /// Bind-mounts the host directory `source` (recursively) at
+    /// `<shared_dir>/<id>/volumes/<index>` of a container already added, and
+    /// returns that path relative to the share root. Removed with the
+    /// container.
+    pub fn add_volume(
+        &self,
+        id: &str,
+        index: usize,
+        source: &Path,
+    ) -> Result<PathBuf, SharedDirError> {
+        let relative = Self::volume_relative_path(id, index)?;
+        let target = self.root.join(&relative);
+        let mut mounts = self.lock_mounts();
+        let entry = mounts.get_mut(id).ok_or_else(|| SharedDirError::NotAdded {
+            id: id.to_owned(),
+            root: self.root.clone(),
+        })?;
+        let volumes_path = self.root.join(id).join(VOLUMES_DIR_NAME);
+        let c_volumes = component_cstring(VOLUMES_DIR_NAME)?;
+        match mkdir_at(&entry.dir, &c_volumes) {
+            Ok(()) => {}
+            Err(source) if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(io_error(id, "create", &volumes_path)(source)),
+        }
+        let volumes_fd = open_path_fd(entry.dir.as_raw_fd(), &c_volumes, libc::O_DIRECTORY)
+            .map_err(io_error(id, "open", &volumes_path))?;
+        let name = index.to_string();
+        mkdir_at(&volumes_fd, &component_cstring(&name)?)
+            .map_err(io_error(id, "create", &target))?;
+        let mount_root = mount_at(&volumes_fd, &name, source, id, &target)?;
+        entry.volumes.push(mount_root);
+        tracing::info!(container_id = id, target = %target.display(), "volume added to the share");
+        Ok(relative)
+    }
+
+    /// Unmounts a container's volumes and rootfs and removes
+    /// `<shared_dir>/<id>`. If anything fails to unmount, nothing is
+    /// removed: a removal must never reach into a host directory.
     pub fn remove_container(&self, id: &str) -> Result<(), SharedDirError> {
         validate_container_id(id)?;
-        let mount_root = self
+        let entry = self
             .lock_mounts()
             .remove(id)
             .ok_or_else(|| SharedDirError::NotAdded {
@@ -201,13 +233,25 @@ impl SharedDirectory {
                 root: self.root.clone(),
             })?;
         let target = self.root.join(id).join(ROOTFS_DIR_NAME);
-        unmount(&mount_root).map_err(|source| SharedDirError::Io {
+        for (index, volume) in entry.volumes.iter().enumerate() {
+            unmount(volume).map_err(|source| SharedDirError::Io {
+                id: id.to_owned(),
+                operation: "unmount",
+                path: self
+                    .root
+                    .join(id)
+                    .join(VOLUMES_DIR_NAME)
+                    .join(index.to_string()),
+                source,
+            })?;
+        }
+        unmount(&entry.rootfs).map_err(|source| SharedDirError::Io {
             id: id.to_owned(),
             operation: "unmount",
             path: target.clone(),
             source,
         })?;
-        drop(mount_root);
+        drop(entry);
         // Only the now-empty mount point may go with rmdir: if anything is
         // still mounted there, rmdir fails with EBUSY and nothing below it
         // is touched.
@@ -247,7 +291,7 @@ impl SharedDirectory {
         Ok(())
     }
 
-    fn lock_mounts(&self) -> MutexGuard<'_, HashMap<String, OwnedFd>> {
+    fn lock_mounts(&self) -> MutexGuard<'_, HashMap<String, ContainerMounts>> {
         self.mounts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -302,6 +346,55 @@ pub fn validate_container_id(id: &str) -> Result<(), SharedDirError> {
         ));
     }
     Ok(())
+}
+
+/// Maps an io::Error of `operation` on `path` for container `id`.
+fn io_error<'a>(
+    id: &'a str,
+    operation: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SharedDirError + 'a {
+    move |source| SharedDirError::Io {
+        id: id.to_owned(),
+        operation,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Bind-mounts `source` onto the existing directory `name` inside `dir_fd`
+/// (through the mount point's own fd, never a path), checks that the mount
+/// shows the source, and returns an `O_PATH` fd on the mount's root.
+fn mount_at(
+    dir_fd: &OwnedFd,
+    name: &str,
+    source: &Path,
+    id: &str,
+    target: &Path,
+) -> Result<OwnedFd, SharedDirError> {
+    let c_name = component_cstring(name)?;
+    let c_source = path_to_cstring(source).map_err(io_error(id, "resolve", source))?;
+    let mount_point = open_path_fd(dir_fd.as_raw_fd(), &c_name, libc::O_DIRECTORY)
+        .map_err(io_error(id, "open", target))?;
+    bind_mount(&c_source, &mount_point).map_err(io_error(id, "bind-mount onto", target))?;
+    // Looked up again by name, the mount point now shows the mount's root;
+    // keep that fd so the unmount needs no path.
+    let mount_root = match open_path_fd(dir_fd.as_raw_fd(), &c_name, libc::O_DIRECTORY) {
+        Ok(fd) => fd,
+        Err(error) => {
+            detach_mount(&mount_point);
+            return Err(io_error(id, "open", target)(error));
+        }
+    };
+    if !same_inode(&mount_root, source) {
+        detach_mount(&mount_root);
+        return Err(SharedDirError::MountMismatch {
+            id: id.to_owned(),
+            source_rootfs: source.to_owned(),
+            target: target.to_owned(),
+        });
+    }
+    Ok(mount_root)
 }
 
 fn component_cstring(name: &str) -> Result<CString, SharedDirError> {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use containerd_shim_protos::api::Mount;
 
-use crate::cleanup;
+use super::cleanup;
 
 /// The bundle's rootfs directory.
 pub fn bundle_rootfs(bundle: &Path) -> PathBuf {

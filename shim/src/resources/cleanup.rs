@@ -15,12 +15,27 @@ pub fn remove_sandbox_dir(paths: &SandboxPaths) {
     if let Some(pid) = recorded_vmm_pid(paths) {
         kill_and_wait(pid, Duration::from_secs(5));
     }
-    unmount_below(&paths.dir);
-    match std::fs::remove_dir_all(&paths.dir) {
-        Ok(()) => tracing::info!(dir = %paths.dir.display(), "sandbox directory removed"),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+    if unmount_and_remove(&paths.dir) {
+        tracing::info!(dir = %paths.dir.display(), "sandbox directory removed");
+    }
+}
+
+/// Unmounts everything at or below `dir`, then removes it, but only if no
+/// mount is left: a removal must never reach through a mount into a host
+/// directory. Returns whether `dir` is gone.
+pub fn unmount_and_remove(dir: &Path) -> bool {
+    unmount_below(dir);
+    let left = mounts_below(dir);
+    if !left.is_empty() {
+        tracing::error!(dir = %dir.display(), mounts = ?left, "mounts remain; not removing the directory");
+        return false;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => true,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => true,
         Err(error) => {
-            tracing::warn!(%error, dir = %paths.dir.display(), "cannot remove the sandbox directory")
+            tracing::warn!(%error, dir = %dir.display(), "cannot remove the directory");
+            false
         }
     }
 }

@@ -1,0 +1,152 @@
+//! The built-in backend: the VMM inside the shim process
+//! (`husk_vmm::VmBuilder`), with the device models on virtio-mmio. The VM
+//! is the shim: its pid is the shim's, and its vCPU and device threads are
+//! the shim's threads.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use husk_agent_client::Endpoint;
+use husk_vmm::devices::virtio::fs::VirtioFs;
+use husk_vmm::devices::virtio::vsock::{VsockConfig, VsockDevice};
+use husk_vmm::devices::virtio::VirtioDevice;
+use husk_vmm::{MicroVm, SerialSink, VmBuilder, VmExit};
+
+use super::{Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec};
+
+/// How often the exit watcher looks at the vCPU threads.
+const EXIT_POLL: Duration = Duration::from_millis(200);
+
+/// A pod's VM in the built-in VMM.
+pub struct BuiltinVm {
+    spec: VmSpec,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    vsock_uds: Option<std::path::PathBuf>,
+    vm: Option<Arc<Mutex<MicroVm>>>,
+}
+
+impl BuiltinVm {
+    pub fn new(spec: VmSpec) -> Result<Self, HypervisorError> {
+        Ok(Self {
+            spec,
+            devices: Vec::new(),
+            vsock_uds: None,
+            vm: None,
+        })
+    }
+}
+
+impl Hypervisor for BuiltinVm {
+    fn add_device(&mut self, device: Device) -> Result<(), HypervisorError> {
+        if self.vm.is_some() {
+            return Err(HypervisorError::Device {
+                device: device.kind(),
+                reason: "the built-in VM is already running".into(),
+            });
+        }
+        let model: Box<dyn VirtioDevice> = match device {
+            Device::Vsock { guest_cid, uds } => {
+                self.vsock_uds = Some(uds.clone());
+                Box::new(
+                    VsockDevice::new(VsockConfig {
+                        guest_cid,
+                        uds_path: uds,
+                    })
+                    .context("cannot create the vsock device")?,
+                )
+            }
+            Device::SharedFs(config) => {
+                Box::new(VirtioFs::new(config).context("cannot create the virtio-fs device")?)
+            }
+        };
+        self.devices.push(model);
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), HypervisorError> {
+        let spec = &self.spec;
+        let console = File::create(&spec.console_log).with_context(|| {
+            format!(
+                "cannot create the console log {}",
+                spec.console_log.display()
+            )
+        })?;
+        let mut builder = VmBuilder::new()
+            .vcpus(spec.vcpus)
+            .memory_mib(spec.memory_mib)
+            .linux(
+                &spec.kernel,
+                Some(spec.initrd.clone()),
+                spec.kernel_cmdline(),
+            )
+            .serial(SerialSink::Writer(Box::new(console)));
+        for device in self.devices.drain(..) {
+            builder = builder.virtio_device(device);
+        }
+        let mut vm = builder.build().with_context(|| {
+            format!(
+                "the built-in VMM cannot build the VM (kernel {})",
+                spec.kernel.display()
+            )
+        })?;
+        vm.start()
+            .context("the built-in VMM cannot start the vCPUs")?;
+        self.vm = Some(Arc::new(Mutex::new(vm)));
+        Ok(())
+    }
+
+    fn describe(&self) -> VmInfo {
+        VmInfo {
+            backend: "builtin",
+            accelerator: "kvm".to_owned(),
+            vmm_pid: std::process::id(),
+        }
+    }
+
+    fn agent_endpoint(&self) -> Result<Endpoint, HypervisorError> {
+        let uds = self.vsock_uds.clone().ok_or(HypervisorError::Device {
+            device: "vsock",
+            reason: "the VM has no vsock device to reach the agent through".into(),
+        })?;
+        Ok(Endpoint::HybridVsock { uds })
+    }
+
+    fn exit_watcher(&self) -> Result<ExitWatcher, HypervisorError> {
+        let vm = self
+            .vm
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the built-in VM was not started"))?;
+        Ok(Box::pin(async move {
+            tokio::task::spawn_blocking(move || loop {
+                let exit: Option<VmExit> = {
+                    let vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+                    match vm.wait(Some(EXIT_POLL)) {
+                        Ok(exit) => exit,
+                        Err(error) => return format!("the built-in VMM failed: {error}"),
+                    }
+                };
+                if let Some(exit) = exit {
+                    return format!("the built-in VM ended: {exit:?}");
+                }
+                // Let `stop` take the lock between two looks.
+                std::thread::sleep(Duration::from_millis(50));
+            })
+            .await
+            .unwrap_or_else(|error| format!("the VM watcher failed: {error}"))
+        }))
+    }
+
+    fn stop(&mut self, grace: Duration) -> String {
+        let Some(vm) = self.vm.take() else {
+            return "never started".to_owned();
+        };
+        let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+        let exit = match vm.wait(Some(grace)) {
+            Ok(Some(exit)) => exit,
+            _ => vm.stop(),
+        };
+        format!("{exit:?}")
+    }
+}
