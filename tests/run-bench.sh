@@ -24,7 +24,7 @@ trap 'rm -rf "$bench_dir"' EXIT
 python3 rootfs-image/mkinitramfs.py "$guest_bin/husk-agent" "$bench_dir/bench-initrd.gz" --busybox /bin/busybox \
   --add "$guest_bin/husk-guest-probe:/bench/husk-guest-probe" \
   --add tests/bench/fs-ops.sh:/bench/fs-ops.sh --add tests/bench/guest-run.sh:/bench/run >/dev/null
-cargo run -q --release -p husk-vmm --example device_bench -- "$HUSK_BZIMAGE" "$bench_dir/bench-initrd.gz" "$bench_dir/work" "$peer"
+cargo run -q --release -p husk-tests --example device_bench -- "$HUSK_BZIMAGE" "$bench_dir/bench-initrd.gz" "$bench_dir/work" "$peer"
 
 echo
 echo "=== agent: boot to Check, container create+start, exec, stdio throughput (qemu guest, our devices)"

@@ -70,7 +70,7 @@ else
 fi
 
 guest_targets=()
-for f in vmm/tests/guest_*.rs tests/tests/guest_*.rs; do
+for f in tests/tests/guest_*.rs; do
   [ -e "$f" ] || continue
   pkg=$( [ "${f%%/*}" = vmm ] && echo husk-vmm || echo husk-tests )
   guest_targets+=(-p "$pkg" --test "$(basename "$f" .rs)")

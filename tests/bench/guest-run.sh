@@ -2,7 +2,7 @@
 # The guest side of `make bench` for the devices (run by husk-agent through
 # `husk.exec=`): the file-system operations on the virtio-fs share when the
 # command line says `husk.bench_fs=1`, then the vsock transfers the host
-# drives (see vmm/examples/device_bench.rs for the ports).
+# drives (see tests/examples/device_bench.rs for the ports).
 PATH=/bin
 bytes=$(sed -n 's/.*husk.bench_bytes=\([0-9]*\).*/\1/p' /proc/cmdline)
 if grep -q husk.bench_fs=1 /proc/cmdline; then

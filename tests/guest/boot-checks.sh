@@ -1,5 +1,5 @@
 #!/bin/sh
-# Guest side of vmm/tests/guest_boot.rs: runs as `husk.exec=/test/run` with
+# Guest side of tests/tests/guest_boot.rs: runs as `husk.exec=/test/run` with
 # the console as stdio. Reports what the host compares (kernel release,
 # CPUs, memory) and checks what the agent must have set up. Exits 42 when
 # every check passed, so the host also sees that the script's own exit code

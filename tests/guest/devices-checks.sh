@@ -1,5 +1,5 @@
 #!/bin/sh
-# Guest side of vmm/tests/guest_devices.rs: one guest with the virtio-fs and
+# Guest side of tests/tests/guest_devices.rs: one guest with the virtio-fs and
 # vsock devices served over vhost-user by the test process. The host side
 # (see the test) prepared the share, listens on vsock ports 5001 and 5002,
 # and waits on the console for the markers this script prints: the order of

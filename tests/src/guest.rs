@@ -1,5 +1,5 @@
 //! One sandbox VM for the guest tier and the bench: QEMU (`-M microvm`,
-//! the accelerator `husk_vmm::qemu` picks) with the product kernel and an
+//! the accelerator the qemu backend picks) with the product kernel and an
 //! initramfs holding only the static agent, our vsock and virtio-fs device
 //! models served over vhost-user from threads of this process, and the
 //! agent client connected over hybrid vsock.
@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::{CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest};
 use husk_agent_client::{AgentClient, Endpoint, ExitStatus};
+use husk_shim::hypervisor::qemu::{AccelChoice, GuestEnd, QemuVm, QemuVmConfig};
 use husk_vmm::devices::virtio::fs::{self as virtio_fs, FsConfig, SharedDirectory};
 use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
-use husk_vmm::qemu::{AccelChoice, GuestEnd, QemuVm, QemuVmConfig};
 
 use crate::artifacts::{self, GuestKernel};
 use crate::container::{

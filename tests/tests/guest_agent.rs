@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use husk_agent_client::agent::CreateContainerRequest;
 use husk_agent_client::Code;
+use husk_shim::hypervisor::qemu::GuestEnd;
 use husk_tests::artifacts::host_kernel_release;
 use husk_tests::container::{container_spec, read_text, read_to_end, read_until, HostStdio, Pipes};
 use husk_tests::guest::{GuestSandbox, GuestShape};
-use husk_vmm::qemu::GuestEnd;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -11,7 +11,6 @@ pub mod devices;
 pub mod host;
 pub mod loader;
 pub mod microvm;
-pub mod qemu;
 pub mod vstate;
 
 pub use builder::{BuildError, VmBuilder, DEFAULT_CMDLINE};

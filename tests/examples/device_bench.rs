@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use husk_shim::hypervisor::qemu::{QemuVm, QemuVmConfig};
 use husk_vmm::devices::virtio::{fs, vsock};
-use husk_vmm::qemu::{QemuVm, QemuVmConfig};
 
 /// Bytes moved each way over vsock.
 const VSOCK_BYTES: usize = 64 << 20;

@@ -1,4 +1,4 @@
-//! The guest-tier harness shared by `vmm/tests/guest_*.rs`: find the guest
+//! The guest-tier harness shared by `tests/tests/guest_{boot,devices}.rs`: find the guest
 //! kernel, build the static guest binaries (agent and `husk-guest-probe`),
 //! pack a test initramfs with busybox and a script from `tests/guest/`,
 //! boot it under the `qemu` backend, and read the console for the markers
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use husk_vmm::qemu::{AccelChoice, QemuVmConfig};
+use husk_shim::hypervisor::qemu::{AccelChoice, QemuVmConfig};
 
 pub mod hybrid_vsock;
 
@@ -32,7 +32,7 @@ pub const GUEST_DEADLINE: Duration = Duration::from_secs(300);
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("vmm/ has a parent directory") // CARGO_MANIFEST_DIR is absolute
+        .expect("tests/ has a parent directory") // CARGO_MANIFEST_DIR is absolute
         .to_path_buf()
 }
 

@@ -1,14 +1,14 @@
 //! KVM or TCG: which accelerator QEMU runs the guest with, and why.
 //!
 //! KVM is used where the host's KVM can run a stock guest kernel
-//! ([`crate::host::probe_host_kvm`]). On PVM hosts a stock kernel never
+//! ([`husk_vmm::host::probe_host_kvm`]). On PVM hosts a stock kernel never
 //! reaches user space under KVM (see `../shared/ARCHITECTURE.md`), so the
 //! guest runs under TCG, QEMU's software emulation, with `-cpu max` so the
 //! guest sees the newest CPU features TCG can emulate.
 
 use std::fmt;
 
-use crate::host::HostKvm;
+use husk_vmm::host::HostKvm;
 
 /// The accelerator a caller asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

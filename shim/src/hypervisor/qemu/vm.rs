@@ -23,7 +23,7 @@ use super::end::{classify, EndEvidence, GuestEnd};
 use super::error::QemuError;
 use super::process::QemuProcess;
 use super::qmp::{QmpClient, QmpError};
-use crate::host::probe_host_kvm;
+use husk_vmm::host::probe_host_kvm;
 
 /// How long QEMU gets to bring up its QMP monitor; it does so before the
 /// guest runs, in milliseconds on an idle host.

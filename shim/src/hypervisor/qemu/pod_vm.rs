@@ -1,7 +1,7 @@
-//! The qemu backend: `qemu-system-x86_64 -M microvm` (`husk_vmm::qemu`),
-//! with the vsock and virtio-fs device models served over vhost-user from
-//! threads of this process. Each device's server starts when the device is
-//! added, so QEMU finds its socket listening when it starts.
+//! A pod's VM in QEMU behind the [`Hypervisor`] seam: the vsock and
+//! virtio-fs device models served over vhost-user from threads of this
+//! process. Each device's server starts when the device is added, so QEMU
+//! finds its socket listening when it starts.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -11,9 +11,9 @@ use anyhow::Context;
 use husk_agent_client::Endpoint;
 use husk_vmm::devices::virtio::fs as virtio_fs;
 use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
-use husk_vmm::qemu::{QemuVm, QemuVmConfig};
 
-use super::{Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec};
+use super::{QemuVm, QemuVmConfig};
+use crate::hypervisor::{Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec};
 
 /// The vhost-user socket of the vsock device, in the work directory.
 const VSOCK_VHOST_SOCKET: &str = "vsock-vhost.sock";

@@ -14,7 +14,7 @@ use guest_harness::{
     announce_form, build_test_initramfs, guest_file, guest_kernel, process_exists,
     processes_mentioning, product_initrd, test_vm_config, Console, TestDir, GUEST_DEADLINE,
 };
-use husk_vmm::qemu::{GuestEnd, QemuVm};
+use husk_shim::hypervisor::qemu::{GuestEnd, QemuVm};
 
 /// The script's exit code when all its checks pass (see boot-checks.sh).
 const SCRIPT_SUCCESS_CODE: i32 = 42;
@@ -111,7 +111,7 @@ fn product_initramfs_boots_to_readiness_and_powers_off_on_request() {
     let kernel = guest_kernel();
     let initrd = product_initrd();
     let config = test_vm_config(&dir, &kernel, &initrd)
-        .with_cmdline(husk_vmm::qemu::DEFAULT_QEMU_CMDLINE)
+        .with_cmdline(husk_shim::hypervisor::qemu::DEFAULT_QEMU_CMDLINE)
         .append_cmdline("quiet husk.power_off_after_ms=100");
     let vm = QemuVm::start(config).expect("QEMU starts");
     announce_form("product initramfs boot", vm.accel());
@@ -132,7 +132,7 @@ fn stop_ends_a_running_guest_over_qmp() {
     let initrd = product_initrd();
     // Without husk.exec the agent serves its console and never powers off.
     let config = test_vm_config(&dir, &kernel, &initrd)
-        .with_cmdline(husk_vmm::qemu::DEFAULT_QEMU_CMDLINE)
+        .with_cmdline(husk_shim::hypervisor::qemu::DEFAULT_QEMU_CMDLINE)
         .append_cmdline("quiet");
     let mut vm = QemuVm::start(config).expect("QEMU starts");
     let pid = vm.pid();

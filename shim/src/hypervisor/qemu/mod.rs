@@ -1,7 +1,8 @@
 //! The `qemu` hypervisor backend: runs one guest in `qemu-system-x86_64 -M
 //! microvm`, with the vsock and virtio-fs device models reached over
-//! vhost-user from this process (see `../shared/ARCHITECTURE.md`, "One
-//! device model, two transports").
+//! vhost-user from this process (see `docs/architecture.md`, "One device
+//! model, two transports"). [`QemuPodVm`] is the backend behind the
+//! [`super::Hypervisor`] seam; the rest drives QEMU itself.
 //!
 //! Start with [`QemuVmConfig`]: give it the kernel, initrd and console log,
 //! add the vhost-user devices, then [`QemuVm::start`]. The VM ends when the
@@ -14,22 +15,26 @@
 //! version, [`accel`] decides between KVM and TCG, [`config`] is the
 //! builder, [`command`] assembles the command line, [`process`] supervises
 //! the QEMU process, [`qmp`] is the QMP client, [`end`] decides how the
-//! guest ended, and [`vm`] ties them together.
+//! guest ended, [`vm`] ties them together, and `pod_vm` serves a pod's
+//! devices to it.
 
-pub mod accel;
-pub mod binary;
-pub mod command;
-pub mod config;
-pub mod end;
-pub mod error;
-pub mod process;
-pub mod qmp;
-pub mod vm;
+mod accel;
+mod binary;
+mod command;
+mod config;
+mod end;
+mod error;
+mod pod_vm;
+mod process;
+mod qmp;
+mod vm;
 
-pub use accel::{Accel, AccelChoice, ResolvedAccel};
-pub use binary::{QemuVersion, MINIMUM_QEMU_VERSION};
+pub use accel::{Accel, AccelChoice, ResolvedAccel, TCG_TRANSLATION_CACHE_MIB};
+pub use binary::{QemuVersion, MINIMUM_QEMU_VERSION, QEMU_PROGRAM};
+pub use command::MAX_SOCKET_PATH_BYTES;
 pub use config::{QemuVmConfig, VhostUserFs, VhostUserVsock, DEFAULT_QEMU_CMDLINE};
 pub use end::GuestEnd;
 pub use error::QemuError;
+pub use pod_vm::{QemuPodVm, VMM_PID_FILE};
 pub use qmp::{QmpClient, QmpError};
 pub use vm::QemuVm;

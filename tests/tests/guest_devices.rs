@@ -31,9 +31,9 @@ use guest_harness::{
 };
 use husk_guest_probe::digest::{copy_summarized, summarize, Summary};
 use husk_guest_probe::pattern::Pattern;
+use husk_shim::hypervisor::qemu::{GuestEnd, QemuVm};
 use husk_vmm::devices::virtio::fs::{self as virtio_fs, FsConfig};
 use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
-use husk_vmm::qemu::{GuestEnd, QemuVm};
 
 const MIB: u64 = 1 << 20;
 const GUEST_CID: u64 = 3;
