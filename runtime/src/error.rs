@@ -64,6 +64,10 @@ pub enum Error {
     /// A malformed argument given to an operation (signal name, user spec).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The mount table could not be read or has a malformed line (the
+    /// message names the file and the line).
+    #[error(transparent)]
+    MountInfo(#[from] husk_mountinfo::Error),
 }
 
 impl Error {

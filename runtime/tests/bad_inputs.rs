@@ -145,12 +145,20 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Mount points of the cgroup hierarchies (v1 and v2).
+fn cgroup_mount_points() -> Vec<PathBuf> {
+    husk_mountinfo::read_self()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
+        .collect()
+}
+
 fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter(|l| l.contains(" - cgroup"))
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|mp| Path::new(mp).join("husk-badinput").join(id))
+    cgroup_mount_points()
+        .into_iter()
+        .map(|mp| mp.join("husk-badinput").join(id))
         .filter(|p| p.exists())
         .collect()
 }
@@ -179,10 +187,7 @@ fn bad_bundles_are_rejected_naming_the_field_and_leave_nothing_behind() {
     }
     let base = std::env::temp_dir().join(format!("husk-bad-{}", std::process::id()));
     let root = base.join("state");
-    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .count();
+    let mounts_before = husk_mountinfo::read_self().unwrap().len();
     let mut failures = Vec::new();
     for case in cases() {
         let id = format!("bad-{}", case.name);
@@ -241,17 +246,9 @@ fn bad_bundles_are_rejected_naming_the_field_and_leave_nothing_behind() {
             failures.push(format!("{}: {}", case.name, problems.join("; ")));
         }
     }
-    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .count();
-    for dir in std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(" - cgroup"))
-        .filter_map(|l| l.split(' ').nth(4))
-    {
-        let _ = std::fs::remove_dir(Path::new(dir).join("husk-badinput"));
+    let mounts_after = husk_mountinfo::read_self().unwrap().len();
+    for dir in cgroup_mount_points() {
+        let _ = std::fs::remove_dir(dir.join("husk-badinput"));
     }
     let _ = std::fs::remove_dir_all(&base);
     assert_eq!(mounts_before, mounts_after, "mounts leaked");

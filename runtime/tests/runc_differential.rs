@@ -962,36 +962,34 @@ impl Drop for Cleanup<'_> {
 /// Every `<hierarchy>/husk-difftest` directory that could exist.
 fn cgroup_parents() -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for line in info.lines() {
-        if line.contains(" - cgroup ") || line.contains(" - cgroup2 ") {
-            if let Some(mp) = line.split(' ').nth(4) {
-                out.push(Path::new(mp).join(CGROUP_PARENT));
-                // runc and husk put relative paths under their own cgroup.
-                if let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") {
-                    for l in own.lines() {
-                        if let Some(p) = l.splitn(3, ':').nth(2) {
-                            if p != "/" {
-                                out.push(
-                                    Path::new(mp)
-                                        .join(p.trim_start_matches('/'))
-                                        .join(CGROUP_PARENT),
-                                );
-                            }
-                        }
-                    }
-                }
+    // Also called from the cleanup guard's drop: an unreadable table means
+    // nothing to clean, not a panic.
+    let mounts = husk_mountinfo::read_self().unwrap_or_default();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for m in mounts
+        .iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+    {
+        out.push(m.mount_point.join(CGROUP_PARENT));
+        // runc and husk put relative paths under their own cgroup.
+        for p in own.lines().filter_map(|l| l.splitn(3, ':').nth(2)) {
+            if p != "/" {
+                out.push(
+                    m.mount_point
+                        .join(p.trim_start_matches('/'))
+                        .join(CGROUP_PARENT),
+                );
             }
         }
     }
     out
 }
 
-fn mount_points() -> BTreeSet<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+fn mount_points() -> BTreeSet<PathBuf> {
+    husk_mountinfo::read_self()
+        .expect("mount table")
+        .into_iter()
+        .map(|m| m.mount_point)
         .collect()
 }
 

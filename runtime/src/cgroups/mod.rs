@@ -15,6 +15,7 @@ pub mod v1;
 pub mod v2;
 
 use crate::error::{Error, Result};
+use husk_mountinfo::MountInfo;
 use oci_spec::runtime::LinuxResources;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -58,64 +59,37 @@ struct CgroupMount {
     unified: bool,
 }
 
-fn parse_mounts(mountinfo: &str) -> Vec<CgroupMount> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let lf: Vec<&str> = left.split(' ').collect();
-        let rf: Vec<&str> = right.split(' ').collect();
-        if lf.len() < 5 || rf.len() < 3 {
-            continue;
-        }
-        let fstype = rf[0];
-        if fstype != "cgroup" && fstype != "cgroup2" {
-            continue;
-        }
-        let controllers = if fstype == "cgroup" {
-            rf[2]
-                .split(',')
-                .filter(|o| {
-                    !matches!(*o, "rw" | "ro")
-                        && !o.starts_with("release_agent")
-                        && *o != "clone_children"
-                        && *o != "noprefix"
-                        && *o != "xattr"
-                        && *o != "cpuset_v2_mode"
-                })
-                .map(str::to_string)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        out.push(CgroupMount {
-            mountpoint: PathBuf::from(unescape_mount_path(lf[4])),
-            root: PathBuf::from(unescape_mount_path(lf[3])),
-            controllers,
-            unified: fstype == "cgroup2",
-        });
-    }
-    out
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-pub fn unescape_mount_path(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
+/// The cgroup and cgroup2 mounts of a mount table, paths byte-exact.
+fn cgroup_mounts(mounts: &[MountInfo]) -> Vec<CgroupMount> {
+    mounts
+        .iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+        .map(|m| {
+            let unified = m.fs_type == "cgroup2";
+            let controllers = if unified {
+                Vec::new()
+            } else {
+                m.super_options
+                    .split(',')
+                    .filter(|o| {
+                        !matches!(*o, "rw" | "ro")
+                            && !o.starts_with("release_agent")
+                            && *o != "clone_children"
+                            && *o != "noprefix"
+                            && *o != "xattr"
+                            && *o != "cpuset_v2_mode"
+                    })
+                    .map(str::to_string)
+                    .collect()
+            };
+            CgroupMount {
+                mountpoint: m.mount_point.clone(),
+                root: m.root.clone(),
+                controllers,
+                unified,
             }
-        }
-        out.push(b[i] as char);
-        i += 1;
-    }
-    out
+        })
+        .collect()
 }
 
 fn relative(p: &Path) -> &Path {
@@ -125,20 +99,16 @@ fn relative(p: &Path) -> &Path {
 impl CgroupPaths {
     /// Work out the container's directories from `cgroupsPath` (or `id`).
     pub fn for_container(cgroups_path: Option<&Path>, id: &str) -> Result<Self> {
-        let mountinfo =
-            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::Cgroup {
-                path: "/proc/self/mountinfo".into(),
-                message: e.to_string(),
-            })?;
+        let mounts = husk_mountinfo::read_self()?;
         let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| Error::Cgroup {
             path: "/proc/self/cgroup".into(),
             message: e.to_string(),
         })?;
-        Ok(Self::compute(&mountinfo, &own, cgroups_path, id))
+        Ok(Self::compute(&mounts, &own, cgroups_path, id))
     }
 
-    fn compute(mountinfo: &str, own: &str, cgroups_path: Option<&Path>, id: &str) -> Self {
-        let mounts = parse_mounts(mountinfo);
+    fn compute(mounts: &[MountInfo], own: &str, cgroups_path: Option<&Path>, id: &str) -> Self {
+        let mounts = cgroup_mounts(mounts);
         let unified_only = !mounts.is_empty() && mounts.iter().all(|m| m.unified);
         let wanted: PathBuf = cgroups_path
             .filter(|p| !p.as_os_str().is_empty())
@@ -351,9 +321,13 @@ mod tests {
 ";
     const OWN: &str = "9:name=systemd:/\n4:memory:/svc/abc\n1:cpu:/\n0::/\n";
 
+    fn table(text: impl AsRef<[u8]>) -> Vec<MountInfo> {
+        husk_mountinfo::parse(text).unwrap()
+    }
+
     #[test]
     fn relative_path_lands_under_own_cgroup_per_hierarchy() {
-        let p = CgroupPaths::compute(HYBRID_MOUNTINFO, OWN, None, "c1");
+        let p = CgroupPaths::compute(&table(HYBRID_MOUNTINFO), OWN, None, "c1");
         assert!(!p.unified_only);
         assert_eq!(
             p.dir_for("memory").unwrap(),
@@ -375,7 +349,7 @@ mod tests {
 
     #[test]
     fn absolute_path_lands_under_hierarchy_root() {
-        let p = CgroupPaths::compute(HYBRID_MOUNTINFO, OWN, Some(Path::new("/a/b")), "c1");
+        let p = CgroupPaths::compute(&table(HYBRID_MOUNTINFO), OWN, Some(Path::new("/a/b")), "c1");
         assert_eq!(
             p.dir_for("memory").unwrap(),
             Path::new("/sys/fs/cgroup/memory/a/b")
@@ -385,9 +359,50 @@ mod tests {
     #[test]
     fn unified_only_host_has_one_directory() {
         let mi = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        let p = CgroupPaths::compute(mi, "0::/user.slice\n", Some(Path::new("/x")), "c");
+        let p = CgroupPaths::compute(&table(mi), "0::/user.slice\n", Some(Path::new("/x")), "c");
         assert!(p.unified_only);
         assert_eq!(p.dirs.len(), 1);
         assert_eq!(p.dir_for("memory").unwrap(), Path::new("/sys/fs/cgroup/x"));
+    }
+
+    /// Regression: the mount path decoder turned every byte into a `char`
+    /// (Latin-1), so `ü` in a mount point became `Ã¼`, the root no longer
+    /// prefixed the process's own cgroup and the container's directory was
+    /// computed under a hierarchy that does not exist.
+    #[test]
+    fn non_ascii_mount_points_and_roots_are_kept_exactly() {
+        let mi = "\
+30 23 0:26 /k\u{fc}be\\040\u{5bb9}\u{5668} /sys/fs/cgroup/\u{fc}n\u{ef}c\u{f6}d\u{e9}\\040\u{6570}\u{636e} rw shared:4 - cgroup2 cgroup2 rw
+31 23 0:27 / /sys/fs/cgroup/m\u{e9}moire\\134v1 rw - cgroup cgroup rw,memory
+";
+        let own = "4:memory:/svc\n0::/kübe 容器/pod\n";
+        let p = CgroupPaths::compute(&table(mi), own, None, "c1");
+        assert_eq!(
+            p.dirs,
+            [
+                CgroupDir {
+                    controllers: vec!["memory".into()],
+                    path: "/sys/fs/cgroup/mémoire\\v1/svc/c1".into(),
+                },
+                CgroupDir {
+                    controllers: vec![],
+                    path: "/sys/fs/cgroup/ünïcödé 数据/pod/c1".into(),
+                },
+            ]
+        );
+        let p = CgroupPaths::compute(&table(mi), own, Some(Path::new("/abs")), "c1");
+        assert_eq!(p.dirs[1].path, Path::new("/sys/fs/cgroup/ünïcödé 数据/abs"));
+    }
+
+    #[test]
+    fn a_mount_point_that_is_not_utf8_is_kept_byte_for_byte() {
+        use std::os::unix::ffi::OsStrExt;
+        let mi = b"30 23 0:26 / /sys/fs/cgroup/\xff\xfe\\040x rw - cgroup2 cgroup2 rw\n";
+        let p = CgroupPaths::compute(&table(mi), "0::/\n", None, "c1");
+        assert!(p.unified_only);
+        assert_eq!(
+            p.dirs[0].path.as_os_str().as_bytes(),
+            b"/sys/fs/cgroup/\xff\xfe x/c1"
+        );
     }
 }

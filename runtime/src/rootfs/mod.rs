@@ -26,31 +26,23 @@ pub fn resolve(rootfs: &Path, dest: &Path, field: &str) -> Result<PathBuf> {
 /// Make the mount that holds `rootfs` private, so pivot_root accepts it
 /// whatever propagation the host uses.
 fn make_parent_mount_private(rootfs: &Path) -> Result<()> {
-    let info =
-        std::fs::read_to_string("/proc/self/mountinfo").at("read", "/proc/self/mountinfo")?;
-    let mut best: Option<PathBuf> = None;
-    for line in info.lines() {
-        let Some(mp) = line.split(' ').nth(4) else {
-            continue;
-        };
-        let mp = PathBuf::from(crate::cgroups::unescape_mount_path(mp));
-        if rootfs.starts_with(&mp)
-            && best
-                .as_ref()
-                .is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len())
-        {
-            best = Some(mp);
-        }
-    }
+    let mounts = husk_mountinfo::read_self()?;
+    // The deepest mount point that is `rootfs` or one of its ancestors
+    // (whole components: `/a/b` does not hold `/a/bc`).
+    let best = mounts
+        .iter()
+        .map(|m| m.mount_point.as_path())
+        .filter(|mp| rootfs.starts_with(mp))
+        .max_by_key(|mp| mp.components().count());
     if let Some(mp) = best {
         mount(
             None::<&str>,
-            &mp,
+            mp,
             None::<&str>,
             MsFlags::MS_PRIVATE,
             None::<&str>,
         )
-        .at("make parent mount private", &mp)?;
+        .at("make parent mount private", mp)?;
     }
     Ok(())
 }
