@@ -70,7 +70,8 @@ demo: deps build guest
 demo-vmm: deps build guest
 	tests/demo.sh
 
-lint:
+## lint: rustfmt and clippy (warnings are errors), as CI runs them.
+lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
