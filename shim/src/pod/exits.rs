@@ -48,7 +48,11 @@ impl Pod {
             self.start_exec(&sandbox, &process).await?
         };
         process.set_running(guest_pid);
-        tracing::info!(sandbox_id = %self.inner.shim_id, container_id = %id, exec_id, guest_pid, "process started");
+        if exec_id.is_empty() {
+            tracing::info!(sandbox_id = %self.inner.shim_id, container_id = %id, guest_pid, "container started");
+        } else {
+            tracing::info!(sandbox_id = %self.inner.shim_id, container_id = %id, exec_id, guest_pid, "exec started");
+        }
         // Published here, before the waiter exists, so a process that ends
         // at once still has its start announced before its exit.
         self.publish_started(id, exec_id).await;

@@ -128,11 +128,12 @@ impl Pod {
     /// Nothing of a failed Create stays on the host; a VM booted for it
     /// alone is destroyed again.
     pub async fn create(&self, request: NewContainer) -> Result<(), PodError> {
-        ids::validate("container id", &request.id).map_err(PodError::invalid)?;
+        ids::validate("container id", &request.id)
+            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
         let reservation = self.inner.containers.reserve(&request.id)?;
         let spec = spec::read_bundle_spec(&request.bundle).map_err(PodError::invalid)?;
-        let (config, config_path) =
-            Config::load(request.config_path.as_deref()).map_err(PodError::invalid)?;
+        let (config, config_path) = Config::load(request.config_path.as_deref())
+            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
         tracing::info!(
             sandbox_id = %self.inner.shim_id,
             container_id = %request.id,
@@ -218,10 +219,11 @@ impl Pod {
             return Ok(sandbox.clone());
         }
         let sandbox_id = spec::sandbox_id_of(container_id, spec);
-        ids::validate("sandbox id", &sandbox_id).map_err(PodError::invalid)?;
+        ids::validate("sandbox id", &sandbox_id)
+            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
         let size = config
             .vm_size_for(&spec::annotations(spec))
-            .map_err(PodError::invalid)?;
+            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
         let host = husk_vmm::host::probe_host_kvm();
         let (backend, reason) = Backend::resolve(config.hypervisor.kind, &host);
         tracing::info!(
