@@ -101,6 +101,14 @@ pub fn for_guest(
                 mount.destination().display()
             )
         })?;
+        if !metadata.is_dir() && !metadata.is_file() {
+            return Err(anyhow!(
+                "bind mount source {} (for {}) is neither a directory nor a regular file; \
+                 device nodes, FIFOs and sockets cannot be shared into a VM",
+                source.display(),
+                mount.destination().display()
+            ));
+        }
         let relative = if metadata.is_dir() {
             share_volume(index, &source)?
         } else {
@@ -197,6 +205,31 @@ mod tests {
         let copied = std::fs::read_to_string(paths.shared_files("c1").join("2")).unwrap();
         assert_eq!(copied, "127.0.0.1 localhost\n");
         assert_eq!(shared.files_dir, Some(paths.shared_files("c1")));
+    }
+
+    #[test]
+    fn a_non_regular_bind_source_is_refused_naming_it() {
+        let root = tempfile::tempdir().unwrap();
+        let paths = SandboxPaths::under(root.path(), "pod");
+        let original = spec(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
+                "mounts":[{"destination":"/zero","type":"bind","source":"/dev/zero","options":["bind"]}]}"#,
+        );
+        let error = for_guest(
+            original,
+            "c1",
+            &paths,
+            |_, _| unreachable!(),
+            &mut Default::default(),
+        )
+        .unwrap_err();
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("/dev/zero")
+                && message.contains("neither a directory nor a regular file"),
+            "{message}"
+        );
+        assert!(!paths.shared_files("c1").exists(), "nothing was copied");
     }
 
     #[test]

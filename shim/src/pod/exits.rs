@@ -6,8 +6,10 @@
 //! process's events matters to containerd, the start and exit events are
 //! published here, not by the task service.
 
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use containerd_shim_protos::events::task::{TaskExecStarted, TaskExit, TaskOOM, TaskStart};
 use containerd_shim_protos::protobuf::MessageField;
@@ -26,6 +28,11 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 pub const VM_GONE_EXIT_STATUS: u32 = 255;
 /// Long-poll period for guest events.
 const EVENT_POLL_MS: u32 = 10_000;
+/// The least time between two OOM events published for one container: an
+/// OOM kill is news once; a guest repeating it cannot flood containerd.
+pub const OOM_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the event forwarder waits after a failed poll.
+const EVENT_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 impl Pod {
     /// Starts a created init or exec; returns its guest pid.
@@ -240,33 +247,76 @@ impl Pod {
         }
     }
 
-    /// Forwards the guest's OOM events to containerd.
+    /// Forwards the guest's OOM events to containerd. The guest is not
+    /// trusted: an event is published only for a container of this pod,
+    /// at most once per [`OOM_EVENT_INTERVAL`] per container. A failed poll
+    /// is retried after [`EVENT_RETRY_DELAY`] for as long as the pod's VM
+    /// runs.
     pub(super) async fn forward_guest_events(&self, client: AgentClient) {
         let mut after = 0;
+        let mut last_published: HashMap<String, Instant> = HashMap::new();
         loop {
-            match client.get_events(after, EVENT_POLL_MS).await {
-                Ok(events) => {
-                    for event in events {
-                        after = after.max(event.sequence);
-                        if event.has_oom() {
-                            let container_id = event.oom().container_id.clone();
-                            tracing::warn!(sandbox_id = %self.inner.shim_id, container_id = %container_id, "OOM kill in the guest");
-                            let event = TaskOOM {
-                                container_id,
-                                ..Default::default()
-                            };
-                            self.inner
-                                .events
-                                .publish("/tasks/oom", Box::new(event))
-                                .await;
-                        }
-                    }
-                }
+            let events = match client.get_events(after, EVENT_POLL_MS).await {
+                Ok(events) => events,
                 Err(error) => {
-                    tracing::debug!(%error, "guest events ended");
-                    return;
+                    if self.inner.sandbox.lock().await.is_none() {
+                        tracing::debug!(%error, "guest events ended with the VM");
+                        return;
+                    }
+                    tracing::debug!(%error, "guest events failed; polling again");
+                    tokio::time::sleep(EVENT_RETRY_DELAY).await;
+                    continue;
+                }
+            };
+            for event in events {
+                after = after.max(event.sequence);
+                if !event.has_oom() {
+                    continue;
+                }
+                let container_id = event.oom().container_id.clone();
+                if let Some(event) = self.accept_oom(&container_id, &mut last_published) {
+                    self.inner
+                        .events
+                        .publish("/tasks/oom", Box::new(event))
+                        .await;
                 }
             }
         }
+    }
+
+    /// The OOM event to publish for `container_id`, if it is one of this
+    /// pod's containers and none was published for it just before.
+    fn accept_oom(
+        &self,
+        container_id: &str,
+        last_published: &mut HashMap<String, Instant>,
+    ) -> Option<TaskOOM> {
+        if self.container(container_id).is_err() {
+            self.inner
+                .dropped_guest_events
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let now = Instant::now();
+        if last_published
+            .get(container_id)
+            .is_some_and(|at| now.duration_since(*at) < OOM_EVENT_INTERVAL)
+        {
+            self.inner
+                .dropped_guest_events
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        last_published.insert(container_id.to_owned(), now);
+        tracing::warn!(sandbox_id = %self.inner.shim_id, container_id, "OOM kill in the guest");
+        Some(TaskOOM {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        })
+    }
+
+    /// Guest events refused so far (foreign ids, repeats).
+    pub fn dropped_guest_events(&self) -> u64 {
+        self.inner.dropped_guest_events.load(Ordering::Relaxed)
     }
 }

@@ -11,6 +11,7 @@ mod exits;
 pub mod process;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use containerd_shim_protos::api::Mount;
@@ -71,6 +72,8 @@ struct Inner {
     events: Arc<dyn EventSink>,
     sandbox: tokio::sync::Mutex<Option<Arc<Sandbox>>>,
     containers: Containers,
+    /// Guest events refused (not of this pod, or repeated too soon).
+    dropped_guest_events: AtomicU64,
 }
 
 impl Pod {
@@ -90,6 +93,7 @@ impl Pod {
                 events,
                 sandbox: tokio::sync::Mutex::new(None),
                 containers: Containers::default(),
+                dropped_guest_events: AtomicU64::new(0),
             }),
         }
     }

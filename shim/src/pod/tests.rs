@@ -333,3 +333,28 @@ async fn shutdown_keeps_the_pod_while_a_container_remains() {
     assert!(world.pod.shutdown().await);
     world.assert_nothing_left("after the pod");
 }
+
+#[tokio::test]
+async fn guest_oom_events_reach_containerd_only_for_this_pods_containers_and_once() {
+    let Some(world) =
+        world("guest_oom_events_reach_containerd_only_for_this_pods_containers_and_once")
+    else {
+        return;
+    };
+    world.pod.create(world.request("c1", "")).await.unwrap();
+    let agent = &world.launcher.agent;
+    for id in ["c1", "someone-elses-container", "c1", "../../etc", "c1"] {
+        agent.push_oom(id);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while world.pod.dropped_guest_events() < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(world.pod.dropped_guest_events(), 4);
+    let published = world.events.on("/tasks/oom");
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert!(published[0].contains("c1"));
+    world.pod.delete("c1", "").await.unwrap();
+    assert!(world.pod.shutdown().await);
+    world.assert_nothing_left("after the pod");
+}

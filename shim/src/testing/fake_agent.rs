@@ -21,6 +21,8 @@ pub const INIT_PID: u32 = 100;
 pub struct FakeAgent {
     pub fail_create_container: AtomicBool,
     state: Mutex<State>,
+    /// Wakes a pending GetEvents when an event is queued.
+    event_queued: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -29,6 +31,7 @@ struct State {
     processes: HashMap<(String, String), watch::Sender<Option<i32>>>,
     containers: Vec<String>,
     removed: Vec<String>,
+    events: Vec<agent::Event>,
     sandboxes_destroyed: usize,
 }
 
@@ -60,6 +63,30 @@ impl FakeAgent {
         {
             process.send_replace(Some(code));
         }
+    }
+
+    /// Queues an OOM event naming `container` (any id: the guest lies).
+    pub fn push_oom(&self, container: &str) {
+        {
+            let mut state = self.state();
+            let mut event = agent::Event::new();
+            event.sequence = state.events.len() as u64 + 1;
+            event.set_oom(agent::OomKilled {
+                container_id: container.to_owned(),
+                ..Default::default()
+            });
+            state.events.push(event);
+        }
+        self.event_queued.notify_waiters();
+    }
+
+    fn events_after(&self, after: u64) -> Vec<agent::Event> {
+        self.state()
+            .events
+            .iter()
+            .filter(|event| event.sequence > after)
+            .cloned()
+            .collect()
     }
 
     fn add_process(&self, container: &str, exec: &str) {
@@ -202,9 +229,18 @@ impl agent_ttrpc::Agent for FakeAgent {
         _: &TtrpcContext,
         request: agent::GetEventsRequest,
     ) -> ttrpc::Result<agent::GetEventsResponse> {
-        // A long poll that finds nothing, as an idle guest's does.
-        tokio::time::sleep(Duration::from_millis(u64::from(request.timeout_ms))).await;
-        Ok(agent::GetEventsResponse::new())
+        let queued = self.event_queued.notified();
+        let mut events = self.events_after(request.after_sequence);
+        if events.is_empty() {
+            // A long poll, as the guest's: until an event or the timeout.
+            let timeout = Duration::from_millis(u64::from(request.timeout_ms));
+            let _ = tokio::time::timeout(timeout, queued).await;
+            events = self.events_after(request.after_sequence);
+        }
+        Ok(agent::GetEventsResponse {
+            events,
+            ..Default::default()
+        })
     }
 
     async fn check(
