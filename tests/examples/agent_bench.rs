@@ -52,12 +52,7 @@ fn summary(samples: &mut [f64]) -> String {
 }
 
 fn main() -> ExitCode {
-    husk_tests::guest::init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-    {
+    let runtime = match husk_tests::guest::runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot build the tokio runtime: {error}");

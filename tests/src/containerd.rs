@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use husk_test_support::artifacts::{guest_artifacts, workspace_root};
+use husk_test_support::artifacts::{guest_artifacts, run_rootfs_image_script, workspace_root};
 use husk_test_support::host::{processes, Process};
 use husk_test_support::mounts::mounts_under;
 
@@ -293,19 +293,7 @@ impl PrivateContainerd {
     /// work directory and imports it.
     pub fn import_test_image(&self) -> Result<()> {
         let archive = self.dir.join("husk-busybox-oci.tar");
-        let script = workspace_root().join("rootfs-image/mkociimage.py");
-        let built = Command::new("python3")
-            .arg(&script)
-            .arg(&archive)
-            .output()
-            .with_context(|| format!("cannot run python3 {}", script.display()))?;
-        ensure!(
-            built.status.success(),
-            "{} failed ({}): {}",
-            script.display(),
-            built.status,
-            String::from_utf8_lossy(&built.stderr).trim()
-        );
+        run_rootfs_image_script("mkociimage.py", [&archive])?;
         let imported = run_with_timeout(
             self.ctr().args(["images", "import"]).arg(&archive),
             Duration::from_secs(120),

@@ -361,10 +361,21 @@ impl Drop for GuestSandbox {
     }
 }
 
+/// The runtime the guest suites and the agent bench run on: several
+/// workers, so stream readers run beside the checks; with the host's
+/// logging set up ([`init_logging`]).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    init_logging();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+}
+
 /// Sends the host's `tracing` output (the shim's sandbox and our device
 /// servers log there) to stderr, filtered by `RUST_LOG` (default: warnings
 /// and errors).
-pub fn init_logging() {
+fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()

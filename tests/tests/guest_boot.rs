@@ -10,11 +10,11 @@ mod guest_harness;
 
 use std::time::{Duration, Instant};
 
-use guest_harness::{announce_qemu_form, test_vm_config, Console, GUEST_DEADLINE};
-use husk_shim::hypervisor::qemu::{GuestEnd, QemuVm};
-use husk_test_support::artifacts::{
-    build_test_initramfs, guest_file, guest_kernel, host_kernel_release, product_initramfs,
+use guest_harness::{
+    announce_qemu_form, prepare_test_guest, test_vm_config, Console, TestGuest, GUEST_DEADLINE,
 };
+use husk_shim::hypervisor::qemu::{GuestEnd, QemuVm};
+use husk_test_support::artifacts::{guest_kernel, host_kernel_release, product_initramfs};
 use husk_test_support::host::{process_exists, processes_mentioning};
 use husk_test_support::tempdir::TestDir;
 
@@ -23,11 +23,11 @@ const SCRIPT_SUCCESS_CODE: i32 = 42;
 
 #[test]
 fn guest_kernel_runs_the_agent_and_a_script_then_powers_off_leaving_nothing_behind() {
-    let dir = TestDir::new("guest-boot").expect("a test directory");
-    let kernel = guest_kernel().expect("the guest kernel");
-    let initrd = dir.join("initrd.cpio.gz");
-    let script = guest_file("boot-checks.sh").expect("the guest script");
-    build_test_initramfs(&initrd, &script, &[]).expect("the test initramfs");
+    let TestGuest {
+        dir,
+        kernel,
+        initrd,
+    } = prepare_test_guest("guest-boot", "boot-checks.sh");
     let config = test_vm_config(&dir, &kernel, &initrd)
         .with_vcpus(2)
         .with_memory_mib(256);

@@ -26,15 +26,14 @@ use std::time::Instant;
 
 use guest_harness::hybrid_vsock::{self, accept, duplex, echo, echo_round_trip};
 use guest_harness::{
-    announce_qemu_form, pairs, test_vm_config, Console, ConsoleWatch, GUEST_DEADLINE,
+    announce_qemu_form, pairs, prepare_test_guest, test_vm_config, Console, ConsoleWatch,
+    TestGuest, GUEST_DEADLINE,
 };
 use husk_guest_probe::digest::{copy_summarized, summarize, Summary};
 use husk_guest_probe::pattern::Pattern;
 use husk_shim::hypervisor::qemu::{GuestEnd, QemuVm};
 use husk_shim::hypervisor::{GUEST_CID, SHARED_FS_TAG};
-use husk_test_support::artifacts::{build_test_initramfs, guest_file, guest_kernel};
 use husk_test_support::host::process_exists;
-use husk_test_support::tempdir::TestDir;
 use husk_vmm::devices::virtio::fs::{self as virtio_fs, FsConfig};
 use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
 
@@ -67,11 +66,11 @@ struct HostSide {
 
 #[test]
 fn one_guest_uses_virtio_fs_and_vsock_served_over_vhost_user() {
-    let dir = TestDir::new("guest-devices").expect("a test directory");
-    let kernel = guest_kernel().expect("the guest kernel");
-    let initrd = dir.join("initrd.cpio.gz");
-    let script = guest_file("devices-checks.sh").expect("the guest script");
-    build_test_initramfs(&initrd, &script, &[]).expect("the test initramfs");
+    let TestGuest {
+        dir,
+        kernel,
+        initrd,
+    } = prepare_test_guest("guest-devices", "devices-checks.sh");
 
     let share = dir.join("share");
     let host_big = prepare_share(dir.path(), &share);

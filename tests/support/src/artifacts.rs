@@ -9,6 +9,7 @@
 //! A missing artifact is an error naming the command that makes it: the
 //! guest tier never skips silently (see `../shared/ARCHITECTURE.md`).
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -165,28 +166,37 @@ pub fn cargo_target_dir() -> Result<PathBuf> {
         .unwrap_or_else(|| workspace_root().join("target")))
 }
 
+/// Runs `python3 rootfs-image/<script> <args>` (the builders of the
+/// initramfs and the OCI test image), failing with its stderr.
+pub fn run_rootfs_image_script<I, S>(script: &str, args: I) -> Result<()>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let path = workspace_root().join("rootfs-image").join(script);
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let result = Command::new("python3")
+        .arg(&path)
+        .args(&args)
+        .output()
+        .with_context(|| format!("cannot run python3 {}", path.display()))?;
+    ensure!(
+        result.status.success(),
+        "`python3 {} {}` failed ({}): {}",
+        path.display(),
+        args.join(OsStr::new(" ")).to_string_lossy(),
+        result.status,
+        String::from_utf8_lossy(&result.stderr).trim()
+    );
+    Ok(())
+}
+
 /// Packs `output` with `rootfs-image/mkinitramfs.py`: `agent` as `/init`,
 /// then the `--busybox` and `--add` arguments in `extra_args`.
 fn mkinitramfs(agent: &Path, output: &Path, extra_args: &[String]) -> Result<()> {
-    let script = workspace_root().join("rootfs-image/mkinitramfs.py");
-    let result = Command::new("python3")
-        .arg(&script)
-        .arg(agent)
-        .arg(output)
-        .args(extra_args)
-        .output()
-        .with_context(|| format!("cannot run python3 {}", script.display()))?;
-    ensure!(
-        result.status.success(),
-        "`python3 {} {} {} {}` failed ({}): {}",
-        script.display(),
-        agent.display(),
-        output.display(),
-        extra_args.join(" "),
-        result.status,
-        String::from_utf8_lossy(&result.stderr)
-    );
-    Ok(())
+    let mut args = vec![agent.as_os_str(), output.as_os_str()];
+    args.extend(extra_args.iter().map(OsStr::new));
+    run_rootfs_image_script("mkinitramfs.py", args)
 }
 
 /// The product initramfs (the static agent as `/init`, nothing else, as

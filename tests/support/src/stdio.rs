@@ -173,28 +173,21 @@ mod tests {
 
     #[test]
     fn a_terminal_gets_one_stream_and_pipes_one_each() {
-        let ids = Pipes::ALL.stream_ids("c1");
+        let ids = |pipes: Pipes| {
+            let ids = pipes.stream_ids("c1");
+            (ids.stdin_id, ids.stdout_id, ids.stderr_id, ids.terminal)
+        };
+        let owned = |a: &str, b: &str, c: &str, terminal| (a.into(), b.into(), c.into(), terminal);
         assert_eq!(
-            (
-                ids.stdin_id.as_str(),
-                ids.stdout_id.as_str(),
-                ids.stderr_id.as_str()
-            ),
-            ("c1-stdin", "c1-stdout", "c1-stderr")
+            ids(Pipes::ALL),
+            owned("c1-stdin", "c1-stdout", "c1-stderr", false)
         );
-        assert!(!ids.terminal);
-        let ids = Pipes::TERMINAL.stream_ids("c1");
         assert_eq!(
-            (
-                ids.stdin_id.as_str(),
-                ids.stdout_id.as_str(),
-                ids.stderr_id.as_str()
-            ),
-            ("", "c1-stdout", "")
+            ids(Pipes::OUT_ERR),
+            owned("", "c1-stdout", "c1-stderr", false)
         );
-        assert!(ids.terminal);
-        let ids = Pipes::NONE.stream_ids("c1");
-        assert!(ids.stdin_id.is_empty() && ids.stdout_id.is_empty() && ids.stderr_id.is_empty());
+        assert_eq!(ids(Pipes::TERMINAL), owned("", "c1-stdout", "", true));
+        assert_eq!(ids(Pipes::NONE), owned("", "", "", false));
     }
 
     #[tokio::test]

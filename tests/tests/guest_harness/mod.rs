@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use husk_shim::hypervisor::qemu::{AccelChoice, QemuVmConfig};
-use husk_test_support::artifacts::GuestKernel;
+use husk_test_support::artifacts::{build_test_initramfs, guest_file, guest_kernel, GuestKernel};
 use husk_test_support::form::announce_form;
 use husk_test_support::tempdir::TestDir;
 
@@ -25,6 +25,28 @@ pub mod hybrid_vsock;
 /// How long a TCG guest may take to run its script. A boot takes about
 /// 1.5 s here; the device checks move hundreds of MiB under emulation.
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(300);
+
+/// One test guest's files: its directory, the product kernel, and the test
+/// initramfs running a script from `tests/guest/`, packed in the directory.
+pub struct TestGuest {
+    pub dir: TestDir,
+    pub kernel: GuestKernel,
+    pub initrd: PathBuf,
+}
+
+/// Prepares the files of test `name`, whose guest runs `tests/guest/<script>`.
+pub fn prepare_test_guest(name: &str, script: &str) -> TestGuest {
+    let dir = TestDir::new(name).expect("a test directory");
+    let kernel = guest_kernel().expect("the guest kernel");
+    let initrd = dir.join("initrd.cpio.gz");
+    let script = guest_file(script).expect("the guest script");
+    build_test_initramfs(&initrd, &script, &[]).expect("the test initramfs");
+    TestGuest {
+        dir,
+        kernel,
+        initrd,
+    }
+}
 
 /// A guest config booting `initrd` on the product kernel, running
 /// `/test/run`, with its console in `dir/console.log` and its run directory
