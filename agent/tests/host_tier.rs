@@ -12,31 +12,27 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use husk_agent_client::agent::{
-    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, StdioStreams,
-};
+use husk_agent_client::agent::{CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest};
 use husk_agent_client::{AgentClient, Code, Endpoint};
+use husk_test_support::artifacts::busybox;
+use husk_test_support::bundle::{
+    build_busybox_rootfs, container_spec, process_json, CONTAINER_HOSTNAME,
+};
+use husk_test_support::form::announce_form;
+use husk_test_support::stdio::{read_text, read_until, HostStdio, Pipes};
+use husk_test_support::tempdir::TestDir;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
-const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] = &[
-    "sh", "cat", "echo", "sleep", "stty", "hostname", "true", "ls", "dd", "wc",
-];
 /// How long any single observation may take before the test fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Prints the form line once per run, past the test harness's output
-/// capture (which only catches the print macros), so it shows in CI logs.
-fn report_form(line: &str) {
+/// Announces the form once per run (every test asks).
+fn report_form(form: &str) {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "{line}");
-    });
+    ONCE.call_once(|| announce_form(form));
 }
 
 /// Whether the host tier can run; prints the form line either way.
@@ -45,40 +41,32 @@ fn can_run() -> bool {
     let uid = unsafe { libc::geteuid() };
     if uid != 0 {
         report_form(&format!(
-            "husk-test-form: agent host tier not run: needs root (uid {uid}) for namespaces and cgroups"
+            "agent host tier not run: needs root (uid {uid}) for namespaces and cgroups"
         ));
         return false;
     }
-    if !Path::new(BUSYBOX).exists() {
-        report_form(&format!(
-            "husk-test-form: agent host tier not run: {BUSYBOX} missing (apt-get install busybox-static)"
-        ));
+    if let Err(error) = busybox() {
+        report_form(&format!("agent host tier not run: {error:#}"));
         return false;
     }
-    report_form("husk-test-form: agent host tier (unix sockets, runtime crate)");
+    report_form("agent host tier (unix sockets, runtime crate)");
     true
 }
 
 struct Harness {
     agent: Option<Child>,
-    dir: tempfile::TempDir,
+    dir: TestDir,
     share: PathBuf,
+    busybox: PathBuf,
     sandbox_id: String,
     client: AgentClient,
 }
 
-/// The streams of one process, as the host holds them.
-#[derive(Default)]
-struct HostStdio {
-    stdin: Option<UnixStream>,
-    stdout: Option<UnixStream>,
-    stderr: Option<UnixStream>,
-}
-
 impl Harness {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let share = dir.path().join("share");
+        let dir = TestDir::new("hosttier").expect("a test directory");
+        let busybox = busybox().expect("busybox");
+        let share = dir.join("share");
         std::fs::create_dir(&share).unwrap();
         let api = dir.path().join("api.sock");
         let stdio = dir.path().join("stdio.sock");
@@ -111,6 +99,7 @@ impl Harness {
             agent: Some(agent),
             dir,
             share,
+            busybox,
             sandbox_id,
             client: match AgentClient::connect(endpoint, Duration::from_secs(10)).await {
                 Ok(client) => client,
@@ -134,101 +123,29 @@ impl Harness {
 
     /// A busybox rootfs for `id` in the share; returns its share-relative path.
     fn rootfs(&self, id: &str) -> String {
-        let rootfs = self.share.join(id).join("rootfs");
-        for dir in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
-            std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-        }
-        std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-        for applet in APPLETS {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-        }
+        build_busybox_rootfs(&self.busybox, &self.share.join(id).join("rootfs"))
+            .expect("a busybox rootfs");
         format!("{id}/rootfs")
     }
 
-    fn stdio_ids(id: &str, stdio: &HostStdioWanted) -> StdioStreams {
-        let name = |on: bool, pipe: &str| {
-            if on {
-                format!("{id}-{pipe}")
-            } else {
-                String::new()
-            }
-        };
-        StdioStreams {
-            stdin_id: name(stdio.stdin && !stdio.terminal, "stdin"),
-            stdout_id: name(stdio.stdout || stdio.terminal, "stdout"),
-            stderr_id: name(stdio.stderr && !stdio.terminal, "stderr"),
-            terminal: stdio.terminal,
-            ..Default::default()
-        }
-    }
-
-    async fn open(&self, ids: &StdioStreams) -> HostStdio {
-        let open = |id: String| async move {
-            if id.is_empty() {
-                None
-            } else {
-                Some(
-                    self.client
-                        .open_stdio(&id)
-                        .await
-                        .expect("open stdio stream"),
-                )
-            }
-        };
-        HostStdio {
-            stdin: open(ids.stdin_id.clone()).await,
-            stdout: open(ids.stdout_id.clone()).await,
-            stderr: open(ids.stderr_id.clone()).await,
-        }
-    }
-
     /// Creates (not starts) container `id` running `args`.
-    async fn create(&self, id: &str, args: &[&str], wanted: HostStdioWanted) -> HostStdio {
-        self.create_with_spec(id, spec(args, wanted.terminal), wanted)
+    async fn create(&self, id: &str, args: &[&str], pipes: Pipes) -> HostStdio {
+        self.create_with_spec(id, container_spec(args, pipes.terminal), pipes)
             .await
     }
 
     /// Creates (not starts) container `id` from the OCI spec `spec`.
-    async fn create_with_spec(&self, id: &str, spec: Value, wanted: HostStdioWanted) -> HostStdio {
+    async fn create_with_spec(&self, id: &str, spec: Value, pipes: Pipes) -> HostStdio {
         let rootfs_path = self.rootfs(id);
-        let ids = Self::stdio_ids(id, &wanted);
-        let streams = self.open(&ids).await;
-        let request = CreateContainerRequest {
-            container_id: id.into(),
-            oci_spec_json: spec.to_string().into_bytes(),
-            rootfs_path,
-            stdio: protobuf::MessageField::some(ids),
-            ..Default::default()
-        };
-        self.client
-            .create_container(request)
+        husk_test_support::agent::create_container(&self.client, id, &rootfs_path, &spec, pipes)
             .await
-            .expect("CreateContainer");
-        streams
+            .expect("CreateContainer")
     }
 
-    async fn exec(
-        &self,
-        id: &str,
-        exec_id: &str,
-        args: &[&str],
-        wanted: HostStdioWanted,
-    ) -> HostStdio {
-        let ids = Self::stdio_ids(&format!("{id}-{exec_id}"), &wanted);
-        let streams = self.open(&ids).await;
-        let process = process_json(args, wanted.terminal);
-        let request = ExecProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            process_json: process.to_string().into_bytes(),
-            stdio: protobuf::MessageField::some(ids),
-            ..Default::default()
-        };
-        self.client
-            .exec_process(request)
+    async fn exec(&self, id: &str, exec_id: &str, args: &[&str], pipes: Pipes) -> HostStdio {
+        husk_test_support::agent::exec_process(&self.client, id, exec_id, args, pipes)
             .await
-            .expect("ExecProcess");
-        streams
+            .expect("ExecProcess")
     }
 
     /// Every `husk-<sandbox>` cgroup directory on the host.
@@ -312,105 +229,6 @@ impl Drop for Harness {
     }
 }
 
-/// Which stdio pipes a process gets.
-#[derive(Clone, Copy, Default)]
-struct HostStdioWanted {
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
-    terminal: bool,
-}
-
-const OUT_ERR: HostStdioWanted = HostStdioWanted {
-    stdin: false,
-    stdout: true,
-    stderr: true,
-    terminal: false,
-};
-const ALL_PIPES: HostStdioWanted = HostStdioWanted {
-    stdin: true,
-    stdout: true,
-    stderr: true,
-    terminal: false,
-};
-const TERMINAL: HostStdioWanted = HostStdioWanted {
-    stdin: false,
-    stdout: false,
-    stderr: false,
-    terminal: true,
-};
-const NO_STDIO: HostStdioWanted = HostStdioWanted {
-    stdin: false,
-    stdout: false,
-    stderr: false,
-    terminal: false,
-};
-
-fn process_json(args: &[&str], terminal: bool) -> Value {
-    json!({
-        "terminal": terminal,
-        "user": {"uid": 0, "gid": 0},
-        "args": args,
-        "env": ["PATH=/bin", "TERM=xterm"],
-        "cwd": "/",
-        "noNewPrivileges": true
-    })
-}
-
-fn spec(args: &[&str], terminal: bool) -> Value {
-    json!({
-        "ociVersion": "1.0.2",
-        "process": process_json(args, terminal),
-        "root": {"path": "/host/path/replaced/by/the/agent"},
-        "hostname": "busybox",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
-        ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
-        }
-    })
-}
-
-/// Everything the stream carries until end of file.
-async fn read_to_end(stream: &mut UnixStream) -> String {
-    let mut data = Vec::new();
-    tokio::time::timeout(STEP_TIMEOUT, stream.read_to_end(&mut data))
-        .await
-        .expect("stream reached end of file in time")
-        .expect("stream read");
-    String::from_utf8_lossy(&data).into_owned()
-}
-
-/// Reads until `needle` has appeared; returns all read.
-async fn read_until(stream: &mut UnixStream, needle: &str) -> String {
-    let mut data = Vec::new();
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while !String::from_utf8_lossy(&data).contains(needle) {
-        let mut buf = [0u8; 4096];
-        let left = deadline.saturating_duration_since(Instant::now());
-        let n = tokio::time::timeout(left, stream.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{needle:?} did not appear; got {:?}",
-                    String::from_utf8_lossy(&data)
-                )
-            })
-            .expect("stream read");
-        assert!(
-            n > 0,
-            "end of file before {needle:?}; got {:?}",
-            String::from_utf8_lossy(&data)
-        );
-        data.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&data).into_owned()
-}
-
 fn code_of<T: std::fmt::Debug>(result: Result<T, husk_agent_client::ClientError>) -> Option<Code> {
     match result {
         Ok(value) => panic!("expected an error, got {value:?}"),
@@ -428,7 +246,7 @@ async fn container_stdio_streams_carry_stdin_stdout_stderr_and_the_exit_code() {
         .create(
             "echo",
             &["sh", "-c", "cat; echo out; echo err >&2; exit 3"],
-            ALL_PIPES,
+            Pipes::ALL,
         )
         .await;
     h.client
@@ -438,8 +256,12 @@ async fn container_stdio_streams_carry_stdin_stdout_stderr_and_the_exit_code() {
     let mut stdin = io.stdin.take().unwrap();
     stdin.write_all(b"hello from the host\n").await.unwrap();
     stdin.shutdown().await.unwrap();
-    let stdout = read_to_end(io.stdout.as_mut().unwrap()).await;
-    let stderr = read_to_end(io.stderr.as_mut().unwrap()).await;
+    let stdout = read_text(io.stdout.as_mut().unwrap(), STEP_TIMEOUT)
+        .await
+        .unwrap();
+    let stderr = read_text(io.stderr.as_mut().unwrap(), STEP_TIMEOUT)
+        .await
+        .unwrap();
     assert_eq!(stdout, "hello from the host\nout\n");
     assert_eq!(stderr, "err\n");
     let exit = h
@@ -474,11 +296,11 @@ async fn output_written_just_before_exit_is_delivered_before_the_exit_is_reporte
     let h = Harness::start().await;
     // 512 KiB (more than a pipe holds) written as the last act of the process.
     let mut io = h
-        .create("burst", &["sh", "-c", "i=0; while [ $i -lt 8192 ]; do echo 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde; i=$((i+1)); done"], OUT_ERR)
+        .create("burst", &["sh", "-c", "i=0; while [ $i -lt 8192 ]; do echo 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde; i=$((i+1)); done"], Pipes::OUT_ERR)
         .await;
     h.client.start_container("burst").await.unwrap();
     let mut stdout = io.stdout.take().unwrap();
-    let reader = tokio::spawn(async move { read_to_end(&mut stdout).await });
+    let reader = tokio::spawn(async move { read_text(&mut stdout, STEP_TIMEOUT).await.unwrap() });
     let exit = h.client.wait_process("burst", "").await.unwrap();
     assert_eq!(exit.status, 0);
     // The stream ended before WaitProcess returned: the reader is done or
@@ -493,7 +315,7 @@ async fn death_by_signal_reads_as_128_plus_the_signal_and_a_gone_process_is_not_
         return;
     }
     let h = Harness::start().await;
-    h.create("sleeper", &["sleep", "1000"], NO_STDIO).await;
+    h.create("sleeper", &["sleep", "1000"], Pipes::NONE).await;
     let pid = h.client.start_container("sleeper").await.unwrap();
     assert!(pid > 0);
     // The init is listed by pid: its command may still be the runtime's
@@ -522,24 +344,27 @@ async fn exec_runs_inside_the_running_container_and_can_be_signalled() {
         return;
     }
     let h = Harness::start().await;
-    h.create("host", &["sleep", "1000"], NO_STDIO).await;
+    h.create("host", &["sleep", "1000"], Pipes::NONE).await;
     h.client.start_container("host").await.unwrap();
     let mut io = h
         .exec(
             "host",
             "who",
             &["sh", "-c", "hostname; echo pid1=$(cat /proc/1/comm)"],
-            OUT_ERR,
+            Pipes::OUT_ERR,
         )
         .await;
-    let output = read_to_end(io.stdout.as_mut().unwrap()).await;
-    assert_eq!(output, "busybox\npid1=sleep\n");
+    let output = read_text(io.stdout.as_mut().unwrap(), STEP_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(output, format!("{CONTAINER_HOSTNAME}\npid1=sleep\n"));
     assert_eq!(
         h.client.wait_process("host", "who").await.unwrap().status,
         0
     );
 
-    h.exec("host", "long", &["sleep", "1000"], NO_STDIO).await;
+    h.exec("host", "long", &["sleep", "1000"], Pipes::NONE)
+        .await;
     h.client
         .signal_process("host", "long", 15, false)
         .await
@@ -559,14 +384,14 @@ async fn terminal_exec_carries_both_directions_on_one_stream_and_sees_the_resize
         return;
     }
     let h = Harness::start().await;
-    h.create("tty", &["sleep", "1000"], NO_STDIO).await;
+    h.create("tty", &["sleep", "1000"], Pipes::NONE).await;
     h.client.start_container("tty").await.unwrap();
     let mut io = h
         .exec(
             "tty",
             "shell",
             &["sh", "-c", "read line; stty size; echo got:$line"],
-            TERMINAL,
+            Pipes::TERMINAL,
         )
         .await;
     h.client
@@ -575,14 +400,16 @@ async fn terminal_exec_carries_both_directions_on_one_stream_and_sees_the_resize
         .expect("TtyWinResize");
     let mut pty = io.stdout.take().unwrap();
     pty.write_all(b"typed\n").await.unwrap();
-    let output = read_until(&mut pty, "got:typed").await;
+    let output = read_until(&mut pty, "got:typed", STEP_TIMEOUT)
+        .await
+        .unwrap();
     assert!(output.contains("40 100"), "{output:?}");
     assert_eq!(
         h.client.wait_process("tty", "shell").await.unwrap().status,
         0
     );
     // A process without a terminal cannot be resized.
-    h.exec("tty", "plain", &["true"], NO_STDIO).await;
+    h.exec("tty", "plain", &["true"], Pipes::NONE).await;
     assert_eq!(
         code_of(h.client.tty_win_resize("tty", "plain", 1, 1).await),
         Some(Code::FAILED_PRECONDITION)
@@ -603,11 +430,13 @@ async fn terminal_container_init_uses_the_pty_stream() {
                 "-c",
                 "stty size; echo tty:$(ls /proc/self/fd/0 -l | grep -c pts)",
             ],
-            TERMINAL,
+            Pipes::TERMINAL,
         )
         .await;
     h.client.start_container("ttyinit").await.unwrap();
-    let output = read_until(io.stdout.as_mut().unwrap(), "tty:").await;
+    let output = read_until(io.stdout.as_mut().unwrap(), "tty:", STEP_TIMEOUT)
+        .await
+        .unwrap();
     assert!(output.contains("tty:"), "{output:?}");
     assert_eq!(
         h.client.wait_process("ttyinit", "").await.unwrap().status,
@@ -625,12 +454,12 @@ async fn paused_container_makes_no_progress_until_resumed() {
         .create(
             "ticker",
             &["sh", "-c", "while true; do echo tick; sleep 0.05; done"],
-            OUT_ERR,
+            Pipes::OUT_ERR,
         )
         .await;
     h.client.start_container("ticker").await.unwrap();
     let mut stdout = io.stdout.take().unwrap();
-    read_until(&mut stdout, "tick").await;
+    read_until(&mut stdout, "tick", STEP_TIMEOUT).await.unwrap();
     h.client
         .pause_container("ticker")
         .await
@@ -649,7 +478,7 @@ async fn paused_container_makes_no_progress_until_resumed() {
         .resume_container("ticker")
         .await
         .expect("ResumeContainer");
-    read_until(&mut stdout, "tick").await;
+    read_until(&mut stdout, "tick", STEP_TIMEOUT).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -658,7 +487,7 @@ async fn stats_show_usage_and_the_updated_memory_limit() {
         return;
     }
     let h = Harness::start().await;
-    h.create("stats", &["sleep", "1000"], NO_STDIO).await;
+    h.create("stats", &["sleep", "1000"], Pipes::NONE).await;
     h.client.start_container("stats").await.unwrap();
     let limit = 64u64 << 20;
     h.client
@@ -700,10 +529,16 @@ async fn twenty_containers_run_at_once() {
         async move {
             let id = format!("many{i}");
             let mut io = h
-                .create(&id, &["sh", "-c", &format!("echo I am {i}")], OUT_ERR)
+                .create(
+                    &id,
+                    &["sh", "-c", &format!("echo I am {i}")],
+                    Pipes::OUT_ERR,
+                )
                 .await;
             h.client.start_container(&id).await.unwrap();
-            let output = read_to_end(io.stdout.as_mut().unwrap()).await;
+            let output = read_text(io.stdout.as_mut().unwrap(), STEP_TIMEOUT)
+                .await
+                .unwrap();
             let exit = h.client.wait_process(&id, "").await.unwrap();
             (output, exit.status)
         }
@@ -751,7 +586,7 @@ async fn bad_requests_get_their_status_codes_and_the_agent_keeps_serving() {
     for bad in ["", "..", "a/b", "-rf", "x y"] {
         let request = CreateContainerRequest {
             container_id: bad.into(),
-            oci_spec_json: spec(&["true"], false).to_string().into_bytes(),
+            oci_spec_json: container_spec(&["true"], false).to_string().into_bytes(),
             rootfs_path: "whatever".into(),
             ..Default::default()
         };
@@ -791,7 +626,7 @@ async fn bad_requests_get_their_status_codes_and_the_agent_keeps_serving() {
         code_of(h.client.remove_container("ghost", 1).await),
         Some(Code::NOT_FOUND)
     );
-    h.create("real", &["sleep", "1000"], NO_STDIO).await;
+    h.create("real", &["sleep", "1000"], Pipes::NONE).await;
     assert_eq!(
         code_of(h.client.wait_process("real", "no-such-exec").await),
         Some(Code::NOT_FOUND)
@@ -816,7 +651,7 @@ async fn bad_requests_get_their_status_codes_and_the_agent_keeps_serving() {
     // Duplicates.
     let duplicate = CreateContainerRequest {
         container_id: "real".into(),
-        oci_spec_json: spec(&["true"], false).to_string().into_bytes(),
+        oci_spec_json: container_spec(&["true"], false).to_string().into_bytes(),
         rootfs_path: "real/rootfs".into(),
         ..Default::default()
     };
@@ -825,7 +660,7 @@ async fn bad_requests_get_their_status_codes_and_the_agent_keeps_serving() {
         Some(Code::ALREADY_EXISTS)
     );
     h.client.start_container("real").await.unwrap();
-    h.exec("real", "once", &["true"], NO_STDIO).await;
+    h.exec("real", "once", &["true"], Pipes::NONE).await;
     let again = ExecProcessRequest {
         container_id: "real".into(),
         exec_id: "once".into(),
@@ -849,7 +684,7 @@ async fn bad_requests_get_their_status_codes_and_the_agent_keeps_serving() {
     for rootfs in ["../..", "/etc", "real/../../..", "to-host-root"] {
         let request = CreateContainerRequest {
             container_id: "escapee".into(),
-            oci_spec_json: spec(&["true"], false).to_string().into_bytes(),
+            oci_spec_json: container_spec(&["true"], false).to_string().into_bytes(),
             rootfs_path: rootfs.into(),
             ..Default::default()
         };
@@ -864,7 +699,7 @@ async fn bad_requests_get_their_status_codes_and_the_agent_keeps_serving() {
             "{error}"
         );
     }
-    let mut with_bind = spec(&["true"], false);
+    let mut with_bind = container_spec(&["true"], false);
     with_bind["mounts"].as_array_mut().unwrap().push(
         json!({"destination": "/host-etc", "type": "bind", "source": "/etc", "options": ["rbind"]}),
     );
@@ -935,7 +770,7 @@ async fn destroy_sandbox_stops_every_container_and_ends_the_agent() {
         return;
     }
     let mut h = Harness::start().await;
-    h.create("doomed", &["sleep", "1000"], NO_STDIO).await;
+    h.create("doomed", &["sleep", "1000"], Pipes::NONE).await;
     let pid = h.client.start_container("doomed").await.unwrap();
     let sandbox_id = h.sandbox_id.clone();
     h.client
@@ -972,12 +807,14 @@ async fn close_stdin_ends_the_input_of_an_exec_while_the_host_keeps_its_stream()
         return;
     }
     let h = Harness::start().await;
-    h.create("reader", &["sleep", "1000"], NO_STDIO).await;
+    h.create("reader", &["sleep", "1000"], Pipes::NONE).await;
     h.client.start_container("reader").await.unwrap();
-    let mut io = h.exec("reader", "cat", &["cat"], ALL_PIPES).await;
+    let mut io = h.exec("reader", "cat", &["cat"], Pipes::ALL).await;
     let stdin = io.stdin.as_mut().unwrap();
     stdin.write_all(b"before close\n").await.unwrap();
-    read_until(io.stdout.as_mut().unwrap(), "before close").await;
+    read_until(io.stdout.as_mut().unwrap(), "before close", STEP_TIMEOUT)
+        .await
+        .unwrap();
     h.client
         .close_stdin("reader", "cat")
         .await
@@ -987,7 +824,12 @@ async fn close_stdin_ends_the_input_of_an_exec_while_the_host_keeps_its_stream()
         h.client.wait_process("reader", "cat").await.unwrap().status,
         0
     );
-    assert_eq!(read_to_end(io.stdout.as_mut().unwrap()).await, "");
+    assert_eq!(
+        read_text(io.stdout.as_mut().unwrap(), STEP_TIMEOUT)
+            .await
+            .unwrap(),
+        ""
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -996,7 +838,9 @@ async fn a_megabyte_of_stdin_then_half_close_reaches_wc_and_its_count_comes_back
         return;
     }
     let h = Harness::start().await;
-    let mut io = h.create("counter", &["sh", "-c", "wc -c"], ALL_PIPES).await;
+    let mut io = h
+        .create("counter", &["sh", "-c", "wc -c"], Pipes::ALL)
+        .await;
     h.client.start_container("counter").await.unwrap();
     let mut stdin = io.stdin.take().unwrap();
     let writer = tokio::spawn(async move {
@@ -1006,7 +850,9 @@ async fn a_megabyte_of_stdin_then_half_close_reaches_wc_and_its_count_comes_back
         stdin.shutdown().await.unwrap();
         stdin
     });
-    let stdout = read_to_end(io.stdout.as_mut().unwrap()).await;
+    let stdout = read_text(io.stdout.as_mut().unwrap(), STEP_TIMEOUT)
+        .await
+        .unwrap();
     assert_eq!(stdout.trim(), "1048576");
     let exit = h.client.wait_process("counter", "").await.unwrap();
     assert_eq!(exit.status, 0);
@@ -1015,7 +861,7 @@ async fn a_megabyte_of_stdin_then_half_close_reaches_wc_and_its_count_comes_back
 
 /// `linux.resources.memory.limit` of `bytes` on a spec running `args`.
 fn spec_with_memory_limit(args: &[&str], bytes: u64) -> Value {
-    let mut spec = spec(args, false);
+    let mut spec = container_spec(args, false);
     spec["linux"]["resources"] = json!({"memory": {"limit": bytes}});
     spec
 }
@@ -1037,7 +883,7 @@ async fn an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137() {
             &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
             limit,
         ),
-        NO_STDIO,
+        Pipes::NONE,
     )
     .await;
     h.client.start_container("hog").await.unwrap();
@@ -1082,18 +928,14 @@ async fn stats_count_the_bytes_a_container_wrote_to_disk() {
     }
     let h = Harness::start().await;
     let Some((major, minor)) = disk_of(h.dir.path()) else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "husk-test-form: agent host tier IO stats not run: the temp dir is on no block device"
-        );
+        announce_form("agent host tier IO stats not run: the temp dir is on no block device");
         return;
     };
     // The rootfs lives in a temp dir on that disk; conv=fsync makes dd
     // itself submit the writes, so they are charged to its cgroup. The
     // (never reached) throttle rule matters on cgroup v1: since Linux 6.10
     // blkio counts bytes only on a disk where some throttle rule exists.
-    let mut spec = spec(
+    let mut spec = container_spec(
         &[
             "sh",
             "-c",
@@ -1104,9 +946,11 @@ async fn stats_count_the_bytes_a_container_wrote_to_disk() {
     spec["linux"]["resources"] = json!({"blockIO": {"throttleWriteBpsDevice": [
         {"major": major, "minor": minor, "rate": 1u64 << 40}
     ]}});
-    let mut io = h.create_with_spec("writer", spec, OUT_ERR).await;
+    let mut io = h.create_with_spec("writer", spec, Pipes::OUT_ERR).await;
     h.client.start_container("writer").await.unwrap();
-    read_until(io.stdout.as_mut().unwrap(), "written").await;
+    read_until(io.stdout.as_mut().unwrap(), "written", STEP_TIMEOUT)
+        .await
+        .unwrap();
     let stats = h.client.stats_container("writer").await.unwrap();
     assert!(
         stats.io.write_bytes >= 8 << 20,

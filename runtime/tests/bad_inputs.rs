@@ -4,6 +4,10 @@
 //!
 //! Needs root (cgroups, namespaces); without it the test says so.
 
+use husk_test_support::artifacts::busybox;
+use husk_test_support::bundle::build_busybox_rootfs;
+use husk_test_support::form::announce_form;
+use husk_test_support::tempdir::TestDir;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -182,21 +186,19 @@ fn processes_in_bundle(base: &Path) -> Vec<String> {
 fn bad_bundles_are_rejected_naming_the_field_and_leave_nothing_behind() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("bad_inputs: NOT RUN: needs root to create containers");
+        announce_form("runtime bad inputs not run: needs root to create containers");
         return;
     }
-    let base = std::env::temp_dir().join(format!("husk-bad-{}", std::process::id()));
+    let busybox = busybox().expect("busybox");
+    let base_dir = TestDir::new("bad").expect("a test directory");
+    let base = base_dir.path();
     let root = base.join("state");
     let mounts_before = husk_mountinfo::read_self().unwrap().len();
     let mut failures = Vec::new();
     for case in cases() {
         let id = format!("bad-{}", case.name);
         let bundle = base.join(case.name);
-        std::fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
-        std::fs::create_dir_all(bundle.join("rootfs/proc")).unwrap();
-        std::fs::copy("/bin/busybox", bundle.join("rootfs/bin/busybox")).unwrap();
-        std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin/true")).unwrap();
-        std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin/sh")).unwrap();
+        build_busybox_rootfs(&busybox, &bundle.join("rootfs")).unwrap();
         let mut cfg = base_config(&id);
         std::fs::write(
             bundle.join("config.json"),
@@ -232,7 +234,7 @@ fn bad_bundles_are_rejected_naming_the_field_and_leave_nothing_behind() {
         if !cg.is_empty() {
             problems.push(format!("cgroups left: {cg:?}"));
         }
-        let procs = processes_in_bundle(&base);
+        let procs = processes_in_bundle(base);
         if !procs.is_empty() {
             problems.push(format!("processes left: {procs:?}"));
         }
@@ -250,7 +252,7 @@ fn bad_bundles_are_rejected_naming_the_field_and_leave_nothing_behind() {
     for dir in cgroup_mount_points() {
         let _ = std::fs::remove_dir(dir.join("husk-badinput"));
     }
-    let _ = std::fs::remove_dir_all(&base);
+    drop(base_dir);
     assert_eq!(mounts_before, mounts_after, "mounts leaked");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

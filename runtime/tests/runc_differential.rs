@@ -9,6 +9,10 @@
 //! with `HUSK_DIFF_RUNC=none`) it runs every scenario under husk-runc alone
 //! and says that it did.
 
+use husk_test_support::artifacts::busybox;
+use husk_test_support::bundle::build_busybox_rootfs;
+use husk_test_support::form::announce_form;
+use husk_test_support::tempdir::TestDir;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -21,12 +25,6 @@ use std::time::{Duration, Instant};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// cgroupsPath parent shared by every scenario, removed at the end.
 const CGROUP_PARENT: &str = "husk-difftest";
-const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] = &[
-    "sh", "cat", "echo", "env", "id", "ls", "mkdir", "pwd", "true", "false", "sleep", "hostname",
-    "grep", "wc", "touch", "chmod", "chown", "stat", "dd", "umask", "tty", "stty", "cut", "sed",
-    "ps", "kill", "head", "sort", "tr",
-];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Observed {
@@ -41,8 +39,17 @@ enum Rt {
     Husk,
 }
 
+/// The host's busybox, which the hooks run.
+fn hook_busybox() -> String {
+    busybox()
+        .expect("busybox (busybox-static) is required")
+        .display()
+        .to_string()
+}
+
 struct Harness {
     base: PathBuf,
+    busybox: PathBuf,
     runc: Option<PathBuf>,
     husk: PathBuf,
     hostdata: PathBuf,
@@ -110,16 +117,13 @@ impl Harness {
     fn bundle(&self, rt: Rt, scenario: &str, config: &Value) -> PathBuf {
         let dir = self.base.join(format!("{scenario}-{}", Self::tag(rt)));
         let rootfs = dir.join("rootfs");
-        for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "mnt", "home/u"] {
+        build_busybox_rootfs(&self.busybox, &rootfs).unwrap();
+        for sub in ["mnt", "home/u"] {
             std::fs::create_dir_all(rootfs.join(sub)).unwrap();
         }
         std::fs::set_permissions(rootfs.join("tmp"), std::fs::Permissions::from_mode(0o1777))
             .unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-        for a in APPLETS {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
-        }
         std::fs::write(
             rootfs.join("etc/passwd"),
             "root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n",
@@ -576,7 +580,7 @@ fn scenarios() -> Vec<Scenario> {
         name: "poststart-hook",
         configure: Box::new(|c| {
             c["process"]["args"] = json!(["true"]);
-            c["hooks"] = json!({"poststart": [{"path": BUSYBOX, "args": ["busybox", "sh", "-c", "cat > @BUNDLE@/poststart.out"]}]});
+            c["hooks"] = json!({"poststart": [{"path": hook_busybox(), "args": ["busybox", "sh", "-c", "cat > @BUNDLE@/poststart.out"]}]});
         }),
         kind: Kind::Custom(Box::new(|h, rt, id, bundle| {
             let mut o = h.cmd(rt, &["run", "-b", bundle.to_str().unwrap(), id], None);
@@ -589,7 +593,7 @@ fn scenarios() -> Vec<Scenario> {
         name: "poststop-hook-on-delete",
         configure: Box::new(|c| {
             c["process"]["args"] = json!(["true"]);
-            c["hooks"] = json!({"poststop": [{"path": BUSYBOX, "args": ["busybox", "sh", "-c", "cat > @BUNDLE@/poststop.out"]}]});
+            c["hooks"] = json!({"poststop": [{"path": hook_busybox(), "args": ["busybox", "sh", "-c", "cat > @BUNDLE@/poststop.out"]}]});
         }),
         kind: Kind::Custom(Box::new(|h, rt, id, bundle| {
             let mut o = h.cmd(rt, &["run", "-b", bundle.to_str().unwrap(), id], None);
@@ -605,7 +609,7 @@ fn scenarios() -> Vec<Scenario> {
         configure: Box::new(|c| {
             c["process"]["args"] = json!(["cat", "/tmp/hooks.out"]);
             let hook = |name: &str, file: &str| {
-                json!({"path": BUSYBOX, "args": ["busybox", "sh", "-c", format!("echo {name} >> {file}; cat >> {file}; echo >> {file}")]})
+                json!({"path": hook_busybox(), "args": ["busybox", "sh", "-c", format!("echo {name} >> {file}; cat >> {file}; echo >> {file}")]})
             };
             c["hooks"] = json!({
                 "createRuntime": [hook("createRuntime", "@BUNDLE@/rootfs/tmp/hooks.out")],
@@ -955,7 +959,7 @@ impl Drop for Cleanup<'_> {
             }
             let _ = std::fs::remove_dir(&dir);
         }
-        let _ = std::fs::remove_dir_all(&self.h.base);
+        // The test directory removes the bundles.
     }
 }
 
@@ -1025,10 +1029,10 @@ fn our_processes(base: &Path) -> Vec<String> {
 fn runc_differential() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!(
-            "runc_differential: NOT RUN: needs root to create namespaces and cgroups (euid {})",
+        announce_form(format_args!(
+            "runc differential not run: needs root to create namespaces and cgroups (euid {})",
             unsafe { libc::geteuid() }
-        );
+        ));
         return;
     }
     // HUSK_DIFF_RUNC=<path> picks another runc; HUSK_DIFF_RUNC=none forces
@@ -1042,21 +1046,22 @@ fn runc_differential() {
             .find(|p| p.exists()),
     };
     match &runc {
-        Some(p) => println!("runc_differential: FULL FORM: husk-runc against {}", p.display()),
-        None => println!("runc_differential: HUSK-ONLY FORM: runc is not available (not installed, or HUSK_DIFF_RUNC=none), so each scenario runs under husk-runc alone and nothing is compared"),
+        Some(p) => announce_form(format_args!(
+            "runc differential, full form: husk-runc against {}",
+            p.display()
+        )),
+        None => announce_form("runc differential, husk-only form: runc is not available (not installed, or HUSK_DIFF_RUNC=none), so each scenario runs under husk-runc alone and nothing is compared"),
     }
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is required (busybox-static)"
-    );
-    let base = std::env::temp_dir().join(format!("husk-diff-{}", std::process::id()));
-    std::fs::create_dir_all(&base).unwrap();
+    let busybox = busybox().expect("busybox (busybox-static) is required");
+    let base_dir = TestDir::new("diff").expect("a test directory");
+    let base = base_dir.path().to_path_buf();
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
     let hostdata = base.join("hostdata");
     std::fs::create_dir_all(&hostdata).unwrap();
     std::fs::write(hostdata.join("file"), "data from the host\n").unwrap();
     let h = Harness {
         base: base.clone(),
+        busybox,
         runc,
         husk: PathBuf::from(env!("CARGO_BIN_EXE_husk-runc")),
         hostdata,

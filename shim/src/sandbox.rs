@@ -40,6 +40,8 @@ pub struct Sandbox {
     pub paths: SandboxPaths,
     pub client: AgentClient,
     pub description: VmInfo,
+    /// From launching the VM until the agent answered `Check`.
+    pub agent_ready_after: Duration,
     share: Arc<SharedDirectory>,
     vm: Mutex<Option<Box<dyn Hypervisor>>>,
     shutdown_grace: Duration,
@@ -170,9 +172,10 @@ impl Sandbox {
                 )));
             }
         };
+        let agent_ready_after = started.elapsed();
         tracing::info!(
             sandbox_id = id,
-            ms = started.elapsed().as_millis() as u64,
+            ms = agent_ready_after.as_millis() as u64,
             "agent ready"
         );
         let request = CreateSandboxRequest {
@@ -194,6 +197,7 @@ impl Sandbox {
                 paths,
                 client,
                 description,
+                agent_ready_after,
                 share: Arc::new(share),
                 vm: Mutex::new(Some(vm)),
                 shutdown_grace,
@@ -209,9 +213,11 @@ impl Sandbox {
 
     /// Ends the sandbox: asks the guest to power off, stops the VM (killing
     /// it after the grace period), and removes the sandbox directory with
-    /// everything mounted in it. Safe to call twice.
-    pub async fn destroy(&self) {
+    /// everything mounted in it. Safe to call twice; only the call that
+    /// stopped the VM reports how it ended.
+    pub async fn destroy(&self) -> Option<Teardown> {
         let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut teardown = None;
         if let Some(vm) = vm {
             let destroy = self.client.destroy_sandbox(&self.id);
             // Once the guest has torn its containers down there is nothing
@@ -230,9 +236,19 @@ impl Sandbox {
             };
             let end = stop_vm(vm, grace).await;
             tracing::info!(sandbox_id = %self.id, end = %end, "VM stopped");
+            teardown = Some(Teardown { vm_end: end });
         }
         cleanup::remove_sandbox_dir(&self.paths);
+        teardown
     }
+}
+
+/// What [`Sandbox::destroy`] saw, for the suites that check a teardown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Teardown {
+    /// How the VM ended, as its backend tells it (for QEMU a `GuestEnd`:
+    /// `PoweredOff` when the guest had powered itself off).
+    pub vm_end: String,
 }
 
 /// The last lines of the guest console.

@@ -1,8 +1,9 @@
 //! The agent bench over the guest path: median figures from real guests
-//! booted through the `qemu` backend (product kernel, the static agent as
-//! PID 1, our vsock and virtio-fs device models over vhost-user).
+//! booted through the shim's own sandbox code on the `qemu` backend
+//! (product kernel, the static agent as PID 1, our vsock and virtio-fs
+//! device models over vhost-user).
 //!
-//! - VM start -> agent `Check` answered, over `HUSK_BENCH_BOOTS` boots (5);
+//! - VM launch -> agent `Check` answered, over `HUSK_BENCH_BOOTS` boots (5);
 //! - CreateContainer + StartContainer latency (the busybox rootfs is put in
 //!   the share beforehand, outside the timing), over `HUSK_BENCH_OPS` (20);
 //! - exec latency: ExecProcess of `true` until WaitProcess returns;
@@ -16,8 +17,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use husk_tests::container::Pipes;
-use husk_tests::guest::{GuestSandbox, GuestShape};
+use husk_test_support::bundle::container_spec;
+use husk_test_support::stdio::Pipes;
+use husk_tests::guest::{GuestSandbox, DEFAULT_SIZE};
 use tokio::io::AsyncReadExt;
 
 const DEFAULT_BOOTS: usize = 5;
@@ -50,12 +52,7 @@ fn summary(samples: &mut [f64]) -> String {
 }
 
 fn main() -> ExitCode {
-    husk_tests::guest::init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-    {
+    let runtime = match husk_tests::guest::runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot build the tokio runtime: {error}");
@@ -79,10 +76,10 @@ async fn run() -> Result<bool> {
     let mut boot_ms = Vec::new();
     let mut sandbox = None;
     for boot in 0..boots {
-        let guest = GuestSandbox::boot(GuestShape::default())
+        let guest = GuestSandbox::boot(DEFAULT_SIZE)
             .await
             .with_context(|| format!("boot {} of {boots}", boot + 1))?;
-        boot_ms.push(guest.boot_to_check().as_secs_f64() * 1000.0);
+        boot_ms.push(guest.agent_ready_after().as_secs_f64() * 1000.0);
         if boot + 1 < boots {
             let teardown = guest.shut_down().await?;
             ensure!(
@@ -97,11 +94,12 @@ async fn run() -> Result<bool> {
     }
     let sandbox = sandbox.context("no guest was booted")?;
     let label = format!(
-        "[vhost-user vsock + virtio-fs in qemu microvm, {}]",
-        sandbox.accel().accel
+        "[vhost-user vsock + virtio-fs in {} microvm, {}]",
+        sandbox.vm().backend,
+        sandbox.vm().accelerator
     );
     println!(
-        "agent bench {label}: VM start -> agent Check answered: ms {}",
+        "agent bench {label}: VM launch -> agent Check answered: ms {}",
         summary(&mut boot_ms)
     );
 
@@ -154,7 +152,7 @@ async fn create_start_ms(sb: &GuestSandbox, ops: usize) -> Result<Vec<f64>> {
         let id = format!("bench-create-{op}");
         let rootfs = sb.add_rootfs(&id)?;
         let started = Instant::now();
-        sb.create_container_in(&id, &rootfs, &["true"], Pipes::NONE)
+        sb.create_container_in(&id, &rootfs, &container_spec(&["true"], false), Pipes::NONE)
             .await?;
         sb.client()
             .start_container(&id)

@@ -35,6 +35,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_shim::hypervisor::qemu::{QemuVm, QemuVmConfig};
+use husk_shim::hypervisor::{GUEST_CID, SHARED_FS_TAG};
 use husk_vmm::devices::virtio::{fs, vsock};
 
 /// Bytes moved each way over vsock.
@@ -213,7 +214,7 @@ fn run_guest(
         ));
     if let Some(socket) = fs_socket {
         config = config
-            .with_fs(socket, "kataShared")
+            .with_fs(socket, SHARED_FS_TAG)
             .append_cmdline("husk.bench_fs=1");
     }
     let mut vm = QemuVm::start(config).expect("QEMU starts");
@@ -259,7 +260,8 @@ fn spawn_peer_vsock(binary: &Path, socket: &Path, uds: &Path, log: &Path) -> Chi
         .arg(socket)
         .arg("--uds-path")
         .arg(uds)
-        .args(["--guest-cid", "3"])
+        .arg("--guest-cid")
+        .arg(GUEST_CID.to_string())
         .arg("--tx-buffer-size")
         .arg(peer_tx_buffer_bytes().to_string())
         .env(
@@ -312,7 +314,7 @@ fn main() {
     let vsock_server = vsock::serve_vhost_user(
         &vsock_socket,
         vsock::VsockConfig {
-            guest_cid: 3,
+            guest_cid: GUEST_CID,
             uds_path: uds.clone(),
         },
     )

@@ -21,7 +21,6 @@
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -30,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::artifacts::workspace_root;
+use husk_test_support::artifacts::{guest_artifacts, run_rootfs_image_script, workspace_root};
+use husk_test_support::host::{processes, Process};
+use husk_test_support::mounts::mounts_under;
 
 /// The runc runtime type (Debian's `containerd-shim-runc-v2`).
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
@@ -89,21 +90,6 @@ impl Options {
             husk_config,
         })
     }
-}
-
-/// The guest artifacts of the workspace: `$HUSK_KERNEL`, `$HUSK_BZIMAGE`
-/// and `$HUSK_INITRD` (the Makefile exports them), else `build/`.
-pub fn guest_artifacts() -> [(&'static str, PathBuf); 3] {
-    let pick = |var: &str, default: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join(default))
-    };
-    [
-        ("kernel", pick("HUSK_KERNEL", "build/vmlinux")),
-        ("qemu_kernel", pick("HUSK_BZIMAGE", "build/bzImage")),
-        ("initrd", pick("HUSK_INITRD", "build/initramfs.cpio.gz")),
-    ]
 }
 
 /// A husk configuration for the tests: `shim/configuration.toml` with the
@@ -307,19 +293,7 @@ impl PrivateContainerd {
     /// work directory and imports it.
     pub fn import_test_image(&self) -> Result<()> {
         let archive = self.dir.join("husk-busybox-oci.tar");
-        let script = workspace_root().join("rootfs-image/mkociimage.py");
-        let built = Command::new("python3")
-            .arg(&script)
-            .arg(&archive)
-            .output()
-            .with_context(|| format!("cannot run python3 {}", script.display()))?;
-        ensure!(
-            built.status.success(),
-            "{} failed ({}): {}",
-            script.display(),
-            built.status,
-            String::from_utf8_lossy(&built.stderr).trim()
-        );
+        run_rootfs_image_script("mkociimage.py", [&archive])?;
         let imported = run_with_timeout(
             self.ctr().args(["images", "import"]).arg(&archive),
             Duration::from_secs(120),
@@ -527,71 +501,6 @@ pub fn find_on_path(tool: &str) -> Option<PathBuf> {
             .map(|dir| dir.join(tool))
             .find(|candidate| candidate.is_file())
     })
-}
-
-/// A process and its command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Process {
-    pub pid: u32,
-    pub ppid: u32,
-    pub args: Vec<String>,
-}
-
-impl std::fmt::Display for Process {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {} ({})", self.pid, self.args.join(" "))
-    }
-}
-
-/// Every process with a command line.
-pub fn processes() -> Vec<Process> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            if cmdline.is_empty() {
-                return None;
-            }
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The fields after the command name's closing parenthesis.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let ppid = rest.split(' ').nth(1)?.parse().ok()?;
-            let args = cmdline
-                .split(|&b| b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            Some(Process { pid, ppid, args })
-        })
-        .collect()
-}
-
-pub use crate::guest::mounts_under;
-
-/// Sockets at or below `path`.
-pub fn sockets_under(path: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut pending = vec![path.to_owned()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.filter_map(|e| e.ok()) {
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                pending.push(entry.path());
-            } else if kind.is_socket() {
-                found.push(entry.path());
-            }
-        }
-    }
-    found.sort();
-    found
 }
 
 /// The names in a directory (empty if it does not exist).

@@ -33,7 +33,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use husk_tests::artifacts::{bzimage_release, host_kernel_release};
+use husk_test_support::artifacts::{bzimage_release, guest_artifacts, host_kernel_release};
+use husk_test_support::form::announce_form;
+use husk_test_support::mounts::mounts_under;
+use husk_test_support::tempdir::TestDir;
 use husk_tests::containerd::{
     self, leftovers, run_with_timeout, test_husk_config, toml_string, Options, PrivateContainerd,
     Snapshot, HUSK_RUNTIME, IMAGE, IMAGE_UID1000, RUNC_RUNTIME,
@@ -738,7 +741,7 @@ fn shim_sigkill_leaves_nothing(suite: &Suite, rt: Runtime) -> Result<String> {
         .filter(|p| p.args.iter().any(|a| a.contains(&*dir.to_string_lossy())))
         .collect();
     ensure!(vms.is_empty(), "the killed shim's VM still runs: {vms:?}");
-    let mounts = containerd::mounts_under(&dir);
+    let mounts = mounts_under(&dir);
     ensure!(
         mounts.is_empty(),
         "mounts left under {}: {mounts:?}",
@@ -1099,7 +1102,7 @@ fn twenty_runs_in_sequence(suite: &Suite, rt: Runtime) -> Result<String> {
 /// `shim/configuration.toml`, named by containerd's `$HUSK_CONFIG`) and for
 /// one whose annotations ask for 2 vCPUs and 512 MiB within the limits.
 fn guest_kernel_and_vm_size(suite: &Suite, rt: Runtime) -> Result<String> {
-    let (_, bzimage) = &containerd::guest_artifacts()[1];
+    let (_, bzimage) = &guest_artifacts()[1];
     let guest_release = bzimage_release(bzimage)?;
     let host_release = host_kernel_release()?;
     let probe = [
@@ -1294,7 +1297,7 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
             println!("test e2e_setup ... FAILED\n{error:#}");
-            println!("husk-test-form: e2e via ctr: FAILED before any scenario");
+            announce_form("e2e via ctr: FAILED before any scenario");
             println!(
                 "\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"
             );
@@ -1322,8 +1325,9 @@ fn run(filters: &[String]) -> Result<bool> {
         _ => "runtimes as listed in HUSK_E2E_RUNTIMES".to_owned(),
     };
     let before = Snapshot::take();
-    let work = tempdir()?;
-    let options = Options::for_tests(&work)?;
+    // Short, under /tmp: the Unix socket paths inside must fit.
+    let work = TestDir::new_in(Path::new("/tmp"), "e2e")?;
+    let options = Options::for_tests(work.path())?;
     if runtimes.contains(&Runtime::Husk) {
         let shim = options.shim_dir.join("containerd-shim-kata-v2");
         ensure!(
@@ -1331,7 +1335,7 @@ fn run(filters: &[String]) -> Result<bool> {
             "{} is missing: run `make build` (or set HUSK_SHIM_DIR), or HUSK_E2E_RUNTIMES=runc",
             shim.display()
         );
-        for (key, path) in containerd::guest_artifacts() {
+        for (key, path) in guest_artifacts() {
             ensure!(
                 path.is_file(),
                 "the husk configuration's {key} {} is missing: run `make kernel initrd`",
@@ -1344,7 +1348,9 @@ fn run(filters: &[String]) -> Result<bool> {
     daemon
         .import_test_image()
         .context("importing the test image")?;
-    println!("husk-test-form: e2e via ctr 1.6 against a private containerd: {form}; image {IMAGE}");
+    announce_form(format_args!(
+        "e2e via ctr 1.6 against a private containerd: {form}; image {IMAGE}"
+    ));
     println!(
         "private containerd pid {} at {} (husk config {})",
         daemon.pid(),
@@ -1354,7 +1360,7 @@ fn run(filters: &[String]) -> Result<bool> {
     let suite = Suite {
         daemon,
         options: options.clone(),
-        work: work.clone(),
+        work: work.path().to_path_buf(),
         next_id: AtomicU32::new(0),
     };
 
@@ -1440,7 +1446,6 @@ fn run(filters: &[String]) -> Result<bool> {
     let log_tail = daemon.log_tail(40);
     let forced = daemon.stop().context("stopping the private containerd")?;
     left.extend(forced.into_iter().map(|f| format!("at stop: {f}")));
-    let _ = std::fs::remove_dir_all(&work);
     if left.is_empty() {
         println!(
             "test {name} ... ok (no shim or qemu process, mount, socket, husk state or bundle left)"
@@ -1465,19 +1470,4 @@ fn run(filters: &[String]) -> Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(failed.is_empty())
-}
-
-/// A fresh, short work directory under /tmp (Unix socket paths are short).
-fn tempdir() -> Result<PathBuf> {
-    let template = std::ffi::CString::new("/tmp/husk-e2e.XXXXXX").expect("no NUL");
-    let mut bytes = template.into_bytes_with_nul();
-    // SAFETY: mkdtemp writes into our NUL-terminated buffer.
-    let made = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
-    ensure!(
-        !made.is_null(),
-        "mkdtemp: {}",
-        std::io::Error::last_os_error()
-    );
-    bytes.pop();
-    Ok(Path::new(&String::from_utf8(bytes).context("mkdtemp path")?).to_owned())
 }

@@ -1,15 +1,17 @@
-//! The agent's guest tier: ONE guest boots through the `qemu` backend with
-//! the product kernel, an initramfs holding only the static agent as PID 1,
-//! and our vsock and virtio-fs device models served over vhost-user from
-//! this process. The client reaches the agent over hybrid vsock, creates the
-//! sandbox (the guest mounts the share), and every check below runs busybox
-//! containers whose rootfs is bind-mounted into the share.
+//! The agent's guest tier: ONE guest boots through the shim's own sandbox
+//! code (`husk_shim::sandbox::Sandbox::boot`, the `qemu` backend) with the
+//! product kernel, an initramfs holding only the static agent as PID 1, and
+//! our vsock and virtio-fs device models served over vhost-user from this
+//! process. The shim's client reaches the agent over hybrid vsock and
+//! creates the sandbox (the guest mounts the share), and every check below
+//! runs busybox containers whose rootfs is bind-mounted into the share.
 //!
 //! A TCG boot costs seconds, so the checks share the guest and run in a
 //! fixed order under this file's own `main` (`harness = false`), each
 //! reported as `test <name> ... ok|FAILED` under the name of the behaviour
-//! it proves; the last one destroys the sandbox and proves that QEMU exited
-//! cleanly and nothing is left on the host. `cargo test --test guest_agent
+//! it proves; the last one destroys the sandbox, proves that the guest
+//! powered itself off, and that the shim's teardown left nothing on the
+//! host. `cargo test --test guest_agent
 //! -- <substring>` runs only the matching checks (the teardown always runs).
 //! Missing artifacts fail with the command that makes them.
 
@@ -20,12 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use husk_agent_client::agent::CreateContainerRequest;
 use husk_agent_client::Code;
 use husk_shim::hypervisor::qemu::GuestEnd;
-use husk_tests::artifacts::host_kernel_release;
-use husk_tests::container::{container_spec, read_text, read_to_end, read_until, HostStdio, Pipes};
-use husk_tests::guest::{GuestSandbox, GuestShape};
+use husk_test_support::artifacts::host_kernel_release;
+use husk_test_support::bundle::container_spec;
+use husk_test_support::form::announce_form;
+use husk_test_support::stdio::{read_text, read_to_end, read_until, Pipes};
+use husk_tests::guest::{GuestSandbox, DEFAULT_SIZE};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -112,12 +115,7 @@ fn main() -> ExitCode {
         .skip(1)
         .filter(|arg| !arg.starts_with('-'))
         .collect();
-    husk_tests::guest::init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-    {
+    let runtime = match husk_tests::guest::runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot build the tokio runtime: {error}");
@@ -129,23 +127,25 @@ fn main() -> ExitCode {
 
 async fn run(filters: Vec<String>) -> ExitCode {
     let started = Instant::now();
-    let sandbox = match GuestSandbox::boot(GuestShape::default()).await {
+    let sandbox = match GuestSandbox::boot(DEFAULT_SIZE).await {
         Ok(sandbox) => sandbox,
         Err(error) => {
             eprintln!("test guest_boot ... FAILED\n{error:#}");
-            println!("husk-test-form: agent guest tier via qemu: FAILED before any check (the guest did not come up)");
+            announce_form(
+                "agent guest tier via qemu: FAILED before any check (the guest did not come up)",
+            );
             return ExitCode::FAILURE;
         }
     };
+    announce_form(format_args!(
+        "agent guest tier via {} ({})",
+        sandbox.vm().backend,
+        sandbox.vm().accelerator
+    ));
     println!(
-        "husk-test-form: agent guest tier via qemu ({}, {})",
-        sandbox.accel().accel,
-        sandbox.accel().reason
-    );
-    println!(
-        "agent answered Check {:.2} s after QEMU started (vhost-user vsock + virtio-fs, qemu microvm, {})",
-        sandbox.boot_to_check().as_secs_f64(),
-        sandbox.accel().accel
+        "agent answered Check {:.2} s after the VM was launched (vhost-user vsock + virtio-fs, qemu microvm, {})",
+        sandbox.agent_ready_after().as_secs_f64(),
+        sandbox.vm().accelerator
     );
 
     let sandbox = Arc::new(sandbox);
@@ -509,45 +509,6 @@ async fn stdin_half_close_gives_cat_and_wc_end_of_file_and_their_output_arrives(
     sb.remove_container("halfhost").await
 }
 
-/// Creates container `id` from `spec` (a [`container_spec`] with changes)
-/// with the stdio streams `pipes` asks for.
-async fn create_with_spec(
-    sb: &GuestSandbox,
-    id: &str,
-    spec: serde_json::Value,
-    pipes: Pipes,
-) -> Result<HostStdio> {
-    let rootfs_path = sb.add_rootfs(id)?;
-    let ids = pipes.stream_ids(id);
-    let open = |stream_id: String| async move {
-        if stream_id.is_empty() {
-            return Ok(None);
-        }
-        sb.client()
-            .open_stdio(&stream_id)
-            .await
-            .map(Some)
-            .with_context(|| format!("cannot open stdio stream {stream_id}"))
-    };
-    let stdio = HostStdio {
-        stdin: open(ids.stdin_id.clone()).await?,
-        stdout: open(ids.stdout_id.clone()).await?,
-        stderr: open(ids.stderr_id.clone()).await?,
-    };
-    let request = CreateContainerRequest {
-        container_id: id.into(),
-        oci_spec_json: spec.to_string().into_bytes(),
-        rootfs_path,
-        stdio: protobuf::MessageField::some(ids),
-        ..Default::default()
-    };
-    sb.client()
-        .create_container(request)
-        .await
-        .with_context(|| format!("CreateContainer {id}"))?;
-    Ok(stdio)
-}
-
 async fn an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137(
     sb: Arc<GuestSandbox>,
 ) -> Result<()> {
@@ -560,9 +521,13 @@ async fn an_oom_kill_is_an_event_before_the_exit_and_the_status_is_137(
     // dd fills its 64 MiB block buffer from /dev/zero, touching every page,
     // under a 32 MiB limit: the cgroup's OOM killer ends it.
     let limit = 32u64 << 20;
-    let mut spec = container_spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
+    let mut spec = container_spec(
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        false,
+    );
     spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": limit}});
-    create_with_spec(&sb, "hog", spec, Pipes::NONE).await?;
+    sb.create_container_with_spec("hog", &spec, Pipes::NONE)
+        .await?;
     sb.client()
         .start_container("hog")
         .await
@@ -623,13 +588,17 @@ async fn an_oom_kill_of_a_child_is_an_event_while_the_container_runs_on(
     // agent follows exits, so only the agent's watch of the cgroup's
     // memory.events can report the kill.
     let limit = 32u64 << 20;
-    let mut spec = container_spec(&[
-        "sh",
-        "-c",
-        "dd if=/dev/zero of=/dev/null bs=64M count=1; echo dd-ended; exec sleep 1000",
-    ]);
+    let mut spec = container_spec(
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/null bs=64M count=1; echo dd-ended; exec sleep 1000",
+        ],
+        false,
+    );
     spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": limit}});
-    create_with_spec(&sb, "childhog", spec, Pipes::NONE).await?;
+    sb.create_container_with_spec("childhog", &spec, Pipes::NONE)
+        .await?;
     sb.client()
         .start_container("childhog")
         .await
@@ -715,7 +684,7 @@ async fn io_stats_report_the_guests_block_io_honestly(sb: Arc<GuestSandbox>) -> 
                   p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
                   if [ -e /sys/fs/cgroup$p/io.stat ]; then echo io.stat:; cat /sys/fs/cgroup$p/io.stat; \
                   else echo no io.stat in $p; fi; echo end; exec sleep 1000";
-    let mut spec = container_spec(&["sh", "-c", script]);
+    let mut spec = container_spec(&["sh", "-c", script], false);
     spec["mounts"]
         .as_array_mut()
         .context("the spec's mounts")?
@@ -723,7 +692,9 @@ async fn io_stats_report_the_guests_block_io_honestly(sb: Arc<GuestSandbox>) -> 
             "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
             "options": ["nosuid", "noexec", "nodev", "ro"]
         }));
-    let mut io = create_with_spec(&sb, "iowriter", spec, Pipes::OUT_ERR).await?;
+    let mut io = sb
+        .create_container_with_spec("iowriter", &spec, Pipes::OUT_ERR)
+        .await?;
     sb.client()
         .start_container("iowriter")
         .await
@@ -763,9 +734,9 @@ async fn io_stats_report_the_guests_block_io_honestly(sb: Arc<GuestSandbox>) -> 
     if devices.is_empty() {
         // Every file of this guest is on virtio-fs or tmpfs: the kernel
         // accounts no block IO, and the agent must not invent any.
-        println!(
-            "husk-test-form: guest IO stats: the guest has no block device; its io.stat is {io_stat:?} and both figures must be 0 (8 MiB went to virtio-fs)"
-        );
+        announce_form(format_args!(
+            "guest IO stats: the guest has no block device; its io.stat is {io_stat:?} and both figures must be 0 (8 MiB went to virtio-fs)"
+        ));
         ensure!(
             io_stat.trim().is_empty() && stats.io.read_bytes == 0 && stats.io.write_bytes == 0,
             "no block device, yet io.stat {io_stat:?} and StatsContainer read {} / write {} bytes",
@@ -774,10 +745,10 @@ async fn io_stats_report_the_guests_block_io_honestly(sb: Arc<GuestSandbox>) -> 
         );
     } else {
         // A block device exists but the container's files are not on it.
-        println!(
-            "husk-test-form: guest IO stats: block devices {devices:?} carry no container file; io.stat {io_stat:?}, figures read {} / write {} bytes",
+        announce_form(format_args!(
+            "guest IO stats: block devices {devices:?} carry no container file; io.stat {io_stat:?}, figures read {} / write {} bytes",
             stats.io.read_bytes, stats.io.write_bytes
-        );
+        ));
     }
     sb.client()
         .signal_process("iowriter", "", libc::SIGKILL as u32, false)
@@ -791,12 +762,12 @@ async fn destroy_sandbox_powers_the_guest_off_and_leaves_nothing_on_the_host(
     sb: GuestSandbox,
 ) -> Result<()> {
     let work_dir = sb.work_dir().to_path_buf();
-    let qemu_pid = sb.qemu_pid();
+    let qemu_pid = sb.vm().vmm_pid;
     let teardown = sb.shut_down().await?;
     ensure!(
-        teardown.guest_end == GuestEnd::PoweredOff,
-        "after DestroySandbox the guest ended as {:?} (reply {:?})",
-        teardown.guest_end,
+        teardown.vm_end == format!("{:?}", GuestEnd::PoweredOff),
+        "after DestroySandbox the guest ended as {} (reply {:?})",
+        teardown.vm_end,
         teardown.destroy_reply
     );
     ensure!(

@@ -11,20 +11,23 @@ mod guest_harness;
 use std::time::{Duration, Instant};
 
 use guest_harness::{
-    announce_form, build_test_initramfs, guest_file, guest_kernel, process_exists,
-    processes_mentioning, product_initrd, test_vm_config, Console, TestDir, GUEST_DEADLINE,
+    announce_qemu_form, prepare_test_guest, test_vm_config, Console, TestGuest, GUEST_DEADLINE,
 };
 use husk_shim::hypervisor::qemu::{GuestEnd, QemuVm};
+use husk_test_support::artifacts::{guest_kernel, host_kernel_release, product_initramfs};
+use husk_test_support::host::{process_exists, processes_mentioning};
+use husk_test_support::tempdir::TestDir;
 
 /// The script's exit code when all its checks pass (see boot-checks.sh).
 const SCRIPT_SUCCESS_CODE: i32 = 42;
 
 #[test]
 fn guest_kernel_runs_the_agent_and_a_script_then_powers_off_leaving_nothing_behind() {
-    let dir = TestDir::new("boot");
-    let kernel = guest_kernel();
-    let initrd = dir.join("initrd.cpio.gz");
-    build_test_initramfs(&initrd, &guest_file("boot-checks.sh"), &[]);
+    let TestGuest {
+        dir,
+        kernel,
+        initrd,
+    } = prepare_test_guest("guest-boot", "boot-checks.sh");
     let config = test_vm_config(&dir, &kernel, &initrd)
         .with_vcpus(2)
         .with_memory_mib(256);
@@ -32,7 +35,7 @@ fn guest_kernel_runs_the_agent_and_a_script_then_powers_off_leaving_nothing_behi
 
     let started = Instant::now();
     let vm = QemuVm::start(config).expect("QEMU starts");
-    announce_form("guest boot", vm.accel());
+    announce_qemu_form("guest boot", vm.accel());
     let (pid, run_dir) = (vm.pid(), vm.run_dir().to_path_buf());
     assert!(
         run_dir.join("qmp.sock").exists(),
@@ -76,7 +79,7 @@ fn guest_kernel_runs_the_agent_and_a_script_then_powers_off_leaving_nothing_behi
         "uname -r in the guest is the bzImage's release"
     );
     assert!(guest_release.starts_with("6.12."), "{guest_release}");
-    let host_release = nix_uname_release();
+    let host_release = host_kernel_release().expect("the host's kernel release");
     assert_ne!(
         guest_release, host_release,
         "the guest must not report the host's kernel"
@@ -90,7 +93,7 @@ fn guest_kernel_runs_the_agent_and_a_script_then_powers_off_leaving_nothing_behi
 
     assert!(!process_exists(pid), "QEMU (pid {pid}) is gone and reaped");
     assert!(
-        processes_mentioning(&dir.path).is_empty(),
+        processes_mentioning(dir.path()).is_empty(),
         "no process uses the test directory"
     );
     assert!(
@@ -107,14 +110,14 @@ fn guest_kernel_runs_the_agent_and_a_script_then_powers_off_leaving_nothing_behi
 
 #[test]
 fn product_initramfs_boots_to_readiness_and_powers_off_on_request() {
-    let dir = TestDir::new("product-initrd");
-    let kernel = guest_kernel();
-    let initrd = product_initrd();
+    let dir = TestDir::new("guest-product-initrd").expect("a test directory");
+    let kernel = guest_kernel().expect("the guest kernel");
+    let initrd = product_initramfs().expect("the product initramfs");
     let config = test_vm_config(&dir, &kernel, &initrd)
         .with_cmdline(husk_shim::hypervisor::qemu::DEFAULT_QEMU_CMDLINE)
         .append_cmdline("quiet husk.power_off_after_ms=100");
     let vm = QemuVm::start(config).expect("QEMU starts");
-    announce_form("product initramfs boot", vm.accel());
+    announce_qemu_form("product initramfs boot", vm.accel());
     let end = vm.wait_or_stop(GUEST_DEADLINE);
     let console = Console::read(&dir.join("console.log"));
 
@@ -127,9 +130,9 @@ fn product_initramfs_boots_to_readiness_and_powers_off_on_request() {
 
 #[test]
 fn stop_ends_a_running_guest_over_qmp() {
-    let dir = TestDir::new("stop");
-    let kernel = guest_kernel();
-    let initrd = product_initrd();
+    let dir = TestDir::new("guest-stop").expect("a test directory");
+    let kernel = guest_kernel().expect("the guest kernel");
+    let initrd = product_initramfs().expect("the product initramfs");
     // Without husk.exec the agent serves its console and never powers off.
     let config = test_vm_config(&dir, &kernel, &initrd)
         .with_cmdline(husk_shim::hypervisor::qemu::DEFAULT_QEMU_CMDLINE)
@@ -157,14 +160,4 @@ fn stop_ends_a_running_guest_over_qmp() {
         "the run directory {} is removed",
         run_dir.display()
     );
-}
-
-fn nix_uname_release() -> String {
-    // SAFETY: uname fills the struct it is given.
-    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::uname(&mut name) }, 0);
-    // SAFETY: uname NUL-terminates release.
-    unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
 }

@@ -26,18 +26,18 @@ use std::time::Instant;
 
 use guest_harness::hybrid_vsock::{self, accept, duplex, echo, echo_round_trip};
 use guest_harness::{
-    announce_form, build_test_initramfs, guest_file, guest_kernel, pairs, process_exists,
-    test_vm_config, Console, ConsoleWatch, TestDir, GUEST_DEADLINE,
+    announce_qemu_form, pairs, prepare_test_guest, test_vm_config, Console, ConsoleWatch,
+    TestGuest, GUEST_DEADLINE,
 };
 use husk_guest_probe::digest::{copy_summarized, summarize, Summary};
 use husk_guest_probe::pattern::Pattern;
 use husk_shim::hypervisor::qemu::{GuestEnd, QemuVm};
+use husk_shim::hypervisor::{GUEST_CID, SHARED_FS_TAG};
+use husk_test_support::host::process_exists;
 use husk_vmm::devices::virtio::fs::{self as virtio_fs, FsConfig};
 use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
 
 const MIB: u64 = 1 << 20;
-const GUEST_CID: u64 = 3;
-const FS_TAG: &str = "kataShared";
 
 /// Sizes and pattern seeds; the guest script uses the same numbers.
 const FS_BIG_BYTES: u64 = 256 * MIB;
@@ -66,13 +66,14 @@ struct HostSide {
 
 #[test]
 fn one_guest_uses_virtio_fs_and_vsock_served_over_vhost_user() {
-    let dir = TestDir::new("devices");
-    let kernel = guest_kernel();
-    let initrd = dir.join("initrd.cpio.gz");
-    build_test_initramfs(&initrd, &guest_file("devices-checks.sh"), &[]);
+    let TestGuest {
+        dir,
+        kernel,
+        initrd,
+    } = prepare_test_guest("guest-devices", "devices-checks.sh");
 
     let share = dir.join("share");
-    let host_big = prepare_share(&dir.path, &share);
+    let host_big = prepare_share(dir.path(), &share);
 
     let vsock_vhost = dir.join("vsock-vhost.sock");
     let vsock_uds = dir.join("vsock.sock");
@@ -86,7 +87,7 @@ fn one_guest_uses_virtio_fs_and_vsock_served_over_vhost_user() {
     )
     .expect("the vsock device serves vhost-user");
     let mut fs_config = FsConfig::new(&share);
-    fs_config.tag = FS_TAG.to_owned();
+    fs_config.tag = SHARED_FS_TAG.to_owned();
     let fs_server =
         virtio_fs::serve_vhost_user(&fs_vhost, fs_config).expect("virtio-fs serves vhost-user");
 
@@ -99,11 +100,11 @@ fn one_guest_uses_virtio_fs_and_vsock_served_over_vhost_user() {
         .with_vcpus(2)
         .with_memory_mib(512)
         .with_vsock(&vsock_vhost)
-        .with_fs(&fs_vhost, FS_TAG);
+        .with_fs(&fs_vhost, SHARED_FS_TAG);
     let work_dir = config.work_dir.clone();
     let started = Instant::now();
     let vm = QemuVm::start(config).expect("QEMU starts with both vhost-user devices");
-    announce_form(
+    announce_qemu_form(
         "guest devices (virtio-fs + vsock over vhost-user)",
         vm.accel(),
     );

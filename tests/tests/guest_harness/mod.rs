@@ -1,227 +1,51 @@
-//! The guest-tier harness shared by `tests/tests/guest_{boot,devices}.rs`: find the guest
-//! kernel, build the static guest binaries (agent and `husk-guest-probe`),
-//! pack a test initramfs with busybox and a script from `tests/guest/`,
-//! boot it under the `qemu` backend, and read the console for the markers
-//! the guest scripts print (`tests/guest/lib.sh`).
-//!
-//! Missing artifacts fail the test with the command that makes them: the
-//! guest tier never skips silently (see `../shared/ARCHITECTURE.md`).
+//! What only `tests/tests/guest_{boot,devices}.rs` need, beside the shared
+//! helpers of `husk-test-support` (artifacts, the test initramfs, test
+//! directories, form lines, leak checks): the QEMU configuration that boots
+//! a test initramfs's script, the console markers the guest scripts print
+//! (`tests/guest/lib.sh`) read after the guest ended ([`Console`]) or
+//! followed while it runs ([`ConsoleWatch`]), and the host side of hybrid
+//! vsock ([`hybrid_vsock`]).
 
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use husk_shim::hypervisor::qemu::{AccelChoice, QemuVmConfig};
+use husk_test_support::artifacts::{build_test_initramfs, guest_file, guest_kernel, GuestKernel};
+use husk_test_support::form::announce_form;
+use husk_test_support::tempdir::TestDir;
 
 pub mod hybrid_vsock;
-
-/// The guest's target: the agent and the probe are linked statically for it.
-pub const GUEST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 /// How long a TCG guest may take to run its script. A boot takes about
 /// 1.5 s here; the device checks move hundreds of MiB under emulation.
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(300);
 
-/// The workspace root (the parent of the `vmm` crate).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent directory") // CARGO_MANIFEST_DIR is absolute
-        .to_path_buf()
+/// One test guest's files: its directory, the product kernel, and the test
+/// initramfs running a script from `tests/guest/`, packed in the directory.
+pub struct TestGuest {
+    pub dir: TestDir,
+    pub kernel: GuestKernel,
+    pub initrd: PathBuf,
 }
 
-/// A build artifact from `$ENV_VAR` or `build/<name>`; panics with the
-/// command that makes it.
-fn build_artifact(env_var: &str, name: &str) -> PathBuf {
-    let path = std::env::var_os(env_var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("build").join(name));
-    assert!(
-        path.is_file(),
-        "the guest artifact {} is missing (${env_var} or build/{name}): run `make kernel initrd` first",
-        path.display()
-    );
-    path
-}
-
-/// The guest kernel and the release it reports in `uname -r`.
-#[derive(Debug, Clone)]
-pub struct GuestKernel {
-    pub bzimage: PathBuf,
-    pub release: String,
-}
-
-/// The product kernel (`$HUSK_BZIMAGE` or `build/bzImage`).
-pub fn guest_kernel() -> GuestKernel {
-    let bzimage = build_artifact("HUSK_BZIMAGE", "bzImage");
-    let release = bzimage_release(&bzimage);
-    GuestKernel { bzimage, release }
-}
-
-/// The product initramfs (`$HUSK_INITRD` or `build/initramfs.cpio.gz`).
-pub fn product_initrd() -> PathBuf {
-    build_artifact("HUSK_INITRD", "initramfs.cpio.gz")
-}
-
-/// The kernel release recorded in a bzImage's setup header: `kernel_version`
-/// (offset 0x20e) points, relative to 0x200, at a string that starts with
-/// the release (Documentation/arch/x86/boot.rst).
-pub fn bzimage_release(bzimage: &Path) -> String {
-    let image = std::fs::read(bzimage)
-        .unwrap_or_else(|e| panic!("cannot read the guest kernel {}: {e}", bzimage.display()));
-    assert!(
-        image.len() > 0x210 && &image[0x202..0x206] == b"HdrS",
-        "{} is not a bzImage (no HdrS setup header)",
-        bzimage.display()
-    );
-    let pointer = u16::from_le_bytes([image[0x20e], image[0x20f]]) as usize + 0x200;
-    let text = &image[pointer..(pointer + 256).min(image.len())];
-    let text = &text[..text.iter().position(|&b| b == 0).unwrap_or(text.len())];
-    String::from_utf8_lossy(text)
-        .split_whitespace()
-        .next()
-        .unwrap_or_else(|| panic!("{} has an empty kernel version", bzimage.display()))
-        .to_owned()
-}
-
-/// The static guest programs, built for this test run.
-#[derive(Debug)]
-pub struct GuestBinaries {
-    pub agent: PathBuf,
-    pub probe: PathBuf,
-}
-
-/// Builds `husk-agent` and `husk-guest-probe` statically (as `make agent`
-/// does) once per test binary; cargo makes this a no-op when they are
-/// current, and using them fresh keeps a stale agent out of the test.
-pub fn guest_binaries() -> &'static GuestBinaries {
-    static BINARIES: OnceLock<GuestBinaries> = OnceLock::new();
-    BINARIES.get_or_init(|| {
-        let target_dir = cargo_target_dir();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let started = Instant::now();
-        let status = Command::new(&cargo)
-            .current_dir(workspace_root())
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args(["build", "--release", "--target", GUEST_TRIPLE])
-            .args(["-p", "husk-agent", "-p", "husk-guest-probe"])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build the guest binaries: {e}"));
-        assert!(
-            status.success(),
-            "building the static guest binaries failed ({status}): try `make agent`"
-        );
-        eprintln!(
-            "guest binaries ready in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        let release = target_dir.join(GUEST_TRIPLE).join("release");
-        GuestBinaries {
-            agent: release.join("husk-agent"),
-            probe: release.join("husk-guest-probe"),
-        }
-    })
-}
-
-/// The cargo target directory this test binary was built in: the nearest
-/// ancestor of the executable holding cargo's `CACHEDIR.TAG`.
-fn cargo_target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary knows its path");
-    exe.ancestors()
-        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
-
-/// The static busybox for test images (`$HUSK_BUSYBOX` or `/bin/busybox`).
-pub fn busybox() -> PathBuf {
-    let path = std::env::var_os("HUSK_BUSYBOX")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
-    assert!(
-        path.is_file(),
-        "{} is missing: install Debian's busybox-static package (`make deps`)",
-        path.display()
-    );
-    path
-}
-
-/// A guest-side script or program in `tests/guest/`.
-pub fn guest_file(name: &str) -> PathBuf {
-    let path = workspace_root().join("tests/guest").join(name);
-    assert!(path.is_file(), "{} is missing", path.display());
-    path
-}
-
-/// A directory for one test, removed on drop.
-#[derive(Debug)]
-pub struct TestDir {
-    pub path: PathBuf,
-}
-
-impl TestDir {
-    pub fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("husk-guest-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        Self { path }
+/// Prepares the files of test `name`, whose guest runs `tests/guest/<script>`.
+pub fn prepare_test_guest(name: &str, script: &str) -> TestGuest {
+    let dir = TestDir::new(name).expect("a test directory");
+    let kernel = guest_kernel().expect("the guest kernel");
+    let initrd = dir.join("initrd.cpio.gz");
+    let script = guest_file(script).expect("the guest script");
+    build_test_initramfs(&initrd, &script, &[]).expect("the test initramfs");
+    TestGuest {
+        dir,
+        kernel,
+        initrd,
     }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// Packs `output`: the fresh agent as /init, busybox, `/test/lib.sh`,
-/// `script` as `/test/run`, `husk-guest-probe` in /bin, and `extra`
-/// (source, guest path) files.
-pub fn build_test_initramfs(output: &Path, script: &Path, extra: &[(PathBuf, &str)]) {
-    let binaries = guest_binaries();
-    let mut command = Command::new("python3");
-    command
-        .arg(workspace_root().join("rootfs-image/mkinitramfs.py"))
-        .arg(&binaries.agent)
-        .arg(output)
-        .arg("--busybox")
-        .arg(busybox());
-    let mut files: Vec<(PathBuf, String)> = vec![
-        (guest_file("lib.sh"), "/test/lib.sh:644".to_owned()),
-        (script.to_path_buf(), "/test/run".to_owned()),
-        (binaries.probe.clone(), "/bin/husk-guest-probe".to_owned()),
-    ];
-    files.extend(
-        extra
-            .iter()
-            .map(|(src, dest)| (src.clone(), (*dest).to_owned())),
-    );
-    for (src, dest) in files {
-        command
-            .arg("--add")
-            .arg(format!("{}:{dest}", src.display()));
-    }
-    let output_text = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run python3 for mkinitramfs.py: {e}"));
-    assert!(
-        output_text.status.success(),
-        "mkinitramfs.py failed: {}",
-        String::from_utf8_lossy(&output_text.stderr)
-    );
 }
 
 /// A guest config booting `initrd` on the product kernel, running
@@ -235,12 +59,12 @@ pub fn test_vm_config(dir: &TestDir, kernel: &GuestKernel, initrd: &Path) -> Qem
         .with_work_dir(work)
 }
 
-/// Prints the line the tier runner collects to show which form ran.
-pub fn announce_form(what: &str, accel: &AccelChoice) {
-    println!(
-        "husk-test-form: {what} via qemu ({}, {})",
+/// Announces that `what` ran in QEMU with `accel`, and why that one.
+pub fn announce_qemu_form(what: &str, accel: &AccelChoice) {
+    announce_form(format_args!(
+        "{what} via qemu ({}, {})",
         accel.accel, accel.reason
-    );
+    ));
 }
 
 /// What a guest printed on its console, parsed for the harness markers.
@@ -402,26 +226,4 @@ impl ConsoleWatch {
     pub fn has_guest_ended(&self) -> bool {
         self.guest_ended.load(Ordering::SeqCst)
     }
-}
-
-/// Processes whose command line mentions `path` (a QEMU left behind would).
-pub fn processes_mentioning(path: &Path) -> Vec<u32> {
-    let needle = path.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok())
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
-/// Whether a process with this id exists (zombies included).
-pub fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
