@@ -1,6 +1,6 @@
 //! The husk shim as a library: the lifecycle actions, the task service, the
-//! pod's sandbox (VM, agent, share), stdio plumbing, events and the
-//! configuration.
+//! pod's sandbox (VM, agent, share), the host resources it manages, stdio
+//! plumbing, events and the configuration.
 
 pub mod cleanup;
 pub mod config;
@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod options;
 pub mod paths;
 pub mod process;
+pub mod resources;
 pub mod rootfs;
 pub mod sandbox;
 pub mod spec;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::CreateSandboxRequest;
 use husk_agent_client::{AgentClient, Endpoint};
-use husk_vmm::devices::virtio::fs::SharedDirectory;
+use crate::resources::SharedDirectory;
 
 use crate::cleanup;
 use crate::config::{Config, HypervisorKind, VmSize};

@@ -24,7 +24,7 @@ use containerd_shim_protos::ttrpc::{self, Code};
 use containerd_shim_protos::types::task::ProcessInfo;
 use husk_agent_client::agent::{CreateContainerRequest, ExecProcessRequest};
 use husk_agent_client::ClientError;
-use husk_vmm::devices::virtio::fs::SharedDirectory;
+use crate::resources::SharedDirectory;
 
 use crate::config::{self, Config};
 use crate::metrics;

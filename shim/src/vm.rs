@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use husk_vmm::devices::virtio::fs::{self as virtio_fs, CachePolicy, FsConfig, VirtioFs};
-use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig, VsockDevice};
+use husk_devices::fs::{self as virtio_fs, CachePolicy, FsConfig, VirtioFs};
+use husk_devices::vsock::{self as virtio_vsock, VsockConfig, VsockDevice};
 use husk_vmm::qemu::{QemuVm, QemuVmConfig};
 use husk_vmm::{MicroVm, SerialSink, VmBuilder, VmExit};
 

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::{CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest};
 use husk_agent_client::{AgentClient, Endpoint, ExitStatus};
-use husk_vmm::devices::virtio::fs::{self as virtio_fs, FsConfig, SharedDirectory};
-use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
+use husk_devices::fs::{self as virtio_fs, FsConfig};
+use husk_devices::vsock::{self as virtio_vsock, VsockConfig};
+use husk_shim::resources::SharedDirectory;
 use husk_vmm::qemu::{AccelChoice, GuestEnd, QemuVm, QemuVmConfig};
 
 use crate::artifacts::{self, GuestKernel};

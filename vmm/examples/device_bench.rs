@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_vmm::devices::virtio::{fs, vsock};
+use husk_devices::{fs, vsock};
 use husk_vmm::qemu::{QemuVm, QemuVmConfig};
 
 /// Bytes moved each way over vsock.

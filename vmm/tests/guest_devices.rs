@@ -31,8 +31,8 @@ use guest_harness::{
 };
 use husk_guest_probe::digest::{copy_summarized, summarize, Summary};
 use husk_guest_probe::pattern::Pattern;
-use husk_vmm::devices::virtio::fs::{self as virtio_fs, FsConfig};
-use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
+use husk_devices::fs::{self as virtio_fs, FsConfig};
+use husk_devices::vsock::{self as virtio_vsock, VsockConfig};
 use husk_vmm::qemu::{GuestEnd, QemuVm};
 
 const MIB: u64 = 1 << 20;

@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::config::FsConfig;
 use super::device::{FsDeviceModel, EVENT_IDX_FEATURE, FS_DEVICE_TYPE};
 use super::FsError;
-use crate::devices::virtio::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
+use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
 
 /// Epoll token of a worker's queue notifier.
 const TOKEN_QUEUE: u64 = 0;

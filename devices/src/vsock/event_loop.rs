@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::muxer::Muxer;
 use super::packet::{self, RxBuffer, Segment, TxPayload};
 use super::{VsockError, EVENT_QUEUE_INDEX, RX_QUEUE_INDEX, TX_QUEUE_INDEX};
-use crate::devices::virtio::{ActivatedQueue, VirtioInterrupt};
+use crate::{ActivatedQueue, VirtioInterrupt};
 
 /// Moves packets between the queues and the muxer.
 #[derive(Default)]

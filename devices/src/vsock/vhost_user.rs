@@ -38,8 +38,8 @@ use super::{
     VsockConfig, VsockError, VsockTimeouts, EVENT_QUEUE_INDEX, NUM_QUEUES, QUEUE_SIZE,
     RX_QUEUE_INDEX, TX_QUEUE_INDEX, VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::devices::virtio::vhost_user_connections::accepted_connections;
-use crate::devices::virtio::VIRTIO_F_VERSION_1;
+use crate::vhost_user::accepted_connections;
+use crate::VIRTIO_F_VERSION_1;
 
 /// Guest memory as the vhost-user framework shares it (no dirty bitmap).
 type GuestMemoryShared = GuestMemoryAtomic<GuestMemoryMmap>;

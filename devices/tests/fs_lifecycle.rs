@@ -11,8 +11,8 @@ mod virtio_fs {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use husk_vmm::devices::virtio::fs::{serve_vhost_user, FsConfig, VirtioFs};
-    use husk_vmm::devices::virtio::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
+    use husk_devices::fs::{serve_vhost_user, FsConfig, VirtioFs};
+    use husk_devices::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use fuse_backend_rs::abi::fuse_abi::{InitIn, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION};

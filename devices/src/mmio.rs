@@ -13,8 +13,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{status, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
-use crate::devices::bus::BusDevice;
+use crate::virtio::{status, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::BusDevice;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -399,7 +399,7 @@ mod tests {
             _m: GuestMemoryMmap,
             _i: Arc<dyn VirtioInterrupt>,
             queues: Vec<ActivatedQueue>,
-        ) -> Result<(), super::super::ActivateError> {
+        ) -> Result<(), crate::ActivateError> {
             self.0.lock().unwrap().activated_queues = queues.len();
             Ok(())
         }

@@ -14,8 +14,8 @@ mod virtio_fs {
     use fuse_backend_rs::abi::fuse_abi::{
         FsOptions, InitIn, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION,
     };
-    use husk_vmm::devices::virtio::fs::{FsConfig, VirtioFs};
-    use husk_vmm::devices::virtio::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
+    use husk_devices::fs::{FsConfig, VirtioFs};
+    use husk_devices::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
     use vm_memory::ByteValued;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

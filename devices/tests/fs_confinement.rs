@@ -11,7 +11,7 @@ mod virtio_fs {
     use std::path::{Path, PathBuf};
 
     use fuse_backend_rs::abi::fuse_abi::{Opcode, SetattrIn};
-    use husk_vmm::devices::virtio::fs::FsConfig;
+    use husk_devices::fs::FsConfig;
     use vm_memory::ByteValued;
 
     use super::fs_support::{FuseClient, TempDir, ROOT_ID};

@@ -1,15 +1,10 @@
-//! Virtio devices and their transport.
+//! The interface between a virtio device and the virtio-mmio transport.
 //!
-//! A device model implements [`VirtioDevice`] against `vm-memory` and
-//! `virtio-queue` only; it never learns which transport carries it. The
-//! built-in VMM reaches models through [`mmio::MmioTransport`] (virtio-mmio
-//! v2, ioeventfd notifications, irqfd interrupts); a vhost-user server is the
-//! other transport (see `../shared/ARCHITECTURE.md`).
-
-pub mod fs;
-pub mod mmio;
-pub mod vhost_user_connections;
-pub mod vsock;
+//! A device implements [`VirtioDevice`] against `vm-memory` and
+//! `virtio-queue` only; it never learns which VMM maps it. The built-in VMM
+//! reaches devices through [`MmioTransport`](crate::MmioTransport)
+//! (virtio-mmio v2, ioeventfd notifications, irqfd interrupts), which hands
+//! them their activated queues and a [`VirtioInterrupt`].
 
 use std::sync::Arc;
 

@@ -20,7 +20,7 @@ use super::packet::{
 };
 use super::test_support::{DriverQueue, Harness, TempDir};
 use super::{VsockConfig, VsockDevice, VsockTimeouts, HOST_CID, VIRTIO_ID_VSOCK};
-use crate::devices::virtio::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
+use crate::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
 
 const SHORT_TIMEOUTS: VsockTimeouts = VsockTimeouts {
     connect: Duration::from_millis(200),

@@ -4,7 +4,7 @@
 mod fs_support;
 
 mod virtio_fs {
-    use husk_vmm::devices::virtio::fs::{CachePolicy, ConfigError, FsConfig, FsError, VirtioFs};
+    use husk_devices::fs::{CachePolicy, ConfigError, FsConfig, FsError, VirtioFs};
 
     use super::fs_support::TempDir;
 

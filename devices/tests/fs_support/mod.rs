@@ -14,7 +14,7 @@ use fuse_backend_rs::abi::fuse_abi::{
     MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetxattrIn,
     WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
-use husk_vmm::devices::virtio::fs::{FsConfig, FsDeviceModel};
+use husk_devices::fs::{FsConfig, FsDeviceModel};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -19,7 +19,7 @@ use super::{
     VsockConfig, VsockError, VsockTimeouts, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_VSOCK,
     VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::devices::virtio::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
+use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
 
 /// Size of the vsock configuration space: `le64 guest_cid` (virtio 1.2, 5.10.4).
 const CONFIG_SPACE_LEN: usize = 8;
@@ -107,7 +107,7 @@ impl VirtioDevice for VsockDevice {
 
     fn set_acked_features(&mut self, features: u64) {
         self.acked_features =
-            features & (self.available_features() | crate::devices::virtio::VIRTIO_F_VERSION_1);
+            features & (self.available_features() | crate::VIRTIO_F_VERSION_1);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

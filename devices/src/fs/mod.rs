@@ -9,14 +9,12 @@
 //! for the built-in VMM (one worker thread per queue, woken by the queue's
 //! ioeventfd), and [`vhost_user::serve_vhost_user`] serves it to an external
 //! VMM (QEMU's `vhost-user-fs-device`) from a shim thread. [`config`] holds
-//! the share's configuration and its validation; [`shared_dir`] lets the shim
-//! add and remove per-container rootfs directories while the guest runs.
+//! the share's configuration and its validation.
 
 pub mod config;
 pub mod device;
 pub mod filesystem;
 pub mod mmio;
-pub mod shared_dir;
 pub mod vhost_user;
 
 use std::path::PathBuf;
@@ -24,7 +22,6 @@ use std::path::PathBuf;
 pub use config::{CachePolicy, ConfigError, FsConfig};
 pub use device::FsDeviceModel;
 pub use mmio::VirtioFs;
-pub use shared_dir::{SharedDirError, SharedDirectory};
 pub use vhost_user::{serve_vhost_user, VhostUserFsBackend, VhostUserServer};
 
 /// Why a virtio-fs device or server could not be built or run.

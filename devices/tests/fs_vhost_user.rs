@@ -15,7 +15,7 @@ mod virtio_fs {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use husk_vmm::devices::virtio::fs::{serve_vhost_user, FsConfig, FsError};
+    use husk_devices::fs::{serve_vhost_user, FsConfig, FsError};
 
     use super::fs_support::TempDir;
 

@@ -6,12 +6,15 @@
 //! Bind mounts need CAP_SYS_ADMIN; these tests run as root (as the shim
 //! does) and say so loudly instead of passing vacuously when they cannot.
 
+// The FUSE client that plays the guest lives with the virtio-fs suites.
+#[path = "../../devices/tests/fs_support/mod.rs"]
 mod fs_support;
 
-mod virtio_fs {
+mod shared_dir {
     use std::path::Path;
 
-    use husk_vmm::devices::virtio::fs::{FsConfig, SharedDirError, SharedDirectory};
+    use husk_devices::fs::FsConfig;
+    use husk_shim::resources::{SharedDirError, SharedDirectory};
 
     use super::fs_support::{FuseClient, TempDir, ROOT_ID};
 

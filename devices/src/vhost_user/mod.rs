@@ -1,0 +1,5 @@
+//! What both vhost-user servers share.
+
+mod connections;
+
+pub(crate) use connections::accepted_connections;
