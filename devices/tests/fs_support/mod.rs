@@ -36,6 +36,9 @@ impl TempDir {
         ));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
+        // Canonical, so paths built from it match what the kernel reports
+        // (mountinfo, /proc/self/fd) even when TMPDIR goes through a symlink.
+        let path = path.canonicalize().unwrap();
         Self { path }
     }
 
