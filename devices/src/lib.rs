@@ -21,6 +21,7 @@ pub mod vsock;
 
 pub use bus::BusDevice;
 pub use mmio::{MmioError, MmioTransport, MMIO_MAGIC_VALUE, MMIO_VENDOR_ID, QUEUE_NOTIFY_OFFSET};
+pub use vhost_user::ServerError as VhostUserServerError;
 pub use virtio::{
     status, ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };

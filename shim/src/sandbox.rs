@@ -6,10 +6,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::resources::SharedDirectory;
 use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::CreateSandboxRequest;
 use husk_agent_client::{AgentClient, Endpoint};
-use crate::resources::SharedDirectory;
 
 use crate::cleanup;
 use crate::config::{Config, HypervisorKind, VmSize};

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::resources::SharedDirectory;
 use async_trait::async_trait;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::publisher::RemotePublisher;
@@ -24,7 +25,6 @@ use containerd_shim_protos::ttrpc::{self, Code};
 use containerd_shim_protos::types::task::ProcessInfo;
 use husk_agent_client::agent::{CreateContainerRequest, ExecProcessRequest};
 use husk_agent_client::ClientError;
-use crate::resources::SharedDirectory;
 
 use crate::config::{self, Config};
 use crate::metrics;

@@ -21,7 +21,7 @@
 //! every payload within one descriptor (one fragment, or a linear skb), so
 //! the peer can be measured; the bench still counts the peer's dropped TX
 //! packets and prints them. Our device advertises
-//! [`vsock::csm::CONN_BUF_ALLOC`] and gathers payloads across descriptors.
+//! [`vsock::CONN_BUF_ALLOC`] and gathers payloads across descriptors.
 //!
 //! Usage: device_bench BZIMAGE GUEST_INITRD WORK_DIR [PEER_VSOCK_BINARY]
 //! where GUEST_INITRD holds the agent, busybox, `/bench/husk-guest-probe`,
@@ -395,7 +395,7 @@ fn main() {
 
     println!(
         "  vsock: 64 MiB transfers each way, 200 round trips of 64 B; guest->host credit window: husk {} KiB, vhost-device-vsock {} KiB (--tx-buffer-size)",
-        vsock::csm::CONN_BUF_ALLOC >> 10,
+        vsock::CONN_BUF_ALLOC >> 10,
         peer_tx_buffer_bytes() >> 10
     );
     let Ok((h2g, g2h, rtt)) = ours.vsock.clone() else {

@@ -29,10 +29,10 @@ use guest_harness::{
     announce_form, build_test_initramfs, guest_file, guest_kernel, pairs, process_exists,
     test_vm_config, Console, ConsoleWatch, TestDir, GUEST_DEADLINE,
 };
-use husk_guest_probe::digest::{copy_summarized, summarize, Summary};
-use husk_guest_probe::pattern::Pattern;
 use husk_devices::fs::{self as virtio_fs, FsConfig};
 use husk_devices::vsock::{self as virtio_vsock, VsockConfig};
+use husk_guest_probe::digest::{copy_summarized, summarize, Summary};
+use husk_guest_probe::pattern::Pattern;
 use husk_vmm::qemu::{GuestEnd, QemuVm};
 
 const MIB: u64 = 1 << 20;

@@ -21,7 +21,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::FsConfig;
-use super::device::{FsDeviceModel, EVENT_IDX_FEATURE, FS_DEVICE_TYPE};
+use super::model::{FsDeviceModel, EVENT_IDX_FEATURE, FS_DEVICE_TYPE};
 use super::FsError;
 use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
 

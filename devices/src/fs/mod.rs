@@ -1,28 +1,28 @@
 //! virtio-fs: a host directory shared into the guest, served in-process by
 //! fuse-backend-rs's passthrough file system.
 //!
-//! The device model ([`device::FsDeviceModel`]) turns descriptor chains into
-//! FUSE requests and replies and knows nothing about transports; it serves
-//! them with [`filesystem::SharedFs`], the passthrough file system plus the
-//! INIT flags and MKNOD policy the protocol layer leaves to us. Two
-//! adapters carry it: [`mmio::VirtioFs`] implements [`super::VirtioDevice`]
-//! for the built-in VMM (one worker thread per queue, woken by the queue's
-//! ioeventfd), and [`vhost_user::serve_vhost_user`] serves it to an external
-//! VMM (QEMU's `vhost-user-fs-device`) from a shim thread. [`config`] holds
-//! the share's configuration and its validation.
+//! | module | concern |
+//! | --- | --- |
+//! | `model` | the device model ([`FsDeviceModel`]): descriptor chains to FUSE requests and replies, for any transport |
+//! | `filesystem` | the passthrough file system plus the INIT flags and MKNOD policy the protocol layer leaves to us |
+//! | `config` | the share's configuration ([`FsConfig`]) and its validation |
+//! | `mmio` | [`VirtioFs`], the [`VirtioDevice`](crate::VirtioDevice) adapter for virtio-mmio: one worker thread per queue, woken by the queue's ioeventfd |
+//! | `vhost_user` | the vhost-user backend and [`serve_vhost_user`], which serves the model to an external VMM (QEMU's `vhost-user-fs-device`) from a thread of the caller |
 
-pub mod config;
-pub mod device;
-pub mod filesystem;
-pub mod mmio;
-pub mod vhost_user;
+mod config;
+mod filesystem;
+mod mmio;
+mod model;
+mod vhost_user;
 
 use std::path::PathBuf;
 
+use crate::vhost_user::ServerError;
+
 pub use config::{CachePolicy, ConfigError, FsConfig};
-pub use device::FsDeviceModel;
 pub use mmio::VirtioFs;
-pub use vhost_user::{serve_vhost_user, VhostUserFsBackend, VhostUserServer};
+pub use model::FsDeviceModel;
+pub use vhost_user::{serve_vhost_user, VhostUserServer};
 
 /// Why a virtio-fs device or server could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -54,13 +54,7 @@ pub enum FsError {
     /// The vhost-user daemon could not be created.
     #[error("cannot create the vhost-user-fs daemon for {socket}: {reason}")]
     VhostUserDaemon { socket: PathBuf, reason: String },
-    /// The vhost-user socket could not be bound.
-    #[error("cannot listen on vhost-user socket {socket}: {reason}")]
-    VhostUserListen { socket: PathBuf, reason: String },
-    /// The vhost-user session ended with an error.
-    #[error("vhost-user-fs session on {socket} failed: {reason}")]
-    VhostUserSession { socket: PathBuf, reason: String },
-    /// The vhost-user server thread panicked.
-    #[error("the vhost-user-fs server thread for {socket} panicked")]
-    ServerPanicked { socket: PathBuf },
+    /// The vhost-user server could not start, or its session failed.
+    #[error(transparent)]
+    VhostUserServer(#[from] ServerError),
 }

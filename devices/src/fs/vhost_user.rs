@@ -3,42 +3,31 @@
 //! [`VhostUserFsBackend`] adapts [`FsDeviceModel`] to vhost-user-backend's
 //! [`VhostUserBackend`]: one vring worker thread per queue (hiprio and each
 //! request queue), each draining its queue when the frontend kicks it.
-//! [`serve_vhost_user`] binds the socket (so a bad path fails the call, not
-//! the thread) and spawns one server thread that waits for the frontend
-//! (QEMU's `vhost-user-fs-device`, guest memory shared through memfd), runs
-//! the [`VhostUserDaemon`] session, and tears everything down when the
-//! frontend disconnects or [`VhostUserServer::stop`] is called.
-//!
-//! vhost-user-backend gives no handle on the accepted connection, yet a
-//! stop must end a session whose frontend is still connected. After the
-//! daemon accepts, the server thread finds the connection among its own fds
-//! (a connected socket whose local address is our socket path), keeps a
-//! duplicate, and `stop` shuts that duplicate down, which ends the daemon's
-//! request loop like a frontend hang-up would.
+//! [`serve_vhost_user`] builds the backend and binds the socket (so a bad
+//! configuration or path fails the call, not the thread), then serves the
+//! first frontend that connects (QEMU's `vhost-user-fs-device`, guest memory
+//! shared through memfd) through the shared server ([`crate::vhost_user`]).
+//! The server ends with that session: when the frontend disconnects or
+//! [`VhostUserServer::stop`] is called, even with the frontend connected.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-
-use crate::vhost_user::accepted_connections;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::FsConfig;
-use super::device::FsDeviceModel;
+use super::model::FsDeviceModel;
 use super::FsError;
+use crate::vhost_user::{self, Sessions};
+use crate::VIRTIO_F_VERSION_1;
 
 /// Protocol features we implement: several queues (so QEMU checks our
 /// queue count against `num-request-queues`), acknowledged requests, and
@@ -46,12 +35,6 @@ use super::FsError;
 const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
-/// Epoll token of the listening socket while waiting for the frontend.
-const TOKEN_LISTENER: u64 = 0;
-/// Epoll token of the stop event while waiting for the frontend.
-const TOKEN_STOP: u64 = 1;
-/// Events one `epoll_wait` can return while waiting to accept.
-const ACCEPT_EPOLL_EVENTS: usize = 2;
 /// The daemon's thread name (the vring workers are named by the library).
 const DAEMON_THREAD_NAME: &str = "vhost-user-fs";
 
@@ -94,11 +77,6 @@ impl VhostUserFsBackend {
             exit_events,
             handed_out_consumers: Mutex::new(Vec::new()),
         })
-    }
-
-    /// The device model behind the backend.
-    pub fn model(&self) -> &FsDeviceModel {
-        &self.model
     }
 
     fn current_memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
@@ -161,7 +139,7 @@ impl VhostUserBackend for VhostUserFsBackend {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1)
+        VIRTIO_F_VERSION_1
             | self.model.features()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
@@ -238,33 +216,11 @@ impl VhostUserBackend for VhostUserFsBackend {
 /// A running vhost-user-fs server; stopping or dropping it ends the session
 /// and removes the socket.
 pub struct VhostUserServer {
-    socket_path: PathBuf,
-    control: Arc<ServerControl>,
-    thread: Option<JoinHandle<Result<(), FsError>>>,
+    server: vhost_user::Server,
 }
 
-/// What `stop` needs to reach the server thread in either phase.
-struct ServerControl {
-    stop_event: EventFd,
-    state: Mutex<SessionState>,
-}
-
-#[derive(Default)]
-struct SessionState {
-    stop_requested: bool,
-    connection: Option<OwnedFd>,
-}
-
-impl ServerControl {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SessionState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// Binds `socket_path` (replacing a stale socket) and serves `config` to
-/// the first frontend that connects, from a new thread.
+/// Builds the backend for `config`, binds `socket_path` (replacing a stale
+/// socket) and serves the first frontend that connects, from a new thread.
 pub fn serve_vhost_user(socket_path: &Path, config: FsConfig) -> Result<VhostUserServer, FsError> {
     let backend = Arc::new(VhostUserFsBackend::new(&config)?);
     let daemon_memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -273,210 +229,44 @@ pub fn serve_vhost_user(socket_path: &Path, config: FsConfig) -> Result<VhostUse
             socket: socket_path.to_owned(),
             reason: error.to_string(),
         })?;
-    let listener = Listener::new(socket_path, true).map_err(|error| FsError::VhostUserListen {
-        socket: socket_path.to_owned(),
-        reason: error.to_string(),
-    })?;
-    let control = Arc::new(ServerControl {
-        stop_event: EventFd::new(EFD_NONBLOCK).map_err(|source| FsError::EventSetup {
-            what: "server stop eventfd",
-            source,
-        })?,
-        state: Mutex::new(SessionState::default()),
-    });
-    let session = Session {
-        socket_path: socket_path.to_owned(),
-        daemon,
-        listener,
-        control: control.clone(),
-    };
     let name = format!("{DAEMON_THREAD_NAME}-server");
-    let thread = std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || session.run())
-        .map_err(|source| FsError::SpawnThread { name, source })?;
+    let server = vhost_user::serve(socket_path, &name, FirstFrontend(Some(daemon)))?;
     tracing::info!(socket = %socket_path.display(), tag = %config.tag, "vhost-user-fs listening");
-    Ok(VhostUserServer {
-        socket_path: socket_path.to_owned(),
-        control,
-        thread: Some(thread),
-    })
+    Ok(VhostUserServer { server })
 }
 
 impl VhostUserServer {
     /// The socket the frontend connects to.
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        self.server.socket_path()
     }
 
     /// Whether the session has ended (frontend gone or never coming back).
     pub fn is_finished(&self) -> bool {
-        self.thread
-            .as_ref()
-            .is_none_or(|thread| thread.is_finished())
+        self.server.is_finished()
     }
 
     /// Ends the session, joins every thread and removes the socket. Returns
     /// the session's own error, if it failed before the stop.
     pub fn stop(mut self) -> Result<(), FsError> {
-        self.shutdown()
-    }
-
-    fn shutdown(&mut self) -> Result<(), FsError> {
-        let Some(thread) = self.thread.take() else {
-            return Ok(());
-        };
-        {
-            let mut state = self.control.lock();
-            state.stop_requested = true;
-            if let Some(connection) = &state.connection {
-                shutdown_socket(connection);
-            }
-        }
-        if let Err(error) = self.control.stop_event.write(1) {
-            tracing::error!(%error, "vhost-user-fs: cannot signal the server to stop");
-        }
-        // A frontend that connected and hung up at once leaves the daemon
-        // blocked in accept(); one throwaway connection wakes it, and the
-        // session sees stop_requested and ends.
-        if !thread.is_finished() {
-            let _ = UnixStream::connect(&self.socket_path);
-        }
-        let result = thread.join().map_err(|_| FsError::ServerPanicked {
-            socket: self.socket_path.clone(),
-        })?;
-        remove_socket(&self.socket_path);
-        result
+        Ok(self.server.stop()?)
     }
 }
 
-impl Drop for VhostUserServer {
-    fn drop(&mut self) {
-        if let Err(error) = self.shutdown() {
-            tracing::warn!(%error, "vhost-user-fs server ended with an error");
-        }
-    }
-}
+/// The first frontend only: the shim starts one QEMU per share, and the
+/// server ends with that session.
+struct FirstFrontend(Option<VhostUserDaemon<Arc<VhostUserFsBackend>>>);
 
-/// The server thread's state: one frontend session from accept to teardown.
-struct Session {
-    socket_path: PathBuf,
-    daemon: VhostUserDaemon<Arc<VhostUserFsBackend>>,
-    listener: Listener,
-    control: Arc<ServerControl>,
-}
+impl Sessions for FirstFrontend {
+    type Backend = Arc<VhostUserFsBackend>;
 
-impl Session {
-    fn run(mut self) -> Result<(), FsError> {
-        let result = self.serve();
-        // Dropping the daemon sends the vring workers their exit events and
-        // joins them; dropping the listener removes the socket.
-        drop(self.daemon);
-        drop(self.listener);
-        result
+    fn daemon(&mut self) -> Result<VhostUserDaemon<Self::Backend>, String> {
+        self.0
+            .take()
+            .ok_or_else(|| "the virtio-fs share was already served to a frontend".to_owned())
     }
 
-    fn serve(&mut self) -> Result<(), FsError> {
-        if !self.wait_for_frontend()? {
-            return Ok(());
-        }
-        self.daemon
-            .start(&mut self.listener)
-            .map_err(|error| FsError::VhostUserSession {
-                socket: self.socket_path.clone(),
-                reason: error.to_string(),
-            })?;
-        self.track_connection();
-        tracing::info!(socket = %self.socket_path.display(), "vhost-user-fs frontend connected");
-        let result = self.daemon.wait();
-        tracing::info!(socket = %self.socket_path.display(), "vhost-user-fs session ended");
-        match result {
-            Ok(()) => Ok(()),
-            Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected
-                | VhostUserError::PartialMessage
-                | VhostUserError::SocketBroken(_),
-            )) => Ok(()),
-            Err(_) if self.control.lock().stop_requested => Ok(()),
-            Err(error) => Err(FsError::VhostUserSession {
-                socket: self.socket_path.clone(),
-                reason: error.to_string(),
-            }),
-        }
-    }
-
-    /// Sleeps until a frontend connects (true) or a stop is requested (false).
-    fn wait_for_frontend(&self) -> Result<bool, FsError> {
-        let setup_error = |source| FsError::EventSetup {
-            what: "accept epoll",
-            source,
-        };
-        let epoll = Epoll::new().map_err(setup_error)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
-            )
-            .map_err(setup_error)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.control.stop_event.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_STOP),
-            )
-            .map_err(setup_error)?;
-        let mut events = [EpollEvent::default(); ACCEPT_EPOLL_EVENTS];
-        loop {
-            let ready = match epoll.wait(-1, &mut events) {
-                Ok(ready) => ready,
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(setup_error(source)),
-            };
-            if self.control.lock().stop_requested
-                || events[..ready].iter().any(|e| e.data() == TOKEN_STOP)
-            {
-                return Ok(false);
-            }
-            if events[..ready].iter().any(|e| e.data() == TOKEN_LISTENER) {
-                return Ok(true);
-            }
-        }
-    }
-
-    /// Records a duplicate of the accepted connection so `stop` can shut it
-    /// down, or shuts it down at once if a stop already came in.
-    fn track_connection(&self) {
-        let connection = accepted_connections(&self.socket_path).into_iter().next();
-        let mut state = self.control.lock();
-        match connection {
-            Some(connection) => {
-                if state.stop_requested {
-                    shutdown_socket(&connection);
-                }
-                state.connection = Some(connection);
-            }
-            None => tracing::warn!(
-                socket = %self.socket_path.display(),
-                "vhost-user-fs: cannot find the accepted connection; stop will wait for the frontend to hang up"
-            ),
-        }
-    }
-}
-
-fn shutdown_socket(connection: &OwnedFd) {
-    // SAFETY: shutdown(2) on an fd we own; no memory is involved.
-    if unsafe { libc::shutdown(connection.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "vhost-user-fs: shutdown of the connection failed");
-    }
-}
-
-fn remove_socket(socket_path: &Path) {
-    match std::fs::remove_file(socket_path) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => {
-            tracing::warn!(%error, socket = %socket_path.display(), "cannot remove the vhost-user-fs socket")
-        }
+    fn serves_again(&self) -> bool {
+        false
     }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 /// whose local address is `socket_path`. The check runs on the duplicate, so
 /// a number reused between the scan and the dup cannot be mistaken for a
 /// connection.
-pub fn accepted_connections(socket_path: &Path) -> Vec<OwnedFd> {
+pub(super) fn accepted_connections(socket_path: &Path) -> Vec<OwnedFd> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return found;

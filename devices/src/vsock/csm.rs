@@ -202,11 +202,6 @@ impl Connection {
         &self.stream
     }
 
-    /// The connection's state.
-    pub fn state(&self) -> ConnState {
-        self.state
-    }
-
     /// The deadline the muxer's timer must honour, if any.
     pub fn deadline(&self) -> Option<Instant> {
         match self.state {

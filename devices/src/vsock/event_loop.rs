@@ -1,147 +1,23 @@
-//! What wakes the device, and the queue processing both transports share.
+//! What wakes the device: the worker thread of an activated MMIO device.
 //!
-//! [`QueueProcessor`] moves packets between the virtqueues and the
-//! [`Muxer`]: it drains the tx queue into the muxer and fills rx buffers from
-//! it, in batches, and tells its caller whether the driver must be
-//! interrupted. It works on a plain `virtio_queue::Queue` and any
-//! `GuestMemory`, so the vhost-user adapter calls it with the vrings'
-//! queues and the MMIO worker ([`MmioWorker`]) with its own.
-//!
-//! The MMIO worker is one thread per activated device, blocked in epoll on
-//! the three queue eventfds (KVM ioeventfds), the muxer's epoll fd and a
-//! stop eventfd. Stopping joins the thread and hands the muxer back.
+//! One thread per activated device, blocked in epoll on the three queue
+//! eventfds (KVM ioeventfds), the model's host-side epoll fd and a stop
+//! eventfd; it runs the [`VsockModel`] on each wake-up and raises the
+//! interrupt when the model used buffers. Stopping joins the thread, which
+//! drops the model and with it every connection. (Over vhost-user the
+//! framework's vring worker plays this part, see [`super::vhost_user`].)
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::muxer::Muxer;
-use super::packet::{self, RxBuffer, Segment, TxPayload};
+use super::model::VsockModel;
 use super::{VsockError, EVENT_QUEUE_INDEX, RX_QUEUE_INDEX, TX_QUEUE_INDEX};
 use crate::{ActivatedQueue, VirtioInterrupt};
-
-/// Moves packets between the queues and the muxer.
-#[derive(Default)]
-pub struct QueueProcessor {
-    tx_segments: Vec<Segment>,
-    rx_segments: Vec<Segment>,
-    tx_stalled: bool,
-}
-
-impl QueueProcessor {
-    /// Whether tx processing stopped early because the muxer's backlog of
-    /// guest-bound packets is full; call [`Self::process_tx`] again after rx.
-    pub fn tx_stalled(&self) -> bool {
-        self.tx_stalled
-    }
-
-    /// Drains the tx queue into the muxer. Returns whether the driver must
-    /// be notified of used buffers.
-    pub fn process_tx<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-        muxer: &mut Muxer,
-    ) -> Result<bool, VsockError> {
-        let queue_error = |source| VsockError::Queue {
-            queue: TX_QUEUE_INDEX,
-            source,
-        };
-        self.tx_stalled = false;
-        let mut used_any = false;
-        loop {
-            queue.disable_notification(mem).map_err(queue_error)?;
-            loop {
-                if muxer.tx_backlog_full() {
-                    self.tx_stalled = true;
-                    break;
-                }
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                match packet::parse_tx(mem, chain, &mut self.tx_segments) {
-                    Ok(header) => {
-                        let payload_len = if header.op == packet::op::RW {
-                            header.len as usize
-                        } else {
-                            0
-                        };
-                        let payload = TxPayload::new(mem, &self.tx_segments, payload_len);
-                        muxer.handle_guest_packet(&header, &payload);
-                    }
-                    Err(error) => tracing::warn!(%error, "dropping malformed vsock tx packet"),
-                }
-                queue.add_used(mem, head, 0).map_err(queue_error)?;
-                used_any = true;
-            }
-            if self.tx_stalled || !queue.enable_notification(mem).map_err(queue_error)? {
-                break;
-            }
-        }
-        Ok(used_any && queue.needs_notification(mem).map_err(queue_error)?)
-    }
-
-    /// Fills rx buffers with the muxer's pending packets. Returns whether
-    /// the driver must be notified of used buffers.
-    pub fn process_rx<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-        muxer: &mut Muxer,
-    ) -> Result<bool, VsockError> {
-        let queue_error = |source| VsockError::Queue {
-            queue: RX_QUEUE_INDEX,
-            source,
-        };
-        let mut used_any = false;
-        loop {
-            queue.disable_notification(mem).map_err(queue_error)?;
-            let mut out_of_buffers = false;
-            while muxer.has_rx() {
-                let before = queue.next_avail();
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    out_of_buffers = true;
-                    break;
-                };
-                let head = chain.head_index();
-                match packet::parse_rx(mem, chain, &mut self.rx_segments) {
-                    Ok(total) => {
-                        let rx = RxBuffer::new(mem, &self.rx_segments, total);
-                        match muxer.fill_rx(&rx) {
-                            Some(len) => {
-                                queue.add_used(mem, head, len).map_err(queue_error)?;
-                                used_any = true;
-                            }
-                            None => {
-                                // Nothing after all (a socket had no data):
-                                // hand the buffer back to the ring.
-                                queue.set_next_avail(before);
-                                break;
-                            }
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "returning unusable vsock rx buffer");
-                        queue.add_used(mem, head, 0).map_err(queue_error)?;
-                        used_any = true;
-                    }
-                }
-            }
-            // Ask to be told about new buffers only if we still have packets;
-            // re-check after enabling (virtio 1.2, 2.7.10 race).
-            if !out_of_buffers || !queue.enable_notification(mem).map_err(queue_error)? {
-                break;
-            }
-        }
-        Ok(used_any && queue.needs_notification(mem).map_err(queue_error)?)
-    }
-}
 
 /// Epoll tokens of the MMIO worker.
 const TOKEN_RX: u64 = RX_QUEUE_INDEX as u64;
@@ -162,18 +38,18 @@ struct WorkerState {
     memory: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
     queues: Vec<ActivatedQueue>,
-    muxer: Muxer,
-    processor: QueueProcessor,
+    model: VsockModel,
     epoll: Epoll,
 }
 
 impl MmioWorker {
-    /// Starts the worker thread over the activated queues (rx, tx, event).
+    /// Starts the worker thread running `model` over the activated queues
+    /// (rx, tx, event).
     pub fn spawn(
         memory: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
-        muxer: Muxer,
+        model: VsockModel,
         guest_cid: u64,
     ) -> Result<Self, VsockError> {
         let event_error = |what| move |source| VsockError::Event { what, source };
@@ -191,7 +67,7 @@ impl MmioWorker {
         epoll
             .ctl(
                 ControlOperation::Add,
-                muxer.as_raw_fd(),
+                model.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, TOKEN_MUXER),
             )
             .map_err(event_error("register muxer"))?;
@@ -207,8 +83,7 @@ impl MmioWorker {
             memory,
             interrupt,
             queues,
-            muxer,
-            processor: QueueProcessor::default(),
+            model,
             epoll,
         };
         let thread = std::thread::Builder::new()
@@ -273,7 +148,7 @@ impl WorkerState {
                     // never send; its buffers stay with us untouched.
                     TOKEN_EVENT => self.drain_notifier(EVENT_QUEUE_INDEX),
                     TOKEN_MUXER => {
-                        self.muxer.process_host_events();
+                        self.model.process_host_events();
                         run_rx = true;
                     }
                     _ => {}
@@ -293,36 +168,20 @@ impl WorkerState {
         }
     }
 
-    /// Runs tx (which may queue replies) then rx, and retries tx while rx
-    /// frees the backlog it stalled on.
-    fn pump(&mut self, mut run_tx: bool, mut run_rx: bool) -> Result<(), VsockError> {
-        let mut notify = false;
+    /// Runs the model on the queues and interrupts the guest if it used
+    /// buffers in either.
+    fn pump(&mut self, run_tx: bool, run_rx: bool) -> Result<(), VsockError> {
         let [rx_queue, tx_queue, ..] = self.queues.as_mut_slice() else {
             return Ok(());
         };
-        loop {
-            if run_tx {
-                notify |= self.processor.process_tx(
-                    &mut tx_queue.queue,
-                    &self.memory,
-                    &mut self.muxer,
-                )?;
-                run_rx = true;
-            }
-            if run_rx {
-                notify |= self.processor.process_rx(
-                    &mut rx_queue.queue,
-                    &self.memory,
-                    &mut self.muxer,
-                )?;
-            }
-            // A stalled tx resumes once rx has drained the backlog.
-            run_tx = self.processor.tx_stalled() && !self.muxer.tx_backlog_full();
-            if !run_tx {
-                break;
-            }
-        }
-        if notify {
+        let used = self.model.pump(
+            &self.memory,
+            &mut rx_queue.queue,
+            &mut tx_queue.queue,
+            run_tx,
+            run_rx,
+        )?;
+        if used.rx || used.tx {
             if let Err(error) = self.interrupt.signal_used_queue() {
                 tracing::warn!(%error, "cannot interrupt the guest for vsock");
             }

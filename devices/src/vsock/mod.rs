@@ -3,7 +3,7 @@
 //! The guest sees a normal virtio socket device (three queues: rx, tx,
 //! event; config space = the guest's 64-bit CID). On the host there is no
 //! vhost-vsock: every host peer is a Unix socket, following the Firecracker
-//! "hybrid vsock" convention (see `../shared/ARCHITECTURE.md`):
+//! "hybrid vsock" convention (see `docs/architecture.md`):
 //!
 //! * a host client connects to `uds_path`, writes `CONNECT <port>\n`, and once
 //!   the guest accepts reads `OK <host_port>\n`, then the stream is raw bytes;
@@ -13,19 +13,21 @@
 //!
 //! | module | concern |
 //! | --- | --- |
-//! | [`packet`] | the 44-byte header codec and descriptor-chain access |
-//! | [`csm`] | one connection's state machine and flow control |
-//! | [`muxer`] | the Unix-socket backend: listener, handshakes, connections, timers |
-//! | [`event_loop`] | queue processing shared by both transports, and the MMIO worker thread |
-//! | [`device`] | the [`VirtioDevice`](super::VirtioDevice) adapter for virtio-mmio |
-//! | [`vhost_user`] | the `vhost-user-backend` adapter and its server thread |
+//! | `model` | the device model: features, config space, and moving packets between the queues and the muxer |
+//! | `packet` | the 44-byte header codec and descriptor-chain access |
+//! | `csm` | one connection's state machine and flow control |
+//! | `muxer` | the Unix-socket backend: listener, handshakes, connections, timers |
+//! | `event_loop` | the MMIO worker thread: what wakes an activated device |
+//! | `mmio` | [`VsockDevice`], the [`VirtioDevice`](crate::VirtioDevice) adapter for virtio-mmio |
+//! | `vhost_user` | the `vhost-user-backend` adapter and [`serve_vhost_user`] |
 
-pub mod csm;
-pub mod device;
-pub mod event_loop;
-pub mod muxer;
-pub mod packet;
-pub mod vhost_user;
+mod csm;
+mod event_loop;
+mod mmio;
+mod model;
+mod muxer;
+mod packet;
+mod vhost_user;
 
 #[cfg(test)]
 mod test_support;
@@ -35,8 +37,9 @@ mod tests;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use device::VsockDevice;
-pub use vhost_user::{serve_vhost_user, VhostUserServer, VhostUserVsockBackend};
+pub use csm::CONN_BUF_ALLOC;
+pub use mmio::VsockDevice;
+pub use vhost_user::{serve_vhost_user, VhostUserServer};
 
 /// The virtio device id of a socket device (virtio 1.2, section 5, table "Device Types").
 pub const VIRTIO_ID_VSOCK: u32 = 19;

@@ -211,11 +211,6 @@ impl Muxer {
         })
     }
 
-    /// Gives the listening socket back (the connections are dropped).
-    pub fn into_listener(self) -> UnixListener {
-        self.listener
-    }
-
     /// Drops every connection (their host clients see end of stream) and
     /// every queued guest-bound packet: the guest driver was reset, so none
     /// of its sockets exist any more. Pending handshakes stay.
@@ -233,6 +228,7 @@ impl Muxer {
     }
 
     /// Number of live connections (handshakes excluded).
+    #[cfg(test)]
     pub fn connection_count(&self) -> usize {
         self.connections.len()
     }

@@ -20,12 +20,13 @@ use vm_memory::{GuestAddress, GuestMemory};
 pub const HDR_LEN: usize = 44;
 /// `VIRTIO_VSOCK_TYPE_STREAM` (virtio 1.2, 5.10.6).
 pub const TYPE_STREAM: u16 = 1;
-/// `VIRTIO_VSOCK_TYPE_SEQPACKET` (virtio 1.2, 5.10.6); not offered by us.
+/// `VIRTIO_VSOCK_TYPE_SEQPACKET` (virtio 1.2, 5.10.6); not offered by us,
+/// so only the tests send it.
+#[cfg(test)]
 pub const TYPE_SEQPACKET: u16 = 2;
 
 /// Packet operations, `VIRTIO_VSOCK_OP_*` (virtio 1.2, 5.10.6).
 pub mod op {
-    pub const INVALID: u16 = 0;
     pub const REQUEST: u16 = 1;
     pub const RESPONSE: u16 = 2;
     pub const RST: u16 = 3;
@@ -353,11 +354,6 @@ impl<'a, M: GuestMemory> TxPayload<'a, M> {
         self.len
     }
 
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Writes payload bytes from `skip` on to the socket `fd` with one
     /// vectored `sendmsg`.
     /// Returns how many bytes the kernel took.
@@ -455,11 +451,6 @@ impl<'a, M: GuestMemory> RxBuffer<'a, M> {
         write_bytes(self.mem, self.segments, 0, &header.encode())
     }
 
-    /// Copies `data` into the payload area (small control payloads, tests).
-    pub fn write_payload(&self, data: &[u8]) -> bool {
-        data.len() <= self.capacity && write_bytes(self.mem, self.segments, HDR_LEN, data)
-    }
-
     /// Reads at most `max` bytes from `fd` straight into the payload area
     /// with one `readv`. `Ok(0)` is end of stream.
     pub fn read_payload_from(&self, fd: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
@@ -490,7 +481,8 @@ impl<'a, M: GuestMemory> RxBuffer<'a, M> {
     }
 }
 
-/// Reads the payload of an rx buffer back (tests and diagnostics).
+/// Reads the payload of an rx buffer back (for the tests).
+#[cfg(test)]
 pub fn read_segments<M: GuestMemory>(
     mem: &M,
     segments: &[Segment],

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::event_loop::QueueProcessor;
+use super::model::QueueProcessor;
 use super::muxer::{bind_listener, Muxer};
 use super::packet::{op, PacketHeader, HDR_LEN, TYPE_STREAM};
 use super::{VsockConfig, VsockTimeouts, HOST_CID};

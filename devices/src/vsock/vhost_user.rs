@@ -5,40 +5,36 @@
 //! vring worker thread calls [`VhostUserBackend::handle_event`] for queue
 //! kicks, and for the muxer's epoll fd, which we register with that worker
 //! as an extra listener, so one thread runs queues and host sockets alike.
-//! Queue processing is [`QueueProcessor`], shared with the MMIO transport.
+//! The queues are run by the [`VsockModel`], as over the MMIO transport.
 //!
-//! [`serve_vhost_user`] runs a server thread that accepts one frontend at a
-//! time on the vhost-user socket, with a fresh backend per frontend session
-//! (the host-side listening socket persists across sessions).
-//! `VhostUserDaemon` offers no way to end a session from our side, so the
-//! server keeps a duplicate of the accepted frontend socket and shuts it down
-//! on [`VhostUserServer::stop`], which makes the daemon's request loop end.
+//! [`serve_vhost_user`] serves frontends one after another on the
+//! vhost-user socket through the shared server ([`crate::vhost_user`]), with
+//! a fresh backend per frontend session; the host-side listening socket
+//! persists across sessions, so host clients keep their place in its backlog
+//! while QEMU reconnects. [`VhostUserServer::stop`] ends the server, even
+//! with a frontend connected.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::event_loop::QueueProcessor;
+use super::model::{self, VsockModel, CONFIG_SPACE_LEN, DEVICE_FEATURES};
 use super::muxer::{bind_listener, Muxer};
 use super::{
     VsockConfig, VsockError, VsockTimeouts, EVENT_QUEUE_INDEX, NUM_QUEUES, QUEUE_SIZE,
-    RX_QUEUE_INDEX, TX_QUEUE_INDEX, VIRTIO_RING_F_EVENT_IDX,
+    RX_QUEUE_INDEX, TX_QUEUE_INDEX,
 };
-use crate::vhost_user::accepted_connections;
+use crate::vhost_user::{self, Sessions};
 use crate::VIRTIO_F_VERSION_1;
 
 /// Guest memory as the vhost-user framework shares it (no dirty bitmap).
@@ -48,16 +44,11 @@ type GuestMemoryShared = GuestMemoryAtomic<GuestMemoryMmap>;
 /// free for backends is `NUM_QUEUES + 1`.
 const MUXER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
-struct BackendInner {
-    muxer: Muxer,
-    processor: QueueProcessor,
-}
-
 /// A vsock device model as a vhost-user backend.
 pub struct VhostUserVsockBackend {
     guest_cid: u64,
     memory: GuestMemoryShared,
-    inner: Mutex<BackendInner>,
+    model: Mutex<VsockModel>,
 }
 
 impl VhostUserVsockBackend {
@@ -67,30 +58,27 @@ impl VhostUserVsockBackend {
         Self {
             guest_cid,
             memory,
-            inner: Mutex::new(BackendInner {
-                muxer,
-                processor: QueueProcessor::default(),
-            }),
+            model: Mutex::new(VsockModel::new(muxer)),
         }
     }
 
-    /// The muxer's epoll fd, to register with the vring worker.
+    /// The model's host-side epoll fd, to register with the vring worker.
     fn muxer_fd(&self) -> io::Result<RawFd> {
-        Ok(self.lock()?.muxer.as_raw_fd())
+        Ok(self.lock()?.as_raw_fd())
     }
 
-    fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, BackendInner>> {
-        self.inner
+    fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, VsockModel>> {
+        self.model
             .lock()
             .map_err(|_| io::Error::other("vsock backend state poisoned by a panic"))
     }
 
-    /// Runs tx and/or rx on the vrings and notifies the frontend.
+    /// Runs the model on the vrings and notifies the frontend.
     fn pump(
         &self,
         vrings: &[VringRwLock<GuestMemoryShared>],
-        mut run_tx: bool,
-        mut run_rx: bool,
+        run_tx: bool,
+        run_rx: bool,
     ) -> io::Result<()> {
         let (Some(rx_vring), Some(tx_vring)) =
             (vrings.get(RX_QUEUE_INDEX), vrings.get(TX_QUEUE_INDEX))
@@ -98,40 +86,25 @@ impl VhostUserVsockBackend {
             return Ok(());
         };
         let memory = self.memory.memory();
-        let mut inner = self.lock()?;
-        let BackendInner { muxer, processor } = &mut *inner;
-        let (mut notify_rx, mut notify_tx) = (false, false);
-        loop {
-            if run_tx {
-                let mut state = tx_vring.get_mut();
-                let queue = state.get_queue_mut();
-                if virtio_queue::QueueT::ready(queue) {
-                    notify_tx |= processor
-                        .process_tx(queue, &*memory, muxer)
-                        .map_err(io::Error::other)?;
-                }
-                run_rx = true;
-            }
-            if run_rx {
-                let mut state = rx_vring.get_mut();
-                let queue = state.get_queue_mut();
-                if virtio_queue::QueueT::ready(queue) {
-                    notify_rx |= processor
-                        .process_rx(queue, &*memory, muxer)
-                        .map_err(io::Error::other)?;
-                }
-            }
-            run_tx = processor.tx_stalled() && !muxer.tx_backlog_full();
-            if !run_tx {
-                break;
-            }
-        }
-        drop(inner);
+        let used = {
+            let mut model = self.lock()?;
+            let mut rx_state = rx_vring.get_mut();
+            let mut tx_state = tx_vring.get_mut();
+            model
+                .pump(
+                    &*memory,
+                    rx_state.get_queue_mut(),
+                    tx_state.get_queue_mut(),
+                    run_tx,
+                    run_rx,
+                )
+                .map_err(io::Error::other)?
+        };
         // The vring locks are released above: signalling takes them again.
-        if notify_tx {
+        if used.tx {
             tx_vring.signal_used_queue()?;
         }
-        if notify_rx {
+        if used.rx {
             rx_vring.signal_used_queue()?;
         }
         Ok(())
@@ -151,9 +124,7 @@ impl VhostUserBackend for VhostUserVsockBackend {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        VIRTIO_F_VERSION_1 | DEVICE_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -166,7 +137,7 @@ impl VhostUserBackend for VhostUserVsockBackend {
         // reload): connections of an earlier session belong to sockets that no
         // longer exist in the guest.
         match self.lock() {
-            Ok(mut inner) => inner.muxer.reset_connections(),
+            Ok(mut model) => model.reset_connections(),
             Err(error) => tracing::error!(%error, "cannot reset vsock connections"),
         }
     }
@@ -177,12 +148,14 @@ impl VhostUserBackend for VhostUserVsockBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.guest_cid.to_le_bytes();
-        let start = (offset as usize).min(config.len());
+        // Only the bytes that exist: a read past the end comes back short.
+        let start = (offset as usize).min(CONFIG_SPACE_LEN);
         let end = (offset as usize)
             .saturating_add(size as usize)
-            .min(config.len());
-        config[start..end].to_vec()
+            .min(CONFIG_SPACE_LEN);
+        let mut data = vec![0; end - start];
+        model::read_config(self.guest_cid, u64::from(offset), &mut data);
+        data
     }
 
     fn update_memory(&self, _memory: GuestMemoryShared) -> io::Result<()> {
@@ -213,7 +186,7 @@ impl VhostUserBackend for VhostUserVsockBackend {
             // Only TRANSPORT_RESET travels on the event queue; we never send it.
             e if e as usize == EVENT_QUEUE_INDEX => Ok(()),
             MUXER_EVENT => {
-                self.lock()?.muxer.process_host_events();
+                self.lock()?.process_host_events();
                 self.pump(vrings, false, true)
             }
             other => {
@@ -226,17 +199,13 @@ impl VhostUserBackend for VhostUserVsockBackend {
 
 /// A running vhost-user vsock server; [`Self::stop`] (or drop) ends it.
 pub struct VhostUserServer {
-    socket_path: PathBuf,
+    server: vhost_user::Server,
     uds_path: PathBuf,
-    stopping: Arc<AtomicBool>,
-    wake: EventFd,
-    frontend: Arc<Mutex<Vec<OwnedFd>>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 /// Serves `config`'s vsock device to vhost-user frontends on `socket_path`,
-/// from a new thread. Both `socket_path` and `config.uds_path` exist when
-/// this returns.
+/// one after another, from a new thread. Both `socket_path` and
+/// `config.uds_path` exist when this returns.
 pub fn serve_vhost_user(
     socket_path: &Path,
     config: VsockConfig,
@@ -251,162 +220,69 @@ pub fn serve_vhost_user_with_timeouts(
     timeouts: VsockTimeouts,
 ) -> Result<VhostUserServer, VsockError> {
     config.validate()?;
-    let vhost_error = |message: String| VsockError::VhostUser {
-        path: socket_path.to_owned(),
-        message,
-    };
     let uds_listener = bind_listener(&config.uds_path)?;
-    let listener = match Listener::new(socket_path, true) {
-        Ok(listener) => listener,
-        Err(error) => {
-            let _ = std::fs::remove_file(&config.uds_path);
-            return Err(vhost_error(error.to_string()));
-        }
-    };
-    let wake = EventFd::new(EFD_NONBLOCK).map_err(|source| VsockError::Event {
-        what: "server wake eventfd",
-        source,
-    })?;
-    let session = Session {
-        socket_path: socket_path.to_owned(),
-        config: config.clone(),
-        timeouts,
-        listener,
-        uds_listener,
-        stopping: Arc::new(AtomicBool::new(false)),
-        wake: wake.try_clone().map_err(|source| VsockError::Event {
-            what: "server wake eventfd",
-            source,
-        })?,
-        frontend: Arc::new(Mutex::new(Vec::new())),
-    };
-    let stopping = session.stopping.clone();
-    let frontend = session.frontend.clone();
+    let uds_path = config.uds_path.clone();
     let name = format!("vhost-user-vsock-cid{}", config.guest_cid);
-    let thread = std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || session.run())
-        .map_err(|source| VsockError::Thread { name, source })?;
-    Ok(VhostUserServer {
+    let sessions = VsockSessions {
         socket_path: socket_path.to_owned(),
-        uds_path: config.uds_path,
-        stopping,
-        wake,
-        frontend,
-        thread: Some(thread),
-    })
+        config,
+        timeouts,
+        uds_listener,
+    };
+    match vhost_user::serve(socket_path, &name, sessions) {
+        Ok(server) => Ok(VhostUserServer { server, uds_path }),
+        Err(error) => {
+            let _ = std::fs::remove_file(&uds_path);
+            Err(VsockError::VhostUser {
+                path: socket_path.to_owned(),
+                message: error.to_string(),
+            })
+        }
+    }
 }
 
 impl VhostUserServer {
     /// The vhost-user socket frontends connect to.
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        self.server.socket_path()
+    }
+
+    /// Whether the server has ended on its own (it serves frontends until
+    /// stopped, so this means it failed).
+    pub fn is_finished(&self) -> bool {
+        self.server.is_finished()
     }
 
     /// Ends the server: disconnects a connected frontend, joins the thread
     /// and removes both sockets.
     pub fn stop(mut self) {
-        self.stop_and_join();
+        self.stop_and_remove_sockets();
     }
 
-    fn stop_and_join(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        self.stopping.store(true, Ordering::SeqCst);
-        if let Err(error) = self.wake.write(1) {
-            tracing::error!(%error, "cannot wake the vhost-user vsock server");
+    fn stop_and_remove_sockets(&mut self) {
+        if let Err(error) = self.server.stop() {
+            tracing::error!(%error, "the vhost-user vsock server failed");
         }
-        shutdown_frontend(&self.frontend);
-        if thread.join().is_err() {
-            tracing::error!("the vhost-user vsock server thread panicked");
-        }
-        let _ = std::fs::remove_file(&self.socket_path);
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 
 impl Drop for VhostUserServer {
     fn drop(&mut self) {
-        self.stop_and_join();
+        self.stop_and_remove_sockets();
     }
 }
 
-fn shutdown_frontend(frontend: &Mutex<Vec<OwnedFd>>) {
-    if let Ok(fds) = frontend.lock() {
-        for fd in fds.iter() {
-            // SAFETY: plain system call on an fd we own (a dup of the
-            // frontend socket); shutting it down ends the daemon's reads.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
-        }
-    }
-}
-
-/// The server thread's state.
-struct Session {
+/// A fresh backend for every frontend, over the one host listening socket.
+struct VsockSessions {
     socket_path: PathBuf,
     config: VsockConfig,
     timeouts: VsockTimeouts,
-    listener: Listener,
     uds_listener: UnixListener,
-    stopping: Arc<AtomicBool>,
-    wake: EventFd,
-    frontend: Arc<Mutex<Vec<OwnedFd>>>,
 }
 
-impl Session {
-    fn run(mut self) {
-        while !self.stopping.load(Ordering::SeqCst) {
-            match self.wait_for_frontend() {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(error) => {
-                    tracing::error!(%error, path = %self.socket_path.display(), "vhost-user vsock server failed");
-                    break;
-                }
-            }
-            if let Err(error) = self.serve_one_frontend() {
-                tracing::error!(%error, "vhost-user vsock session failed");
-                // Do not spin on a persistent failure: wait for the next
-                // frontend or for stop.
-            }
-        }
-    }
-
-    /// Blocks until a frontend is connecting (true) or stop was requested.
-    fn wait_for_frontend(&self) -> io::Result<bool> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        loop {
-            // SAFETY: fds is a valid array of two pollfd.
-            let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if ret < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if self.stopping.load(Ordering::SeqCst) || fds[1].revents != 0 {
-                return Ok(false);
-            }
-            if fds[0].revents != 0 {
-                return Ok(true);
-            }
-        }
-    }
-
-    fn serve_one_frontend(&mut self) -> Result<(), VsockError> {
+impl VsockSessions {
+    fn new_daemon(&mut self) -> Result<VhostUserDaemon<Arc<VhostUserVsockBackend>>, VsockError> {
         let vhost_error = |message: String| VsockError::VhostUser {
             path: self.socket_path.clone(),
             message,
@@ -425,7 +301,7 @@ impl Session {
             muxer,
             memory.clone(),
         ));
-        let mut daemon = VhostUserDaemon::new(
+        let daemon = VhostUserDaemon::new(
             format!("vhost-user-vsock-cid{}", self.config.guest_cid),
             backend.clone(),
             memory,
@@ -437,35 +313,19 @@ impl Session {
                 .register_listener(muxer_fd, EventSet::IN, u64::from(MUXER_EVENT))
                 .map_err(|e| vhost_error(format!("cannot watch the vsock muxer: {e}")))?;
         }
-        daemon
-            .start(&mut self.listener)
-            .map_err(|e| vhost_error(e.to_string()))?;
-        self.remember_frontend();
-        let result = daemon.wait();
-        if let Ok(mut fds) = self.frontend.lock() {
-            fds.clear();
-        }
-        match result {
-            Ok(()) => tracing::debug!("vhost-user vsock frontend disconnected"),
-            Err(error) => tracing::debug!(%error, "vhost-user vsock frontend session ended"),
-        }
-        // Dropping the daemon stops and joins its vring worker, which drops
-        // the backend and with it every host connection.
-        drop(daemon);
-        Ok(())
+        Ok(daemon)
+    }
+}
+
+impl Sessions for VsockSessions {
+    type Backend = Arc<VhostUserVsockBackend>;
+
+    fn daemon(&mut self) -> Result<VhostUserDaemon<Self::Backend>, String> {
+        self.new_daemon().map_err(|error| error.to_string())
     }
 
-    /// Keeps a duplicate of the accepted frontend socket so that stop can
-    /// shut it down. The daemon does not expose it; it is the socket whose
-    /// local name is our path and which is not the listener.
-    fn remember_frontend(&self) {
-        let found = accepted_connections(&self.socket_path);
-        if let Ok(mut fds) = self.frontend.lock() {
-            *fds = found;
-        }
-        // stop() may have looked at the list before we filled it.
-        if self.stopping.load(Ordering::SeqCst) {
-            shutdown_frontend(&self.frontend);
-        }
+    fn serves_again(&self) -> bool {
+        // A guest reboot under QEMU, or a QEMU restart, reconnects.
+        true
     }
 }

@@ -40,9 +40,6 @@ use super::FsError;
 
 /// The virtio device id of a file system device (virtio 1.2, 5 "Device Types").
 pub const FS_DEVICE_TYPE: u32 = VIRTIO_ID_FS;
-/// Index of the high-priority queue (FORGET, INTERRUPT); request queues follow
-/// (virtio 1.2, 5.11.2 "Virtqueues").
-pub const HIPRIO_QUEUE_INDEX: usize = 0;
 /// Ring features the model supports on any transport: indirect descriptors
 /// (virtio-queue walks them) and used/avail event suppression. The transport
 /// adds VIRTIO_F_VERSION_1.

@@ -3,10 +3,10 @@
 //!
 //! The device binds its host listening socket when it is created, so host
 //! clients can connect (and wait in the backlog) before the guest driver is
-//! up. `activate` hands a clone of that socket to a fresh [`Muxer`] and starts
-//! an [`MmioWorker`]; `reset` stops the worker, which closes every
-//! connection, while the listening socket stays. Dropping the device removes
-//! the socket file.
+//! up. `activate` hands a clone of that socket to a fresh [`Muxer`] in a new
+//! [`VsockModel`] and starts an [`MmioWorker`] to run it; `reset` stops the
+//! worker, which closes every connection, while the listening socket stays.
+//! Dropping the device removes the socket file.
 
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
@@ -14,15 +14,13 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 
 use super::event_loop::MmioWorker;
+use super::model::{self, VsockModel, DEVICE_FEATURES};
 use super::muxer::{bind_listener, Muxer};
 use super::{
     VsockConfig, VsockError, VsockTimeouts, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_VSOCK,
     VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
-
-/// Size of the vsock configuration space: `le64 guest_cid` (virtio 1.2, 5.10.4).
-const CONFIG_SPACE_LEN: usize = 8;
+use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
 /// A virtio-vsock device for the MMIO transport.
 pub struct VsockDevice {
@@ -85,7 +83,7 @@ impl VsockDevice {
             memory,
             interrupt,
             queues,
-            muxer,
+            VsockModel::new(muxer),
             self.config.guest_cid,
         )?);
         Ok(())
@@ -102,20 +100,15 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn available_features(&self) -> u64 {
-        VIRTIO_RING_F_EVENT_IDX
+        DEVICE_FEATURES
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features =
-            features & (self.available_features() | crate::VIRTIO_F_VERSION_1);
+        self.acked_features = features & (self.available_features() | VIRTIO_F_VERSION_1);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config.guest_cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset as usize + i;
-            *byte = if at < CONFIG_SPACE_LEN { config[at] } else { 0 };
-        }
+        model::read_config(self.config.guest_cid, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
