@@ -1109,23 +1109,67 @@ fn vhost_user_server_stop_disconnects_a_connected_frontend() {
     assert_eof(&mut frontend);
 }
 
+/// Connects a vhost-user frontend to `socket`, negotiates features as QEMU
+/// does and returns the guest CID read from the config space. The
+/// frontend's reads retry on timeouts, so the session runs on its own
+/// thread and a server that never answers fails the test after [`WAIT`].
+fn negotiate_as_frontend(socket: &std::path::Path) -> u64 {
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserVirtioFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+
+    let socket = socket.to_owned();
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut frontend = Frontend::connect(&socket, 3).unwrap();
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        let wanted = crate::VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        assert_eq!(features & wanted, wanted, "features {features:#x}");
+        frontend.set_features(wanted).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend.set_protocol_features(protocol).unwrap();
+        let (_, cid) = frontend
+            .get_config(0, 8, VhostUserConfigFlags::empty(), &[0u8; 8])
+            .unwrap();
+        let _ = done.send(u64::from_le_bytes(cid[..8].try_into().unwrap()));
+        // Dropping the frontend hangs up, as QEMU does when it exits.
+    });
+    result
+        .recv_timeout(WAIT)
+        .expect("the server completes the frontend's negotiation")
+}
+
+/// QEMU reconnects after a guest reboot or its own restart: once a frontend
+/// has hung up, the next one gets a full session from the same server.
 #[test]
 fn vhost_user_server_survives_a_frontend_that_disconnects() {
     let dir = TempDir::new();
     let socket = dir.path().join("vhost.sock");
     let config = VsockConfig {
-        guest_cid: 3,
+        guest_cid: 5,
         uds_path: dir.path().join("vsock.sock"),
     };
     let server = super::serve_vhost_user(&socket, config).unwrap();
-    drop(UnixStream::connect(&socket).unwrap());
-    std::thread::sleep(Duration::from_millis(100));
-    // A second frontend is accepted: the server reads our bytes (and then
-    // closes on the malformed message) instead of refusing the connection.
-    let mut second = UnixStream::connect(&socket).unwrap();
-    second.write_all(&[0u8; 4]).unwrap();
-    drop(second);
+    assert_eq!(
+        negotiate_as_frontend(&socket),
+        5,
+        "the first frontend reads the guest CID"
+    );
+    assert_eq!(
+        negotiate_as_frontend(&socket),
+        5,
+        "a frontend connecting after the first hung up gets a full session"
+    );
+    assert!(!server.is_finished(), "the server still runs");
+    let start = Instant::now();
     server.stop();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "stop took {:?}",
+        start.elapsed()
+    );
+    assert!(!socket.exists(), "stop removes the socket");
 }
 
 /// Plays QEMU's part: negotiates with the server over vhost-user, shares a
