@@ -3,8 +3,8 @@
 //!
 //! The device binds its host listening socket when it is created, so host
 //! clients can connect (and wait in the backlog) before the guest driver is
-//! up. `activate` hands a clone of that socket to a fresh [`Muxer`] in a new
-//! [`VsockModel`] and starts an [`MmioWorker`] to run it; `reset` stops the
+//! up. `activate` hands a clone of that socket to a new [`VsockModel`] and
+//! starts an [`MmioWorker`] to run it; `reset` stops the
 //! worker, which closes every connection, while the listening socket stays.
 //! Dropping the device removes the socket file.
 
@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::event_loop::MmioWorker;
 use super::model::{self, VsockModel, DEVICE_FEATURES};
-use super::muxer::{bind_listener, Muxer};
+use super::muxer::bind_listener;
 use super::{
     VsockConfig, VsockError, VsockTimeouts, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_VSOCK,
     VIRTIO_RING_F_EVENT_IDX,
@@ -67,14 +67,7 @@ impl VsockDevice {
         interrupt: Arc<dyn VirtioInterrupt>,
         mut queues: Vec<ActivatedQueue>,
     ) -> Result<(), VsockError> {
-        let listener = self
-            .listener
-            .try_clone()
-            .map_err(|source| VsockError::Bind {
-                path: self.config.uds_path.clone(),
-                source,
-            })?;
-        let muxer = Muxer::new(&self.config, self.timeouts, listener)?;
+        let model = VsockModel::new(&self.config, self.timeouts, &self.listener)?;
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for queue in &mut queues {
             virtio_queue::QueueT::set_event_idx(&mut queue.queue, event_idx);
@@ -83,7 +76,7 @@ impl VsockDevice {
             memory,
             interrupt,
             queues,
-            VsockModel::new(muxer),
+            model,
             self.config.guest_cid,
         )?);
         Ok(())

@@ -14,13 +14,16 @@
 //! socket is ready, and signal the driver as the model says.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
 use super::muxer::Muxer;
 use super::packet::{self, RxBuffer, Segment, TxPayload};
-use super::{VsockError, RX_QUEUE_INDEX, TX_QUEUE_INDEX, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    VsockConfig, VsockError, VsockTimeouts, RX_QUEUE_INDEX, TX_QUEUE_INDEX, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// Size of the vsock configuration space: `le64 guest_cid` (virtio 1.2, 5.10.4).
 pub const CONFIG_SPACE_LEN: usize = 8;
@@ -56,12 +59,22 @@ pub struct VsockModel {
 }
 
 impl VsockModel {
-    /// A device whose host side is `muxer`.
-    pub fn new(muxer: Muxer) -> Self {
-        Self {
-            muxer,
+    /// A device for `config` whose host side accepts clients on a clone of
+    /// `listener`: the adapter binds the socket once, when it is created, so
+    /// host clients wait in its backlog until a driver session starts.
+    pub fn new(
+        config: &VsockConfig,
+        timeouts: VsockTimeouts,
+        listener: &UnixListener,
+    ) -> Result<Self, VsockError> {
+        let listener = listener.try_clone().map_err(|source| VsockError::Bind {
+            path: config.uds_path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            muxer: Muxer::new(config, timeouts, listener)?,
             processor: QueueProcessor::default(),
-        }
+        })
     }
 
     /// Accepts host clients, reads host sockets and runs timers: whatever

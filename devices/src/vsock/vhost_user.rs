@@ -29,7 +29,7 @@ use vmm_sys_util::event::{
 };
 
 use super::model::{self, VsockModel, CONFIG_SPACE_LEN, DEVICE_FEATURES};
-use super::muxer::{bind_listener, Muxer};
+use super::muxer::bind_listener;
 use super::{
     VsockConfig, VsockError, VsockTimeouts, EVENT_QUEUE_INDEX, NUM_QUEUES, QUEUE_SIZE,
     RX_QUEUE_INDEX, TX_QUEUE_INDEX,
@@ -52,13 +52,13 @@ pub struct VhostUserVsockBackend {
 }
 
 impl VhostUserVsockBackend {
-    /// A backend over `muxer`, reading guest memory through `memory` (the
-    /// same object the daemon updates on `SET_MEM_TABLE`).
-    pub fn new(guest_cid: u64, muxer: Muxer, memory: GuestMemoryShared) -> Self {
+    /// A backend running `model`, reading guest memory through `memory`
+    /// (the same object the daemon updates on `SET_MEM_TABLE`).
+    pub fn new(guest_cid: u64, model: VsockModel, memory: GuestMemoryShared) -> Self {
         Self {
             guest_cid,
             memory,
-            model: Mutex::new(VsockModel::new(muxer)),
+            model: Mutex::new(model),
         }
     }
 
@@ -287,18 +287,11 @@ impl VsockSessions {
             path: self.socket_path.clone(),
             message,
         };
-        let listener = self
-            .uds_listener
-            .try_clone()
-            .map_err(|source| VsockError::Bind {
-                path: self.config.uds_path.clone(),
-                source,
-            })?;
-        let muxer = Muxer::new(&self.config, self.timeouts, listener)?;
+        let model = VsockModel::new(&self.config, self.timeouts, &self.uds_listener)?;
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(VhostUserVsockBackend::new(
             self.config.guest_cid,
-            muxer,
+            model,
             memory.clone(),
         ));
         let daemon = VhostUserDaemon::new(
