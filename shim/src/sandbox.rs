@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::CreateSandboxRequest;
 use husk_agent_client::AgentClient;
-use husk_vmm::devices::virtio::fs::{CachePolicy, FsConfig, SharedDirectory};
+use husk_devices::fs::{CachePolicy, FsConfig};
 
 use crate::config::Config;
 use crate::hypervisor::{
     Device, ExitWatcher, Hypervisor, Launcher, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
 };
 use crate::paths::SandboxPaths;
-use crate::resources::cleanup;
+use crate::resources::{cleanup, SharedDirectory};
 
 /// Lines of the guest console quoted in boot errors.
 const CONSOLE_TAIL_LINES: usize = 30;

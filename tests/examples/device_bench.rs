@@ -21,7 +21,7 @@
 //! every payload within one descriptor (one fragment, or a linear skb), so
 //! the peer can be measured; the bench still counts the peer's dropped TX
 //! packets and prints them. Our device advertises
-//! [`vsock::csm::CONN_BUF_ALLOC`] and gathers payloads across descriptors.
+//! [`vsock::CONN_BUF_ALLOC`] and gathers payloads across descriptors.
 //!
 //! Usage: device_bench BZIMAGE GUEST_INITRD WORK_DIR [PEER_VSOCK_BINARY]
 //! where GUEST_INITRD holds the agent, busybox, `/bench/husk-guest-probe`,
@@ -34,9 +34,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use husk_devices::{fs, vsock};
 use husk_shim::hypervisor::qemu::{QemuVm, QemuVmConfig};
 use husk_shim::hypervisor::{GUEST_CID, SHARED_FS_TAG};
-use husk_vmm::devices::virtio::{fs, vsock};
 
 /// Bytes moved each way over vsock.
 const VSOCK_BYTES: usize = 64 << 20;
@@ -397,7 +397,7 @@ fn main() {
 
     println!(
         "  vsock: 64 MiB transfers each way, 200 round trips of 64 B; guest->host credit window: husk {} KiB, vhost-device-vsock {} KiB (--tx-buffer-size)",
-        vsock::csm::CONN_BUF_ALLOC >> 10,
+        vsock::CONN_BUF_ALLOC >> 10,
         peer_tx_buffer_bytes() >> 10
     );
     let Ok((h2g, g2h, rtt)) = ours.vsock.clone() else {

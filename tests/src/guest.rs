@@ -23,13 +23,13 @@ use husk_shim::config::{Config, HypervisorKind, VmSize};
 use husk_shim::hypervisor::{Backend, BackendLauncher, ExitWatcher, VmInfo, VmSpec};
 use husk_shim::paths::SandboxPaths;
 use husk_shim::resources::cleanup;
+use husk_shim::resources::SharedDirectory;
 use husk_shim::sandbox::{console_tail, BootRequest, Sandbox};
 use husk_test_support::artifacts::{self, GuestKernel};
 use husk_test_support::bundle::{build_busybox_rootfs, container_spec};
 use husk_test_support::host::{process_exists, processes_mentioning, sockets_under};
 use husk_test_support::mounts::mounts_under;
 use husk_test_support::stdio::{HostStdio, Pipes};
-use husk_vmm::devices::virtio::fs::SharedDirectory;
 use serde_json::Value;
 
 /// How long the agent may take to answer `Check` after the VM starts. A

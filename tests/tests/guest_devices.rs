@@ -29,13 +29,13 @@ use guest_harness::{
     announce_qemu_form, pairs, prepare_test_guest, test_vm_config, Console, ConsoleWatch,
     TestGuest, GUEST_DEADLINE,
 };
+use husk_devices::fs::{self as virtio_fs, FsConfig};
+use husk_devices::vsock::{self as virtio_vsock, VsockConfig};
 use husk_guest_probe::digest::{copy_summarized, summarize, Summary};
 use husk_guest_probe::pattern::Pattern;
 use husk_shim::hypervisor::qemu::{GuestEnd, QemuVm};
 use husk_shim::hypervisor::{GUEST_CID, SHARED_FS_TAG};
 use husk_test_support::host::process_exists;
-use husk_vmm::devices::virtio::fs::{self as virtio_fs, FsConfig};
-use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
 
 const MIB: u64 = 1 << 20;
 

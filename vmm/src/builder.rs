@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use husk_arch::{BootProtocol, LinuxBootConfig};
+use husk_devices::{MmioError, MmioTransport, VirtioDevice, QUEUE_NOTIFY_OFFSET};
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -19,8 +20,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::devices::boot_timer::{BootTimer, BootTiming, BOOT_TIMER_PORT};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{self, EventFdTrigger, SerialConsole, SerialSink, I8042};
-use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::VirtioDevice;
 use crate::loader::{self, BootProtocolChoice, LoadError, MmioDeviceSlot};
 use crate::microvm::MicroVm;
 use crate::vstate::vcpu::{Vcpu, VcpuShared};

@@ -1,7 +1,9 @@
 //! husk's microVM monitor, as a library: KVM boot of a Linux guest (ELF
 //! vmlinux with 64-bit or PVH entry, or bzImage), the port-I/O and MMIO
-//! buses, the legacy devices a guest needs (8250 console, i8042 reset), a
-//! boot timer, and the virtio-mmio transport for the device models.
+//! buses, the legacy devices a guest needs (8250 console, i8042 reset) and a
+//! boot timer. The virtio devices and their virtio-mmio transport come from
+//! `husk-devices`; the builder maps each one on the MMIO bus. The `husk-vmm`
+//! debug binary is the separate `husk-vmm-cli` crate (`vmm/cli`).
 //!
 //! Start with [`VmBuilder`]: configure, `build()`, then `run()` (or
 //! `start()` / `wait()` / `stop()` when the caller keeps the VM alive).

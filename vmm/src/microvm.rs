@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use husk_devices::MmioTransport;
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::devices::boot_timer::BootTiming;
-use crate::devices::virtio::mmio::MmioTransport;
 use crate::vstate::vcpu::{Vcpu, VcpuShared, VmExit, VCPU_KICK_SIGNAL_OFFSET};
 use crate::vstate::vm::Vm;
 

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
-use husk_vmm::devices::virtio::mmio::{MMIO_MAGIC_VALUE, MMIO_VENDOR_ID};
+use husk_devices::{MMIO_MAGIC_VALUE, MMIO_VENDOR_ID};
 use husk_vmm::{BuildError, SerialSink, SharedBuffer, VmBuilder, VmExit};
 
 /// Payload runs are serialised so the fd and thread counts of one test are

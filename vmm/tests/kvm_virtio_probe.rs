@@ -13,9 +13,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use husk_vmm::devices::virtio::fs::{FsConfig, VirtioFs};
-use husk_vmm::devices::virtio::status::DRIVER_OK;
-use husk_vmm::devices::virtio::vsock::{VsockConfig, VsockDevice};
+use husk_devices::fs::{FsConfig, VirtioFs};
+use husk_devices::status::DRIVER_OK;
+use husk_devices::vsock::{VsockConfig, VsockDevice};
 use husk_vmm::host::{probe_host_kvm, HostKvm};
 use husk_vmm::{SerialSink, SharedBuffer, VmBuilder, VmExit};
 

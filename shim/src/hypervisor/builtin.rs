@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use husk_agent_client::Endpoint;
-use husk_vmm::devices::virtio::fs::VirtioFs;
-use husk_vmm::devices::virtio::vsock::{VsockConfig, VsockDevice};
-use husk_vmm::devices::virtio::VirtioDevice;
+use husk_devices::fs::VirtioFs;
+use husk_devices::vsock::{VsockConfig, VsockDevice};
+use husk_devices::VirtioDevice;
 use husk_vmm::{MicroVm, SerialSink, VmBuilder, VmExit};
 
 use super::{Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec};

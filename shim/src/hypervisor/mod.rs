@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use husk_agent_client::Endpoint;
-use husk_vmm::devices::virtio::fs::FsConfig;
+use husk_devices::fs::FsConfig;
 use husk_vmm::host::HostKvm;
 
 use crate::config::{Config, HypervisorKind, VmSize};

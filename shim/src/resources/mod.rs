@@ -4,7 +4,7 @@
 //! A container's Create makes three kinds of host state: the rootfs layers
 //! mounted on `<bundle>/rootfs` ([`rootfs`]), that rootfs and the
 //! container's volume directories bind-mounted into the pod's share
-//! (`SharedDirectory`), and copies of the host files it bind-mounts.
+//! ([`SharedDirectory`]), and copies of the host files it bind-mounts.
 //! [`ContainerResources`] records each as it is made, and its `Drop` undoes
 //! whatever was made, so a Create that fails at any step, a Delete, and the
 //! shim's end all leave nothing. [`cleanup`] does the same from paths alone
@@ -12,12 +12,14 @@
 
 pub mod cleanup;
 pub mod rootfs;
+mod shared_dir;
+
+pub use shared_dir::{SharedDirError, SharedDirectory};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use containerd_shim_protos::api::Mount;
-use husk_vmm::devices::virtio::fs::{SharedDirError, SharedDirectory};
 use oci_spec::runtime::Spec;
 
 use crate::paths::SandboxPaths;

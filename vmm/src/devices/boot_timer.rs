@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::devices::bus::BusDevice;
+use husk_devices::BusDevice;
 
 /// The port the guest writes to; unused by any PC device the guest knows.
 pub const BOOT_TIMER_PORT: u64 = 0x440;

@@ -3,18 +3,14 @@
 //! A bus maps non-overlapping `[base, base + len)` ranges to devices. The
 //! vCPU loop hands every exit for an address to the bus, which finds the
 //! owning device and passes the offset inside that device's range. Port I/O
-//! and MMIO use two separate `Bus` instances with the same logic.
+//! and MMIO use two separate `Bus` instances with the same logic. Devices
+//! implement [`BusDevice`], which lives in `husk-devices` so the virtio-mmio
+//! transport can implement it too.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-/// A device reachable through a [`Bus`].
-pub trait BusDevice: Send {
-    /// The guest reads `data.len()` bytes at `offset` inside the device range.
-    fn read(&mut self, offset: u64, data: &mut [u8]);
-    /// The guest writes `data` at `offset` inside the device range.
-    fn write(&mut self, offset: u64, data: &[u8]);
-}
+use husk_devices::BusDevice;
 
 /// Errors from registering a device on a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use husk_vmm::devices::virtio::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
+use husk_devices::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
 use vm_memory::GuestMemoryMmap;
 
 /// Where payloads are loaded: 1 MiB, clear of the boot GDT and page tables.

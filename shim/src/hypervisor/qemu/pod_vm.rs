@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use husk_agent_client::Endpoint;
-use husk_vmm::devices::virtio::fs as virtio_fs;
-use husk_vmm::devices::virtio::vsock::{self as virtio_vsock, VsockConfig};
+use husk_devices::fs as virtio_fs;
+use husk_devices::vsock::{self as virtio_vsock, VsockConfig};
 
 use super::{QemuVm, QemuVmConfig};
 use crate::hypervisor::{Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec};

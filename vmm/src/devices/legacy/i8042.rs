@@ -3,7 +3,7 @@
 //! event, which ends the VM cleanly. Everything else reads as 0.
 
 use super::EventFdTrigger;
-use crate::devices::bus::BusDevice;
+use husk_devices::BusDevice;
 
 /// Offset of the command/status port (0x64) from the data port (0x60).
 const COMMAND_PORT_OFFSET: u64 = 4;

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use super::EventFdTrigger;
-use crate::devices::bus::BusDevice;
+use husk_devices::BusDevice;
 
 /// Where the guest console's bytes go.
 pub enum SerialSink {

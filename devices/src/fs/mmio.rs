@@ -1,0 +1,261 @@
+//! The virtio-fs model as a [`VirtioDevice`] for the built-in VMM.
+//!
+//! The transport (virtio-mmio) owns the registers; this adapter answers its
+//! questions from the device model (type 26, features, configuration space,
+//! one hiprio plus N request queues) and, on activation, starts one worker
+//! thread per queue. A worker sleeps in epoll on two eventfds: the queue's
+//! notifier (a KVM ioeventfd on QueueNotify) and a stop event. When kicked it
+//! drains the queue through [`FsDeviceModel::process_queue`] and raises the
+//! interrupt if the driver wants one. Reset and drop signal the stop event
+//! and join every worker, so no thread or fd outlives the device.
+//!
+//! Each activation builds a fresh device model, so a guest that resets the
+//! device (a reboot) starts with an empty inode table.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::config::FsConfig;
+use super::model::{FsDeviceModel, EVENT_IDX_FEATURE, FS_DEVICE_TYPE};
+use super::FsError;
+use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
+
+/// Epoll token of a worker's queue notifier.
+const TOKEN_QUEUE: u64 = 0;
+/// Epoll token of a worker's stop event.
+const TOKEN_STOP: u64 = 1;
+/// Events one `epoll_wait` can return: a worker watches two fds.
+const WORKER_EPOLL_EVENTS: usize = 2;
+
+/// A virtio-fs device for the built-in VMM's virtio-mmio transport.
+pub struct VirtioFs {
+    config: FsConfig,
+    model: Arc<FsDeviceModel>,
+    acked_features: u64,
+    workers: Vec<JoinHandle<()>>,
+    stop: Option<EventFd>,
+}
+
+impl VirtioFs {
+    /// Validates `config` and prepares the share; nothing runs until the
+    /// driver activates the device.
+    pub fn new(config: FsConfig) -> Result<Self, FsError> {
+        let model = Arc::new(FsDeviceModel::new(&config)?);
+        Ok(Self {
+            config,
+            model,
+            acked_features: 0,
+            workers: Vec::new(),
+            stop: None,
+        })
+    }
+
+    /// The share this device serves.
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    /// Number of running worker threads (one per activated queue).
+    pub fn running_workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn start_workers(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), FsError> {
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(|source| FsError::EventSetup {
+            what: "stop eventfd",
+            source,
+        })?;
+        let event_idx = self.acked_features & EVENT_IDX_FEATURE != 0;
+        for (index, activated) in queues.into_iter().enumerate() {
+            let mut worker = QueueWorker {
+                index,
+                model: self.model.clone(),
+                memory: memory.clone(),
+                interrupt: interrupt.clone(),
+                queue: activated.queue,
+                notifier: activated.notifier,
+                stop: stop.try_clone().map_err(|source| FsError::EventSetup {
+                    what: "stop eventfd clone",
+                    source,
+                })?,
+            };
+            worker.queue.set_event_idx(event_idx);
+            let name = format!("virtio-fs-q{index}");
+            let handle = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || worker.run())
+                .map_err(|source| FsError::SpawnThread { name, source })?;
+            self.workers.push(handle);
+        }
+        self.stop = Some(stop);
+        Ok(())
+    }
+
+    fn stop_workers(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            if let Err(error) = stop.write(1) {
+                tracing::error!(%error, "virtio-fs: cannot signal the workers to stop");
+            }
+        }
+        for worker in self.workers.drain(..) {
+            if worker.join().is_err() {
+                tracing::error!("virtio-fs: a queue worker panicked");
+            }
+        }
+    }
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        FS_DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.model.queue_size(); self.model.num_queues()]
+    }
+
+    fn available_features(&self) -> u64 {
+        self.model.features()
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.model.read_config(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The virtio-fs configuration space is read-only (virtio 1.2, 5.11.4).
+        tracing::debug!(
+            offset,
+            len = data.len(),
+            "virtio-fs: ignoring a configuration space write"
+        );
+    }
+
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        let expected = self.model.num_queues();
+        if queues.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                ready: queues.len(),
+            });
+        }
+        self.stop_workers();
+        // A fresh model per activation: nothing the previous driver looked up
+        // or opened survives a reset.
+        self.model = Arc::new(
+            FsDeviceModel::new(&self.config)
+                .map_err(|error| ActivateError::Backend(error.to_string()))?,
+        );
+        if let Err(error) = self.start_workers(memory, interrupt, queues) {
+            self.stop_workers();
+            return Err(ActivateError::Backend(error.to_string()));
+        }
+        tracing::info!(tag = %self.config.tag, queues = expected, "virtio-fs activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+        self.acked_features = 0;
+    }
+}
+
+impl Drop for VirtioFs {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// Everything one queue's thread owns.
+struct QueueWorker {
+    index: usize,
+    model: Arc<FsDeviceModel>,
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queue: Queue,
+    notifier: EventFd,
+    stop: EventFd,
+}
+
+impl QueueWorker {
+    fn run(&mut self) {
+        let epoll = match self.epoll() {
+            Ok(epoll) => epoll,
+            Err(error) => {
+                tracing::error!(%error, queue = self.index, "virtio-fs: cannot set up the queue worker");
+                return;
+            }
+        };
+        // The driver may have queued requests before DRIVER_OK reached us.
+        self.serve_queue();
+        let mut events = [EpollEvent::default(); WORKER_EPOLL_EVENTS];
+        loop {
+            let ready = match epoll.wait(-1, &mut events) {
+                Ok(ready) => ready,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    tracing::error!(%error, queue = self.index, "virtio-fs: epoll_wait failed");
+                    return;
+                }
+            };
+            for event in &events[..ready] {
+                match event.data() {
+                    TOKEN_STOP => return,
+                    TOKEN_QUEUE => {
+                        // Non-blocking: a spurious wake-up reads EAGAIN.
+                        let _ = self.notifier.read();
+                        self.serve_queue();
+                    }
+                    other => tracing::debug!(token = other, "virtio-fs: unexpected epoll token"),
+                }
+            }
+        }
+    }
+
+    fn epoll(&self) -> std::io::Result<Epoll> {
+        use std::os::fd::AsRawFd;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            self.notifier.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_QUEUE),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            self.stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_STOP),
+        )?;
+        Ok(epoll)
+    }
+
+    fn serve_queue(&mut self) {
+        match self.model.process_queue(&self.memory, &mut self.queue) {
+            Ok(true) => {
+                if let Err(error) = self.interrupt.signal_used_queue() {
+                    tracing::error!(%error, queue = self.index, "virtio-fs: cannot raise the interrupt");
+                }
+            }
+            Ok(false) => {}
+            Err(error) => tracing::error!(%error, queue = self.index, "virtio-fs: queue is broken"),
+        }
+    }
+}

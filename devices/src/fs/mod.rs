@@ -1,0 +1,60 @@
+//! virtio-fs: a host directory shared into the guest, served in-process by
+//! fuse-backend-rs's passthrough file system.
+//!
+//! | module | concern |
+//! | --- | --- |
+//! | `model` | the device model ([`FsDeviceModel`]): descriptor chains to FUSE requests and replies, for any transport |
+//! | `filesystem` | the passthrough file system plus the INIT flags and MKNOD policy the protocol layer leaves to us |
+//! | `config` | the share's configuration ([`FsConfig`]) and its validation |
+//! | `mmio` | [`VirtioFs`], the [`VirtioDevice`](crate::VirtioDevice) adapter for virtio-mmio: one worker thread per queue, woken by the queue's ioeventfd |
+//! | `vhost_user` | the vhost-user backend and [`serve_vhost_user`], which serves the model to an external VMM (QEMU's `vhost-user-fs-device`) from a thread of the caller |
+
+mod config;
+mod filesystem;
+mod mmio;
+mod model;
+mod vhost_user;
+
+use std::path::PathBuf;
+
+use crate::vhost_user::ServerError;
+
+pub use config::{CachePolicy, ConfigError, FsConfig};
+pub use mmio::VirtioFs;
+pub use model::FsDeviceModel;
+pub use vhost_user::{serve_vhost_user, VhostUserServer};
+
+/// Why a virtio-fs device or server could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// fuse-backend-rs could not set up the passthrough file system.
+    #[error("cannot set up the passthrough file system for {path}: {source}")]
+    Passthrough {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eventfd or epoll instance for the worker threads could not be made.
+    #[error("cannot create the {what} for the virtio-fs workers: {source}")]
+    EventSetup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker thread could not be spawned.
+    #[error("cannot spawn virtio-fs thread {name}: {source}")]
+    SpawnThread {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vhost-user daemon could not be created.
+    #[error("cannot create the vhost-user-fs daemon for {socket}: {reason}")]
+    VhostUserDaemon { socket: PathBuf, reason: String },
+    /// The vhost-user server could not start, or its session failed.
+    #[error(transparent)]
+    VhostUserServer(#[from] ServerError),
+}

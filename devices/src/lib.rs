@@ -1,0 +1,27 @@
+//! husk's virtio devices, independent of any VMM: the device models (vsock
+//! and fs), written once against `vm-memory` and `virtio-queue`, and the two
+//! transports that carry them.
+//!
+//! * virtio-mmio ([`MmioTransport`]): the built-in VMM maps its register
+//!   window on its MMIO bus (through [`BusDevice`]) and wires queue
+//!   notifications and interrupts to KVM ioeventfds and irqfds;
+//! * vhost-user: each device's `serve_vhost_user` serves the same model to
+//!   an external VMM (QEMU) from a thread of the calling process.
+//!
+//! A device model implements [`VirtioDevice`] for the MMIO transport and
+//! `vhost_user_backend::VhostUserBackend` for vhost-user; the model itself
+//! never learns which transport carries it.
+
+mod bus;
+pub mod fs;
+mod mmio;
+mod vhost_user;
+mod virtio;
+pub mod vsock;
+
+pub use bus::BusDevice;
+pub use mmio::{MmioError, MmioTransport, MMIO_MAGIC_VALUE, MMIO_VENDOR_ID, QUEUE_NOTIFY_OFFSET};
+pub use vhost_user::ServerError as VhostUserServerError;
+pub use virtio::{
+    status, ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};

@@ -1,0 +1,556 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2.2).
+//!
+//! One `MmioTransport` owns one device model and a 4 KiB register window on
+//! the MMIO bus. Queue notifications normally bypass it: the VMM registers
+//! each queue's eventfd as a KVM ioeventfd on `QueueNotify` with the queue
+//! index as datamatch, so a notify never leaves the kernel. Interrupts go out
+//! through an irqfd after the interrupt-status bits are set.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::virtio::{status, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::BusDevice;
+
+/// "virt" in little endian.
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// The modern (non-legacy) virtio-mmio layout.
+pub const MMIO_VERSION: u32 = 2;
+/// "HUSK" in little endian: our vendor id.
+pub const MMIO_VENDOR_ID: u32 = 0x4b53_5548;
+/// Offset of the queue-notify register, where ioeventfds are registered.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+/// Offset where the device-specific configuration space starts.
+pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+/// Interrupt-status bit: a used ring was updated.
+const INTERRUPT_USED_RING: u32 = 1;
+/// Interrupt-status bit: the configuration space changed.
+const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+
+/// Raises the device's interrupt: status bits plus an irqfd.
+pub struct MmioInterrupt {
+    status: Arc<AtomicU32>,
+    irqfd: EventFd,
+}
+
+impl MmioInterrupt {
+    fn raise(&self, bit: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+}
+
+impl VirtioInterrupt for MmioInterrupt {
+    fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.raise(INTERRUPT_USED_RING)
+    }
+    fn signal_config_change(&self) -> std::io::Result<()> {
+        self.raise(INTERRUPT_CONFIG_CHANGE)
+    }
+}
+
+/// A device model behind a virtio-mmio register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    queue_notifiers: Vec<EventFd>,
+    interrupt_status: Arc<AtomicU32>,
+    irqfd: EventFd,
+    device_status: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    queue_select: u32,
+    activated: bool,
+}
+
+/// Errors from building a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd for the virtio-mmio transport: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// The device declared a queue size virtio-queue rejects.
+    #[error("device type {device_type} declares an invalid maximum queue size {size}")]
+    QueueSize { device_type: u32, size: u16 },
+}
+
+impl MmioTransport {
+    /// Wraps `device`; interrupts go through `irqfd`, which the caller
+    /// registers with KVM for the device's GSI.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        irqfd: EventFd,
+    ) -> Result<Self, MmioError> {
+        let device_type = device.device_type();
+        let mut queues = Vec::new();
+        let mut queue_notifiers = Vec::new();
+        for size in device.queue_max_sizes() {
+            queues.push(Queue::new(size).map_err(|_| MmioError::QueueSize { device_type, size })?);
+            queue_notifiers.push(EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd)?);
+        }
+        Ok(Self {
+            device,
+            memory,
+            queues,
+            queue_notifiers,
+            interrupt_status: Arc::new(AtomicU32::new(0)),
+            irqfd,
+            device_status: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            activated: false,
+        })
+    }
+
+    /// The per-queue eventfds, in queue order, for ioeventfd registration.
+    pub fn queue_notifiers(&self) -> &[EventFd] {
+        &self.queue_notifiers
+    }
+
+    /// The virtio device id of the wrapped model.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// The current device status register (tests and diagnostics).
+    pub fn device_status(&self) -> u32 {
+        self.device_status
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.available_features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn register_read(&self, offset: u64) -> u32 {
+        let selected = self.queues.get(self.queue_select as usize);
+        match offset {
+            0x000 => MMIO_MAGIC_VALUE,
+            0x004 => MMIO_VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => MMIO_VENDOR_ID,
+            0x010 => match self.device_features_select {
+                0 => self.offered_features() as u32,
+                1 => (self.offered_features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => selected.map_or(0, |q| u32::from(q.max_size())),
+            0x044 => selected.map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt_status.load(Ordering::SeqCst),
+            0x070 => self.device_status,
+            // No shared-memory regions: a length of all ones means "absent".
+            0x0b0 | 0x0b4 => u32::MAX,
+            0x0fc => 0, // configuration generation: config never changes under the driver
+            _ => {
+                tracing::debug!(offset, "virtio-mmio read of an unknown register");
+                0
+            }
+        }
+    }
+
+    fn register_write(&mut self, offset: u64, value: u32) {
+        let ready_before_setup = self.device_status & status::DRIVER_OK != 0;
+        match offset {
+            0x014 => self.device_features_select = value,
+            0x020 => {
+                if ready_before_setup {
+                    return;
+                }
+                match self.driver_features_select {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            0x024 => self.driver_features_select = value,
+            0x030 => self.queue_select = value,
+            0x038 => {
+                if let Some(queue) = self.selected_queue() {
+                    queue.set_size(value as u16);
+                }
+            }
+            0x044 => {
+                if let Some(queue) = self.selected_queue() {
+                    queue.set_ready(value == 1);
+                }
+            }
+            0x050 => {
+                // Reached only when the ioeventfd did not match (or none is
+                // registered, as in unit tests): forward the notification.
+                if let Some(notifier) = self.queue_notifiers.get(value as usize) {
+                    if let Err(error) = notifier.write(1) {
+                        tracing::warn!(%error, queue = value, "cannot forward a queue notification");
+                    }
+                }
+            }
+            0x064 => {
+                self.interrupt_status.fetch_and(!value, Ordering::SeqCst);
+            }
+            0x070 => self.write_status(value),
+            0x080 => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            0x084 => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
+            0x090 => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            0x094 => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
+            0x0a0 => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
+            0x0a4 => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            _ => tracing::debug!(offset, value, "virtio-mmio write to an unknown register"),
+        }
+    }
+
+    fn with_queue(&mut self, update: impl FnOnce(&mut Queue)) {
+        // Queue layout may only change before the driver is done.
+        if self.device_status & status::DRIVER_OK == 0 {
+            if let Some(queue) = self.selected_queue() {
+                update(queue);
+            }
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let newly_set = value & !self.device_status;
+        if newly_set & status::FEATURES_OK != 0 {
+            let offered = self.offered_features();
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                // The driver accepted features we never offered, or refused
+                // VERSION_1 (legacy is not supported): leave FEATURES_OK
+                // clear so the driver sees the negotiation failed.
+                self.device_status = value & !status::FEATURES_OK;
+                return;
+            }
+            self.device.set_acked_features(self.driver_features);
+        }
+        self.device_status = value;
+        if newly_set & status::DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let mut activated_queues = Vec::new();
+        for (queue, notifier) in self.queues.iter().zip(&self.queue_notifiers) {
+            if !queue.ready() {
+                continue;
+            }
+            if !queue.is_valid(&self.memory) {
+                tracing::error!(
+                    device_type = self.device.device_type(),
+                    "driver set up an invalid queue"
+                );
+                self.device_status |= status::DEVICE_NEEDS_RESET;
+                return;
+            }
+            let notifier = match notifier.try_clone() {
+                Ok(notifier) => notifier,
+                Err(error) => {
+                    tracing::error!(%error, "cannot clone a queue notifier");
+                    self.device_status |= status::DEVICE_NEEDS_RESET;
+                    return;
+                }
+            };
+            // The device gets its own copy; the transport keeps the
+            // registers so the driver still reads what it wrote.
+            let queue = match Queue::try_from(queue.state()) {
+                Ok(queue) => queue,
+                Err(error) => {
+                    tracing::error!(?error, "cannot copy a queue for the device");
+                    self.device_status |= status::DEVICE_NEEDS_RESET;
+                    return;
+                }
+            };
+            activated_queues.push(ActivatedQueue { queue, notifier });
+        }
+        let irqfd = match self.irqfd.try_clone() {
+            Ok(irqfd) => irqfd,
+            Err(error) => {
+                tracing::error!(%error, "cannot clone the device irqfd");
+                self.device_status |= status::DEVICE_NEEDS_RESET;
+                return;
+            }
+        };
+        let interrupt = Arc::new(MmioInterrupt {
+            status: self.interrupt_status.clone(),
+            irqfd,
+        });
+        match self
+            .device
+            .activate(self.memory.clone(), interrupt, activated_queues)
+        {
+            Ok(()) => self.activated = true,
+            Err(error) => {
+                tracing::error!(%error, device_type = self.device.device_type(), "virtio device failed to activate");
+                self.device_status |= status::DEVICE_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.device_status = 0;
+        self.driver_features = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.queue_select = 0;
+        self.interrupt_status.store(0, Ordering::SeqCst);
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        // Registers are 32 bits wide and must be read whole.
+        match data.len() {
+            4 => data.copy_from_slice(&self.register_read(offset).to_le_bytes()),
+            _ => {
+                tracing::debug!(
+                    offset,
+                    len = data.len(),
+                    "virtio-mmio register read of the wrong width"
+                );
+                data.fill(0xff);
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(bytes) => self.register_write(offset, u32::from_le_bytes(bytes)),
+            Err(_) => tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio register write of the wrong width"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    /// What the fake device saw, shared with the test.
+    #[derive(Default)]
+    struct Observed {
+        acked_features: u64,
+        activated_queues: usize,
+        resets: usize,
+    }
+
+    struct FakeDevice(Arc<Mutex<Observed>>);
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            19
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256, 256, 64]
+        }
+        fn available_features(&self) -> u64 {
+            1 << 3
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.0.lock().unwrap().acked_features = features;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8 + 0x40);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            _m: GuestMemoryMmap,
+            _i: Arc<dyn VirtioInterrupt>,
+            queues: Vec<ActivatedQueue>,
+        ) -> Result<(), crate::ActivateError> {
+            self.0.lock().unwrap().activated_queues = queues.len();
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Observed>>, EventFd) {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let transport = MmioTransport::new(
+            Box::new(FakeDevice(observed.clone())),
+            memory,
+            irqfd.try_clone().unwrap(),
+        )
+        .unwrap();
+        (transport, observed, irqfd)
+    }
+
+    fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write32(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn set_up_queue(t: &mut MmioTransport, index: u32, base: u64) {
+        write32(t, 0x030, index);
+        write32(t, 0x038, 16);
+        write32(t, 0x080, base as u32);
+        write32(t, 0x090, (base + 0x1000) as u32);
+        write32(t, 0x0a0, (base + 0x2000) as u32);
+        write32(t, 0x044, 1);
+    }
+
+    #[test]
+    fn identification_registers_read_magic_version_and_device_id() {
+        let (mut t, _, _) = transport();
+        assert_eq!(read32(&mut t, 0x000), MMIO_MAGIC_VALUE);
+        assert_eq!(read32(&mut t, 0x004), 2);
+        assert_eq!(read32(&mut t, 0x008), 19);
+        assert_eq!(read32(&mut t, 0x00c), MMIO_VENDOR_ID);
+        write32(&mut t, 0x030, 2);
+        assert_eq!(read32(&mut t, 0x034), 64);
+        write32(&mut t, 0x030, 7);
+        assert_eq!(
+            read32(&mut t, 0x034),
+            0,
+            "a queue the device lacks has size 0"
+        );
+    }
+
+    #[test]
+    fn handshake_acks_features_and_activates_ready_queues() {
+        let (mut t, observed, _) = transport();
+        write32(&mut t, 0x014, 1);
+        assert_eq!(read32(&mut t, 0x010), 1, "VERSION_1 is offered in page 1");
+        write32(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        write32(&mut t, 0x024, 0);
+        write32(&mut t, 0x020, 1 << 3);
+        write32(&mut t, 0x024, 1);
+        write32(&mut t, 0x020, 1);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_ne!(read32(&mut t, 0x070) & status::FEATURES_OK, 0);
+        set_up_queue(&mut t, 0, 0x1_0000);
+        set_up_queue(&mut t, 1, 0x2_0000);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        let seen = observed.lock().unwrap();
+        assert_eq!(seen.acked_features, VIRTIO_F_VERSION_1 | 1 << 3);
+        assert_eq!(seen.activated_queues, 2);
+    }
+
+    #[test]
+    fn features_never_offered_fail_negotiation() {
+        let (mut t, observed, _) = transport();
+        write32(&mut t, 0x024, 0);
+        write32(&mut t, 0x020, 1 << 5);
+        write32(&mut t, 0x024, 1);
+        write32(&mut t, 0x020, 1);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(read32(&mut t, 0x070) & status::FEATURES_OK, 0);
+        assert_eq!(observed.lock().unwrap().acked_features, 0);
+    }
+
+    #[test]
+    fn interrupts_set_status_fire_the_irqfd_and_are_acknowledged() {
+        let (mut t, _, irqfd) = transport();
+        let interrupt = MmioInterrupt {
+            status: t.interrupt_status.clone(),
+            irqfd: t.irqfd.try_clone().unwrap(),
+        };
+        interrupt.signal_used_queue().unwrap();
+        assert_eq!(irqfd.read().unwrap(), 1);
+        assert_eq!(read32(&mut t, 0x060), INTERRUPT_USED_RING);
+        write32(&mut t, 0x064, INTERRUPT_USED_RING);
+        assert_eq!(read32(&mut t, 0x060), 0);
+    }
+
+    #[test]
+    fn queue_notify_without_ioeventfd_reaches_the_queue_notifier() {
+        let (mut t, _, _) = transport();
+        write32(&mut t, QUEUE_NOTIFY_OFFSET, 1);
+        assert_eq!(t.queue_notifiers()[1].read().unwrap(), 1);
+        assert!(t.queue_notifiers()[0].read().is_err());
+    }
+
+    #[test]
+    fn status_zero_resets_an_active_device() {
+        let (mut t, observed, _) = transport();
+        write32(&mut t, 0x024, 1);
+        write32(&mut t, 0x020, 1);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        set_up_queue(&mut t, 0, 0x1_0000);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        write32(&mut t, 0x070, 0);
+        assert_eq!(observed.lock().unwrap().resets, 1);
+        assert_eq!(read32(&mut t, 0x070), 0);
+        write32(&mut t, 0x030, 0);
+        assert_eq!(read32(&mut t, 0x044), 0, "queues are not ready after reset");
+    }
+
+    #[test]
+    fn config_space_reads_go_to_the_device() {
+        let (mut t, _, _) = transport();
+        let mut data = [0u8; 2];
+        t.read(CONFIG_SPACE_OFFSET + 2, &mut data);
+        assert_eq!(data, [0x42, 0x42]);
+    }
+}

@@ -1,0 +1,14 @@
+//! The vhost-user transport's shared part: one server that every device
+//! model uses to serve an external VMM's frontend (QEMU's
+//! `vhost-user-*-device`) from a thread of this process.
+//!
+//! Each device supplies its `VhostUserBackend` and says, through
+//! [`Sessions`], how it serves frontends; [`serve`] runs the server and the
+//! returned [`Server`] stops it. [`connections`] finds the connection the
+//! daemon accepted, which is how a stop reaches a connected frontend.
+
+mod connections;
+mod server;
+
+use connections::accepted_connections;
+pub use server::{serve, Server, ServerError, Sessions};

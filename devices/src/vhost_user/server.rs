@@ -1,0 +1,348 @@
+//! One vhost-user server for every device model: it serves frontends on a
+//! Unix socket from its own thread, one session at a time, and stops on
+//! request, even while a frontend is connected.
+//!
+//! A device says what a session is through [`Sessions`]: the
+//! `VhostUserDaemon` for the frontend that is connecting, and whether the
+//! server waits for another frontend once a session has ended. The server
+//! thread polls the listening socket and a stop eventfd, hands the socket to
+//! the daemon when a frontend connects, and waits for the session to end.
+//!
+//! Stopping lives here and only here. `vhost-user-backend` owns the accepted
+//! socket and offers no way to end a session from the backend's side, so
+//! right after the daemon accepted, the server thread finds the connection
+//! among the process's fds ([`accepted_connections`]) and keeps a duplicate;
+//! [`Server::stop`] shuts that duplicate down, which ends the daemon's request
+//! loop as a frontend hang-up would. A frontend that connected and hung up at
+//! once can leave the daemon blocked in `accept`; stop then makes one
+//! throwaway connection to wake it, and the session ends at once because a
+//! stop was requested.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::accepted_connections;
+
+/// What a device serves to each frontend.
+pub trait Sessions: Send + 'static {
+    /// The device's `VhostUserBackend` (what `VhostUserDaemon` can run).
+    type Backend: VhostUserBackend<Bitmap = (), Vring: Clone + Send + Sync> + Clone + Send + 'static;
+
+    /// The daemon for the frontend that is connecting now. An error ends
+    /// this session before it starts.
+    fn daemon(&mut self) -> Result<VhostUserDaemon<Self::Backend>, String>;
+
+    /// Whether the server waits for another frontend after a session ended
+    /// (false: the server ends with its first session).
+    fn serves_again(&self) -> bool;
+}
+
+/// Why a vhost-user server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket could not be bound.
+    #[error("cannot listen on vhost-user socket {socket}: {reason}")]
+    Listen { socket: PathBuf, reason: String },
+    /// The stop eventfd could not be made, or waiting on it failed.
+    #[error("vhost-user server on {socket}: cannot {what}: {source}")]
+    Event {
+        socket: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The server thread could not be spawned.
+    #[error("cannot spawn the vhost-user server thread {name}: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon for a frontend could not be made.
+    #[error("cannot set up the vhost-user daemon for a frontend on {socket}: {reason}")]
+    Daemon { socket: PathBuf, reason: String },
+    /// A session ended with an error other than the frontend hanging up.
+    #[error("vhost-user session on {socket} failed: {reason}")]
+    Session { socket: PathBuf, reason: String },
+    /// The server thread panicked.
+    #[error("the vhost-user server thread for {socket} panicked")]
+    Panicked { socket: PathBuf },
+}
+
+/// A running server; [`Self::stop`] (or drop) ends it.
+pub struct Server {
+    socket_path: PathBuf,
+    control: Arc<Control>,
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+/// What `stop` needs to reach the server thread, whatever it is doing.
+struct Control {
+    stop_event: EventFd,
+    state: Mutex<ControlState>,
+}
+
+#[derive(Default)]
+struct ControlState {
+    stop_requested: bool,
+    /// Duplicates of the current session's frontend connection.
+    connections: Vec<OwnedFd>,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        // The state is a flag and a list of fds: a panicking holder cannot
+        // leave it inconsistent.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.lock().stop_requested
+    }
+}
+
+/// Binds `socket_path` (replacing a stale socket) and serves `sessions` on
+/// it from a new thread named `name`.
+pub fn serve<S: Sessions>(
+    socket_path: &Path,
+    name: &str,
+    sessions: S,
+) -> Result<Server, ServerError> {
+    let listener = Listener::new(socket_path, true).map_err(|error| ServerError::Listen {
+        socket: socket_path.to_owned(),
+        reason: error.to_string(),
+    })?;
+    let stop_event = EventFd::new(EFD_NONBLOCK).map_err(|source| ServerError::Event {
+        socket: socket_path.to_owned(),
+        what: "create the stop eventfd",
+        source,
+    })?;
+    let control = Arc::new(Control {
+        stop_event,
+        state: Mutex::new(ControlState::default()),
+    });
+    let thread_state = ServerThread {
+        socket_path: socket_path.to_owned(),
+        listener,
+        sessions,
+        control: control.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || thread_state.run())
+        .map_err(|source| ServerError::Spawn {
+            name: name.to_owned(),
+            source,
+        })?;
+    Ok(Server {
+        socket_path: socket_path.to_owned(),
+        control,
+        thread: Some(thread),
+    })
+}
+
+impl Server {
+    /// The socket frontends connect to.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Whether the server thread has ended: its sessions are over, or it
+    /// failed.
+    pub fn is_finished(&self) -> bool {
+        self.thread
+            .as_ref()
+            .is_none_or(|thread| thread.is_finished())
+    }
+
+    /// Ends the server: disconnects a connected frontend, joins the thread
+    /// and removes the socket. Returns the server's own error, if it failed
+    /// before the stop. Calling it again does nothing.
+    pub fn stop(&mut self) -> Result<(), ServerError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        {
+            let mut state = self.control.lock();
+            state.stop_requested = true;
+            for connection in &state.connections {
+                shutdown_socket(connection);
+            }
+        }
+        if let Err(error) = self.control.stop_event.write(1) {
+            tracing::error!(%error, socket = %self.socket_path.display(), "cannot signal the vhost-user server to stop");
+        }
+        if !thread.is_finished() {
+            // Wakes a daemon blocked in accept(); the session it starts ends
+            // at once because the stop was requested.
+            let _ = UnixStream::connect(&self.socket_path);
+        }
+        let result = thread.join().map_err(|_| ServerError::Panicked {
+            socket: self.socket_path.clone(),
+        });
+        remove_socket(&self.socket_path);
+        result?
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Err(error) = self.stop() {
+            tracing::warn!(%error, "vhost-user server ended with an error");
+        }
+    }
+}
+
+/// The server thread's state.
+struct ServerThread<S> {
+    socket_path: PathBuf,
+    listener: Listener,
+    sessions: S,
+    control: Arc<Control>,
+}
+
+impl<S: Sessions> ServerThread<S> {
+    /// Serves sessions until a stop, or until the device serves no more;
+    /// dropping `self` at the end removes the socket (the `Listener` does).
+    fn run(mut self) -> Result<(), ServerError> {
+        loop {
+            if !self.wait_for_frontend()? {
+                return Ok(());
+            }
+            let result = self.serve_one_frontend();
+            if !self.sessions.serves_again() {
+                return result;
+            }
+            if let Err(error) = result {
+                // Wait for the next frontend (or the stop) rather than give
+                // up: a frontend can always reconnect.
+                tracing::error!(%error, "vhost-user session failed");
+            }
+        }
+    }
+
+    /// Sleeps until a frontend connects (true) or a stop is requested (false).
+    fn wait_for_frontend(&self) -> Result<bool, ServerError> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.control.stop_event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            if self.control.stop_requested() {
+                return Ok(false);
+            }
+            // SAFETY: `fds` is a valid array of two pollfd that outlives the call.
+            let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if ret < 0 {
+                let source = io::Error::last_os_error();
+                if source.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ServerError::Event {
+                    socket: self.socket_path.clone(),
+                    what: "wait for a frontend",
+                    source,
+                });
+            }
+            if fds[1].revents != 0 || self.control.stop_requested() {
+                return Ok(false);
+            }
+            if fds[0].revents != 0 {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// One session: from accepting the frontend to its daemon's end. The
+    /// frontend hanging up, or being disconnected by a stop, is a normal end.
+    fn serve_one_frontend(&mut self) -> Result<(), ServerError> {
+        let session_error = |reason: String| ServerError::Session {
+            socket: self.socket_path.clone(),
+            reason,
+        };
+        let mut daemon = self
+            .sessions
+            .daemon()
+            .map_err(|reason| ServerError::Daemon {
+                socket: self.socket_path.clone(),
+                reason,
+            })?;
+        daemon
+            .start(&mut self.listener)
+            .map_err(|error| session_error(error.to_string()))?;
+        self.track_connections();
+        tracing::debug!(socket = %self.socket_path.display(), "vhost-user frontend connected");
+        let result = daemon.wait();
+        self.control.lock().connections.clear();
+        tracing::debug!(socket = %self.socket_path.display(), "vhost-user session ended");
+        // Dropping the daemon stops and joins its vring workers, which drops
+        // the session's backend.
+        drop(daemon);
+        match result {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_),
+            )) => Ok(()),
+            Err(_) if self.control.stop_requested() => Ok(()),
+            Err(error) => Err(session_error(error.to_string())),
+        }
+    }
+
+    /// Records duplicates of the accepted connection so `stop` can shut it
+    /// down, or shuts it down at once if a stop already came in (stop may
+    /// have looked at the list before it was filled).
+    fn track_connections(&self) {
+        let found = accepted_connections(&self.socket_path);
+        if found.is_empty() {
+            tracing::warn!(
+                socket = %self.socket_path.display(),
+                "cannot find the accepted vhost-user connection; stop will wait for the frontend to hang up"
+            );
+        }
+        let mut state = self.control.lock();
+        if state.stop_requested {
+            for connection in &found {
+                shutdown_socket(connection);
+            }
+        }
+        state.connections = found;
+    }
+}
+
+fn shutdown_socket(connection: &OwnedFd) {
+    // SAFETY: shutdown(2) on an fd we own (a duplicate of the frontend
+    // socket); no memory is involved.
+    if unsafe { libc::shutdown(connection.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "shutdown of a vhost-user connection failed");
+    }
+}
+
+fn remove_socket(socket_path: &Path) {
+    match std::fs::remove_file(socket_path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(%error, socket = %socket_path.display(), "cannot remove the vhost-user socket")
+        }
+    }
+}

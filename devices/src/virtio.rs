@@ -1,0 +1,77 @@
+//! The interface between a virtio device and the virtio-mmio transport.
+//!
+//! A device implements [`VirtioDevice`] against `vm-memory` and
+//! `virtio-queue` only; it never learns which VMM maps it. The built-in VMM
+//! reaches devices through [`MmioTransport`](crate::MmioTransport)
+//! (virtio-mmio v2, ioeventfd notifications, irqfd interrupts), which hands
+//! them their activated queues and a [`VirtioInterrupt`].
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit 32: the device follows virtio 1.x (required by MMIO v2).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits written by the driver (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// How a device tells the driver something happened.
+pub trait VirtioInterrupt: Send + Sync {
+    /// The device put buffers in a used ring.
+    fn signal_used_queue(&self) -> std::io::Result<()>;
+    /// The device's configuration space changed.
+    fn signal_config_change(&self) -> std::io::Result<()>;
+}
+
+/// A queue the driver set up, with the eventfd that fires when the driver
+/// notifies it.
+pub struct ActivatedQueue {
+    pub queue: Queue,
+    pub notifier: EventFd,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver enabled a different number of queues than the device needs.
+    #[error("the driver set up {ready} queues, the device needs {expected}")]
+    QueueCount { expected: usize, ready: usize },
+    /// The device's own backend failed to start.
+    #[error("device backend failed to start: {0}")]
+    Backend(String),
+}
+
+/// A virtio device model, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (1 net, 2 block, 19 vsock, 26 fs, ...).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each of the device's queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// The feature bits the device offers (the transport adds VERSION_1).
+    fn available_features(&self) -> u64;
+    /// The feature bits the driver accepted.
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads from the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device once the driver set DRIVER_OK.
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device after the driver wrote 0 to the status register.
+    fn reset(&mut self);
+}

@@ -1,0 +1,191 @@
+//! What wakes the device: the worker thread of an activated MMIO device.
+//!
+//! One thread per activated device, blocked in epoll on the three queue
+//! eventfds (KVM ioeventfds), the model's host-side epoll fd and a stop
+//! eventfd; it runs the [`VsockModel`] on each wake-up and raises the
+//! interrupt when the model used buffers. Stopping joins the thread, which
+//! drops the model and with it every connection. (Over vhost-user the
+//! framework's vring worker plays this part, see [`super::vhost_user`].)
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::model::VsockModel;
+use super::{VsockError, EVENT_QUEUE_INDEX, RX_QUEUE_INDEX, TX_QUEUE_INDEX};
+use crate::{ActivatedQueue, VirtioInterrupt};
+
+/// Epoll tokens of the MMIO worker.
+const TOKEN_RX: u64 = RX_QUEUE_INDEX as u64;
+const TOKEN_TX: u64 = TX_QUEUE_INDEX as u64;
+const TOKEN_EVENT: u64 = EVENT_QUEUE_INDEX as u64;
+const TOKEN_MUXER: u64 = 3;
+const TOKEN_STOP: u64 = 4;
+/// Events fetched per wait; the worker watches five fds.
+const WORKER_EVENTS: usize = 8;
+
+/// The thread that runs an activated MMIO vsock device.
+pub struct MmioWorker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct WorkerState {
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queues: Vec<ActivatedQueue>,
+    model: VsockModel,
+    epoll: Epoll,
+}
+
+impl MmioWorker {
+    /// Starts the worker thread running `model` over the activated queues
+    /// (rx, tx, event).
+    pub fn spawn(
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        model: VsockModel,
+        guest_cid: u64,
+    ) -> Result<Self, VsockError> {
+        let event_error = |what| move |source| VsockError::Event { what, source };
+        let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(event_error("worker stop eventfd"))?;
+        for (token, queue) in queues.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    queue.notifier.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token as u64),
+                )
+                .map_err(event_error("register queue notifier"))?;
+        }
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                model.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_MUXER),
+            )
+            .map_err(event_error("register muxer"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_STOP),
+            )
+            .map_err(event_error("register stop eventfd"))?;
+        let name = format!("vsock-cid{guest_cid}");
+        let mut state = WorkerState {
+            memory,
+            interrupt,
+            queues,
+            model,
+            epoll,
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || state.run())
+            .map_err(|source| VsockError::Thread { name, source })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it; its connections are closed.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if let Err(error) = self.stop.write(1) {
+                tracing::error!(%error, "cannot signal the vsock worker to stop");
+            }
+            if thread.join().is_err() {
+                tracing::error!("the vsock worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for MmioWorker {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+impl WorkerState {
+    fn run(&mut self) {
+        let mut events = [EpollEvent::default(); WORKER_EVENTS];
+        loop {
+            let count = match self.epoll.wait(-1, &mut events) {
+                Ok(count) => count,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    tracing::error!(%error, "vsock worker epoll_wait failed; device stops");
+                    return;
+                }
+            };
+            let mut run_tx = false;
+            let mut run_rx = false;
+            for event in &events[..count] {
+                match event.data() {
+                    TOKEN_STOP => return,
+                    TOKEN_RX => {
+                        self.drain_notifier(RX_QUEUE_INDEX);
+                        run_rx = true;
+                    }
+                    TOKEN_TX => {
+                        self.drain_notifier(TX_QUEUE_INDEX);
+                        run_tx = true;
+                    }
+                    // The event queue carries only TRANSPORT_RESET, which we
+                    // never send; its buffers stay with us untouched.
+                    TOKEN_EVENT => self.drain_notifier(EVENT_QUEUE_INDEX),
+                    TOKEN_MUXER => {
+                        self.model.process_host_events();
+                        run_rx = true;
+                    }
+                    _ => {}
+                }
+            }
+            if let Err(error) = self.pump(run_tx, run_rx) {
+                tracing::error!(%error, "vsock queue processing failed; device stops");
+                return;
+            }
+        }
+    }
+
+    fn drain_notifier(&self, index: usize) {
+        if let Some(queue) = self.queues.get(index) {
+            // EAGAIN only means a previous read already consumed the count.
+            let _ = queue.notifier.read();
+        }
+    }
+
+    /// Runs the model on the queues and interrupts the guest if it used
+    /// buffers in either.
+    fn pump(&mut self, run_tx: bool, run_rx: bool) -> Result<(), VsockError> {
+        let [rx_queue, tx_queue, ..] = self.queues.as_mut_slice() else {
+            return Ok(());
+        };
+        let used = self.model.pump(
+            &self.memory,
+            &mut rx_queue.queue,
+            &mut tx_queue.queue,
+            run_tx,
+            run_rx,
+        )?;
+        if used.rx || used.tx {
+            if let Err(error) = self.interrupt.signal_used_queue() {
+                tracing::warn!(%error, "cannot interrupt the guest for vsock");
+            }
+        }
+        Ok(())
+    }
+}
