@@ -4,7 +4,7 @@
 # Until the shim's task service exists, the demo boots the guest kernel and
 # the agent initramfs directly:
 #  1. in the built-in VMM (husk-vmm): to the agent where the host's KVM runs
-#     stock guests; on a PVM host (see ../shared/ARCHITECTURE.md) the kernel
+#     stock guests; on a PVM host (see docs/architecture.md) the kernel
 #     only gets through its early boot, and the demo says so;
 #  2. where the built-in VMM cannot reach the agent, under QEMU with TCG, the
 #     fallback the product's `hypervisor = "auto"` chooses on such hosts.

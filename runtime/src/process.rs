@@ -224,8 +224,10 @@ pub fn close_extra_fds_on_exec(keep_extra: i32) {
 /// as runc does; /dev/null and terminals are left alone.
 pub fn fix_stdio_ownership(uid: u32, gid: u32) {
     for fd in 0..3 {
-        // SAFETY: fstat into a zeroed struct on an integer fd.
+        // SAFETY: `stat` is plain data; all-zero bytes are a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes at most one `stat` into `st`; a closed fd
+        // only makes it fail.
         if unsafe { libc::fstat(fd, &mut st) } != 0 {
             continue;
         }

@@ -1028,10 +1028,10 @@ fn our_processes(base: &Path) -> Vec<String> {
 #[test]
 fn runc_differential() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
         announce_form(format_args!(
-            "runc differential not run: needs root to create namespaces and cgroups (euid {})",
-            unsafe { libc::geteuid() }
+            "runc differential not run: needs root to create namespaces and cgroups (euid {euid})"
         ));
         return;
     }

@@ -1,6 +1,6 @@
 //! `containerd-shim-kata-v2`: the containerd shim v2 for runtime type
 //! `io.containerd.kata.v2`. One shim process per pod holds the pod's
-//! microVM (see `../shared/ARCHITECTURE.md`).
+//! microVM (see `docs/architecture.md`).
 
 use husk_shim::lifecycle::{shim_config, HuskShim};
 

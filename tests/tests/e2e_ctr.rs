@@ -1309,8 +1309,10 @@ fn main() -> ExitCode {
 fn run(filters: &[String]) -> Result<bool> {
     let started = Instant::now();
     let runtimes = selected_runtimes()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
     ensure!(
-        unsafe { libc::geteuid() } == 0,
+        euid == 0,
         "the e2e tier needs root (containerd, mounts, cgroups)"
     );
     let form = match runtimes.as_slice() {

@@ -2,7 +2,7 @@
 //!
 //! On hosts whose KVM is hardware-backed, a stock guest kernel runs at full
 //! speed in the built-in VMM. On PVM hosts (`kvm_pvm` loaded, see
-//! `../shared/ARCHITECTURE.md`) a stock kernel only gets through its early
+//! `docs/architecture.md`) a stock kernel only gets through its early
 //! boot, so the product falls back to the `qemu` backend under TCG there.
 
 use std::path::Path;

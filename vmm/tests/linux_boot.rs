@@ -3,7 +3,7 @@
 //!
 //! Full form (hardware-assisted KVM): the agent's readiness marker appears,
 //! the boot timer records init, and the guest powers off cleanly.
-//! Early-boot form (PVM hosts, see `../shared/ARCHITECTURE.md`): a stock
+//! Early-boot form (PVM hosts, see `docs/architecture.md`): a stock
 //! kernel stops after its early boot there, so the test asserts from the
 //! kernel's own console that our boot protocol was honoured: the kernel
 //! version line, the exact command line we passed, the E820 map the VMM

@@ -71,8 +71,9 @@ fn run_once(bin: &Path, root: &Path, bundle: &Path, id: &str) -> Result<Sample, 
         .map_err(|e| format!("{}: {e}", bin.display()))?;
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    // SAFETY: rusage is plain data; all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 writes one status and one rusage for our own child.
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let wall = start.elapsed();
     if rc != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {

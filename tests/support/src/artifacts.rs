@@ -7,7 +7,7 @@
 //! host's own kernel release.
 //!
 //! A missing artifact is an error naming the command that makes it: the
-//! guest tier never skips silently (see `../shared/ARCHITECTURE.md`).
+//! guest tier never skips silently (see `docs/architecture.md`).
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! connects to the device's Unix socket and says `CONNECT <port>\n`, the
 //! device answers `OK <host_port>\n` once the guest accepted; guest
 //! connections to the host's port `P` arrive on `<uds>_<P>` (see
-//! `../shared/ARCHITECTURE.md`). Data moved here is the probe's
+//! `docs/architecture.md`). Data moved here is the probe's
 //! [`Pattern`], summarized the same way the guest does.
 
 use std::io::{self, Read, Write};

@@ -2,7 +2,7 @@
 //!
 //! KVM is used where the host's KVM can run a stock guest kernel
 //! ([`husk_vmm::host::probe_host_kvm`]). On PVM hosts a stock kernel never
-//! reaches user space under KVM (see `../shared/ARCHITECTURE.md`), so the
+//! reaches user space under KVM (see `docs/architecture.md`), so the
 //! guest runs under TCG, QEMU's software emulation, with `-cpu max` so the
 //! guest sees the newest CPU features TCG can emulate.
 

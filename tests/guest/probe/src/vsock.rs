@@ -143,9 +143,8 @@ impl VsockListener {
             };
             if fd >= 0 {
                 // SAFETY: fd is a new descriptor that nothing else owns.
-                return Ok(VsockStream {
-                    fd: unsafe { OwnedFd::from_raw_fd(fd) },
-                });
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                return Ok(VsockStream { fd });
             }
             let error = io::Error::last_os_error();
             if error.kind() != io::ErrorKind::Interrupted {
