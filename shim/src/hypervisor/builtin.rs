@@ -14,7 +14,9 @@ use husk_devices::vsock::{VsockConfig, VsockDevice};
 use husk_devices::VirtioDevice;
 use husk_vmm::{MicroVm, SerialSink, VmBuilder, VmExit};
 
-use super::{Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec};
+use super::{
+    hybrid_vsock_endpoint, Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec,
+};
 
 /// How often the exit watcher looks at the vCPU threads.
 const EXIT_POLL: Duration = Duration::from_millis(200);
@@ -106,11 +108,7 @@ impl Hypervisor for BuiltinVm {
     }
 
     fn agent_endpoint(&self) -> Result<Endpoint, HypervisorError> {
-        let uds = self.vsock_uds.clone().ok_or(HypervisorError::Device {
-            device: "vsock",
-            reason: "the VM has no vsock device to reach the agent through".into(),
-        })?;
-        Ok(Endpoint::HybridVsock { uds })
+        hybrid_vsock_endpoint(self.vsock_uds.as_deref())
     }
 
     fn exit_watcher(&self) -> Result<ExitWatcher, HypervisorError> {

@@ -226,6 +226,18 @@ pub trait Hypervisor: Send {
     fn stop(&mut self, grace: Duration) -> String;
 }
 
+/// The agent endpoint of a VM whose vsock device has its host side at
+/// `uds` (`None`: no vsock device was added).
+fn hybrid_vsock_endpoint(uds: Option<&Path>) -> Result<Endpoint, HypervisorError> {
+    let uds = uds.ok_or(HypervisorError::Device {
+        device: "vsock",
+        reason: "the VM has no vsock device to reach the agent through".into(),
+    })?;
+    Ok(Endpoint::HybridVsock {
+        uds: uds.to_owned(),
+    })
+}
+
 /// Makes the VMs of pods.
 pub trait Launcher: Send + Sync {
     /// A VM for `spec`, not started.
@@ -356,5 +368,31 @@ mod tests {
             dir.path(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_vm_without_a_vsock_device_has_no_agent_endpoint_under_either_backend() {
+        let (dir, config) = artifacts();
+        for backend in [Backend::Builtin, Backend::Qemu] {
+            let spec =
+                VmSpec::for_pod(&config, None, backend, SIZE, dir.path(), dir.path()).unwrap();
+            let vm = BackendLauncher.create(spec).unwrap();
+            let error = vm.agent_endpoint().unwrap_err().to_string();
+            assert!(error.contains("no vsock device"), "{backend:?}: {error}");
+            assert_eq!(vm.describe().backend, backend.name());
+        }
+    }
+
+    #[test]
+    fn qemu_refuses_more_vcpus_than_it_can_address_naming_the_number() {
+        let (dir, config) = artifacts();
+        let size = VmSize {
+            vcpus: 300,
+            memory_mib: 512,
+        };
+        let spec =
+            VmSpec::for_pod(&config, None, Backend::Qemu, size, dir.path(), dir.path()).unwrap();
+        let error = BackendLauncher.create(spec).err().unwrap().to_string();
+        assert!(error.contains("300 vCPUs"), "{error}");
     }
 }

@@ -13,7 +13,9 @@ use husk_devices::fs as virtio_fs;
 use husk_devices::vsock::{self as virtio_vsock, VsockConfig};
 
 use super::{QemuVm, QemuVmConfig};
-use crate::hypervisor::{Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec};
+use crate::hypervisor::{
+    hybrid_vsock_endpoint, Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec,
+};
 
 /// The vhost-user socket of the vsock device, in the work directory.
 const VSOCK_VHOST_SOCKET: &str = "vsock-vhost.sock";
@@ -135,11 +137,7 @@ impl Hypervisor for QemuPodVm {
     }
 
     fn agent_endpoint(&self) -> Result<Endpoint, HypervisorError> {
-        let uds = self.vsock_uds.clone().ok_or(HypervisorError::Device {
-            device: "vsock",
-            reason: "the VM has no vsock device to reach the agent through".into(),
-        })?;
-        Ok(Endpoint::HybridVsock { uds })
+        hybrid_vsock_endpoint(self.vsock_uds.as_deref())
     }
 
     fn exit_watcher(&self) -> Result<ExitWatcher, HypervisorError> {
