@@ -4,6 +4,7 @@
 //! stopped, the device servers end, mounts are detached and the sandbox
 //! directory is removed.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +21,8 @@ use crate::hypervisor::{
 use crate::paths::SandboxPaths;
 use crate::resources::{cleanup, SharedDirectory};
 
+/// Mode of a sandbox directory: only the shim (root) enters it.
+const SANDBOX_DIR_MODE: u32 = 0o700;
 /// Lines of the guest console quoted in boot errors.
 const CONSOLE_TAIL_LINES: usize = 30;
 /// Extra time, beyond the agent deadline, for the last handshake attempt.
@@ -91,6 +94,12 @@ impl Sandbox {
         }
         std::fs::create_dir_all(paths.share())
             .with_context(|| format!("cannot create {}", paths.share().display()))?;
+        // The pod's sockets, console and share are the shim's alone.
+        std::fs::set_permissions(
+            &paths.dir,
+            std::fs::Permissions::from_mode(SANDBOX_DIR_MODE),
+        )
+        .with_context(|| format!("cannot restrict {}", paths.dir.display()))?;
         let result = Self::boot_in(launcher, request).await;
         if result.is_err() {
             cleanup::remove_sandbox_dir(&paths);

@@ -52,12 +52,13 @@ pub struct SharedMounts {
 }
 
 /// Rewrites `spec` for the guest; `share_volume` adds the host directory of
-/// mount `index` to the share and returns its share-relative path.
+/// mount `index` to the share (read-only when the mount says `ro`) and
+/// returns its share-relative path.
 pub fn for_guest(
     mut spec: Spec,
     container_id: &str,
     paths: &SandboxPaths,
-    mut share_volume: impl FnMut(usize, &Path) -> Result<String>,
+    mut share_volume: impl FnMut(usize, &Path, bool) -> Result<String>,
     shared: &mut SharedMounts,
 ) -> Result<Spec> {
     spec.set_hooks(None);
@@ -109,8 +110,9 @@ pub fn for_guest(
                 mount.destination().display()
             ));
         }
+        let read_only = mount.options().iter().flatten().any(|o| o == "ro");
         let relative = if metadata.is_dir() {
-            share_volume(index, &source)?
+            share_volume(index, &source, read_only)?
         } else {
             let dir = paths.shared_files(container_id);
             std::fs::create_dir_all(&dir)
@@ -175,7 +177,8 @@ mod tests {
             original,
             "c1",
             &paths,
-            |index, source| {
+            |index, source, read_only| {
+                assert!(!read_only, "the /data volume is read-write");
                 added.push((index, source.to_owned()));
                 Ok(format!("c1/volumes/{index}"))
             },
@@ -219,7 +222,7 @@ mod tests {
             original,
             "c1",
             &paths,
-            |_, _| unreachable!(),
+            |_, _, _| unreachable!(),
             &mut Default::default(),
         )
         .unwrap_err();
@@ -244,7 +247,7 @@ mod tests {
             original,
             "c1",
             &paths,
-            |_, _| unreachable!(),
+            |_, _, _| unreachable!(),
             &mut Default::default(),
         )
         .unwrap_err();

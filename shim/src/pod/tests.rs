@@ -358,3 +358,61 @@ async fn guest_oom_events_reach_containerd_only_for_this_pods_containers_and_onc
     assert!(world.pod.shutdown().await);
     world.assert_nothing_left("after the pod");
 }
+
+#[tokio::test]
+async fn volumes_are_nosuid_nodev_on_the_host_and_ro_volumes_are_read_only_there() {
+    let Some(world) =
+        world("volumes_are_nosuid_nodev_on_the_host_and_ro_volumes_are_read_only_there")
+    else {
+        return;
+    };
+    let (writable, readonly) = (world.dir.path().join("rw"), world.dir.path().join("ro"));
+    for dir in [&writable, &readonly] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let mounts = format!(
+        r#","mounts":[{{"destination":"/rw","type":"bind","source":"{}","options":["rbind"]}},
+                      {{"destination":"/ro","type":"bind","source":"{}","options":["rbind","ro"]}}]"#,
+        writable.display(),
+        readonly.display()
+    );
+    world
+        .pod
+        .create(world.request("c1", &mounts))
+        .await
+        .unwrap();
+    let volumes = world.sandbox_dir("c1").join("share/c1/volumes");
+    // Root writes through a read-write volume, and not through a ro one:
+    // the host refuses, whatever the guest kernel would have done.
+    std::fs::write(volumes.join("0/written"), "x").unwrap();
+    let error = std::fs::write(volumes.join("1/written"), "x").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EROFS), "{error}");
+    assert!(!readonly.join("written").exists());
+    let table = husk_mountinfo::read_self().unwrap();
+    let options = |path: &Path| {
+        table
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == path)
+            .map(|m| m.mount_options.clone())
+            .unwrap_or_default()
+    };
+    let share = world.sandbox_dir("c1").join("share/c1");
+    for (path, ro) in [
+        (share.join("rootfs"), false),
+        (volumes.join("0"), false),
+        (volumes.join("1"), true),
+    ] {
+        let options = options(&path);
+        let has = |flag: &str| options.split(',').any(|o| o == flag);
+        assert!(
+            has("nosuid") && has("nodev"),
+            "{}: {options}",
+            path.display()
+        );
+        assert_eq!(has("ro"), ro, "{}: {options}", path.display());
+    }
+    world.pod.delete("c1", "").await.unwrap();
+    assert!(world.pod.shutdown().await);
+    world.assert_nothing_left("after the pod");
+}

@@ -14,7 +14,7 @@ pub mod cleanup;
 pub mod rootfs;
 mod shared_dir;
 
-pub use shared_dir::{SharedDirError, SharedDirectory};
+pub use shared_dir::{Access, SharedDirError, SharedDirectory};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,9 +79,14 @@ impl ContainerResources {
             spec,
             container_id,
             paths,
-            |index, source| {
+            |index, source, read_only| {
+                let access = if read_only {
+                    Access::ReadOnly
+                } else {
+                    Access::ReadWrite
+                };
                 Ok(share
-                    .add_volume(container_id, index, source)?
+                    .add_volume(container_id, index, source, access)?
                     .to_string_lossy()
                     .into_owned())
             },

@@ -133,8 +133,8 @@ impl SharedDirectory {
         ids
     }
 
-    /// Bind-mounts `source_rootfs` (recursively) at `<shared_dir>/<id>/rootfs`
-    /// and returns that path. `<id>` must not exist yet: a directory the
+    /// Bind-mounts `source_rootfs` (recursively, `nosuid,nodev`) at
+    /// `<shared_dir>/<id>/rootfs` and returns that path. `<id>` must not exist yet: a directory the
     /// guest created ahead of the shim is refused, not reused.
     pub fn add_container(&self, id: &str, source_rootfs: &Path) -> Result<PathBuf, SharedDirError> {
         validate_container_id(id)?;
@@ -154,7 +154,14 @@ impl SharedDirectory {
             .and_then(|id_fd| {
                 mkdir_at(&id_fd, &component_cstring(ROOTFS_DIR_NAME)?)
                     .map_err(io_error(id, "create", &target))?;
-                let rootfs = mount_at(&id_fd, ROOTFS_DIR_NAME, source_rootfs, id, &target)?;
+                let rootfs = mount_at(
+                    &id_fd,
+                    ROOTFS_DIR_NAME,
+                    source_rootfs,
+                    Access::ReadWrite,
+                    id,
+                    &target,
+                )?;
                 Ok((id_fd, rootfs))
             });
         match result {
@@ -186,14 +193,16 @@ impl SharedDirectory {
     }
 
     /// Bind-mounts the host directory `source` (recursively) at
-    /// `<shared_dir>/<id>/volumes/<index>` of a container already added, and
-    /// returns that path relative to the share root. Removed with the
+    /// `<shared_dir>/<id>/volumes/<index>` of a container already added,
+    /// `nosuid,nodev` and read-only on the host for [`Access::ReadOnly`],
+    /// and returns that path relative to the share root. Removed with the
     /// container.
     pub fn add_volume(
         &self,
         id: &str,
         index: usize,
         source: &Path,
+        access: Access,
     ) -> Result<PathBuf, SharedDirError> {
         let relative = Self::volume_relative_path(id, index)?;
         let target = self.root.join(&relative);
@@ -214,7 +223,7 @@ impl SharedDirectory {
         let name = index.to_string();
         mkdir_at(&volumes_fd, &component_cstring(&name)?)
             .map_err(io_error(id, "create", &target))?;
-        let mount_root = mount_at(&volumes_fd, &name, source, id, &target)?;
+        let mount_root = mount_at(&volumes_fd, &name, source, access, id, &target)?;
         entry.volumes.push(mount_root);
         tracing::info!(container_id = id, target = %target.display(), "volume added to the share");
         Ok(relative)
@@ -369,6 +378,7 @@ fn mount_at(
     dir_fd: &OwnedFd,
     name: &str,
     source: &Path,
+    access: Access,
     id: &str,
     target: &Path,
 ) -> Result<OwnedFd, SharedDirError> {
@@ -394,7 +404,50 @@ fn mount_at(
             target: target.to_owned(),
         });
     }
+    if let Err(error) = restrict_mount(&mount_root, access) {
+        detach_mount(&mount_root);
+        return Err(io_error(
+            id,
+            "restrict (nosuid, nodev, ro) the mount at",
+            target,
+        )(error));
+    }
     Ok(mount_root)
+}
+
+/// Whether the guest may write through a mount in the share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    /// Read-only on the host itself, not only in the guest's view: the
+    /// guest kernel is not trusted to honour a read-only mount.
+    ReadOnly,
+}
+
+/// Remounts the bind mount whose root is `mount_root` `nosuid,nodev`
+/// (and `ro` for [`Access::ReadOnly`]): nothing the guest writes into the
+/// share can become a setuid program or a device node on the host.
+fn restrict_mount(mount_root: &OwnedFd, access: Access) -> std::io::Result<()> {
+    let target = fd_path(mount_root);
+    let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV;
+    if access == Access::ReadOnly {
+        flags |= libc::MS_RDONLY;
+    }
+    // SAFETY: `target` is NUL-terminated; a bind remount takes no source,
+    // file system type or data.
+    let ret = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn component_cstring(name: &str) -> Result<CString, SharedDirError> {
