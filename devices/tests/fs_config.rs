@@ -6,7 +6,7 @@ mod fs_support;
 mod virtio_fs {
     use husk_devices::fs::{CachePolicy, ConfigError, FsConfig, FsError, VirtioFs};
 
-    use super::fs_support::TempDir;
+    use super::fs_support::TestDir;
 
     fn config_error(config: FsConfig) -> ConfigError {
         match VirtioFs::new(config) {
@@ -18,7 +18,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_config_rejects_an_empty_tag() {
-        let dir = TempDir::new("cfg-empty");
+        let dir = TestDir::new("cfg-empty").unwrap();
         let mut config = FsConfig::new(dir.path());
         config.tag = String::new();
         assert!(matches!(config_error(config), ConfigError::EmptyTag));
@@ -26,7 +26,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_config_rejects_a_tag_longer_than_36_bytes_and_names_it() {
-        let dir = TempDir::new("cfg-long");
+        let dir = TestDir::new("cfg-long").unwrap();
         let mut config = FsConfig::new(dir.path());
         // 18 two-byte characters plus one: 37 bytes in 19 characters.
         config.tag = format!("{}x", "é".repeat(18));
@@ -42,7 +42,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_config_rejects_a_tag_with_a_nul_byte() {
-        let dir = TempDir::new("cfg-nul");
+        let dir = TestDir::new("cfg-nul").unwrap();
         let mut config = FsConfig::new(dir.path());
         config.tag = "kata\0Shared".to_owned();
         assert!(matches!(
@@ -69,7 +69,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_config_rejects_zero_and_too_many_request_queues() {
-        let dir = TempDir::new("cfg-queues");
+        let dir = TestDir::new("cfg-queues").unwrap();
         let mut config = FsConfig::new(dir.path());
         config.num_request_queues = 0;
         assert!(matches!(
@@ -88,7 +88,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_config_rejects_a_missing_or_non_directory_shared_dir_and_names_it() {
-        let dir = TempDir::new("cfg-dir");
+        let dir = TestDir::new("cfg-dir").unwrap();
         let missing = dir.path().join("missing");
         let error = config_error(FsConfig::new(&missing));
         assert!(matches!(error, ConfigError::SharedDir { .. }), "{error}");
@@ -107,7 +107,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_config_resolves_a_symlinked_shared_dir_to_its_target() {
-        let dir = TempDir::new("cfg-link");
+        let dir = TestDir::new("cfg-link").unwrap();
         std::fs::create_dir(dir.path().join("real")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
         let config = FsConfig::new(dir.path().join("link"));

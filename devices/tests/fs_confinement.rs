@@ -14,21 +14,21 @@ mod virtio_fs {
     use husk_devices::fs::FsConfig;
     use vm_memory::ByteValued;
 
-    use super::fs_support::{FuseClient, TempDir, ROOT_ID};
+    use super::fs_support::{FuseClient, TestDir, ROOT_ID};
 
     /// FATTR_MODE (include/uapi/linux/fuse.h): SETATTR changes the mode.
     const FATTR_MODE: u32 = 1 << 0;
     const SECRET: &[u8] = b"host secret";
 
     struct Layout {
-        base: TempDir,
+        base: TestDir,
         share: PathBuf,
         outside: PathBuf,
     }
 
     impl Layout {
         fn new(label: &str) -> Self {
-            let base = TempDir::new(label);
+            let base = TestDir::new(label).unwrap();
             let share = base.path().join("share");
             let outside = base.path().join("outside");
             std::fs::create_dir(&share).unwrap();

@@ -18,7 +18,7 @@ mod virtio_fs {
     use fuse_backend_rs::abi::fuse_abi::{InitIn, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION};
     use vm_memory::ByteValued;
 
-    use super::fs_support::{guest_memory, request, GuestQueue, TempDir, QUEUE_SPAN};
+    use super::fs_support::{guest_memory, request, GuestQueue, TestDir, QUEUE_SPAN};
 
     fn count(dir: &str) -> usize {
         std::fs::read_dir(dir).unwrap().count()
@@ -56,7 +56,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_vhost_user_and_mmio_lifecycles_leave_no_thread_or_fd_behind() {
-        let dir = TempDir::new("lifecycle");
+        let dir = TestDir::new("lifecycle").unwrap();
         let socket = dir.path().join("fs.sock");
         let mut config = FsConfig::new(dir.path());
         config.num_request_queues = 2;

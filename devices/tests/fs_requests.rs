@@ -20,11 +20,11 @@ mod virtio_fs {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::fs_support::{
-        guest_memory, request, FuseClient, GuestQueue, TempDir, QUEUE_SPAN, ROOT_ID,
+        guest_memory, request, FuseClient, GuestQueue, TestDir, QUEUE_SPAN, ROOT_ID,
     };
 
-    fn share(label: &str) -> (TempDir, FsConfig) {
-        let dir = TempDir::new(label);
+    fn share(label: &str) -> (TestDir, FsConfig) {
+        let dir = TestDir::new(label).unwrap();
         let config = FsConfig::new(dir.path());
         (dir, config)
     }

@@ -17,7 +17,7 @@ mod virtio_fs {
 
     use husk_devices::fs::{serve_vhost_user, FsConfig, FsError};
 
-    use super::fs_support::TempDir;
+    use super::fs_support::TestDir;
 
     /// vhost-user message ids (QEMU docs/interop/vhost-user.rst).
     const GET_FEATURES: u32 = 1;
@@ -85,7 +85,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_vhost_user_backend_offers_the_features_a_virtio_fs_frontend_needs() {
-        let dir = TempDir::new("vu-features");
+        let dir = TestDir::new("vu-features").unwrap();
         std::fs::create_dir(dir.path().join("share")).unwrap();
         let socket = dir.path().join("fs.sock");
         let mut config = FsConfig::new(dir.path().join("share"));
@@ -129,7 +129,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_vhost_user_server_stops_before_any_frontend_connects_and_removes_the_socket() {
-        let dir = TempDir::new("vu-idle");
+        let dir = TestDir::new("vu-idle").unwrap();
         let socket = dir.path().join("idle.sock");
         let server = serve_vhost_user(&socket, FsConfig::new(dir.path())).unwrap();
         wait_for_socket(&socket);
@@ -140,7 +140,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_vhost_user_session_ends_when_the_frontend_hangs_up_and_drop_cleans_up() {
-        let dir = TempDir::new("vu-hangup");
+        let dir = TestDir::new("vu-hangup").unwrap();
         let socket = dir.path().join("hangup.sock");
         let server = serve_vhost_user(&socket, FsConfig::new(dir.path())).unwrap();
         let mut frontend = connect(&socket);
@@ -160,7 +160,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_vhost_user_replaces_a_stale_socket_file() {
-        let dir = TempDir::new("vu-stale");
+        let dir = TestDir::new("vu-stale").unwrap();
         let socket = dir.path().join("stale.sock");
         std::fs::write(&socket, b"left over by a crashed shim").unwrap();
         let server = serve_vhost_user(&socket, FsConfig::new(dir.path())).unwrap();
@@ -172,7 +172,7 @@ mod virtio_fs {
 
     #[test]
     fn fs_vhost_user_with_a_bad_configuration_fails_before_binding() {
-        let dir = TempDir::new("vu-bad");
+        let dir = TestDir::new("vu-bad").unwrap();
         let socket = dir.path().join("bad.sock");
         let mut config = FsConfig::new(dir.path());
         config.num_request_queues = 0;

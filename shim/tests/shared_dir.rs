@@ -16,7 +16,7 @@ mod shared_dir {
     use husk_devices::fs::FsConfig;
     use husk_shim::resources::{SharedDirError, SharedDirectory};
 
-    use super::fs_support::{FuseClient, TempDir, ROOT_ID};
+    use super::fs_support::{FuseClient, TestDir, ROOT_ID};
 
     fn require_root(test: &str) {
         // SAFETY: geteuid has no preconditions.
@@ -37,12 +37,12 @@ mod shared_dir {
 
     /// A share plus a container rootfs to put in it.
     struct Setup {
-        base: TempDir,
+        base: TestDir,
     }
 
     impl Setup {
         fn new(label: &str) -> Self {
-            let base = TempDir::new(label);
+            let base = TestDir::new(label).unwrap();
             std::fs::create_dir(base.path().join("share")).unwrap();
             std::fs::create_dir_all(base.path().join("bundle/rootfs/bin")).unwrap();
             std::fs::write(base.path().join("bundle/rootfs/bin/sh"), b"#!busybox").unwrap();

@@ -18,7 +18,7 @@ use super::packet::{
     self, op, PacketError, PacketHeader, RxBuffer, TxPayload, HDR_LEN, MAX_PKT_PAYLOAD,
     SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_SEQPACKET,
 };
-use super::test_support::{DriverQueue, Harness, TempDir};
+use super::test_support::{DriverQueue, Harness, TestDir};
 use super::{VsockConfig, VsockDevice, VsockTimeouts, HOST_CID, VIRTIO_ID_VSOCK};
 use crate::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
 
@@ -973,7 +973,7 @@ impl VirtioInterrupt for CountingInterrupt {
     }
 }
 
-fn device_config(dir: &TempDir) -> VsockConfig {
+fn device_config(dir: &TestDir) -> VsockConfig {
     VsockConfig {
         guest_cid: 0x1_0000_0003 & 0xffff_ffff,
         uds_path: dir.path().join("dev.sock"),
@@ -982,7 +982,7 @@ fn device_config(dir: &TempDir) -> VsockConfig {
 
 #[test]
 fn mmio_device_reports_type_queues_and_guest_cid_in_config_space() {
-    let dir = TempDir::new();
+    let dir = TestDir::new("vsock").unwrap();
     let config = VsockConfig {
         guest_cid: 0x0102_0304,
         uds_path: dir.path().join("dev.sock"),
@@ -1000,7 +1000,7 @@ fn mmio_device_reports_type_queues_and_guest_cid_in_config_space() {
 
 #[test]
 fn reserved_guest_cids_are_refused() {
-    let dir = TempDir::new();
+    let dir = TestDir::new("vsock").unwrap();
     for cid in [0, 1, 2, u64::from(u32::MAX)] {
         let config = VsockConfig {
             guest_cid: cid,
@@ -1012,7 +1012,7 @@ fn reserved_guest_cids_are_refused() {
 
 #[test]
 fn mmio_device_worker_delivers_a_request_and_stops_on_reset() {
-    let dir = TempDir::new();
+    let dir = TestDir::new("vsock").unwrap();
     let config = device_config(&dir);
     let uds_path = config.uds_path.clone();
     let mut device = VsockDevice::new(config).unwrap();
@@ -1073,7 +1073,7 @@ fn mmio_device_worker_delivers_a_request_and_stops_on_reset() {
 
 #[test]
 fn vhost_user_server_creates_both_sockets_and_stop_removes_them() {
-    let dir = TempDir::new();
+    let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
     let config = VsockConfig {
         guest_cid: 3,
@@ -1089,7 +1089,7 @@ fn vhost_user_server_creates_both_sockets_and_stop_removes_them() {
 
 #[test]
 fn vhost_user_server_stop_disconnects_a_connected_frontend() {
-    let dir = TempDir::new();
+    let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
     let config = VsockConfig {
         guest_cid: 3,
@@ -1144,7 +1144,7 @@ fn negotiate_as_frontend(socket: &std::path::Path) -> u64 {
 /// has hung up, the next one gets a full session from the same server.
 #[test]
 fn vhost_user_server_survives_a_frontend_that_disconnects() {
-    let dir = TempDir::new();
+    let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
     let config = VsockConfig {
         guest_cid: 5,
@@ -1185,7 +1185,7 @@ fn vhost_user_frontend_negotiates_and_relays_a_host_connection_end_to_end() {
     use vm_memory::{FileOffset, GuestMemory, GuestMemoryRegion};
 
     const MEM: usize = 8 << 20;
-    let dir = TempDir::new();
+    let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
     let config = VsockConfig {
         guest_cid: 7,
@@ -1363,7 +1363,7 @@ fn vhost_user_backend_accepts_qemu_vring_size_of_1024() {
     use vhost::VhostBackend;
 
     const QEMU_VSOCK_VRING_SIZE: u16 = 1024;
-    let dir = TempDir::new();
+    let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
     let config = VsockConfig {
         guest_cid: 7,

@@ -1,13 +1,10 @@
-//! Shared helpers for the virtio-fs integration tests: a scratch directory,
-//! a split virtqueue laid out by hand in guest memory (the driver's side),
-//! and a tiny FUSE client that builds requests the way the Linux virtio-fs
+//! Shared helpers for the virtio-fs integration tests: the request queue
+//! as the guest driver fills it (over the test-support crate's
+//! `DriverQueue`), and a tiny FUSE client that builds requests the way the Linux virtio-fs
 //! driver does (one chain: readable request, writable reply) and decodes
 //! the replies.
 
 #![allow(dead_code)]
-
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fuse_backend_rs::abi::fuse_abi::{
     Attr, CreateIn, Dirent, EntryOut, GetxattrIn, GetxattrOut, InHeader, InitIn, InitOut, LinkIn,
@@ -15,63 +12,30 @@ use fuse_backend_rs::abi::fuse_abi::{
     WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
 use husk_devices::fs::{FsConfig, FsDeviceModel};
+pub use husk_test_support::tempdir::TestDir;
+use husk_test_support::virtqueue::DriverQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 
 /// FUSE id of the root directory.
 pub const ROOT_ID: u64 = 1;
 
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(label: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "husk-fs-{label}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        // Canonical, so paths built from it match what the kernel reports
-        // (mountinfo, /proc/self/fd) even when TMPDIR goes through a symlink.
-        let path = path.canonicalize().unwrap();
-        Self { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
 /// Ring size of the test queue.
 pub const QUEUE_SIZE: u16 = 16;
-/// Layout of one queue, relative to its base in guest memory.
-const DESC_TABLE: u64 = 0x0;
-const AVAIL_RING: u64 = 0x1000;
-const USED_RING: u64 = 0x2000;
-const REQUEST_BUFFER: u64 = 0x1_0000;
-const REPLY_BUFFER: u64 = 0x20_0000;
-/// Guest memory one queue's layout takes.
+/// Buffer per descriptor: room for the largest request or reply the suites
+/// send (a 128 KiB READ plus its header).
+const BUFFER_STRIDE: u64 = 0x3_0000;
+/// Guest memory one queue's layout takes (rings, then 16 buffers).
 pub const QUEUE_SPAN: u64 = 0x40_0000;
-/// VIRTQ_DESC_F_NEXT and VIRTQ_DESC_F_WRITE (virtio 1.2, 2.7.5).
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 
-/// The driver's side of one split virtqueue in guest memory.
+/// The driver's side of one virtio-fs request queue: each request is one
+/// chain, a readable request and a writable reply buffer, as the Linux
+/// virtio-fs driver posts it. Built on the shared [`DriverQueue`].
 pub struct GuestQueue {
     pub memory: GuestMemoryMmap,
-    base: u64,
-    next_avail: u16,
+    driver: DriverQueue,
+    /// The most recent used chain: (head, length, the bytes written).
+    last: Option<(u16, u32, Vec<u8>)>,
 }
 
 /// Guest memory big enough for `queues` test queues.
@@ -92,77 +56,61 @@ impl GuestQueue {
 
     /// A queue whose rings and buffers start at `base` in `memory`.
     pub fn at(memory: GuestMemoryMmap, base: u64) -> Self {
+        let driver = DriverQueue::new(&memory, base, QUEUE_SIZE, BUFFER_STRIDE);
+        assert!(driver.end() <= base + QUEUE_SPAN, "the queue fits its span");
         Self {
             memory,
-            base,
-            next_avail: 0,
+            driver,
+            last: None,
         }
     }
 
     /// The device's view of this queue, as a transport would hand it over.
     pub fn device_queue(&self) -> Queue {
-        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-        queue.set_size(QUEUE_SIZE);
-        queue.set_desc_table_address(Some((self.base + DESC_TABLE) as u32), Some(0));
-        queue.set_avail_ring_address(Some((self.base + AVAIL_RING) as u32), Some(0));
-        queue.set_used_ring_address(Some((self.base + USED_RING) as u32), Some(0));
-        queue.set_ready(true);
+        let queue = self.driver.device_queue();
         assert!(queue.is_valid(&self.memory));
         queue
     }
 
-    /// Offers one request: descriptor 0 readable (the request), descriptor 1
-    /// writable (room for the reply).
-    pub fn push(&mut self, request: &[u8], reply_capacity: u32) {
-        let request_buffer = self.base + REQUEST_BUFFER;
-        self.memory
-            .write_slice(request, GuestAddress(request_buffer))
-            .unwrap();
-        self.write_descriptor(0, request_buffer, request.len() as u32, DESC_F_NEXT, 1);
-        self.write_descriptor(1, self.base + REPLY_BUFFER, reply_capacity, DESC_F_WRITE, 0);
-        let slot = self.base + AVAIL_RING + 4 + 2 * u64::from(self.next_avail % QUEUE_SIZE);
-        self.memory.write_obj(0u16, GuestAddress(slot)).unwrap();
-        self.next_avail = self.next_avail.wrapping_add(1);
-        self.memory
-            .write_obj(self.next_avail, GuestAddress(self.base + AVAIL_RING + 2))
-            .unwrap();
+    /// Reaps what the device returned, keeping the latest.
+    fn reap(&mut self) {
+        while let Some(used) = self.driver.pop_used(&self.memory) {
+            self.last = Some(used);
+        }
     }
 
-    fn write_descriptor(&self, index: u64, addr: u64, len: u32, flags: u16, next: u16) {
-        let base = self.base + DESC_TABLE + 16 * index;
-        self.memory.write_obj(addr, GuestAddress(base)).unwrap();
-        self.memory.write_obj(len, GuestAddress(base + 8)).unwrap();
-        self.memory
-            .write_obj(flags, GuestAddress(base + 12))
-            .unwrap();
-        self.memory
-            .write_obj(next, GuestAddress(base + 14))
-            .unwrap();
+    /// Offers one request with room for a `reply_capacity`-byte reply;
+    /// returns the chain's head index.
+    pub fn push(&mut self, request: &[u8], reply_capacity: u32) -> u16 {
+        self.reap();
+        self.driver
+            .add_chain(
+                &self.memory,
+                &[
+                    (request.len() as u32, false, request),
+                    (reply_capacity, true, &[]),
+                ],
+            )
+            .expect("the test queue has free descriptors")
     }
 
     /// How many chains the device has returned.
     pub fn used_idx(&self) -> u16 {
-        self.memory
-            .read_obj(GuestAddress(self.base + USED_RING + 2))
-            .unwrap()
+        self.driver.used_idx(&self.memory)
     }
 
     /// The (head index, length) of the most recently used chain.
-    pub fn last_used(&self) -> (u32, u32) {
-        let slot =
-            self.base + USED_RING + 4 + 8 * u64::from(self.used_idx().wrapping_sub(1) % QUEUE_SIZE);
-        let id: u32 = self.memory.read_obj(GuestAddress(slot)).unwrap();
-        let len: u32 = self.memory.read_obj(GuestAddress(slot + 4)).unwrap();
-        (id, len)
+    pub fn last_used(&mut self) -> (u32, u32) {
+        self.reap();
+        let (head, len, _) = self.last.as_ref().expect("the device used a chain");
+        (u32::from(*head), *len)
     }
 
-    /// The first `len` bytes of the reply buffer.
-    pub fn reply_bytes(&self, len: u32) -> Vec<u8> {
-        let mut bytes = vec![0u8; len as usize];
-        self.memory
-            .read_slice(&mut bytes, GuestAddress(self.base + REPLY_BUFFER))
-            .unwrap();
-        bytes
+    /// The first `len` bytes of the most recent reply.
+    pub fn reply_bytes(&mut self, len: u32) -> Vec<u8> {
+        self.reap();
+        let (_, _, bytes) = self.last.as_ref().expect("the device used a chain");
+        bytes[..len as usize].to_vec()
     }
 }
 
@@ -262,7 +210,7 @@ impl FuseClient {
         self.unique += 1;
         let bytes = request(opcode, self.unique, nodeid, parts);
         let used_before = self.guest.used_idx();
-        self.guest.push(&bytes, reply_capacity);
+        let posted = self.guest.push(&bytes, reply_capacity);
         self.model
             .process_queue(&self.guest.memory, &mut self.queue)
             .unwrap();
@@ -272,7 +220,7 @@ impl FuseClient {
             "the chain came back"
         );
         let (head, len) = self.guest.last_used();
-        assert_eq!(head, 0);
+        assert_eq!(head, u32::from(posted), "the used chain is the one posted");
         let bytes = self.guest.reply_bytes(len);
         let header = *OutHeader::from_slice(&bytes[..std::mem::size_of::<OutHeader>()]).unwrap();
         assert_eq!(header.unique, self.unique, "the reply answers this request");

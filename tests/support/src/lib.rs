@@ -12,6 +12,7 @@
 //! | [`mounts`] | the mount points below a directory |
 //! | [`host`] | the processes and sockets on the host, for leak checks |
 //! | [`tempdir`] | one test-directory type |
+//! | [`virtqueue`] | the driver's half of a split virtqueue, for device-model tests |
 
 pub mod agent;
 pub mod artifacts;
@@ -21,3 +22,4 @@ pub mod host;
 pub mod mounts;
 pub mod stdio;
 pub mod tempdir;
+pub mod virtqueue;

@@ -1,5 +1,5 @@
 //! One test directory type: a fresh directory per test, named after the
-//! test and this process (`husk-<name>-<pid>-<n>`, short, because Unix
+//! test and this process (`husk-<name>-<pid>-<n>`, canonical, short, because Unix
 //! socket paths inside it are limited to 108 bytes), removed on drop.
 //!
 //! A directory with something still mounted below it is not removed:
@@ -39,6 +39,11 @@ impl TestDir {
         }
         std::fs::create_dir_all(&path)
             .with_context(|| format!("cannot create {}", path.display()))?;
+        // Canonical, so paths built from it match what the kernel reports
+        // (mountinfo, /proc/self/fd) even when TMPDIR goes through a symlink.
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
         Ok(Self { path })
     }
 
