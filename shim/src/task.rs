@@ -289,14 +289,10 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
-        if req.stdin {
-            self.pod
-                .close_stdin(&req.id, &req.exec_id)
-                .await
-                .map_err(status)?;
-        } else {
-            self.pod.container(&req.id).map_err(status)?;
-        }
+        self.pod
+            .close_io(&req.id, &req.exec_id, req.stdin)
+            .await
+            .map_err(status)?;
         Ok(api::Empty::new())
     }
 

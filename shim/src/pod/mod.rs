@@ -385,10 +385,14 @@ impl Pod {
             .map_err(PodError::agent("cannot resize the terminal"))
     }
 
-    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), PodError> {
+    /// CloseIO: ends the process's stdin when `stdin` is set. An unknown
+    /// container or exec is NOT_FOUND either way.
+    pub async fn close_io(&self, id: &str, exec_id: &str, stdin: bool) -> Result<(), PodError> {
         let process = self.process(id, exec_id)?;
-        if let Some(io) = process.io.lock().await.as_ref() {
-            io.close_stdin();
+        if stdin {
+            if let Some(io) = process.io.lock().await.as_ref() {
+                io.close_stdin();
+            }
         }
         Ok(())
     }

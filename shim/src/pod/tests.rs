@@ -329,6 +329,19 @@ async fn shutdown_keeps_the_pod_while_a_container_remains() {
     assert_eq!(world.launcher.running(), 1);
     let error = world.pod.delete("c2", "").await.unwrap_err();
     assert_eq!(error.code(), Code::NOT_FOUND);
+    for stdin in [true, false] {
+        let error = world
+            .pod
+            .close_io("c1", "no-such-exec", stdin)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.code(),
+            Code::NOT_FOUND,
+            "CloseIO stdin={stdin}: {error}"
+        );
+    }
+    world.pod.close_io("c1", "", true).await.unwrap();
     world.pod.delete("c1", "").await.unwrap();
     assert!(world.pod.shutdown().await);
     world.assert_nothing_left("after the pod");
