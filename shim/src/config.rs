@@ -104,13 +104,27 @@ pub struct SharedFsConfig {
     /// virtio-fs cache policy: never, metadata, auto or always.
     pub cache: String,
     pub xattr: bool,
+    /// Size cap, in bytes, of the tmpfs holding the share's own tree (the
+    /// container directories and mount points; the guest cannot write it).
+    pub tree_max_bytes: u64,
+    /// Inode cap of that tmpfs.
+    pub tree_max_inodes: u64,
 }
+
+/// Default `shared_fs.tree_max_bytes`: the tree holds directories and
+/// empty mount-point files only, which take no data pages.
+pub const DEFAULT_SHARE_TREE_MAX_BYTES: u64 = 1 << 20;
+/// Default `shared_fs.tree_max_inodes`: about ten per container
+/// (directory, rootfs, volumes and files) for hundreds of containers.
+pub const DEFAULT_SHARE_TREE_MAX_INODES: u64 = 16_384;
 
 impl Default for SharedFsConfig {
     fn default() -> Self {
         Self {
             cache: "auto".to_owned(),
             xattr: true,
+            tree_max_bytes: DEFAULT_SHARE_TREE_MAX_BYTES,
+            tree_max_inodes: DEFAULT_SHARE_TREE_MAX_INODES,
         }
     }
 }
@@ -224,6 +238,18 @@ impl Config {
                     self.shared_fs.cache,
                     CACHE_POLICIES.join(", ")
                 ),
+            ));
+        }
+        if self.shared_fs.tree_max_bytes < 4096 {
+            return Err(invalid(
+                "shared_fs.tree_max_bytes",
+                "must be at least 4096 (one page)".into(),
+            ));
+        }
+        if self.shared_fs.tree_max_inodes < 16 {
+            return Err(invalid(
+                "shared_fs.tree_max_inodes",
+                "must be at least 16".into(),
             ));
         }
         if self.limits.max_vcpus == 0 {

@@ -194,15 +194,15 @@ impl HuskShim {
 }
 
 /// Removes one container's entries from a pod's share: its directory
-/// `<share>/<id>` (rootfs and volumes, unmounted first) and its copied
-/// files. Exact names only: deleting `web` never touches `web.mysql`.
+/// `<id>` on the share's host side (rootfs, volumes and files, unmounted
+/// first; the read-only view follows by propagation). Exact names only:
+/// deleting `web` never touches `web.mysql`.
 fn remove_container_from_share(paths: &SandboxPaths, container_id: &str) {
     if let Err(error) = ids::validate("container id", container_id) {
         tracing::warn!(%error, "not cleaning the share for an invalid container id");
         return;
     }
-    cleanup::unmount_and_remove(&paths.share().join(container_id));
-    cleanup::unmount_and_remove(&paths.shared_files(container_id));
+    cleanup::unmount_and_remove(&paths.share_host_side().join(container_id));
 }
 
 #[cfg(test)]
@@ -213,20 +213,23 @@ mod tests {
     fn deleting_a_container_leaves_the_share_entries_of_a_similarly_named_one() {
         let root = tempfile::tempdir().unwrap();
         let paths = SandboxPaths::under(root.path(), "pod");
+        let host_side = paths.share_host_side();
         for id in ["web", "web.mysql", "web.m0"] {
-            std::fs::create_dir_all(paths.share().join(id).join("rootfs")).unwrap();
-            std::fs::create_dir_all(paths.shared_files(id)).unwrap();
+            std::fs::create_dir_all(host_side.join(id).join("rootfs")).unwrap();
+            std::fs::create_dir_all(host_side.join(id).join("files")).unwrap();
         }
-        std::fs::create_dir_all(paths.share().join("web/volumes/0")).unwrap();
+        std::fs::create_dir_all(host_side.join("web/volumes/0")).unwrap();
         remove_container_from_share(&paths, "web");
-        assert!(!paths.share().join("web").exists());
-        assert!(!paths.shared_files("web").exists());
+        assert!(!host_side.join("web").exists());
         for id in ["web.mysql", "web.m0"] {
             assert!(
-                paths.share().join(id).join("rootfs").is_dir(),
+                host_side.join(id).join("rootfs").is_dir(),
                 "{id} lost its rootfs"
             );
-            assert!(paths.shared_files(id).is_dir(), "{id} lost its files");
+            assert!(
+                host_side.join(id).join("files").is_dir(),
+                "{id} lost its files"
+            );
         }
     }
 

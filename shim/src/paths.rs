@@ -38,7 +38,7 @@ impl SandboxPaths {
 
     /// The virtio-fs shared directory.
     pub fn share(&self) -> PathBuf {
-        self.dir.join("share")
+        self.dir.join(crate::resources::GUEST_VIEW_DIR)
     }
     /// The hybrid vsock socket (host end of guest vsock).
     pub fn vsock_uds(&self) -> PathBuf {
@@ -52,13 +52,9 @@ impl SandboxPaths {
     pub fn vmm_pid_file(&self) -> PathBuf {
         self.dir.join(crate::hypervisor::qemu::VMM_PID_FILE)
     }
-    /// Host files (not directories) bind-mounted into containers are copied
-    /// here, inside the share: `<share>/<FILES_DIR>/<container>/<n>`.
-    pub fn shared_files(&self, container_id: &str) -> PathBuf {
-        self.share().join(SHARED_FILES_DIR).join(container_id)
+    /// Where the shim builds the share (a tmpfs only the host writes);
+    /// [`Self::share`] is its read-only view.
+    pub fn share_host_side(&self) -> PathBuf {
+        self.dir.join(crate::resources::HOST_SIDE_DIR)
     }
 }
-
-/// The directory inside the share holding copies of host files that
-/// containers bind-mount (hosts, resolv.conf, hostname, ...).
-pub const SHARED_FILES_DIR: &str = ".files";

@@ -19,7 +19,7 @@ use crate::hypervisor::{
     Device, ExitWatcher, Hypervisor, Launcher, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
 };
 use crate::paths::SandboxPaths;
-use crate::resources::{cleanup, SharedDirectory};
+use crate::resources::{cleanup, ShareTreeLimits, SharedDirectory};
 
 /// Mode of a sandbox directory: only the shim (root) enters it.
 const SANDBOX_DIR_MODE: u32 = 0o700;
@@ -92,8 +92,8 @@ impl Sandbox {
             tracing::warn!(dir = %paths.dir.display(), "a stale sandbox directory exists; cleaning it");
             cleanup::remove_sandbox_dir(&paths);
         }
-        std::fs::create_dir_all(paths.share())
-            .with_context(|| format!("cannot create {}", paths.share().display()))?;
+        std::fs::create_dir_all(&paths.dir)
+            .with_context(|| format!("cannot create {}", paths.dir.display()))?;
         // The pod's sockets, console and share are the shim's alone.
         std::fs::set_permissions(
             &paths.dir,
@@ -119,8 +119,12 @@ impl Sandbox {
             paths,
         } = request;
         let shutdown_grace = Duration::from_millis(config.timeouts.shutdown_ms);
-        let share = SharedDirectory::open(&paths.share())
-            .with_context(|| format!("cannot open the share {}", paths.share().display()))?;
+        let limits = ShareTreeLimits {
+            max_bytes: config.shared_fs.tree_max_bytes,
+            max_inodes: config.shared_fs.tree_max_inodes,
+        };
+        let share = SharedDirectory::create(&paths.dir, limits)
+            .with_context(|| format!("cannot make the share in {}", paths.dir.display()))?;
         let (vcpus, memory_mib) = (spec.vcpus, spec.memory_mib);
         let started = Instant::now();
         let mut vm = launcher.create(spec)?;

@@ -172,7 +172,6 @@ impl Pod {
         let id = request.id.as_str();
         let (resources, guest_spec) = ContainerResources::prepare(
             sandbox.share(),
-            &sandbox.paths,
             id,
             &request.bundle,
             &request.rootfs,

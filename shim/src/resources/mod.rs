@@ -1,10 +1,10 @@
 //! The host resources of a pod and of each of its containers, and the one
 //! guard that gives a container's back.
 //!
-//! A container's Create makes three kinds of host state: the rootfs layers
-//! mounted on `<bundle>/rootfs` ([`rootfs`]), that rootfs and the
-//! container's volume directories bind-mounted into the pod's share
-//! ([`SharedDirectory`]), and copies of the host files it bind-mounts.
+//! A container's Create makes two kinds of host state: the rootfs layers
+//! mounted on `<bundle>/rootfs` ([`rootfs`]), and that rootfs and the
+//! host directories and files the container bind-mounts, bind-mounted
+//! into the pod's share ([`SharedDirectory`]).
 //! [`ContainerResources`] records each as it is made, and its `Drop` undoes
 //! whatever was made, so a Create that fails at any step, a Delete, and the
 //! shim's end all leave nothing. [`cleanup`] does the same from paths alone
@@ -14,7 +14,9 @@ pub mod cleanup;
 pub mod rootfs;
 mod shared_dir;
 
-pub use shared_dir::{Access, SharedDirError, SharedDirectory};
+pub use shared_dir::{
+    Access, ShareTreeLimits, SharedDirError, SharedDirectory, GUEST_VIEW_DIR, HOST_SIDE_DIR,
+};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,8 +24,7 @@ use std::sync::Arc;
 use containerd_shim_protos::api::Mount;
 use oci_spec::runtime::Spec;
 
-use crate::paths::SandboxPaths;
-use crate::spec::{self, SharedMounts};
+use crate::spec;
 
 /// Why a container's host resources could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +49,6 @@ pub struct ContainerResources {
     mounted_rootfs: bool,
     /// The share, once the container's rootfs is in it.
     share: Option<Arc<SharedDirectory>>,
-    shared: SharedMounts,
 }
 
 impl ContainerResources {
@@ -57,7 +57,6 @@ impl ContainerResources {
     /// whatever was made is already undone.
     pub fn prepare(
         share: &Arc<SharedDirectory>,
-        paths: &SandboxPaths,
         container_id: &str,
         bundle: &Path,
         rootfs_mounts: &[Mount],
@@ -68,30 +67,23 @@ impl ContainerResources {
             bundle: bundle.to_owned(),
             mounted_rootfs: false,
             share: None,
-            shared: SharedMounts::default(),
         };
         let rootfs_source =
             rootfs::mount_rootfs(bundle, rootfs_mounts).map_err(ResourceError::Rootfs)?;
         resources.mounted_rootfs = !rootfs_mounts.is_empty();
         share.add_container(container_id, &rootfs_source)?;
         resources.share = Some(share.clone());
-        let guest_spec = spec::for_guest(
-            spec,
-            container_id,
-            paths,
-            |index, source, read_only| {
-                let access = if read_only {
-                    Access::ReadOnly
-                } else {
-                    Access::ReadWrite
-                };
-                Ok(share
-                    .add_volume(container_id, index, source, access)?
-                    .to_string_lossy()
-                    .into_owned())
-            },
-            &mut resources.shared,
-        )
+        let guest_spec = spec::for_guest(spec, |index, source, read_only| {
+            let access = if read_only {
+                Access::ReadOnly
+            } else {
+                Access::ReadWrite
+            };
+            Ok(share
+                .add_bind(container_id, index, source, access)?
+                .to_string_lossy()
+                .into_owned())
+        })
         .map_err(ResourceError::Spec)?;
         Ok((resources, guest_spec))
     }
@@ -109,11 +101,6 @@ impl Drop for ContainerResources {
         if let Some(share) = self.share.take() {
             if let Err(error) = share.remove_container(id) {
                 tracing::warn!(%error, container_id = %id, "cannot remove the container from the share");
-            }
-        }
-        if let Some(dir) = self.shared.files_dir.take() {
-            if let Err(error) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(%error, dir = %dir.display(), "cannot remove the container's copied files");
             }
         }
         if self.mounted_rootfs {
