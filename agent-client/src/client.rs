@@ -11,8 +11,9 @@ use tokio::net::UnixStream;
 
 use crate::{ClientError, Endpoint};
 
-/// How long an ordinary call may take before the client gives up.
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an ordinary call may take before the client gives up, unless
+/// [`AgentClient::with_call_timeout`] says otherwise.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one readiness probe (`Check`) may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between connection attempts while the agent is not up yet.
@@ -32,6 +33,10 @@ pub struct ExitStatus {
 pub struct AgentClient {
     endpoint: Endpoint,
     rpc: agent_ttrpc::AgentClient,
+    /// The deadline of every call but the long waits (`WaitProcess`, and
+    /// `GetEvents` beyond its own wait): a hung guest cannot hold a caller
+    /// longer than this.
+    call_timeout: Duration,
 }
 
 fn context(timeout: Option<Duration>) -> ttrpc::context::Context {
@@ -44,7 +49,7 @@ fn context(timeout: Option<Duration>) -> ttrpc::context::Context {
 
 macro_rules! call {
     ($self:ident, $method:ident, $name:literal, $req:expr) => {
-        call!($self, $method, $name, $req, Some(CALL_TIMEOUT))
+        call!($self, $method, $name, $req, Some($self.call_timeout))
     };
     ($self:ident, $method:ident, $name:literal, $req:expr, $timeout:expr) => {
         $self
@@ -98,6 +103,7 @@ impl AgentClient {
         let client = Self {
             endpoint: endpoint.clone(),
             rpc: agent_ttrpc::AgentClient::new(ttrpc_client),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         };
         let health = call!(client, check, "Check", Empty::new(), Some(PROBE_TIMEOUT))?;
         if health.status.value() == health_check_response::ServingStatus::SERVING as i32 {
@@ -109,6 +115,17 @@ impl AgentClient {
                 message: format!("agent is {:?}", health.status),
             })
         }
+    }
+
+    /// The same connection with another deadline for ordinary calls.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// The deadline of ordinary calls.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
     }
 
     /// The generated ttrpc client, for calls this type does not wrap.
@@ -287,7 +304,7 @@ impl AgentClient {
             timeout_ms,
             ..Default::default()
         };
-        let deadline = CALL_TIMEOUT + Duration::from_millis(u64::from(timeout_ms));
+        let deadline = self.call_timeout + Duration::from_millis(u64::from(timeout_ms));
         call!(self, get_events, "GetEvents", request, Some(deadline)).map(|r| r.events)
     }
 
@@ -297,7 +314,12 @@ impl AgentClient {
 
     /// Whether the agent serves.
     pub async fn check(&self) -> Result<bool, ClientError> {
-        call!(self, check, "Check", Empty::new())
+        self.check_within(self.call_timeout).await
+    }
+
+    /// Whether the agent serves, answered within `timeout` (a health probe).
+    pub async fn check_within(&self, timeout: Duration) -> Result<bool, ClientError> {
+        call!(self, check, "Check", Empty::new(), Some(timeout))
             .map(|r| r.status.value() == health_check_response::ServingStatus::SERVING as i32)
     }
 

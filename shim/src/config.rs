@@ -137,6 +137,16 @@ pub struct TimeoutsConfig {
     pub agent_ready_ms: u64,
     /// How long a VM may take to power off before it is killed.
     pub shutdown_ms: u64,
+    /// Deadline of every agent call but the long waits (a process's exit,
+    /// the event stream), which the health check bounds instead.
+    pub agent_call_ms: u64,
+    /// Pause between two health probes (`Check`) of a running pod's agent.
+    pub health_interval_ms: u64,
+    /// How long one health probe may take.
+    pub health_probe_ms: u64,
+    /// Failed probes in a row after which the guest is declared dead: its
+    /// VM is stopped and every running process reported exited (255).
+    pub health_failures: u32,
 }
 
 impl Default for TimeoutsConfig {
@@ -146,6 +156,11 @@ impl Default for TimeoutsConfig {
         Self {
             agent_ready_ms: 30_000,
             shutdown_ms: 5_000,
+            agent_call_ms: 60_000,
+            // Generous: several TCG guests on two cores answer slowly.
+            health_interval_ms: 10_000,
+            health_probe_ms: 5_000,
+            health_failures: 3,
         }
     }
 }
@@ -251,6 +266,22 @@ impl Config {
                 "shared_fs.tree_max_inodes",
                 "must be at least 16".into(),
             ));
+        }
+        for (field, value) in [
+            ("timeouts.agent_call_ms", self.timeouts.agent_call_ms),
+            (
+                "timeouts.health_interval_ms",
+                self.timeouts.health_interval_ms,
+            ),
+            ("timeouts.health_probe_ms", self.timeouts.health_probe_ms),
+            (
+                "timeouts.health_failures",
+                u64::from(self.timeouts.health_failures),
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
         }
         if self.limits.max_vcpus == 0 {
             return Err(invalid("limits.max_vcpus", "must be at least 1".into()));

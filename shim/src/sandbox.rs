@@ -48,6 +48,26 @@ pub struct Sandbox {
     share: Arc<SharedDirectory>,
     vm: Mutex<Option<Box<dyn Hypervisor>>>,
     shutdown_grace: Duration,
+    /// How the running agent's health is watched.
+    pub health: HealthPolicy,
+}
+
+/// When a running guest counts as dead (`[timeouts]` `health_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    pub interval: Duration,
+    pub probe_timeout: Duration,
+    pub failures: u32,
+}
+
+impl HealthPolicy {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            interval: Duration::from_millis(config.timeouts.health_interval_ms),
+            probe_timeout: Duration::from_millis(config.timeouts.health_probe_ms),
+            failures: config.timeouts.health_failures,
+        }
+    }
 }
 
 /// The virtio-fs configuration of a pod's share.
@@ -173,7 +193,9 @@ impl Sandbox {
         .map_err(|_| anyhow!("no answer to the hybrid vsock handshake"))
         .and_then(|r| r.map_err(anyhow::Error::from));
         let client = match connected {
-            Ok(client) => client,
+            Ok(client) => {
+                client.with_call_timeout(Duration::from_millis(config.timeouts.agent_call_ms))
+            }
             Err(error) => {
                 let end = stop_vm(vm, shutdown_grace).await;
                 return Err(error.context(format!(
@@ -214,6 +236,7 @@ impl Sandbox {
                 share: Arc::new(share),
                 vm: Mutex::new(Some(vm)),
                 shutdown_grace,
+                health: HealthPolicy::from_config(config),
             },
             watcher,
         ))
@@ -222,6 +245,15 @@ impl Sandbox {
     /// The pod's share, where containers' rootfs and volumes are mounted.
     pub fn share(&self) -> &Arc<SharedDirectory> {
         &self.share
+    }
+
+    /// Stops the VM at once, without asking the guest (declared dead). Its
+    /// exit watcher then reports the end; [`Self::destroy`] still cleans up.
+    pub async fn kill_vm(&self) -> Option<String> {
+        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let end = stop_vm(vm, Duration::ZERO).await;
+        tracing::warn!(sandbox_id = %self.id, end = %end, "VM stopped: the guest was declared dead");
+        Some(end)
     }
 
     /// Ends the sandbox: asks the guest to power off, stops the VM (killing

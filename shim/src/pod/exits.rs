@@ -259,7 +259,7 @@ impl Pod {
             let events = match client.get_events(after, EVENT_POLL_MS).await {
                 Ok(events) => events,
                 Err(error) => {
-                    if self.inner.sandbox.lock().await.is_none() {
+                    if self.current_sandbox().is_none() {
                         tracing::debug!(%error, "guest events ended with the VM");
                         return;
                     }

@@ -8,6 +8,7 @@
 mod container;
 mod error;
 mod exits;
+mod health;
 pub mod process;
 
 use std::path::{Path, PathBuf};
@@ -70,7 +71,12 @@ struct Inner {
     run_root: PathBuf,
     launcher: Arc<dyn Launcher>,
     events: Arc<dyn EventSink>,
-    sandbox: tokio::sync::Mutex<Option<Arc<Sandbox>>>,
+    /// The running sandbox. Locked only to read or swap it, never across
+    /// an await: no RPC waits behind a boot for it.
+    sandbox: std::sync::Mutex<Option<Arc<Sandbox>>>,
+    /// Held by the one Create that boots the sandbox; a concurrent first
+    /// Create of the same pod waits here for that boot.
+    boot: tokio::sync::Mutex<()>,
     containers: Containers,
     /// Guest events refused (not of this pod, or repeated too soon).
     dropped_guest_events: AtomicU64,
@@ -91,7 +97,8 @@ impl Pod {
                 run_root: run_root.to_owned(),
                 launcher,
                 events,
-                sandbox: tokio::sync::Mutex::new(None),
+                sandbox: std::sync::Mutex::new(None),
+                boot: tokio::sync::Mutex::new(()),
                 containers: Containers::default(),
                 dropped_guest_events: AtomicU64::new(0),
             }),
@@ -113,12 +120,25 @@ impl Pod {
     }
 
     async fn sandbox(&self) -> Result<Arc<Sandbox>, PodError> {
+        self.current_sandbox()
+            .ok_or_else(|| PodError::FailedPrecondition("the pod's VM is not running".into()))
+    }
+
+    /// The running sandbox, if any (never waits for a boot).
+    fn current_sandbox(&self) -> Option<Arc<Sandbox>> {
         self.inner
             .sandbox
             .lock()
-            .await
+            .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or_else(|| PodError::FailedPrecondition("the pod's VM is not running".into()))
+    }
+
+    fn take_sandbox(&self) -> Option<Arc<Sandbox>> {
+        self.inner
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn identity(&self, container_id: &str) -> LogIdentity {
@@ -217,9 +237,12 @@ impl Pod {
         config: &Config,
         config_path: Option<&Path>,
     ) -> Result<Arc<Sandbox>, PodError> {
-        let mut slot = self.inner.sandbox.lock().await;
-        if let Some(sandbox) = slot.as_ref() {
-            return Ok(sandbox.clone());
+        if let Some(sandbox) = self.current_sandbox() {
+            return Ok(sandbox);
+        }
+        let _booting = self.inner.boot.lock().await;
+        if let Some(sandbox) = self.current_sandbox() {
+            return Ok(sandbox);
         }
         let sandbox_id = spec::sandbox_id_of(container_id, spec);
         ids::validate("sandbox id", &sandbox_id)
@@ -257,7 +280,7 @@ impl Pod {
             .await
             .map_err(PodError::internal("cannot start the pod's VM"))?;
         let sandbox = Arc::new(sandbox);
-        *slot = Some(sandbox.clone());
+        *self.inner.sandbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(sandbox.clone());
         let pod = self.clone();
         tokio::spawn(async move {
             let end = watcher.await;
@@ -266,12 +289,14 @@ impl Pod {
         let pod = self.clone();
         let client = sandbox.client.clone();
         tokio::spawn(async move { pod.forward_guest_events(client).await });
+        let pod = self.clone();
+        let watched = Arc::downgrade(&sandbox);
+        tokio::spawn(async move { pod.watch_agent_health(watched).await });
         Ok(sandbox)
     }
 
     async fn destroy_sandbox(&self) {
-        let sandbox = self.inner.sandbox.lock().await.take();
-        if let Some(sandbox) = sandbox {
+        if let Some(sandbox) = self.take_sandbox() {
             sandbox.destroy().await;
         }
     }

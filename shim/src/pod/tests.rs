@@ -27,6 +27,11 @@ struct World {
 /// A pod with a fake VM, or `None` (said on stdout) where bind mounts
 /// cannot be made.
 fn world(test: &str) -> Option<World> {
+    world_with(test, "")
+}
+
+/// [`world`] with `extra` appended to the configuration file.
+fn world_with(test: &str, extra: &str) -> Option<World> {
     if !is_root() {
         println!("husk-test-form: {test}: not run: bind mounts into the share need root");
         return None;
@@ -39,8 +44,9 @@ fn world(test: &str) -> Option<World> {
     std::fs::write(
         &config_path,
         format!(
-            "[hypervisor]\nkind = \"qemu\"\nkernel = \"{0}/vmlinux\"\nqemu_kernel = \"{0}/bzImage\"\ninitrd = \"{0}/initrd\"\n",
-            dir.path().display()
+            "[hypervisor]\nkind = \"qemu\"\nkernel = \"{0}/vmlinux\"\nqemu_kernel = \"{0}/bzImage\"\ninitrd = \"{0}/initrd\"\n{1}",
+            dir.path().display(),
+            extra
         ),
     )
     .unwrap();
@@ -317,6 +323,50 @@ async fn a_vm_that_dies_ends_every_running_process_with_255() {
     world.pod.delete("c1", "").await.unwrap();
     assert!(world.pod.shutdown().await);
     world.assert_nothing_left("after the pod");
+}
+
+#[tokio::test]
+async fn a_hung_agent_is_declared_dead_and_kill_wait_delete_and_shutdown_finish() {
+    let Some(world) = world_with(
+        "a_hung_agent_is_declared_dead",
+        "[timeouts]\nagent_call_ms = 200\nhealth_interval_ms = 50\nhealth_probe_ms = 50\nhealth_failures = 2\n",
+    ) else {
+        return;
+    };
+    let bound = std::time::Duration::from_secs(30);
+    world.pod.create(world.request("c1", "")).await.unwrap();
+    world.pod.start("c1", "").await.unwrap();
+    world
+        .launcher
+        .agent
+        .hung
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let kill = tokio::time::timeout(bound, world.pod.kill("c1", "", 15, false))
+        .await
+        .expect("Kill returns although the agent never answers");
+    println!("Kill with a hung agent: {kill:?}");
+    let exit = tokio::time::timeout(bound, world.pod.wait("c1", ""))
+        .await
+        .expect("the health check ends the wait")
+        .unwrap();
+    assert_eq!(exit.status, 255, "the dead guest's process exits with 255");
+    // The exit may come from the failed WaitProcess first; the health
+    // check then stops the VM.
+    tokio::time::timeout(bound, async {
+        while world.launcher.running() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the health check stops the dead guest's VM");
+    tokio::time::timeout(bound, world.pod.delete("c1", ""))
+        .await
+        .expect("Delete returns")
+        .unwrap();
+    assert!(tokio::time::timeout(bound, world.pod.shutdown())
+        .await
+        .expect("Shutdown returns"));
+    world.assert_nothing_left("after the dead guest");
 }
 
 #[tokio::test]

@@ -20,6 +20,9 @@ pub const INIT_PID: u32 = 100;
 #[derive(Default)]
 pub struct FakeAgent {
     pub fail_create_container: AtomicBool,
+    /// When set, Check, SignalProcess, RemoveContainer and DestroySandbox
+    /// never answer (an agent stopped with SIGSTOP).
+    pub hung: AtomicBool,
     state: Mutex<State>,
     /// Wakes a pending GetEvents when an event is queued.
     event_queued: tokio::sync::Notify,
@@ -40,6 +43,13 @@ fn status(code: ttrpc::Code, message: String) -> ttrpc::Error {
 }
 
 impl FakeAgent {
+    /// Never returns while [`Self::hung`] is set.
+    async fn stall_if_hung(&self) {
+        if self.hung.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -129,6 +139,7 @@ impl agent_ttrpc::Agent for FakeAgent {
         _: &TtrpcContext,
         _: agent::DestroySandboxRequest,
     ) -> ttrpc::Result<agent::Empty> {
+        self.stall_if_hung().await;
         self.state().sandboxes_destroyed += 1;
         Ok(agent::Empty::new())
     }
@@ -165,6 +176,7 @@ impl agent_ttrpc::Agent for FakeAgent {
         _: &TtrpcContext,
         request: agent::RemoveContainerRequest,
     ) -> ttrpc::Result<agent::Empty> {
+        self.stall_if_hung().await;
         let mut state = self.state();
         state.containers.retain(|id| *id != request.container_id);
         state.removed.push(request.container_id);
@@ -188,6 +200,7 @@ impl agent_ttrpc::Agent for FakeAgent {
         _: &TtrpcContext,
         request: agent::SignalProcessRequest,
     ) -> ttrpc::Result<agent::Empty> {
+        self.stall_if_hung().await;
         let receiver = self.exit_receiver(&request.container_id, &request.exec_id)?;
         if receiver.borrow().is_some() {
             return Err(status(
@@ -248,6 +261,7 @@ impl agent_ttrpc::Agent for FakeAgent {
         _: &TtrpcContext,
         _: agent::Empty,
     ) -> ttrpc::Result<agent::HealthCheckResponse> {
+        self.stall_if_hung().await;
         Ok(agent::HealthCheckResponse {
             status: ServingStatus::SERVING.into(),
             ..Default::default()
