@@ -32,9 +32,10 @@ kvm-arch  vmm/arch/tests/kvm.rs
 guest     tests/tests/guest_boot.rs
 guest     tests/tests/guest_devices.rs
 guest     tests/tests/guest_agent.rs
+hostile   tests/tests/hostile_guest.rs
 e2e       tests/tests/e2e_ctr.rs
 '
-TIERS=(unit host kvm kvm-arch guest e2e)
+TIERS=(unit host kvm kvm-arch guest hostile e2e)
 
 # test_targets: "FILE PACKAGE TARGET" for every integration test target
 # cargo knows in the workspace, and "FILE - -" for every CRATE/tests/*.rs
@@ -189,6 +190,15 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   not_run guest "qemu-system-x86_64 is missing (make deps installs qemu-system-x86)"
 else
   run_tier guest cargo test "${guest_targets[@]}" -- --nocapture --test-threads=1
+fi
+
+mapfile -t hostile_targets < <(tier_targets hostile)
+if [ "$(id -u)" -ne 0 ]; then
+  not_run hostile "needs root (the share's mounts)"
+elif ! command -v qemu-system-x86_64 >/dev/null; then
+  not_run hostile "qemu-system-x86_64 is missing (make deps installs qemu-system-x86)"
+else
+  run_tier hostile cargo test "${hostile_targets[@]}" -- --nocapture
 fi
 
 mapfile -t e2e_targets < <(tier_targets e2e)

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod events;
+pub mod fault;
 pub mod hypervisor;
 pub mod ids;
 pub mod lifecycle;

@@ -19,6 +19,7 @@
 //! runs in its own session, so the `e2e_env` example can leave it running
 //! between `up` and `down`; [`PrivateContainerd::attach`] finds it again.
 
+use husk_shim::fault::FAULT_DIR_ENV;
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -65,6 +66,9 @@ pub struct PrivateContainerd {
     child: bool,
     stopped: bool,
 }
+
+/// The directory of crash triggers inside the daemon's directory.
+const FAULTS_DIR: &str = "faults";
 
 /// What the daemon gets.
 #[derive(Debug, Clone)]
@@ -240,6 +244,12 @@ impl PrivateContainerd {
     }
 
     /// The work directory.
+    /// Where the fault tests put the shim's crash triggers
+    /// (`husk_shim::fault`): `kill-at-<step>` files.
+    pub fn fault_dir(&self) -> PathBuf {
+        self.dir.join(FAULTS_DIR)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -698,6 +708,7 @@ fn spawn_daemon(dir: &Path, options: &Options) -> Result<i32> {
         .env_clear()
         .env("PATH", path)
         .env("HUSK_CONFIG", &options.husk_config)
+        .env(FAULT_DIR_ENV, dir.join(FAULTS_DIR))
         .env("HOME", "/root")
         .stdin(Stdio::null())
         .stdout(log)

@@ -114,10 +114,17 @@ fn guest_config(kernel: &GuestKernel, initrd: &Path) -> Config {
 impl GuestSandbox {
     /// Boots a guest of `size` and creates its sandbox.
     pub async fn boot(size: VmSize) -> Result<Self> {
+        Self::boot_with(size, |_| {}).await
+    }
+
+    /// [`Self::boot`] with the suite's configuration changed by `adjust`
+    /// (smaller limits for the hostile-guest tier, say).
+    pub async fn boot_with(size: VmSize, adjust: impl FnOnce(&mut Config)) -> Result<Self> {
         let kernel = artifacts::guest_kernel()?;
         let initrd = artifacts::product_initramfs()?;
         let busybox = artifacts::busybox()?;
-        let config = guest_config(&kernel, &initrd);
+        let mut config = guest_config(&kernel, &initrd);
+        adjust(&mut config);
 
         let sequence = NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed);
         let sandbox_id = format!("agentguest-{}-{sequence}", std::process::id());
@@ -155,6 +162,21 @@ impl GuestSandbox {
         self.sandbox
             .as_ref()
             .expect("a GuestSandbox holds its sandbox until it is shut down")
+    }
+
+    /// The pod's share, as the shim manages it.
+    pub fn share(&self) -> &std::sync::Arc<SharedDirectory> {
+        self.sandbox().share()
+    }
+
+    /// The sandbox's host directory (share, console, sockets).
+    pub fn sandbox_dir(&self) -> &Path {
+        &self.sandbox().paths.dir
+    }
+
+    /// Where container `id`'s rootfs is built on the host.
+    pub fn rootfs_source_of(&self, id: &str) -> PathBuf {
+        self.rootfs_source(id)
     }
 
     pub fn client(&self) -> &AgentClient {

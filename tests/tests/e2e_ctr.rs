@@ -331,6 +331,18 @@ fn scenarios() -> Vec<Scenario> {
         ),
         husk("vm_death_reports_the_task_exited", vm_death_reports_exit),
         husk("shim_sigkill_leaves_nothing", shim_sigkill_leaves_nothing),
+        husk(
+            "shim_killed_at_each_create_step_leaves_nothing",
+            shim_killed_at_each_create_step,
+        ),
+        husk(
+            "hung_guest_is_declared_dead_and_kill_delete_finish",
+            hung_guest_is_declared_dead,
+        ),
+        husk(
+            "run_dir_full_during_create_leaves_nothing",
+            run_dir_full_during_create,
+        ),
         husk("bad_unknown_hypervisor_kind", bad_unknown_hypervisor_kind),
         husk("bad_missing_kernel", bad_missing_kernel),
         husk("bad_10000_vcpus_annotation", bad_10000_vcpus_annotation),
@@ -748,6 +760,194 @@ fn shim_sigkill_leaves_nothing(suite: &Suite, rt: Runtime) -> Result<String> {
         dir.display()
     );
     Ok("nothing left".to_owned())
+}
+
+/// The shim killed (SIGKILL) at each step of a Create that has a crash
+/// point (`husk_shim::fault::CREATE_STEPS`): `ctr run` fails, and once
+/// containerd's cleanup ran and the container is removed nothing is left:
+/// no VM, mount, sandbox directory or shim.
+fn shim_killed_at_each_create_step(suite: &Suite, rt: Runtime) -> Result<String> {
+    let faults = suite.daemon.fault_dir();
+    std::fs::create_dir_all(&faults)?;
+    let mut observed = Vec::new();
+    for (n, step) in husk_shim::fault::CREATE_STEPS.iter().enumerate() {
+        let trigger = faults.join(format!("kill-at-{step}"));
+        std::fs::write(&trigger, b"")?;
+        let id = suite.id(rt, &format!("killat{n}"));
+        let out = suite.ctr_run(rt, &["--rm"], IMAGE, &id, &["echo", "hello"]);
+        std::fs::remove_file(&trigger)?;
+        let out = out?;
+        ensure!(
+            !out.status.success(),
+            "ctr run succeeded although the shim was killed at {step}: {}",
+            describe(&out)
+        );
+        let _ = suite.ctr_ok(&["task", "delete", &id]);
+        let _ = suite.ctr_ok(&["containers", "rm", &id]);
+        suite.nothing_left_of(&id)?;
+        let dir = husk_sandbox_dir(&id);
+        let started = Instant::now();
+        while dir.exists() && started.elapsed() < STATE_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ensure!(
+            !dir.exists(),
+            "{} is left after a kill at {step}",
+            dir.display()
+        );
+        let vms: Vec<_> = containerd::qemu_processes()
+            .into_iter()
+            .filter(|p| p.args.iter().any(|a| a.contains(&*dir.to_string_lossy())))
+            .collect();
+        ensure!(
+            vms.is_empty(),
+            "a VM outlived the shim killed at {step}: {vms:?}"
+        );
+        observed.push(format!("{step}:clean"));
+    }
+    Ok(observed.join(","))
+}
+
+/// A guest that stops answering (its QEMU stopped with SIGSTOP: vCPUs and
+/// devices frozen; SIGSTOP inside the guest cannot stop the agent, which
+/// is PID 1): `ctr task kill` returns within the agent-call deadline, the
+/// health check declares the guest dead (STOPPED, exit 255), and delete
+/// leaves nothing.
+fn hung_guest_is_declared_dead(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "hung");
+    let config = bad_config(
+        suite,
+        "hung-guest.toml",
+        &[
+            ("agent_call_ms", "5000".to_owned()),
+            ("health_interval_ms", "1000".to_owned()),
+            ("health_probe_ms", "1000".to_owned()),
+            ("health_failures", "3".to_owned()),
+        ],
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let out = suite.ctr_run(
+        rt,
+        &["-d", "--runtime-config-path", &config],
+        IMAGE,
+        &id,
+        &["sleep", "1000"],
+    )?;
+    ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+    let result = (|| -> Result<String> {
+        suite.wait_status(&id, "RUNNING")?;
+        let shim = husk_shim_of(suite, &id)?;
+        let vm = containerd::qemu_processes()
+            .into_iter()
+            .find(|p| p.ppid == shim)
+            .with_context(|| format!("the shim {shim} of {id} has no QEMU child"))?;
+        // SAFETY: plain kill of the VM process the test found.
+        unsafe { libc::kill(vm.pid as i32, libc::SIGSTOP) };
+        let started = Instant::now();
+        let killed = run_with_timeout(
+            suite
+                .daemon
+                .ctr()
+                .args(["task", "kill", "-s", "SIGTERM", &id]),
+            CTR_TIMEOUT,
+        )?;
+        let kill_took = started.elapsed();
+        suite.wait_status(&id, "STOPPED")?;
+        let dead_after = started.elapsed();
+        let deleted = run_with_timeout(
+            suite.daemon.ctr().args(["task", "delete", &id]),
+            CTR_TIMEOUT,
+        )?;
+        let said = text(&deleted.stderr) + &text(&deleted.stdout);
+        ensure!(
+            said.contains("exit code 255") || deleted.status.success(),
+            "ctr task delete of the dead guest: {}",
+            describe(&deleted)
+        );
+        println!(
+            "hung guest: kill returned in {:.1} s ({}), STOPPED after {:.1} s, delete: {}",
+            kill_took.as_secs_f64(),
+            if killed.status.success() {
+                "ok"
+            } else {
+                "error"
+            },
+            dead_after.as_secs_f64(),
+            said.trim()
+        );
+        Ok("kill returned,STOPPED,deleted".to_owned())
+    })();
+    let _ = suite.ctr_ok(&["containers", "rm", &id]);
+    let observed = result?;
+    suite.nothing_left_of(&id)?;
+    ensure!(
+        !husk_sandbox_dir(&id).exists(),
+        "{} is left after the dead guest was deleted",
+        husk_sandbox_dir(&id).display()
+    );
+    Ok(observed)
+}
+
+/// `/run/husk/sandboxes` out of inodes at different points of a Create
+/// (a tmpfs with 2, 4, 8 and 16 inodes over it): each Create either fails
+/// with a message naming the problem or succeeds, and nothing is left.
+fn run_dir_full_during_create(suite: &Suite, rt: Runtime) -> Result<String> {
+    let run_dir = Path::new("/run/husk/sandboxes");
+    std::fs::create_dir_all(run_dir)?;
+    let mut observed = Vec::new();
+    for inodes in [2, 4, 8, 16] {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size=1m,nr_inodes={inodes},mode=0755"))
+            .args(["tmpfs"])
+            .arg(run_dir)
+            .status()?;
+        ensure!(
+            status.success(),
+            "cannot mount a small tmpfs on {}",
+            run_dir.display()
+        );
+        let id = suite.id(rt, &format!("runfull{inodes}"));
+        let out = suite.ctr_run(rt, &["--rm"], IMAGE, &id, &["echo", "hello"]);
+        let left = suite.nothing_left_of(&id);
+        let entries: Vec<_> = std::fs::read_dir(run_dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        let mounts = mounts_under(run_dir);
+        let unmounted = Command::new("umount").arg("-l").arg(run_dir).status();
+        let out = out?;
+        left?;
+        ensure!(
+            unmounted.is_ok_and(|s| s.success()),
+            "cannot unmount the small tmpfs"
+        );
+        ensure!(
+            mounts.is_empty(),
+            "mounts left under {}: {mounts:?}",
+            run_dir.display()
+        );
+        ensure!(
+            entries.is_empty(),
+            "left in {}: {entries:?}",
+            run_dir.display()
+        );
+        if out.status.success() {
+            ensure!(
+                text(&out.stdout) == "hello\n",
+                "ran, but said {:?}",
+                text(&out.stdout)
+            );
+            observed.push(format!("{inodes}:ran"));
+        } else {
+            let message = text(&out.stderr);
+            ensure!(
+                message.contains("No space left on device"),
+                "the failure does not say the space ran out: {message:?}"
+            );
+            observed.push(format!("{inodes}:ENOSPC"));
+        }
+    }
+    Ok(observed.join(","))
 }
 
 /// `ctr events` running in the background, for one scenario.

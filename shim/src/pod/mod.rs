@@ -164,9 +164,11 @@ impl Pod {
             config = %config_path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into()),
             "creating container"
         );
+        crate::fault::crash_point("create-before-boot");
         let sandbox = self
             .ensure_sandbox(&request.id, &spec, &config, config_path.as_deref())
             .await?;
+        crate::fault::crash_point("create-vm-booted");
         match self.create_in(&sandbox, &request, spec).await {
             Ok(container) => {
                 reservation.commit(container);
@@ -201,6 +203,7 @@ impl Pod {
             ResourceError::Spec(_) => PodError::invalid(error),
             other => PodError::internal("cannot prepare the container on the host")(other),
         })?;
+        crate::fault::crash_point("create-rootfs-shared");
         let rootfs_path = resources.rootfs_in_share().map_err(PodError::invalid)?;
         let spec_json = serde_json::to_vec(&guest_spec)
             .map_err(PodError::internal("cannot encode the spec"))?;
@@ -219,6 +222,7 @@ impl Pod {
             .create_container(agent_request)
             .await
             .map_err(PodError::agent("the guest could not create the container"))?;
+        crate::fault::crash_point("create-in-guest");
         let init = Arc::new(Process::new(id, "", request.stdio.clone(), Vec::new()));
         *init.io.lock().await = Some(io);
         Ok(Arc::new(Container::new(

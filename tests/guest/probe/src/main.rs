@@ -9,7 +9,7 @@
 //! vsock-connect CID PORT SEND_BYTES SEED  connect; send and receive at once
 //! vsock-many CID PORT N BYTES             N connections open at once, each echoed back
 //! vsock-echo-many PORT N                  accept N connections, echo each
-//! setxattr PATH NAME VALUE | getxattr PATH NAME | listxattr PATH | removexattr PATH NAME
+//! setxattr PATH NAME VALUE (hex:.. for bytes) | getxattr PATH NAME | listxattr PATH | removexattr PATH NAME
 //! ```
 
 use std::ffi::CString;
@@ -224,8 +224,30 @@ fn check(result: libc::ssize_t) -> io::Result<usize> {
     }
 }
 
+/// An xattr value from the command line: `hex:0a1b...` for binary values
+/// (a `security.capability` structure), the text itself otherwise.
+fn xattr_value(value: &str) -> io::Result<Vec<u8>> {
+    let Some(hex) = value.strip_prefix("hex:") else {
+        return Ok(value.as_bytes().to_vec());
+    };
+    let invalid = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad hex value {value:?}"),
+        )
+    };
+    if hex.len() % 2 != 0 {
+        return Err(invalid());
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| invalid()))
+        .collect()
+}
+
 fn set_xattr(path: &str, name: &str, value: &str) -> io::Result<()> {
     let (path, name) = (c_string(path)?, c_string(name)?);
+    let value = xattr_value(value)?;
     // SAFETY: path and name are NUL-terminated; value is valid for its length.
     let result = unsafe {
         libc::setxattr(
