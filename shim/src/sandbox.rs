@@ -260,9 +260,11 @@ pub struct Teardown {
     pub vm_end: String,
 }
 
-/// The last lines of the guest console.
+/// The last lines of the guest console (read from its end, across the
+/// rotated file).
 pub fn console_tail(paths: &SandboxPaths) -> String {
-    let text = std::fs::read(paths.console_log()).unwrap_or_default();
+    use crate::hypervisor::console::{read_tail, CONSOLE_TAIL_BYTES};
+    let text = read_tail(&paths.console_log(), CONSOLE_TAIL_BYTES);
     let text = String::from_utf8_lossy(&text).replace('\r', "");
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(CONSOLE_TAIL_LINES);
