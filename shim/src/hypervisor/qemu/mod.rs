@@ -13,8 +13,9 @@
 //!
 //! The module is split by concern: [`binary`] finds QEMU and checks its
 //! version, [`accel`] decides between KVM and TCG, [`config`] is the
-//! builder, [`command`] assembles the command line, [`process`] supervises
-//! the QEMU process, [`qmp`] is the QMP client, [`end`] decides how the
+//! builder, [`command`] assembles the command line, [`spawner`] forks QEMU
+//! so that it dies with the shim, [`process`] supervises the QEMU process,
+//! [`qmp`] is the QMP client, [`end`] decides how the
 //! guest ended, [`vm`] ties them together, and `pod_vm` serves a pod's
 //! devices to it.
 
@@ -27,6 +28,7 @@ mod error;
 mod pod_vm;
 mod process;
 mod qmp;
+mod spawner;
 mod vm;
 
 pub use accel::{Accel, AccelChoice, ResolvedAccel, TCG_TRANSLATION_CACHE_MIB};
