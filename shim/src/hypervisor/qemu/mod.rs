@@ -5,7 +5,9 @@
 //! [`super::Hypervisor`] seam; the rest drives QEMU itself.
 //!
 //! Start with [`QemuVmConfig`]: give it the kernel, initrd and console log,
-//! add the vhost-user devices, then [`QemuVm::start`]. The VM ends when the
+//! add the vhost-user devices, then [`QemuVm::start`] (or
+//! [`QemuVm::start_paused`], to do something between QEMU's start and the
+//! guest's: the pod records the QEMU pid there). The VM ends when the
 //! guest powers off (the default command line makes a guest reset or panic
 //! end QEMU), when [`QemuVm::stop`] asks QEMU to quit over QMP, or when the
 //! VM is dropped; in every case the QEMU process is reaped and the VM's run
@@ -39,4 +41,4 @@ pub use end::GuestEnd;
 pub use error::QemuError;
 pub use pod_vm::{QemuPodVm, VMM_PID_FILE};
 pub use qmp::{QmpClient, QmpError};
-pub use vm::QemuVm;
+pub use vm::{PausedQemuVm, QemuVm};
