@@ -48,6 +48,8 @@ pub struct Sandbox {
     share: Arc<SharedDirectory>,
     vm: Mutex<Option<Box<dyn Hypervisor>>>,
     shutdown_grace: Duration,
+    /// `timeouts.logger_ready_ms`, for the pod's `binary://` loggers.
+    pub logger_ready_timeout: Duration,
 }
 
 /// The virtio-fs configuration of a pod's share.
@@ -210,6 +212,7 @@ impl Sandbox {
                 share: Arc::new(share),
                 vm: Mutex::new(Some(vm)),
                 shutdown_grace,
+                logger_ready_timeout: Duration::from_millis(config.timeouts.logger_ready_ms),
             },
             watcher,
         ))
