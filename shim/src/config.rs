@@ -147,6 +147,9 @@ pub struct TimeoutsConfig {
     /// Failed probes in a row after which the guest is declared dead: its
     /// VM is stopped and every running process reported exited (255).
     pub health_failures: u32,
+    /// How long a `binary://` logging binary may take to signal that it is
+    /// ready before Create fails and the binary is killed.
+    pub logger_ready_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -161,6 +164,24 @@ impl Default for TimeoutsConfig {
             health_interval_ms: 10_000,
             health_probe_ms: 5_000,
             health_failures: 3,
+            logger_ready_ms: 10_000,
+        }
+    }
+}
+
+/// `[console]`: the guest's serial console on the host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// The cap of `console.log` and of `console.log.1` each: a pod keeps
+    /// at most twice this much console on the host.
+    pub max_bytes: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: crate::hypervisor::console::DEFAULT_CONSOLE_MAX_BYTES,
         }
     }
 }
@@ -204,6 +225,7 @@ pub struct Config {
     pub shared_fs: SharedFsConfig,
     pub timeouts: TimeoutsConfig,
     pub limits: PodLimits,
+    pub console: ConsoleConfig,
     pub log_level: LogLevel,
 }
 
@@ -282,6 +304,22 @@ impl Config {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1".into()));
             }
+        }
+        let min_console = crate::hypervisor::console::MIN_CONSOLE_MAX_BYTES;
+        if self.console.max_bytes < min_console {
+            return Err(invalid(
+                "console.max_bytes",
+                format!(
+                    "{} is below the {min_console} bytes a kernel panic report needs",
+                    self.console.max_bytes
+                ),
+            ));
+        }
+        if self.timeouts.logger_ready_ms == 0 {
+            return Err(invalid(
+                "timeouts.logger_ready_ms",
+                "must be at least 1".into(),
+            ));
         }
         if self.limits.max_vcpus == 0 {
             return Err(invalid("limits.max_vcpus", "must be at least 1".into()));
@@ -459,6 +497,28 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("lots"));
+    }
+
+    #[test]
+    fn console_cap_and_logger_timeout_are_read_and_checked() {
+        let config =
+            parse("[console]\nmax_bytes = 65536\n[timeouts]\nlogger_ready_ms = 250\n").unwrap();
+        assert_eq!(config.console.max_bytes, 65536);
+        assert_eq!(config.timeouts.logger_ready_ms, 250);
+        let defaults = parse("").unwrap();
+        assert_eq!(defaults.console.max_bytes, 1024 * 1024);
+        assert_eq!(defaults.timeouts.logger_ready_ms, 10_000);
+        let error = parse("[console]\nmax_bytes = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("console.max_bytes") && error.contains("100"),
+            "{error}"
+        );
+        let error = parse("[timeouts]\nlogger_ready_ms = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("timeouts.logger_ready_ms"), "{error}");
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct Sandbox {
     shutdown_grace: Duration,
     /// How the running agent's health is watched.
     pub health: HealthPolicy,
+    /// `timeouts.logger_ready_ms`, for the pod's `binary://` loggers.
+    pub logger_ready_timeout: Duration,
 }
 
 /// When a running guest counts as dead (`[timeouts]` `health_*`).
@@ -237,6 +239,7 @@ impl Sandbox {
                 vm: Mutex::new(Some(vm)),
                 shutdown_grace,
                 health: HealthPolicy::from_config(config),
+                logger_ready_timeout: Duration::from_millis(config.timeouts.logger_ready_ms),
             },
             watcher,
         ))
@@ -296,9 +299,11 @@ pub struct Teardown {
     pub vm_end: String,
 }
 
-/// The last lines of the guest console.
+/// The last lines of the guest console (read from its end, across the
+/// rotated file).
 pub fn console_tail(paths: &SandboxPaths) -> String {
-    let text = std::fs::read(paths.console_log()).unwrap_or_default();
+    use crate::hypervisor::console::{read_tail, CONSOLE_TAIL_BYTES};
+    let text = read_tail(&paths.console_log(), CONSOLE_TAIL_BYTES);
     let text = String::from_utf8_lossy(&text).replace('\r', "");
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(CONSOLE_TAIL_LINES);

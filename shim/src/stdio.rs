@@ -3,6 +3,10 @@
 //! the guest end is one vsock stream per pipe to the agent's stdio port
 //! (with a terminal, one stream carries the pty both ways).
 //!
+//! A `binary://` logging binary gets `timeouts.logger_ready_ms` to signal
+//! that it is ready; past that it is killed and reaped, and the process is
+//! not started.
+//!
 //! The stdin FIFO is opened read-write so that it never reports EOF on its
 //! own: `CloseIO` is the end of stdin, as with runc's shim. Output copiers
 //! run until the guest closes its end, and [`ProcessIo::wait_output`] lets
@@ -39,11 +43,18 @@ pub struct StdioRequest {
     pub terminal: bool,
 }
 
-/// Identifies a process to a logging binary.
+/// How long a logging binary that was killed for not signalling readiness
+/// may take to be reaped before Create stops waiting for it.
+const LOGGER_REAP_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Identifies a process to a logging binary, and how long the binary may
+/// take to be ready.
 #[derive(Debug, Clone)]
 pub struct LogIdentity {
     pub container_id: String,
     pub namespace: String,
+    /// `timeouts.logger_ready_ms`.
+    pub logger_ready_timeout: Duration,
 }
 
 /// The host side of a process's stdio, while it runs.
@@ -74,7 +85,8 @@ impl ProcessIo {
             loggers: Vec::new(),
         };
         let seq = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
-        let (stdout_sink, stderr_sink) = open_output_sinks(request, identity, &mut io.loggers)?;
+        let (stdout_sink, stderr_sink) =
+            open_output_sinks(request, identity, &mut io.loggers).await?;
 
         if request.terminal {
             let id = format!("s{seq}-tty");
@@ -175,13 +187,13 @@ async fn join_all(handles: Vec<JoinHandle<()>>) {
 
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 
-fn open_output_sinks(
+async fn open_output_sinks(
     request: &StdioRequest,
     identity: &LogIdentity,
     loggers: &mut Vec<std::process::Child>,
 ) -> Result<(Option<Sink>, Option<Sink>)> {
     if request.stdout.starts_with("binary://") {
-        let (stdout, stderr, child) = start_logging_binary(&request.stdout, identity)?;
+        let (stdout, stderr, child) = start_logging_binary(&request.stdout, identity).await?;
         loggers.push(child);
         let stderr = (!request.stderr.is_empty() && !request.terminal).then_some(stderr);
         return Ok((Some(stdout), stderr));
@@ -356,8 +368,10 @@ async fn copy_output(mut stream: impl AsyncRead + Unpin, mut sink: Sink) {
 /// `binary:///path?k=v`: containerd's logging-binary protocol. The binary
 /// gets the process's stdout as fd 3 and stderr as fd 4, and closes fd 5
 /// when it is ready; `CONTAINER_ID` and `CONTAINER_NAMESPACE` name the
-/// process.
-fn start_logging_binary(
+/// process. A binary that is not ready within
+/// `identity.logger_ready_timeout` is killed and reaped, every pipe made
+/// for it is closed, and the error names it and the setting.
+async fn start_logging_binary(
     uri: &str,
     identity: &LogIdentity,
 ) -> Result<(Sink, Sink, std::process::Child)> {
@@ -400,15 +414,59 @@ fn start_logging_binary(
         .spawn()
         .with_context(|| format!("cannot start the logging binary {path}"))?;
     drop((stdout_read, stderr_read, ready_write));
-    // The binary signals readiness by closing fd 5.
-    let mut ready = std::fs::File::from(ready_read);
+    match wait_until_ready(ready_read, identity.logger_ready_timeout).await {
+        Ok(()) => Ok((
+            Box::new(tokio::fs::File::from_std(std::fs::File::from(stdout_write))),
+            Box::new(tokio::fs::File::from_std(std::fs::File::from(stderr_write))),
+            child,
+        )),
+        Err(reason) => {
+            // The binary's ends of the output pipes close with it; ours
+            // close here.
+            drop((stdout_write, stderr_write));
+            let pid = child.id();
+            kill_and_reap(child).await;
+            Err(anyhow!(
+                "the logging binary {path} (pid {pid}) {reason}; it was killed \
+                 (timeouts.logger_ready_ms = {} ms)",
+                identity.logger_ready_timeout.as_millis()
+            ))
+        }
+    }
+}
+
+/// Waits, without blocking a runtime thread, until the logging binary
+/// closes (or writes to) its readiness pipe. Consumes and closes `ready`.
+async fn wait_until_ready(ready: OwnedFd, timeout: Duration) -> std::result::Result<(), String> {
+    let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready)
+        .map_err(|error| format!("has a readiness pipe the runtime cannot watch ({error})"))?;
     let mut byte = [0u8; 1];
-    let _ = std::io::Read::read(&mut ready, &mut byte);
-    Ok((
-        Box::new(tokio::fs::File::from_std(std::fs::File::from(stdout_write))),
-        Box::new(tokio::fs::File::from_std(std::fs::File::from(stderr_write))),
-        child,
-    ))
+    match tokio::time::timeout(timeout, ready.read(&mut byte)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!("left its readiness pipe unreadable ({error})")),
+        Err(_) => Err(format!(
+            "did not signal readiness (close fd 5) within {} ms",
+            timeout.as_millis()
+        )),
+    }
+}
+
+/// SIGKILLs `child` and reaps it off the runtime's threads; gives up
+/// waiting (leaving the reaping to the blocking thread) after
+/// [`LOGGER_REAP_PATIENCE`].
+async fn kill_and_reap(mut child: std::process::Child) {
+    let pid = child.id();
+    if let Err(error) = child.kill() {
+        tracing::warn!(pid, %error, "cannot kill the logging binary");
+    }
+    let reaped = tokio::time::timeout(
+        LOGGER_REAP_PATIENCE,
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await;
+    if !matches!(reaped, Ok(Ok(Ok(_)))) {
+        tracing::warn!(pid, "the killed logging binary was not reaped in time");
+    }
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -441,4 +499,88 @@ fn percent_decode(text: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A fake logging binary `name` in `dir` running `body` (after
+    /// recording its pid in `<dir>/<name>.pid`).
+    fn fake_logger(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        let pid_file = dir.join(format!("{name}.pid"));
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho $$ > '{}'\n{body}\n", pid_file.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn identity(timeout: Duration) -> LogIdentity {
+        LogIdentity {
+            container_id: "c1".to_owned(),
+            namespace: "default".to_owned(),
+            logger_ready_timeout: timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_logger_that_never_signals_readiness_is_killed_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        // Keeps fd 5 open: never ready.
+        let logger = fake_logger(dir.path(), "silent-logger", "exec sleep 1000");
+        let uri = format!("binary://{}", logger.display());
+        let error = match start_logging_binary(&uri, &identity(Duration::from_millis(200))).await {
+            Ok(_) => panic!("a logger that is never ready was accepted"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(
+            error.contains(&logger.display().to_string())
+                && error.contains("timeouts.logger_ready_ms")
+                && error.contains("200 ms"),
+            "{error}"
+        );
+        let pid = std::fs::read_to_string(dir.path().join("silent-logger.pid")).unwrap();
+        // Not even a zombie: reaped before the error came back.
+        assert!(
+            !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "logger {} is still there",
+            pid.trim()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ready_logger_gets_the_output_and_the_process_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("logged");
+        let logger = fake_logger(
+            dir.path(),
+            "ready-logger",
+            &format!(
+                "exec 5>&-\necho \"$CONTAINER_NAMESPACE/$CONTAINER_ID $1\" > '{0}'\ncat <&3 >> '{0}'",
+                out.display()
+            ),
+        );
+        let uri = format!("binary://{}?tag=web", logger.display());
+        let (mut stdout, stderr, mut child) =
+            start_logging_binary(&uri, &identity(Duration::from_secs(30)))
+                .await
+                .unwrap();
+        stdout.write_all(b"hello\n").await.unwrap();
+        stdout.flush().await.unwrap();
+        drop((stdout, stderr));
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "default/c1 tag\nhello\n"
+        );
+    }
 }

@@ -1,9 +1,9 @@
 //! The built-in backend: the VMM inside the shim process
 //! (`husk_vmm::VmBuilder`), with the device models on virtio-mmio. The VM
 //! is the shim: its pid is the shim's, and its vCPU and device threads are
-//! the shim's threads.
+//! the shim's threads. The serial device writes into the capped
+//! [`ConsoleLog`] without waiting on the host.
 
-use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use husk_devices::vsock::{VsockConfig, VsockDevice};
 use husk_devices::VirtioDevice;
 use husk_vmm::{MicroVm, SerialSink, VmBuilder, VmExit};
 
+use super::console::ConsoleLog;
 use super::{
     hybrid_vsock_endpoint, Device, ExitWatcher, Hypervisor, HypervisorError, VmInfo, VmSpec,
 };
@@ -21,12 +22,16 @@ use super::{
 /// How often the exit watcher looks at the vCPU threads.
 const EXIT_POLL: Duration = Duration::from_millis(200);
 
+/// How long a stopped VM's console may take to reach its file.
+const CONSOLE_DRAIN_PATIENCE: Duration = Duration::from_secs(2);
+
 /// A pod's VM in the built-in VMM.
 pub struct BuiltinVm {
     spec: VmSpec,
     devices: Vec<Box<dyn VirtioDevice>>,
     vsock_uds: Option<std::path::PathBuf>,
     vm: Option<Arc<Mutex<MicroVm>>>,
+    console: Option<ConsoleLog>,
 }
 
 impl BuiltinVm {
@@ -36,6 +41,7 @@ impl BuiltinVm {
             devices: Vec::new(),
             vsock_uds: None,
             vm: None,
+            console: None,
         })
     }
 }
@@ -69,12 +75,13 @@ impl Hypervisor for BuiltinVm {
 
     fn start(&mut self) -> Result<(), HypervisorError> {
         let spec = &self.spec;
-        let console = File::create(&spec.console_log).with_context(|| {
-            format!(
-                "cannot create the console log {}",
-                spec.console_log.display()
-            )
-        })?;
+        let console =
+            ConsoleLog::create(&spec.console_log, spec.console_max_bytes).with_context(|| {
+                format!(
+                    "cannot create the console log {}",
+                    spec.console_log.display()
+                )
+            })?;
         let mut builder = VmBuilder::new()
             .vcpus(spec.vcpus)
             .memory_mib(spec.memory_mib)
@@ -83,7 +90,7 @@ impl Hypervisor for BuiltinVm {
                 Some(spec.initrd.clone()),
                 spec.kernel_cmdline(),
             )
-            .serial(SerialSink::Writer(Box::new(console)));
+            .serial(SerialSink::Writer(Box::new(console.writer())));
         for device in self.devices.drain(..) {
             builder = builder.virtio_device(device);
         }
@@ -96,6 +103,7 @@ impl Hypervisor for BuiltinVm {
         vm.start()
             .context("the built-in VMM cannot start the vCPUs")?;
         self.vm = Some(Arc::new(Mutex::new(vm)));
+        self.console = Some(console);
         Ok(())
     }
 
@@ -145,6 +153,16 @@ impl Hypervisor for BuiltinVm {
             Ok(Some(exit)) => exit,
             _ => vm.stop(),
         };
-        format!("{exit:?}")
+        let console = self
+            .console
+            .take()
+            .map(|mut console| console.finish(CONSOLE_DRAIN_PATIENCE));
+        match console {
+            Some(console) if console.dropped_bytes > 0 => format!(
+                "{exit:?} (console: {} bytes dropped)",
+                console.dropped_bytes
+            ),
+            _ => format!("{exit:?}"),
+        }
     }
 }

@@ -12,10 +12,12 @@
 //! | [`builtin`] | the VMM inside this process (`husk_vmm`), devices on virtio-mmio |
 //! | [`qemu`] | `qemu-system-x86_64 -M microvm`, the same device models over vhost-user from threads of this process |
 //!
-//! A [`Launcher`] turns a backend and a spec into a VM; tests give the
-//! sandbox a launcher of fakes instead.
+//! Both backends write the guest console through [`console`], which caps
+//! it on the host. A [`Launcher`] turns a backend and a spec into a VM;
+//! tests give the sandbox a launcher of fakes instead.
 
 pub mod builtin;
+pub mod console;
 pub mod qemu;
 
 use std::future::Future;
@@ -96,8 +98,10 @@ pub struct VmSpec {
     /// built-in VMM, bzImage for QEMU).
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    /// Where the guest's serial console is written.
+    /// Where the guest's serial console is written (see [`console`]).
     pub console_log: PathBuf,
+    /// The cap of each of the console's two files (`console.max_bytes`).
+    pub console_max_bytes: u64,
     /// A directory the backend may put its own files in (sockets, QEMU's
     /// run directory); removed with the sandbox.
     pub work_dir: PathBuf,
@@ -163,6 +167,7 @@ impl VmSpec {
             kernel: kernel.1.clone(),
             initrd: config.hypervisor.initrd.clone(),
             console_log: console_log.to_owned(),
+            console_max_bytes: config.console.max_bytes,
             work_dir: work_dir.to_owned(),
             qemu_binary: config.hypervisor.qemu_binary.clone(),
         })

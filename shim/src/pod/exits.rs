@@ -94,9 +94,10 @@ impl Pod {
 
     async fn start_exec(&self, sandbox: &Sandbox, process: &Process) -> Result<u32, PodError> {
         let id = &process.container_id;
-        let (streams, io) = ProcessIo::connect(&sandbox.client, &process.stdio, &self.identity(id))
-            .await
-            .map_err(PodError::internal("cannot connect the exec's stdio"))?;
+        let (streams, io) =
+            ProcessIo::connect(&sandbox.client, &process.stdio, &self.identity(sandbox, id))
+                .await
+                .map_err(PodError::internal("cannot connect the exec's stdio"))?;
         let request = ExecProcessRequest {
             container_id: id.clone(),
             exec_id: process.exec_id.clone(),

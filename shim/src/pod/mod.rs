@@ -141,10 +141,11 @@ impl Pod {
             .take()
     }
 
-    fn identity(&self, container_id: &str) -> LogIdentity {
+    fn identity(&self, sandbox: &Sandbox, container_id: &str) -> LogIdentity {
         LogIdentity {
             container_id: container_id.to_owned(),
             namespace: self.inner.namespace.clone(),
+            logger_ready_timeout: sandbox.logger_ready_timeout,
         }
     }
 
@@ -207,9 +208,10 @@ impl Pod {
         let rootfs_path = resources.rootfs_in_share().map_err(PodError::invalid)?;
         let spec_json = serde_json::to_vec(&guest_spec)
             .map_err(PodError::internal("cannot encode the spec"))?;
-        let (streams, io) = ProcessIo::connect(&sandbox.client, &request.stdio, &self.identity(id))
-            .await
-            .map_err(PodError::internal("cannot connect the container's stdio"))?;
+        let (streams, io) =
+            ProcessIo::connect(&sandbox.client, &request.stdio, &self.identity(sandbox, id))
+                .await
+                .map_err(PodError::internal("cannot connect the container's stdio"))?;
         let agent_request = CreateContainerRequest {
             container_id: id.to_owned(),
             oci_spec_json: spec_json,

@@ -4,14 +4,18 @@
 //! devices on the kernel command line), its memory a shared memfd so that
 //! vhost-user servers can map it, no default devices, and `-no-reboot` so a
 //! guest reset ends QEMU. The virtio-mmio transports speak virtio 1.x (MMIO
-//! version 2) instead of microvm's legacy default. The console goes to a
-//! file chardev and QMP to a Unix socket in the VM's run directory. Values
+//! version 2) instead of microvm's legacy default. QEMU starts with its
+//! vCPUs stopped (`-S`): the guest runs only once the backend recorded the
+//! QEMU pid and sent QMP `cont`. The console goes to a Unix socket in the
+//! VM's run directory that the backend listens on (QEMU connects to it at
+//! startup; the backend caps what it keeps), and QMP to a Unix socket QEMU
+//! listens on in the same directory. Values
 //! embedded in `-chardev` and `-device` option strings have their commas
 //! doubled, QEMU's escape.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::accel::ResolvedAccel;
 use super::config::QemuVmConfig;
@@ -29,14 +33,23 @@ const QMP_CHARDEV: &str = "qmp";
 const VSOCK_CHARDEV: &str = "vsock";
 const FS_CHARDEV: &str = "fs";
 
+/// The sockets of a VM's run directory named on its command line.
+#[derive(Debug, Clone)]
+pub struct RunSockets {
+    /// QMP: QEMU listens, the backend connects.
+    pub qmp: PathBuf,
+    /// The serial console: the backend listens, QEMU connects.
+    pub console: PathBuf,
+}
+
 /// The arguments (without the program) that start `config`'s guest with
-/// `accel`, its QMP monitor listening on `qmp_socket`.
+/// `accel`, paused, its QMP monitor and console on `sockets`.
 pub fn qemu_arguments(
     config: &QemuVmConfig,
     accel: ResolvedAccel,
-    qmp_socket: &Path,
+    sockets: &RunSockets,
 ) -> Result<Vec<OsString>, QemuError> {
-    validate(config, qmp_socket)?;
+    validate(config, sockets)?;
     let memory = format!("{}M", config.memory_mib);
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&dyn AsRef<OsStr>]| {
@@ -49,6 +62,9 @@ pub fn qemu_arguments(
         &"-no-reboot",
         &"-nographic",
     ]);
+    // Paused until QMP `cont`: nothing of the guest runs before the backend
+    // recorded the QEMU pid.
+    push(&[&"-S"]);
     push(&[&"-M", &"microvm,acpi=off,memory-backend=mem"]);
     // microvm's virtio-mmio transports default to the legacy (version 1)
     // interface; the device models, like the built-in VMM, speak virtio 1.x
@@ -64,14 +80,16 @@ pub fn qemu_arguments(
     push(&[&"-kernel", &config.kernel, &"-initrd", &config.initrd]);
     push(&[&"-append", &config.cmdline]);
 
-    let console = chardev("file", CONSOLE_CHARDEV, &config.console_log, "");
+    // A client socket without `reconnect`: QEMU connects while it starts
+    // and fails to start if the backend does not listen.
+    let console = chardev("socket", CONSOLE_CHARDEV, &sockets.console, "");
     push(&[&"-chardev", &console]);
     push(&[&"-serial", &format!("chardev:{CONSOLE_CHARDEV}")]);
 
     let qmp = chardev(
         "socket",
         QMP_CHARDEV,
-        qmp_socket.as_os_str(),
+        sockets.qmp.as_os_str(),
         ",server=on,wait=off",
     );
     push(&[&"-chardev", &qmp]);
@@ -117,7 +135,7 @@ pub fn escape_option_value(value: &OsStr) -> OsString {
 
 /// Rejects values QEMU or the guest would fail on later, with less clear
 /// messages.
-fn validate(config: &QemuVmConfig, qmp_socket: &Path) -> Result<(), QemuError> {
+fn validate(config: &QemuVmConfig, sockets: &RunSockets) -> Result<(), QemuError> {
     if config.vcpus == 0 {
         return Err(QemuError::InvalidOption {
             option: "vcpus",
@@ -141,7 +159,8 @@ fn validate(config: &QemuVmConfig, qmp_socket: &Path) -> Result<(), QemuError> {
             reason: "the kernel command line is one line without NUL bytes".to_owned(),
         });
     }
-    check_socket_path(qmp_socket)?;
+    check_socket_path(&sockets.qmp)?;
+    check_socket_path(&sockets.console)?;
     if let Some(vsock) = &config.vsock {
         check_socket_path(&vsock.socket)?;
     }
@@ -175,8 +194,15 @@ mod tests {
         QemuVmConfig::new("/k/bzImage", "/k/initrd.gz", "/logs/console.log")
     }
 
+    fn sockets() -> RunSockets {
+        RunSockets {
+            qmp: "/run/vm/qmp.sock".into(),
+            console: "/run/vm/console.sock".into(),
+        }
+    }
+
     fn args_of(config: &QemuVmConfig, accel: ResolvedAccel) -> Vec<String> {
-        qemu_arguments(config, accel, Path::new("/run/vm/qmp.sock"))
+        qemu_arguments(config, accel, &sockets())
             .unwrap()
             .into_iter()
             .map(|arg| arg.into_string().unwrap())
@@ -248,12 +274,28 @@ mod tests {
     }
 
     #[test]
-    fn console_goes_to_the_log_file_and_qmp_to_the_run_directory() {
+    fn qemu_starts_paused() {
+        let args = args_of(&config(), ResolvedAccel::Tcg);
+        assert_eq!(
+            args.iter().filter(|arg| *arg == "-S").count(),
+            1,
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn console_goes_to_the_backends_socket_and_qmp_to_qemus() {
         let args = args_of(&config(), ResolvedAccel::Tcg);
         let chardevs = values_of(&args, "-chardev");
+        // QEMU is the client of the console socket (no server=on), and the
+        // console log file is not QEMU's to write.
         assert!(
-            chardevs.contains(&"file,id=console,path=/logs/console.log"),
+            chardevs.contains(&"socket,id=console,path=/run/vm/console.sock"),
             "{chardevs:?}"
+        );
+        assert!(
+            !args.iter().any(|arg| arg.contains("console.log")),
+            "{args:?}"
         );
         assert!(
             chardevs.contains(&"socket,id=qmp,path=/run/vm/qmp.sock,server=on,wait=off"),
@@ -295,11 +337,19 @@ mod tests {
 
     #[test]
     fn commas_in_paths_and_tags_are_doubled() {
-        let config = QemuVmConfig::new("/k", "/i", "/logs/a,b.log").with_fs("/run/f,s.sock", "x,y");
-        let args = args_of(&config, ResolvedAccel::Tcg);
+        let config = QemuVmConfig::new("/k", "/i", "/logs/c.log").with_fs("/run/f,s.sock", "x,y");
+        let sockets = RunSockets {
+            console: "/run/v,m/console.sock".into(),
+            ..sockets()
+        };
+        let args: Vec<String> = qemu_arguments(&config, ResolvedAccel::Tcg, &sockets)
+            .unwrap()
+            .into_iter()
+            .map(|arg| arg.into_string().unwrap())
+            .collect();
         let chardevs = values_of(&args, "-chardev");
         assert!(
-            chardevs.contains(&"file,id=console,path=/logs/a,,b.log"),
+            chardevs.contains(&"socket,id=console,path=/run/v,,m/console.sock"),
             "{chardevs:?}"
         );
         assert!(
@@ -315,7 +365,7 @@ mod tests {
     #[test]
     fn overlong_fs_tag_is_rejected() {
         let config = config().with_fs("/run/fs.sock", "t".repeat(MAX_FS_TAG_BYTES + 1));
-        let error = qemu_arguments(&config, ResolvedAccel::Tcg, Path::new("/q")).unwrap_err();
+        let error = qemu_arguments(&config, ResolvedAccel::Tcg, &sockets()).unwrap_err();
         assert!(error.to_string().contains("fs.tag"), "{error}");
     }
 
@@ -323,13 +373,19 @@ mod tests {
     fn socket_path_longer_than_sun_path_is_rejected_with_its_path() {
         let long = format!("/{}", "s".repeat(MAX_SOCKET_PATH_BYTES));
         let config = config().with_vsock(&long);
-        let error = qemu_arguments(&config, ResolvedAccel::Tcg, Path::new("/q")).unwrap_err();
+        let error = qemu_arguments(&config, ResolvedAccel::Tcg, &sockets()).unwrap_err();
+        assert!(error.to_string().contains(&long), "{error}");
+        let console = RunSockets {
+            console: long.clone().into(),
+            ..sockets()
+        };
+        let error = qemu_arguments(&self::config(), ResolvedAccel::Tcg, &console).unwrap_err();
         assert!(error.to_string().contains(&long), "{error}");
     }
 
     #[test]
     fn zero_vcpus_tiny_memory_and_multi_line_cmdline_are_rejected() {
-        let q = Path::new("/q");
+        let q = &sockets();
         let tcg = ResolvedAccel::Tcg;
         assert!(qemu_arguments(&config().with_vcpus(0), tcg, q).is_err());
         assert!(qemu_arguments(&config().with_memory_mib(16), tcg, q).is_err());

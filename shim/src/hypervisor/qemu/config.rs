@@ -1,11 +1,13 @@
 //! What one QEMU guest is made of: kernel, initrd, command line, vCPUs,
-//! memory, the vhost-user devices, where the console goes, the accelerator
+//! memory, the vhost-user devices, where the console goes and how much of
+//! it is kept, the accelerator
 //! and where the VM keeps its run directory. A builder: start from
 //! [`QemuVmConfig::new`] and chain the `with_*` methods.
 
 use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
+use crate::hypervisor::console::DEFAULT_CONSOLE_MAX_BYTES;
 
 /// The kernel command line every QEMU guest starts with; the caller's
 /// parameters are appended. `reboot=t` resets through a triple fault, which
@@ -52,8 +54,11 @@ pub struct QemuVmConfig {
     pub memory_mib: u32,
     pub vsock: Option<VhostUserVsock>,
     pub fs: Option<VhostUserFs>,
-    /// The file the guest's serial console is written to (truncated at start).
+    /// The file the guest's serial console is written to (truncated at
+    /// start), rotated into `<console_log>.1` at `console_max_bytes`.
     pub console_log: PathBuf,
+    /// The cap of each of the console's two files.
+    pub console_max_bytes: u64,
     pub accel: Accel,
     /// Where the VM's run directory is created (default: the system's
     /// temporary directory). The run directory is removed when the VM ends.
@@ -62,7 +67,8 @@ pub struct QemuVmConfig {
 
 impl QemuVmConfig {
     /// A one-vCPU, [`DEFAULT_MEMORY_MIB`] guest without devices, writing its
-    /// console to `console_log`.
+    /// console to `console_log` (at most [`DEFAULT_CONSOLE_MAX_BYTES`] there
+    /// and as much in `<console_log>.1`).
     pub fn new(
         kernel: impl Into<PathBuf>,
         initrd: impl Into<PathBuf>,
@@ -78,6 +84,7 @@ impl QemuVmConfig {
             vsock: None,
             fs: None,
             console_log: console_log.into(),
+            console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
             accel: Accel::Auto,
             work_dir: std::env::temp_dir(),
         }
@@ -128,6 +135,12 @@ impl QemuVmConfig {
             socket: socket.into(),
             tag: tag.into(),
         });
+        self
+    }
+
+    /// Caps each of the console's two files at `max_bytes`.
+    pub fn with_console_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.console_max_bytes = max_bytes;
         self
     }
 

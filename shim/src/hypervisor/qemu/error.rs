@@ -71,6 +71,18 @@ pub enum QemuError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The console socket QEMU connects to could not be set up.
+    #[error("cannot listen for the guest console on {socket}: {source}")]
+    ConsoleSocket {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    /// QEMU did not connect to the console socket while it started.
+    #[error("QEMU did not connect to the guest console socket {socket}: {reason}")]
+    ConsoleNotConnected { socket: PathBuf, reason: String },
+    /// The paused guest could not be resumed.
+    #[error("cannot resume the paused guest with QMP cont: {source}")]
+    Resume { source: QmpError },
     /// The QEMU process could not be started.
     #[error("cannot start {binary}: {source}")]
     Spawn {

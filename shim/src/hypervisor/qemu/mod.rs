@@ -5,7 +5,9 @@
 //! [`super::Hypervisor`] seam; the rest drives QEMU itself.
 //!
 //! Start with [`QemuVmConfig`]: give it the kernel, initrd and console log,
-//! add the vhost-user devices, then [`QemuVm::start`]. The VM ends when the
+//! add the vhost-user devices, then [`QemuVm::start`] (or
+//! [`QemuVm::start_paused`], to do something between QEMU's start and the
+//! guest's: the pod records the QEMU pid there). The VM ends when the
 //! guest powers off (the default command line makes a guest reset or panic
 //! end QEMU), when [`QemuVm::stop`] asks QEMU to quit over QMP, or when the
 //! VM is dropped; in every case the QEMU process is reaped and the VM's run
@@ -13,8 +15,9 @@
 //!
 //! The module is split by concern: [`binary`] finds QEMU and checks its
 //! version, [`accel`] decides between KVM and TCG, [`config`] is the
-//! builder, [`command`] assembles the command line, [`process`] supervises
-//! the QEMU process, [`qmp`] is the QMP client, [`end`] decides how the
+//! builder, [`command`] assembles the command line, [`spawner`] forks QEMU
+//! so that it dies with the shim, [`process`] supervises the QEMU process,
+//! [`qmp`] is the QMP client, [`end`] decides how the
 //! guest ended, [`vm`] ties them together, and `pod_vm` serves a pod's
 //! devices to it.
 
@@ -27,6 +30,7 @@ mod error;
 mod pod_vm;
 mod process;
 mod qmp;
+mod spawner;
 mod vm;
 
 pub use accel::{Accel, AccelChoice, ResolvedAccel, TCG_TRANSLATION_CACHE_MIB};
@@ -37,4 +41,4 @@ pub use end::GuestEnd;
 pub use error::QemuError;
 pub use pod_vm::{QemuPodVm, VMM_PID_FILE};
 pub use qmp::{QmpClient, QmpError};
-pub use vm::QemuVm;
+pub use vm::{PausedQemuVm, QemuVm};

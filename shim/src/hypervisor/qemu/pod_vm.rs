@@ -2,6 +2,10 @@
 //! virtio-fs device models served over vhost-user from threads of this
 //! process. Each device's server starts when the device is added, so QEMU
 //! finds its socket listening when it starts.
+//!
+//! The QEMU pid is recorded in [`VMM_PID_FILE`] (the dead-shim cleanup
+//! kills it from there) while the guest is still paused: no guest
+//! instruction runs before the pid is on disk.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -51,6 +55,7 @@ impl QemuPodVm {
             .with_cmdline(spec.kernel_cmdline())
             .with_vcpus(vcpus)
             .with_memory_mib(memory_mib)
+            .with_console_max_bytes(spec.console_max_bytes)
             .with_work_dir(spec.work_dir.join(QEMU_DIR));
         if let Some(binary) = &spec.qemu_binary {
             config = config.with_qemu_binary(binary);
@@ -117,11 +122,17 @@ impl Hypervisor for QemuPodVm {
         let qemu_dir = &self.config.work_dir;
         std::fs::create_dir_all(qemu_dir)
             .with_context(|| format!("cannot create {}", qemu_dir.display()))?;
-        let vm = QemuVm::start(self.config.clone()).context("QEMU did not start the pod's VM")?;
+        let paused =
+            QemuVm::start_paused(self.config.clone()).context("QEMU did not start the pod's VM")?;
         let pid_file = self.spec.work_dir.join(VMM_PID_FILE);
-        let recorded = std::fs::write(&pid_file, vm.pid().to_string());
+        // On failure the paused VM is dropped: QEMU is killed before the
+        // guest ran.
+        std::fs::write(&pid_file, paused.pid().to_string())
+            .with_context(|| format!("cannot record the VMM pid in {}", pid_file.display()))?;
+        let vm = paused
+            .resume()
+            .context("QEMU did not resume the pod's paused VM")?;
         self.vm = Some(vm);
-        recorded.with_context(|| format!("cannot record the VMM pid in {}", pid_file.display()))?;
         Ok(())
     }
 
@@ -193,4 +204,182 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: the kernel just returned this fd to us, and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::Path;
+    use std::thread::JoinHandle;
+    use std::time::Instant;
+
+    use crate::hypervisor::Backend;
+
+    /// Generous bound on the fake monitor's waits, not a speed expectation.
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    /// What the guest prints once it runs.
+    const GUEST_LINE: &str = "guest: hello from the console";
+
+    /// A fake `qemu-system-x86_64`: answers `--version`, records its
+    /// arguments and pid next to itself, then sleeps as the "QEMU process".
+    const FAKE_QEMU: &str = "#!/bin/sh\n\
+        case \"$1\" in --version) echo 'QEMU emulator version 7.2.0'; exit 0;; esac\n\
+        dir=$(dirname \"$0\")\n\
+        printf '%s\\n' \"$@\" > \"$dir/args\"\n\
+        echo $$ > \"$dir/qemu.pid\"\n\
+        exec sleep 1000\n";
+
+    /// Plays QEMU's side of the run directory from a thread: connects to
+    /// the console socket, serves QMP, and returns the commands it got in
+    /// order; `cont` is recorded with what the pid file said at that
+    /// moment. On `quit` it kills the "QEMU process" as QEMU would exit;
+    /// once that process is gone it closes its sockets, as QEMU's exit
+    /// would.
+    fn fake_qemu_side(qemu_dir: PathBuf, pid_file: PathBuf) -> JoinHandle<Vec<String>> {
+        let qemu_pid_file = qemu_dir.parent().unwrap().join("qemu.pid");
+        let qemu_gone = move || {
+            std::fs::read_to_string(&qemu_pid_file)
+                .is_ok_and(|pid| !Path::new(&format!("/proc/{}", pid.trim())).exists())
+        };
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + PATIENCE;
+            let run_dir = loop {
+                let found = std::fs::read_dir(&qemu_dir).ok().and_then(|entries| {
+                    entries
+                        .flatten()
+                        .map(|entry| entry.path())
+                        .find(|dir| dir.join("console.sock").exists())
+                });
+                if let Some(dir) = found {
+                    break dir;
+                }
+                assert!(Instant::now() < deadline, "no run directory appeared");
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            // QEMU connects the console before its monitor listens.
+            let mut console = UnixStream::connect(run_dir.join("console.sock")).unwrap();
+            let listener = UnixListener::bind(run_dir.join("qmp.sock")).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(error) => panic!("nobody connected to QMP: {error}"),
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            writer
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            let mut seen = Vec::new();
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            loop {
+                // A read that times out keeps what it read in `line`.
+                match reader.read_line(&mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) if qemu_gone() || Instant::now() >= deadline => break,
+                    Err(_) => continue,
+                }
+                let request: serde_json::Value = serde_json::from_str(&line).unwrap();
+                line.clear();
+                let command = request["execute"].as_str().unwrap_or_default().to_owned();
+                match command.as_str() {
+                    "cont" => {
+                        let recorded = std::fs::read_to_string(&pid_file)
+                            .unwrap_or_else(|_| "<missing>".to_owned());
+                        seen.push(format!("cont with {VMM_PID_FILE}={recorded}"));
+                        console
+                            .write_all(format!("{GUEST_LINE}\n").as_bytes())
+                            .unwrap();
+                    }
+                    _ => seen.push(command.clone()),
+                }
+                writer.write_all(b"{\"return\": {}}\r\n").unwrap();
+                if command == "quit" {
+                    let pid: i32 = std::fs::read_to_string(&pid_file)
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                    // SAFETY: kill(2) of the test's own fake QEMU.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    break;
+                }
+            }
+            seen
+        })
+    }
+
+    fn spec(dir: &Path) -> VmSpec {
+        let qemu = dir.join("qemu-system-x86_64");
+        std::fs::write(&qemu, FAKE_QEMU).unwrap();
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("bzImage"), b"kernel").unwrap();
+        std::fs::write(dir.join("initrd"), b"initrd").unwrap();
+        VmSpec {
+            backend: Backend::Qemu,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: dir.join("bzImage"),
+            initrd: dir.join("initrd"),
+            console_log: dir.join("console.log"),
+            console_max_bytes: 64 * 1024,
+            work_dir: dir.to_owned(),
+            qemu_binary: Some(qemu),
+        }
+    }
+
+    #[test]
+    fn the_guest_is_resumed_only_after_the_pid_file_names_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu_side = fake_qemu_side(dir.path().join(QEMU_DIR), dir.path().join(VMM_PID_FILE));
+        let mut vm = QemuPodVm::new(spec(dir.path())).unwrap();
+        vm.start().unwrap();
+        let pid = vm.describe().vmm_pid;
+        vm.stop(Duration::ZERO);
+        let seen = qemu_side.join().unwrap();
+        assert_eq!(
+            seen,
+            [
+                "qmp_capabilities".to_owned(),
+                format!("cont with {VMM_PID_FILE}={pid}"),
+                "quit".to_owned()
+            ]
+        );
+        let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+        assert!(args.lines().any(|arg| arg == "-S"), "{args}");
+        let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+        assert_eq!(console, format!("{GUEST_LINE}\n"));
+    }
+
+    #[test]
+    fn a_pid_that_cannot_be_recorded_kills_qemu_before_the_guest_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the pid file goes: the write fails.
+        std::fs::create_dir(dir.path().join(VMM_PID_FILE)).unwrap();
+        let qemu_side = fake_qemu_side(dir.path().join(QEMU_DIR), dir.path().join("unused"));
+        let mut vm = QemuPodVm::new(spec(dir.path())).unwrap();
+        let error = format!("{:#}", vm.start().unwrap_err());
+        assert!(error.contains(VMM_PID_FILE), "{error}");
+        // QEMU was killed and reaped before `start` returned.
+        let qemu_pid = std::fs::read_to_string(dir.path().join("qemu.pid")).unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{}", qemu_pid.trim())).exists(),
+            "QEMU {qemu_pid} is still there"
+        );
+        assert_eq!(qemu_side.join().unwrap(), ["qmp_capabilities"]);
+        assert_eq!(vm.describe().vmm_pid, 0);
+    }
 }

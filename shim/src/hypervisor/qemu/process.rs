@@ -1,7 +1,7 @@
-//! Supervision of the QEMU process: spawn it with its output in a file,
-//! wait for it with a deadline, kill it, and always reap it so no zombie
-//! is left. Dropping a [`QemuProcess`] that is still running kills and
-//! reaps it.
+//! Supervision of the QEMU process: spawn it (through [`super::spawner`],
+//! so it dies with the shim) with its output in a file, wait for it with a
+//! deadline, kill it, and always reap it so no zombie is left. Dropping a
+//! [`QemuProcess`] that is still running kills and reaps it.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::error::QemuError;
+use super::spawner::spawn_tied_to_shim;
 
 /// How often a waiting caller checks whether QEMU has exited. Short against
 /// a guest's life (seconds), long enough to cost nothing.
@@ -24,6 +25,7 @@ pub struct QemuProcess {
 
 impl QemuProcess {
     /// Starts `binary` with `args`; its stdout and stderr go to `output`.
+    /// The process is killed if the shim dies.
     pub fn spawn(binary: &Path, args: &[OsString], output: &Path) -> Result<Self, QemuError> {
         let create_error = |source| QemuError::CreateFile {
             path: output.to_path_buf(),
@@ -31,16 +33,16 @@ impl QemuProcess {
         };
         let stdout = File::create(output).map_err(create_error)?;
         let stderr = stdout.try_clone().map_err(create_error)?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                binary: binary.to_path_buf(),
-                source,
-            })?;
+            .stderr(stderr);
+        let child = spawn_tied_to_shim(command).map_err(|source| QemuError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
         Ok(Self {
             child,
             status: None,

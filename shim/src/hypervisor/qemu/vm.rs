@@ -1,28 +1,36 @@
-//! One running QEMU guest: [`QemuVm::start`] checks QEMU and the boot
-//! files, creates the VM's run directory, starts QEMU and waits for its QMP
-//! monitor; [`QemuVm::wait`] and [`QemuVm::stop`] end it and report a
-//! [`GuestEnd`].
+//! One running QEMU guest: [`QemuVm::start_paused`] checks QEMU and the
+//! boot files, creates the VM's run directory, listens there for QEMU's
+//! console, starts QEMU with its vCPUs stopped and waits for its QMP
+//! monitor and its console connection; [`PausedQemuVm::resume`] lets the
+//! guest run ([`QemuVm::start`] does both). [`QemuVm::wait`] and
+//! [`QemuVm::stop`] end it and report a [`GuestEnd`].
+//!
+//! The console arrives on a socket and goes to the capped, rotating
+//! [`ConsoleLog`]; how the guest ended is read from its last
+//! [`CONSOLE_TAIL_BYTES`].
 //!
 //! Whatever way the VM ends (the guest powers off, `stop`, drop, or a
 //! failure during `start`), the QEMU process is reaped and the run
-//! directory with the QMP socket and QEMU's output is removed. The
-//! vhost-user sockets belong to their servers and the console log to the
-//! caller; both are left alone.
+//! directory with the QMP and console sockets and QEMU's output is
+//! removed. The vhost-user sockets belong to their servers and the console
+//! log files to the caller; both are left alone.
 
 use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::accel::AccelChoice;
 use super::binary::{check_version, locate_qemu, QemuVersion};
-use super::command::qemu_arguments;
+use super::command::{qemu_arguments, RunSockets};
 use super::config::QemuVmConfig;
 use super::end::{classify, EndEvidence, GuestEnd};
 use super::error::QemuError;
 use super::process::QemuProcess;
 use super::qmp::{QmpClient, QmpError};
+use crate::hypervisor::console::{read_tail, ConsoleLog, CONSOLE_TAIL_BYTES};
 use husk_vmm::host::probe_host_kvm;
 
 /// How long QEMU gets to bring up its QMP monitor; it does so before the
@@ -34,6 +42,14 @@ const QMP_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long QEMU gets to exit after QMP `quit` before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long QEMU may take to connect to the console socket after its QMP
+/// monitor answered: it connects before the monitor exists, so this only
+/// bounds a broken QEMU.
+const CONSOLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the console gets, once QEMU exited, to reach its file.
+const CONSOLE_DRAIN_PATIENCE: Duration = Duration::from_secs(2);
 
 /// How much of QEMU's own output an error or [`GuestEnd::Crashed`] keeps.
 const OUTPUT_TAIL_BYTES: usize = 4096;
@@ -47,7 +63,7 @@ pub struct QemuVm {
     process: QemuProcess,
     qmp: Option<QmpClient>,
     run_dir: RunDir,
-    console_log: PathBuf,
+    console: ConsoleLog,
     accel: AccelChoice,
     version: QemuVersion,
     quit_requested: bool,
@@ -56,8 +72,17 @@ pub struct QemuVm {
 
 impl QemuVm {
     /// Starts the guest described by `config`. Returns once QEMU's QMP
-    /// monitor answered, which is before the guest kernel runs.
+    /// monitor answered and the guest was resumed, which is before the
+    /// guest kernel printed anything.
     pub fn start(config: QemuVmConfig) -> Result<Self, QemuError> {
+        Self::start_paused(config)?.resume()
+    }
+
+    /// Starts QEMU for the guest described by `config` with its vCPUs
+    /// stopped: returns once QMP answered and QEMU connected to the
+    /// console, before any guest instruction ran.
+    /// [`PausedQemuVm::resume`] lets the guest run.
+    pub fn start_paused(config: QemuVmConfig) -> Result<PausedQemuVm, QemuError> {
         let binary = locate_qemu(config.qemu_binary.as_deref())?;
         let version = check_version(&binary)?;
         require_file("guest kernel", &config.kernel)?;
@@ -68,15 +93,25 @@ impl QemuVm {
         if let Some(fs) = &config.fs {
             require_socket("virtio-fs", &fs.socket)?;
         }
-        std::fs::File::create(&config.console_log).map_err(|source| QemuError::CreateFile {
-            path: config.console_log.clone(),
-            source,
-        })?;
 
         let accel = config.accel.resolve(probe_host_kvm);
         let run_dir = RunDir::create(&config.work_dir)?;
-        let qmp_socket = run_dir.path.join("qmp.sock");
-        let args = qemu_arguments(&config, accel.accel, &qmp_socket)?;
+        let sockets = RunSockets {
+            qmp: run_dir.path.join("qmp.sock"),
+            console: run_dir.path.join("console.sock"),
+        };
+        let args = qemu_arguments(&config, accel.accel, &sockets)?;
+        let console_listener =
+            UnixListener::bind(&sockets.console).map_err(|source| QemuError::ConsoleSocket {
+                socket: sockets.console.clone(),
+                source,
+            })?;
+        let console = ConsoleLog::create(&config.console_log, config.console_max_bytes).map_err(
+            |source| QemuError::CreateFile {
+                path: config.console_log.clone(),
+                source,
+            },
+        )?;
         tracing::info!(
             accel = %accel.accel,
             reason = %accel.reason,
@@ -91,15 +126,16 @@ impl QemuVm {
             process,
             qmp: None,
             run_dir,
-            console_log: config.console_log,
+            console,
             accel,
             version,
             quit_requested: false,
             end: None,
         };
-        vm.qmp = Some(vm.connect_qmp(&qmp_socket)?);
-        tracing::info!(pid = vm.pid(), "QEMU guest started");
-        Ok(vm)
+        vm.qmp = Some(vm.connect_qmp(&sockets.qmp)?);
+        vm.accept_console(console_listener, &sockets.console)?;
+        tracing::info!(pid = vm.pid(), "QEMU started; the guest is paused");
+        Ok(PausedQemuVm { vm })
     }
 
     /// The QEMU process id.
@@ -122,9 +158,10 @@ impl QemuVm {
         &self.run_dir.path
     }
 
-    /// The file the guest's console is written to.
+    /// The file the guest's console is written to (the bytes before it are
+    /// in `<file>.1`).
     pub fn console_log(&self) -> &Path {
-        &self.console_log
+        self.console.path()
     }
 
     /// The QMP client, while the VM runs.
@@ -194,7 +231,11 @@ impl QemuVm {
         if let Some(qmp) = self.qmp.as_mut() {
             qmp.read_remaining_events();
         }
-        let console = read_lossy(&self.console_log);
+        // QEMU is gone, so its end of the console socket is closed: what it
+        // sent reaches the file, then the end of the console is evidence.
+        let console_summary = self.console.finish(CONSOLE_DRAIN_PATIENCE);
+        let console = read_tail(self.console.path(), CONSOLE_TAIL_BYTES);
+        let console = String::from_utf8_lossy(&console);
         let qemu_output = tail(&read_lossy(&self.run_dir.output_path()), OUTPUT_TAIL_BYTES);
         let end = classify(EndEvidence {
             status,
@@ -203,7 +244,13 @@ impl QemuVm {
             console: &console,
             qemu_output: &qemu_output,
         });
-        tracing::info!(pid = self.process.pid(), %status, ?end, "QEMU guest ended");
+        tracing::info!(
+            pid = self.process.pid(),
+            %status,
+            ?end,
+            console_dropped_bytes = console_summary.dropped_bytes,
+            "QEMU guest ended"
+        );
         self.qmp = None;
         self.run_dir.remove();
         self.end = Some(end.clone());
@@ -231,6 +278,72 @@ impl QemuVm {
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+    }
+
+    /// Takes QEMU's connection to the console socket (QEMU connects while
+    /// it starts, before its QMP monitor answers) and starts copying it
+    /// into the console log. Nothing else can connect afterwards.
+    fn accept_console(&mut self, listener: UnixListener, socket: &Path) -> Result<(), QemuError> {
+        let socket_error = |source| QemuError::ConsoleSocket {
+            socket: socket.to_path_buf(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(socket_error)?;
+        let deadline = Instant::now() + CONSOLE_CONNECT_TIMEOUT;
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some(status) = self.process.try_status() {
+                        let output =
+                            tail(&read_lossy(&self.run_dir.output_path()), OUTPUT_TAIL_BYTES);
+                        return Err(QemuError::ExitedAtStart { status, output });
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(QemuError::ConsoleNotConnected {
+                            socket: socket.to_path_buf(),
+                            reason: format!(
+                                "no connection within {CONSOLE_CONNECT_TIMEOUT:?} of QMP answering"
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(socket_error(source)),
+            }
+        };
+        drop(listener);
+        let _ = std::fs::remove_file(socket);
+        stream.set_nonblocking(false).map_err(socket_error)?;
+        self.console.read_from(stream).map_err(socket_error)
+    }
+}
+
+/// A QEMU guest that was started with its vCPUs stopped (`-S`): QEMU runs,
+/// its QMP monitor answers and its console is connected, but no guest
+/// instruction ran. [`PausedQemuVm::resume`] sends QMP `cont`; dropping it
+/// instead kills and reaps QEMU, so the guest never runs.
+#[derive(Debug)]
+pub struct PausedQemuVm {
+    vm: QemuVm,
+}
+
+impl PausedQemuVm {
+    /// The QEMU process id.
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    /// Lets the guest run (QMP `cont`).
+    pub fn resume(mut self) -> Result<QemuVm, QemuError> {
+        let qmp = self.vm.qmp.as_mut().ok_or(QemuError::Resume {
+            source: QmpError::Closed,
+        })?;
+        qmp.execute("cont", None)
+            .map_err(|source| QemuError::Resume { source })?;
+        tracing::info!(pid = self.vm.pid(), "QEMU guest resumed");
+        Ok(self.vm)
     }
 }
 
