@@ -336,6 +336,10 @@ fn scenarios() -> Vec<Scenario> {
             shim_killed_at_each_create_step,
         ),
         husk(
+            "binary_logger_never_ready_fails_create_and_leaves_nothing",
+            binary_logger_never_ready,
+        ),
+        husk(
             "hung_guest_is_declared_dead_and_kill_delete_finish",
             hung_guest_is_declared_dead,
         ),
@@ -806,6 +810,60 @@ fn shim_killed_at_each_create_step(suite: &Suite, rt: Runtime) -> Result<String>
         observed.push(format!("{step}:clean"));
     }
     Ok(observed.join(","))
+}
+
+/// A `binary://` logging program that never signals readiness (never
+/// closes its fd 5): Create fails within `timeouts.logger_ready_ms` naming
+/// the program and the setting, and neither the program nor anything of
+/// the container is left.
+fn binary_logger_never_ready(suite: &Suite, rt: Runtime) -> Result<String> {
+    let dir = suite.work.join("never-ready-logger");
+    std::fs::create_dir_all(&dir)?;
+    let logger = dir.join("never-ready.sh");
+    std::fs::write(&logger, "#!/bin/sh\nexec sleep 1000\n")?;
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let config = bad_config(
+        suite,
+        "logger-ready.toml",
+        &[("logger_ready_ms", "3000".to_owned())],
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let uri = format!("binary://{}", logger.display());
+    let id = suite.id(rt, "neverready");
+    let started = Instant::now();
+    let out = suite.ctr_run(
+        rt,
+        &["--rm", "--runtime-config-path", &config, "--log-uri", &uri],
+        IMAGE,
+        &id,
+        &["echo", "hello"],
+    )?;
+    let took = started.elapsed();
+    let message = text(&out.stderr);
+    let _ = suite.ctr_ok(&["containers", "rm", &id]);
+    let left = suite.nothing_left_of(&id);
+    let loggers: Vec<_> = husk_test_support::host::processes_mentioning(&logger);
+    ensure!(
+        !out.status.success(),
+        "ctr run succeeded: {}",
+        describe(&out)
+    );
+    for needle in [logger.to_string_lossy().as_ref(), "logger_ready_ms"] {
+        ensure!(
+            message.contains(needle),
+            "the error does not name {needle:?}: {message:?}"
+        );
+    }
+    left?;
+    ensure!(
+        loggers.is_empty(),
+        "the logging program was left running: {loggers:?}"
+    );
+    println!(
+        "never-ready logger: ctr run failed after {:.1} s",
+        took.as_secs_f64()
+    );
+    Ok("refused, logger killed".to_owned())
 }
 
 /// A guest that stops answering (its QEMU stopped with SIGSTOP: vCPUs and
