@@ -3,7 +3,8 @@
 //! log, or to stderr where there is no FIFO (the `start` and `delete`
 //! actions, whose stderr containerd already captures). Events name the
 //! sandbox and container they concern in their fields; `-debug` raises
-//! the level to debug.
+//! the level to debug. Each event is exactly one line: line breaks inside
+//! it are escaped, so guest-written text cannot forge log lines.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,9 +22,37 @@ const LOG_FIFO: &str = "log";
 #[derive(Clone)]
 struct SharedFile(Arc<Mutex<File>>);
 
+/// One formatted event as exactly one line: every line break or carriage
+/// return inside it (a guest-written string in a field, a console tail in
+/// an error) is escaped, so nothing the guest sends can forge a line of
+/// containerd's log. The event's own final newline stays.
+fn one_line(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let body = event.strip_suffix(b"\n").unwrap_or(event);
+    if !body.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return std::borrow::Cow::Borrowed(event);
+    }
+    let mut out = Vec::with_capacity(event.len() + 16);
+    for &byte in body {
+        match byte {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            other => out.push(other),
+        }
+    }
+    if body.len() < event.len() {
+        out.push(b'\n');
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl std::io::Write for SharedFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+        // tracing's formatter hands over one whole event per call.
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&one_line(buf))?;
+        Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
@@ -77,12 +106,25 @@ pub fn init_server(debug: bool) {
     }
 }
 
+/// Standard error, one line per event (see [`one_line`]).
+struct OneLineStderr;
+
+impl std::io::Write for OneLineStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().lock().write_all(&one_line(buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Sets up logging to stderr (the `start` and `delete` actions).
 pub fn init_stderr(debug: bool) {
     let _ = tracing_subscriber::fmt()
         .with_max_level(configured_level(debug))
         .with_ansi(false)
-        .with_writer(std::io::stderr)
+        .with_writer(|| OneLineStderr)
         .try_init();
 }
 
@@ -95,5 +137,25 @@ fn clear_nonblocking(file: &File) {
         if flags >= 0 {
             libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn an_event_with_line_breaks_in_its_fields_stays_one_line() {
+        let event = b"ERROR husk: boot failed console=\"ok\ntime=x level=error msg=forged\r\"\n";
+        let line = one_line(event);
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        assert!(
+            line.ends_with(b"\\r\"\n"),
+            "{:?}",
+            String::from_utf8_lossy(&line)
+        );
+        assert!(String::from_utf8_lossy(&line).contains("ok\\ntime=x"));
+        let plain = b"INFO husk: fine\n";
+        assert_eq!(&*one_line(plain), plain);
     }
 }
