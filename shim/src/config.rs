@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use husk_devices::fs::XattrPolicy;
 use serde::Deserialize;
 
 /// Where the documented default configuration is installed.
@@ -103,14 +104,30 @@ impl Default for HypervisorConfig {
 pub struct SharedFsConfig {
     /// virtio-fs cache policy: never, metadata, auto or always.
     pub cache: String,
-    pub xattr: bool,
+    /// virtio-fs xattr policy: mapped (guest security.*, trusted.* and
+    /// system.* names stored under user.husk.guest. on the host) or off.
+    #[serde(deserialize_with = "xattr_policy")]
+    pub xattr: XattrPolicy,
+}
+
+/// `shared_fs.xattr`: "mapped" or "off", nothing else (the boolean of
+/// earlier versions included), with an error that names the key.
+fn xattr_policy<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<XattrPolicy, D::Error> {
+    use serde::de::Error;
+    let value = String::deserialize(deserializer)
+        .map_err(|error| D::Error::custom(format!("shared_fs.xattr: {error}")))?;
+    value
+        .parse()
+        .map_err(|error| D::Error::custom(format!("shared_fs.xattr: {error}")))
 }
 
 impl Default for SharedFsConfig {
     fn default() -> Self {
         Self {
             cache: "auto".to_owned(),
-            xattr: true,
+            xattr: XattrPolicy::default(),
         }
     }
 }
@@ -369,6 +386,30 @@ mod tests {
             error.contains("shared_fs.cache") && error.contains("sometimes"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn xattr_is_mapped_by_default_and_only_mapped_or_off_is_accepted() {
+        assert_eq!(parse("").unwrap().shared_fs.xattr, XattrPolicy::Mapped);
+        assert_eq!(
+            parse("[shared_fs]\nxattr = \"off\"\n")
+                .unwrap()
+                .shared_fs
+                .xattr,
+            XattrPolicy::Off
+        );
+        let error = parse("[shared_fs]\nxattr = \"on\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("shared_fs.xattr") && error.contains("on"),
+            "{error}"
+        );
+        // The old boolean form is refused, naming the key.
+        let error = parse("[shared_fs]\nxattr = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("shared_fs.xattr"), "{error}");
     }
 
     #[test]

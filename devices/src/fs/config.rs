@@ -1,12 +1,14 @@
 //! What a virtio-fs share looks like: the host directory, the tag the guest
-//! mounts, the queue layout and the caching contract.
+//! mounts, the queue layout, the caching contract and what the guest may do
+//! with extended attributes.
 //!
 //! [`FsConfig`] is plain data with public fields so the shim can build it
 //! from its own configuration; [`FsConfig::validate`] is the single place
 //! that decides whether a configuration is usable, and both transports call
-//! it before serving. The cache policy is parsed from the strings the shim's
-//! configuration uses (`never|metadata|auto|always`) and mapped here, once,
-//! onto fuse-backend-rs's passthrough options.
+//! it before serving. The cache and xattr policies are parsed from the
+//! strings the shim's configuration uses (`never|metadata|auto|always`,
+//! `mapped|off`) and mapped here, once, onto fuse-backend-rs's passthrough
+//! options.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,9 @@ pub enum ConfigError {
     /// The cache policy string is none of the known ones.
     #[error("unknown virtio-fs cache policy {value:?} (expected never, metadata, auto or always)")]
     CachePolicy { value: String },
+    /// The xattr policy string is none of the known ones.
+    #[error("unknown virtio-fs xattr policy {value:?} (expected mapped or off)")]
+    XattrPolicy { value: String },
     /// The device needs at least one request queue besides hiprio.
     #[error("virtio-fs needs at least one request queue, got 0")]
     NoRequestQueues,
@@ -136,6 +141,50 @@ impl fmt::Display for CachePolicy {
     }
 }
 
+/// What the guest may do with extended attributes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XattrPolicy {
+    /// No xattrs: every xattr request fails with `ENOSYS`, after which the
+    /// guest kernel stops asking and answers `EOPNOTSUPP` itself.
+    Off,
+    /// `user.*` passes through; `security.*`, `trusted.*` and `system.*`
+    /// (file capabilities, SELinux labels, ACLs) are stored under
+    /// `user.husk.guest.` on the host and never applied to the host file;
+    /// see `super::xattr`. The default.
+    #[default]
+    Mapped,
+}
+
+impl XattrPolicy {
+    /// The name used in configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XattrPolicy::Off => "off",
+            XattrPolicy::Mapped => "mapped",
+        }
+    }
+}
+
+impl FromStr for XattrPolicy {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "off" => Ok(XattrPolicy::Off),
+            "mapped" => Ok(XattrPolicy::Mapped),
+            _ => Err(ConfigError::XattrPolicy {
+                value: value.to_owned(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for XattrPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One virtio-fs share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FsConfig {
@@ -149,13 +198,13 @@ pub struct FsConfig {
     pub queue_size: u16,
     /// What the guest may cache.
     pub cache: CachePolicy,
-    /// Whether extended attributes are passed through.
-    pub xattr: bool,
+    /// What the guest may do with extended attributes.
+    pub xattr: XattrPolicy,
 }
 
 impl FsConfig {
     /// A share of `shared_dir` with the defaults: tag `kataShared`, one
-    /// request queue of 1024 entries, `auto` caching, xattrs on.
+    /// request queue of 1024 entries, `auto` caching, `mapped` xattrs.
     pub fn new(shared_dir: impl Into<PathBuf>) -> Self {
         Self {
             shared_dir: shared_dir.into(),
@@ -163,7 +212,7 @@ impl FsConfig {
             num_request_queues: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
             cache: CachePolicy::default(),
-            xattr: true,
+            xattr: XattrPolicy::default(),
         }
     }
 
@@ -233,7 +282,9 @@ impl FsConfig {
             // when nobody else changes files under the guest, which is the
             // contract `always` states.
             writeback: self.cache == CachePolicy::Always,
-            xattr: self.xattr,
+            // Mapped xattrs go through the passthrough's xattr calls under
+            // the names `SharedFs` chooses.
+            xattr: self.xattr != XattrPolicy::Off,
             // The root is opened by INIT (and re-opened on DESTROY), so a
             // guest that remounts gets a fresh inode table.
             do_import: true,
@@ -344,6 +395,29 @@ mod tests {
         assert_eq!(always.attr_timeout, EXCLUSIVE_TIMEOUT);
         assert!(always.writeback);
         assert!(always.xattr);
+    }
+
+    #[test]
+    fn fs_xattr_policy_defaults_to_mapped_and_off_turns_passthrough_xattrs_off() {
+        let mut config = FsConfig::new("/tmp");
+        assert_eq!(config.xattr, XattrPolicy::Mapped);
+        assert!(config.passthrough_config().unwrap().xattr);
+        config.xattr = XattrPolicy::Off;
+        assert!(!config.passthrough_config().unwrap().xattr);
+    }
+
+    #[test]
+    fn fs_xattr_policy_round_trips_through_its_name_and_rejects_others() {
+        for policy in [XattrPolicy::Off, XattrPolicy::Mapped] {
+            assert_eq!(policy.as_str().parse::<XattrPolicy>().unwrap(), policy);
+        }
+        for wrong in ["on", "true", "Mapped", ""] {
+            let error = wrong.parse::<XattrPolicy>().unwrap_err();
+            assert!(
+                matches!(&error, ConfigError::XattrPolicy { value } if value == wrong),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! The file system the guest talks to: fuse-backend-rs's passthrough file
-//! system, plus the two things the protocol layer leaves to us.
+//! system, plus the policies the protocol layer leaves to us.
 //!
 //! fuse-backend-rs's `Server` enables only the INIT flags the file system
 //! asks for, and the passthrough asks for none of the transfer-size and
 //! concurrency flags, which would hold every READ and WRITE to 4 KiB and
 //! serialise directory operations. [`SharedFs::init`] adds the flags the
 //! server and the passthrough implement (1 MiB requests through
-//! `MAX_PAGES`, asynchronous and parallel requests). It also refuses to
-//! create block and character device nodes other than overlayfs whiteouts
-//! (0/0): the guest's root must not leave a node on the host that opens a
-//! host device for whoever opens it there. Every other request is passed
-//! through unchanged, except that a repeated INIT (a guest that rebooted
-//! while a vhost-user backend stayed up) first forgets the old session.
+//! `MAX_PAGES`, asynchronous and parallel requests), and never grants the
+//! ones that would let the guest attach security metadata to new host
+//! files ([`REFUSED_INIT_FLAGS`]).
+//!
+//! It refuses to create block and character device nodes other than
+//! overlayfs whiteouts (0/0): the guest's root must not leave a node on the
+//! host that opens a host device for whoever opens it there. Under
+//! [`XattrPolicy::Mapped`] it renames extended attributes on their way to
+//! the host so that the guest's `security.*`, `trusted.*` and `system.*`
+//! never become the host file's (see `super::xattr`). Every other request
+//! is passed through unchanged, except that a repeated INIT (a guest that
+//! rebooted while a vhost-user backend stayed up) first forgets the old
+//! session.
 
+use std::borrow::Cow;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +37,10 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use super::config::{FsConfig, XattrPolicy};
+use super::xattr::{self, HostName, XATTR_LIST_MAX};
+use crate::guest_log::GuestBytes;
+
 /// INIT flags the protocol layer supports whatever the file system: large
 /// requests (`BIG_WRITES`, `MAX_PAGES`: fuse-backend-rs then offers 256
 /// pages, 1 MiB), concurrent reads and directory operations (the
@@ -42,18 +54,54 @@ pub const BASELINE_INIT_FLAGS: FsOptions = FsOptions::ASYNC_READ
     .union(FsOptions::ASYNC_DIO)
     .union(FsOptions::AUTO_INVAL_DATA);
 
+/// INIT flags never granted, whoever asks. `POSIX_ACL` would make the
+/// guest kernel hand ACLs to the server as ACLs and expect them enforced
+/// and inherited on the host; without it they are plain `system.*` xattrs,
+/// which the xattr policy keeps off the host file.
+///
+/// The other way for a guest to label host files, `FUSE_SECURITY_CTX`
+/// (bit 32, 7.36: a security context appended to CREATE, MKDIR, MKNOD and
+/// SYMLINK), has no [`FsOptions`] flag in fuse-backend-rs 0.14: the server
+/// drops it from the kernel's offer (`from_bits_truncate`) and never
+/// grants it, so the kernel never sends one. A unit test pins that down, so
+/// an upgrade that learns the flag has to come here.
+pub const REFUSED_INIT_FLAGS: FsOptions = FsOptions::POSIX_ACL;
+
 /// The passthrough file system as the guest sees it.
 pub struct SharedFs {
     inner: PassthroughFs,
     /// Set by the first INIT; a later INIT is a new guest session.
     initialized: AtomicBool,
+    xattr: XattrPolicy,
 }
 
 impl SharedFs {
-    pub fn new(inner: PassthroughFs) -> Self {
+    /// `inner` with the policies of `config`.
+    pub fn new(inner: PassthroughFs, config: &FsConfig) -> Self {
         Self {
             inner,
             initialized: AtomicBool::new(false),
+            xattr: config.xattr,
+        }
+    }
+
+    /// The host name for the guest's xattr `name`, or the errno that
+    /// refuses it. With xattrs off the passthrough refuses every name.
+    fn host_xattr_name<'a>(&self, name: &'a CStr) -> io::Result<Cow<'a, CStr>> {
+        if self.xattr == XattrPolicy::Off {
+            return Ok(Cow::Borrowed(name));
+        }
+        match xattr::host_name(name) {
+            HostName::Same => Ok(Cow::Borrowed(name)),
+            HostName::Stored(host) => Ok(Cow::Owned(host)),
+            HostName::Reserved => {
+                tracing::debug!(
+                    name = %GuestBytes(name.to_bytes()),
+                    "virtio-fs: refusing an xattr name reserved for husk"
+                );
+                Err(io::Error::from_raw_os_error(libc::EPERM))
+            }
+            HostName::Unsupported => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         }
     }
 }
@@ -81,7 +129,7 @@ impl FileSystem for SharedFs {
             self.inner.destroy();
         }
         let wanted = self.inner.init(capable)?;
-        Ok(wanted | (capable & BASELINE_INIT_FLAGS))
+        Ok((wanted | (capable & BASELINE_INIT_FLAGS)) - REFUSED_INIT_FLAGS)
     }
 
     fn mknod(
@@ -319,7 +367,8 @@ impl FileSystem for SharedFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        self.inner.setxattr(ctx, inode, name, value, flags)
+        let host = self.host_xattr_name(name)?;
+        self.inner.setxattr(ctx, inode, &host, value, flags)
     }
 
     fn getxattr(
@@ -329,7 +378,8 @@ impl FileSystem for SharedFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size)
+        let host = self.host_xattr_name(name)?;
+        self.inner.getxattr(ctx, inode, &host, size)
     }
 
     fn listxattr(
@@ -338,11 +388,32 @@ impl FileSystem for SharedFs {
         inode: Self::Inode,
         size: u32,
     ) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
+        if self.xattr == XattrPolicy::Off {
+            return self.inner.listxattr(ctx, inode, size);
+        }
+        // The guest's list is shorter than the host's and its length is not
+        // known before filtering: fetch the whole host list (never longer
+        // than XATTR_LIST_MAX), filter, then answer the size probe (size 0)
+        // or the real request (ERANGE when the guest's buffer is short).
+        let host_list = match self.inner.listxattr(ctx, inode, XATTR_LIST_MAX)? {
+            ListxattrReply::Names(names) => names,
+            ListxattrReply::Count(_) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+        };
+        let list = xattr::guest_list(&host_list);
+        let len =
+            u32::try_from(list.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+        if size == 0 {
+            Ok(ListxattrReply::Count(len))
+        } else if len > size {
+            Err(io::Error::from_raw_os_error(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(list))
+        }
     }
 
     fn removexattr(&self, ctx: &Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
-        self.inner.removexattr(ctx, inode, name)
+        let host = self.host_xattr_name(name)?;
+        self.inner.removexattr(ctx, inode, &host)
     }
 
     fn opendir(
@@ -518,5 +589,31 @@ impl FileSystem for SharedFs {
 
     fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
         self.inner.id_remap(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `FUSE_SECURITY_CTX` (include/uapi/linux/fuse.h, 7.36): bit 32.
+    const FUSE_SECURITY_CTX: u64 = 1 << 32;
+    /// `FUSE_CREATE_SUPP_GROUP` (7.38): bit 34, the other create extension.
+    const FUSE_CREATE_SUPP_GROUP: u64 = 1 << 34;
+
+    #[test]
+    fn fuse_backend_rs_knows_no_flag_that_would_carry_a_guest_security_context() {
+        // If this fails, fuse-backend-rs learnt the flag: the server would
+        // then grant it whenever the file system asks, and create requests
+        // would carry guest-chosen labels. Refuse it in REFUSED_INIT_FLAGS
+        // (or parse and drop the context) before upgrading.
+        let offered = FsOptions::from_bits_truncate(FUSE_SECURITY_CTX | FUSE_CREATE_SUPP_GROUP);
+        assert!(offered.is_empty(), "{offered:?}");
+    }
+
+    #[test]
+    fn refused_init_flags_are_not_in_the_baseline() {
+        assert!(!BASELINE_INIT_FLAGS.intersects(REFUSED_INIT_FLAGS));
+        assert!(REFUSED_INIT_FLAGS.contains(FsOptions::POSIX_ACL));
     }
 }

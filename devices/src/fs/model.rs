@@ -76,7 +76,7 @@ impl FsDeviceModel {
             source,
         })?;
         Ok(Self {
-            server: Server::new(SharedFs::new(fs)),
+            server: Server::new(SharedFs::new(fs, config)),
             config_space: config.config_space(),
             num_queues: config.num_queues(),
             queue_size: config.queue_size,

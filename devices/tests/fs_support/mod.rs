@@ -470,9 +470,20 @@ impl FuseClient {
     }
 
     pub fn setxattr(&mut self, nodeid: u64, name: &str, value: &[u8]) -> Result<(), i32> {
+        self.setxattr_with_flags(nodeid, name, value, 0)
+    }
+
+    /// SETXATTR with `flags` (`XATTR_CREATE`, `XATTR_REPLACE`).
+    pub fn setxattr_with_flags(
+        &mut self,
+        nodeid: u64,
+        name: &str,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<(), i32> {
         let setxattr = SetxattrIn {
             size: value.len() as u32,
-            flags: 0,
+            flags: flags as u32,
         };
         self.call(
             Opcode::Setxattr,
@@ -509,5 +520,59 @@ impl FuseClient {
         );
         reply.check()?;
         Ok(reply.body)
+    }
+
+    /// GETXATTR with a buffer of `size` bytes: the value, or with size 0
+    /// the value's length (as `GetxattrOut`), as the kernel asks.
+    pub fn getxattr_sized(&mut self, nodeid: u64, name: &str, size: u32) -> Result<Vec<u8>, i32> {
+        let getxattr = GetxattrIn { size, padding: 0 };
+        let reply = self.call(
+            Opcode::Getxattr,
+            nodeid,
+            &[getxattr.as_slice(), &cstr(name)],
+            REPLY_CAPACITY,
+        );
+        reply.check()?;
+        Ok(reply.body)
+    }
+
+    /// LISTXATTR with a buffer of `size` bytes: the names, or with size 0
+    /// the list's length (the first four bytes of `GetxattrOut`).
+    pub fn listxattr_sized(&mut self, nodeid: u64, size: u32) -> Result<Vec<u8>, i32> {
+        let listxattr = GetxattrIn { size, padding: 0 };
+        let reply = self.call(
+            Opcode::Listxattr,
+            nodeid,
+            &[listxattr.as_slice()],
+            REPLY_CAPACITY,
+        );
+        reply.check()?;
+        Ok(reply.body)
+    }
+
+    /// The names LISTXATTR returns, probing for the size first like the
+    /// kernel does.
+    pub fn listxattr(&mut self, nodeid: u64) -> Result<Vec<String>, i32> {
+        let probe = self.listxattr_sized(nodeid, 0)?;
+        let size = u32::from_le_bytes(probe[..4].try_into().unwrap());
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let names = self.listxattr_sized(nodeid, size)?;
+        assert_eq!(
+            names.len(),
+            size as usize,
+            "the list is as long as the probe said"
+        );
+        Ok(names
+            .split(|byte| *byte == 0)
+            .filter(|name| !name.is_empty())
+            .map(|name| String::from_utf8(name.to_vec()).unwrap())
+            .collect())
+    }
+
+    pub fn removexattr(&mut self, nodeid: u64, name: &str) -> Result<(), i32> {
+        self.call(Opcode::Removexattr, nodeid, &[&cstr(name)], REPLY_CAPACITY)
+            .check()
     }
 }
