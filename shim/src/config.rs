@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use husk_devices::fs::XattrPolicy;
+use husk_devices::fs::{XattrPolicy, DEFAULT_MAX_OPEN_HANDLES, DEFAULT_MAX_OPEN_INODES};
 use serde::Deserialize;
 
 /// Where the documented default configuration is installed.
@@ -108,6 +108,11 @@ pub struct SharedFsConfig {
     /// system.* names stored under user.husk.guest. on the host) or off.
     #[serde(deserialize_with = "xattr_policy")]
     pub xattr: XattrPolicy,
+    /// Most inodes the guest may hold in the share (one host fd each).
+    pub max_open_inodes: usize,
+    /// Most files and directories the guest may have open in the share
+    /// (one host fd each).
+    pub max_open_handles: usize,
 }
 
 /// `shared_fs.xattr`: "mapped" or "off", nothing else (the boolean of
@@ -128,6 +133,8 @@ impl Default for SharedFsConfig {
         Self {
             cache: "auto".to_owned(),
             xattr: XattrPolicy::default(),
+            max_open_inodes: DEFAULT_MAX_OPEN_INODES,
+            max_open_handles: DEFAULT_MAX_OPEN_HANDLES,
         }
     }
 }
@@ -243,6 +250,18 @@ impl Config {
                 ),
             ));
         }
+        if self.shared_fs.max_open_inodes == 0 {
+            return Err(invalid(
+                "shared_fs.max_open_inodes",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.shared_fs.max_open_handles == 0 {
+            return Err(invalid(
+                "shared_fs.max_open_handles",
+                "must be at least 1".into(),
+            ));
+        }
         if self.limits.max_vcpus == 0 {
             return Err(invalid("limits.max_vcpus", "must be at least 1".into()));
         }
@@ -356,6 +375,9 @@ mod tests {
         let config = parse(text).expect("configuration.toml is valid");
         assert_eq!(config.hypervisor.kind, HypervisorKind::Auto);
         assert_eq!(config.shared_fs.cache, "auto");
+        assert_eq!(config.shared_fs.xattr, XattrPolicy::Mapped);
+        assert_eq!(config.shared_fs.max_open_inodes, DEFAULT_MAX_OPEN_INODES);
+        assert_eq!(config.shared_fs.max_open_handles, DEFAULT_MAX_OPEN_HANDLES);
     }
 
     #[test]
@@ -410,6 +432,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("shared_fs.xattr"), "{error}");
+    }
+
+    #[test]
+    fn share_fd_limits_default_to_the_device_defaults_and_0_is_refused_naming_the_key() {
+        let config = parse("").unwrap();
+        assert_eq!(config.shared_fs.max_open_inodes, DEFAULT_MAX_OPEN_INODES);
+        assert_eq!(config.shared_fs.max_open_handles, DEFAULT_MAX_OPEN_HANDLES);
+        let config = parse("[shared_fs]\nmax_open_inodes = 100\nmax_open_handles = 50\n").unwrap();
+        assert_eq!(
+            (
+                config.shared_fs.max_open_inodes,
+                config.shared_fs.max_open_handles
+            ),
+            (100, 50)
+        );
+        for key in ["max_open_inodes", "max_open_handles"] {
+            let error = parse(&format!("[shared_fs]\n{key} = 0\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(&format!("shared_fs.{key}")), "{error}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What a virtio-fs share looks like: the host directory, the tag the guest
-//! mounts, the queue layout, the caching contract and what the guest may do
-//! with extended attributes.
+//! mounts, the queue layout, the caching contract, what the guest may do
+//! with extended attributes, and how many host fds it may make the share
+//! hold.
 //!
 //! [`FsConfig`] is plain data with public fields so the shim can build it
 //! from its own configuration; [`FsConfig::validate`] is the single place
@@ -34,6 +35,18 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// limit is 63; 16 keeps a pod's thread count modest.
 pub const MAX_REQUEST_QUEUES: usize = 16;
 
+/// Default for [`FsConfig::max_open_inodes`]. Each inode the guest holds is
+/// one `O_PATH` fd in the shim; 65536 is far more than a container's
+/// working set (the guest kernel forgets inodes it evicts from its cache)
+/// and keeps a share's fds well below the shim's fd limit.
+pub const DEFAULT_MAX_OPEN_INODES: usize = 65536;
+/// Default for [`FsConfig::max_open_handles`]. Each open file or directory
+/// is one more fd; 65536 covers a pod whose processes hold tens of
+/// thousands of files open at once (a database on a volume). With
+/// [`DEFAULT_MAX_OPEN_INODES`], one share holds at most about 131072 fds,
+/// so the shim's RLIMIT_NOFILE must be above that.
+pub const DEFAULT_MAX_OPEN_HANDLES: usize = 65536;
+
 /// How long the guest may trust cached entries and attributes when the
 /// guest has the share to itself (`metadata`, `always`): one day, the value
 /// virtio-fs daemons conventionally use for "forever".
@@ -66,6 +79,9 @@ pub enum ConfigError {
     /// More request queues than the device serves.
     #[error("virtio-fs asked for {requested} request queues, the limit is {MAX_REQUEST_QUEUES}")]
     TooManyRequestQueues { requested: usize },
+    /// A limit on inodes or handles is 0: the guest could not use the share.
+    #[error("virtio-fs {setting} is 0; the share needs at least 1")]
+    ZeroLimit { setting: &'static str },
     /// The ring size is not a power of two in 1..=32768.
     #[error("virtio-fs queue size {size} is not a power of two between 1 and {MAX_QUEUE_SIZE}")]
     QueueSize { size: u16 },
@@ -200,11 +216,21 @@ pub struct FsConfig {
     pub cache: CachePolicy,
     /// What the guest may do with extended attributes.
     pub xattr: XattrPolicy,
+    /// Most inodes the guest may hold at once (each one host fd). A LOOKUP,
+    /// READDIRPLUS entry or creation that would need one more fails with
+    /// `ENFILE` until the guest forgets some; inodes it holds still
+    /// resolve. At least 1.
+    pub max_open_inodes: usize,
+    /// Most files and directories the guest may have open at once (each
+    /// one host fd); an OPEN, OPENDIR or CREATE beyond it fails with
+    /// `ENFILE`. At least 1.
+    pub max_open_handles: usize,
 }
 
 impl FsConfig {
     /// A share of `shared_dir` with the defaults: tag `kataShared`, one
-    /// request queue of 1024 entries, `auto` caching, `mapped` xattrs.
+    /// request queue of 1024 entries, `auto` caching, `mapped` xattrs, and
+    /// the default inode and handle limits.
     pub fn new(shared_dir: impl Into<PathBuf>) -> Self {
         Self {
             shared_dir: shared_dir.into(),
@@ -213,6 +239,8 @@ impl FsConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             cache: CachePolicy::default(),
             xattr: XattrPolicy::default(),
+            max_open_inodes: DEFAULT_MAX_OPEN_INODES,
+            max_open_handles: DEFAULT_MAX_OPEN_HANDLES,
         }
     }
 
@@ -230,6 +258,16 @@ impl FsConfig {
         if !self.queue_size.is_power_of_two() {
             return Err(ConfigError::QueueSize {
                 size: self.queue_size,
+            });
+        }
+        if self.max_open_inodes == 0 {
+            return Err(ConfigError::ZeroLimit {
+                setting: "max_open_inodes",
+            });
+        }
+        if self.max_open_handles == 0 {
+            return Err(ConfigError::ZeroLimit {
+                setting: "max_open_handles",
             });
         }
         Ok(())
@@ -395,6 +433,22 @@ mod tests {
         assert_eq!(always.attr_timeout, EXCLUSIVE_TIMEOUT);
         assert!(always.writeback);
         assert!(always.xattr);
+    }
+
+    #[test]
+    fn fs_inode_and_handle_limits_of_0_are_refused_naming_the_setting() {
+        let mut config = FsConfig::new("/tmp");
+        assert_eq!(config.max_open_inodes, DEFAULT_MAX_OPEN_INODES);
+        assert_eq!(config.max_open_handles, DEFAULT_MAX_OPEN_HANDLES);
+        config.max_open_inodes = 0;
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("max_open_inodes"), "{error}");
+        config.max_open_inodes = 1;
+        config.max_open_handles = 0;
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("max_open_handles"), "{error}");
+        config.max_open_handles = 1;
+        config.validate().unwrap();
     }
 
     #[test]

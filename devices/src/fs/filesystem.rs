@@ -15,10 +15,11 @@
 //! host that opens a host device for whoever opens it there. Under
 //! [`XattrPolicy::Mapped`] it renames extended attributes on their way to
 //! the host so that the guest's `security.*`, `trusted.*` and `system.*`
-//! never become the host file's (see `super::xattr`). Every other request
-//! is passed through unchanged, except that a repeated INIT (a guest that
-//! rebooted while a vhost-user backend stayed up) first forgets the old
-//! session.
+//! never become the host file's (see `super::xattr`). It counts the inodes
+//! and handles the guest holds and refuses, with `ENFILE`, those beyond the
+//! share's limits (see `super::limits`). Every other request is passed
+//! through unchanged, except that a repeated INIT (a guest that rebooted
+//! while a vhost-user backend stayed up) first forgets the old session.
 
 use std::borrow::Cow;
 use std::ffi::CStr;
@@ -38,8 +39,9 @@ use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use super::config::{FsConfig, XattrPolicy};
+use super::limits::{limit_reached, HandleLedger, InodeLedger};
 use super::xattr::{self, HostName, XATTR_LIST_MAX};
-use crate::guest_log::GuestBytes;
+use crate::guest_log::{guest_warn, GuestBytes, GuestLog};
 
 /// INIT flags the protocol layer supports whatever the file system: large
 /// requests (`BIG_WRITES`, `MAX_PAGES`: fuse-backend-rs then offers 256
@@ -73,16 +75,68 @@ pub struct SharedFs {
     /// Set by the first INIT; a later INIT is a new guest session.
     initialized: AtomicBool,
     xattr: XattrPolicy,
+    inodes: InodeLedger,
+    handles: HandleLedger,
+    /// Where refusals at the limits are reported.
+    guest_log: GuestLog,
 }
 
 impl SharedFs {
-    /// `inner` with the policies of `config`.
-    pub fn new(inner: PassthroughFs, config: &FsConfig) -> Self {
+    /// `inner` with the policies and limits of `config`; refusals at the
+    /// limits are logged on `guest_log`.
+    pub fn new(inner: PassthroughFs, config: &FsConfig, guest_log: GuestLog) -> Self {
         Self {
             inner,
             initialized: AtomicBool::new(false),
             xattr: config.xattr,
+            inodes: InodeLedger::new(config.max_open_inodes),
+            handles: HandleLedger::new(config.max_open_handles),
+            guest_log,
         }
+    }
+
+    /// Inodes the guest holds now.
+    pub fn open_inodes(&self) -> usize {
+        self.inodes.live()
+    }
+
+    /// Files and directories the guest has open now.
+    pub fn open_handles(&self) -> usize {
+        self.handles.live()
+    }
+
+    /// Counts the lookup `entry` gives the guest, or, when it names a new
+    /// inode and the share is full, forgets it again and refuses.
+    fn admit_entry(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        if self.inodes.add_lookup(entry.inode) {
+            return Ok(entry);
+        }
+        self.inner.forget(ctx, entry.inode, 1);
+        Err(self.inode_limit_reached())
+    }
+
+    fn inode_limit_reached(&self) -> io::Error {
+        guest_warn!(
+            self.guest_log,
+            held = self.inodes.live(),
+            "virtio-fs: the guest holds max_open_inodes inodes; refusing a new one with ENFILE"
+        );
+        limit_reached()
+    }
+
+    fn handle_limit_reached(&self) -> io::Error {
+        guest_warn!(
+            self.guest_log,
+            held = self.handles.live(),
+            "virtio-fs: the guest holds max_open_handles open files; refusing another with ENFILE"
+        );
+        limit_reached()
+    }
+
+    /// Forgets everything the guest held: a new session, or DESTROY.
+    fn forget_session(&self) {
+        self.inodes.clear();
+        self.handles.clear();
     }
 
     /// The host name for the guest's xattr `name`, or the errno that
@@ -128,6 +182,7 @@ impl FileSystem for SharedFs {
         if self.initialized.swap(true, Ordering::SeqCst) {
             self.inner.destroy();
         }
+        self.forget_session();
         let wanted = self.inner.init(capable)?;
         Ok((wanted | (capable & BASELINE_INIT_FLAGS)) - REFUSED_INIT_FLAGS)
     }
@@ -149,26 +204,225 @@ impl FileSystem for SharedFs {
             );
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        let slot = self
+            .inodes
+            .reserve()
+            .map_err(|_| self.inode_limit_reached())?;
+        let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
+        slot.commit(entry.inode);
+        Ok(entry)
     }
 
-    // Everything below passes straight through.
-
     fn destroy(&self) {
-        self.inner.destroy()
+        self.inner.destroy();
+        self.forget_session();
     }
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
-        self.inner.lookup(ctx, parent, name)
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        self.admit_entry(ctx, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: Self::Inode, count: u64) {
-        self.inner.forget(ctx, inode, count)
+        self.inner.forget(ctx, inode, count);
+        self.inodes.forget(inode, count);
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Self::Inode, u64)>) {
+        for (inode, count) in &requests {
+            self.inodes.forget(*inode, *count);
+        }
         self.inner.batch_forget(ctx, requests)
     }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
+        let slot = self
+            .handles
+            .reserve()
+            .map_err(|_| self.handle_limit_reached())?;
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        slot.commit(opened.0);
+        Ok(opened)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+    ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
+        let slot = self
+            .handles
+            .reserve()
+            .map_err(|_| self.handle_limit_reached())?;
+        let opened = self.inner.opendir(ctx, inode, flags)?;
+        slot.commit(opened.0);
+        Ok(opened)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
+        // Both slots first, so a full share refuses before creating a file.
+        let inode_slot = self
+            .inodes
+            .reserve()
+            .map_err(|_| self.inode_limit_reached())?;
+        let handle_slot = self
+            .handles
+            .reserve()
+            .map_err(|_| self.handle_limit_reached())?;
+        let created = self.inner.create(ctx, parent, name, args)?;
+        inode_slot.commit(created.0.inode);
+        handle_slot.commit(created.1);
+        Ok(created)
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.handles.release(handle);
+        Ok(())
+    }
+
+    fn releasedir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+    ) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        self.handles.release(handle);
+        Ok(())
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: Self::Inode,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        let slot = self
+            .inodes
+            .reserve()
+            .map_err(|_| self.inode_limit_reached())?;
+        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
+        slot.commit(entry.inode);
+        Ok(entry)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        let slot = self
+            .inodes
+            .reserve()
+            .map_err(|_| self.inode_limit_reached())?;
+        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
+        slot.commit(entry.inode);
+        Ok(entry)
+    }
+
+    fn link(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        newparent: Self::Inode,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        // The guest names an inode it holds, so this is one more lookup of
+        // a counted inode; only a forged node id can be refused here (after
+        // the link exists on the host).
+        let entry = self.inner.link(ctx, inode, newparent, newname)?;
+        self.admit_entry(ctx, entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        // Each entry the reply carries is a lookup. One that would exceed
+        // the limit is sent without its inode (node id 0: the kernel lists
+        // the name and looks it up when used, which is then refused), and
+        // the passthrough's reference is dropped once the listing is done.
+        let mut delivered = Vec::new();
+        let mut unsent = Vec::new();
+        let result =
+            self.inner
+                .readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
+                    let counted = self.inodes.add_lookup(entry.inode);
+                    let sent = if counted {
+                        entry
+                    } else {
+                        Entry {
+                            inode: 0,
+                            generation: 0,
+                            attr_timeout: Duration::ZERO,
+                            entry_timeout: Duration::ZERO,
+                            ..entry
+                        }
+                    };
+                    let written = add_entry(dir_entry, sent);
+                    match (&written, counted) {
+                        // No room: the passthrough forgets its reference itself.
+                        (Ok(0), true) => self.inodes.forget(entry.inode, 1),
+                        (Ok(0), false) => {}
+                        (Ok(_), true) => delivered.push(entry.inode),
+                        (Ok(_), false) => unsent.push(entry.inode),
+                        // The passthrough keeps its reference when adding fails.
+                        (Err(_), true) => {
+                            self.inodes.forget(entry.inode, 1);
+                            unsent.push(entry.inode);
+                        }
+                        (Err(_), false) => unsent.push(entry.inode),
+                    }
+                    written
+                });
+        if result.is_err() {
+            // An error reply carries no entry: none of them is the guest's.
+            for delivered in delivered {
+                self.inodes.forget(delivered, 1);
+                unsent.push(delivered);
+            }
+        }
+        for inode in unsent {
+            self.inner.forget(ctx, inode, 1);
+        }
+        result
+    }
+
+    // Everything below passes straight through.
 
     fn getattr(
         &self,
@@ -194,27 +448,6 @@ impl FileSystem for SharedFs {
         self.inner.readlink(ctx, inode)
     }
 
-    fn symlink(
-        &self,
-        ctx: &Context,
-        linkname: &CStr,
-        parent: Self::Inode,
-        name: &CStr,
-    ) -> io::Result<Entry> {
-        self.inner.symlink(ctx, linkname, parent, name)
-    }
-
-    fn mkdir(
-        &self,
-        ctx: &Context,
-        parent: Self::Inode,
-        name: &CStr,
-        mode: u32,
-        umask: u32,
-    ) -> io::Result<Entry> {
-        self.inner.mkdir(ctx, parent, name, mode, umask)
-    }
-
     fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         self.inner.unlink(ctx, parent, name)
     }
@@ -234,36 +467,6 @@ impl FileSystem for SharedFs {
     ) -> io::Result<()> {
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)
-    }
-
-    fn link(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        newparent: Self::Inode,
-        newname: &CStr,
-    ) -> io::Result<Entry> {
-        self.inner.link(ctx, inode, newparent, newname)
-    }
-
-    fn open(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        flags: u32,
-        fuse_flags: u32,
-    ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.inner.open(ctx, inode, flags, fuse_flags)
-    }
-
-    fn create(
-        &self,
-        ctx: &Context,
-        parent: Self::Inode,
-        name: &CStr,
-        args: CreateIn,
-    ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.inner.create(ctx, parent, name, args)
     }
 
     fn read(
@@ -341,20 +544,6 @@ impl FileSystem for SharedFs {
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
 
-    fn release(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        flags: u32,
-        handle: Self::Handle,
-        flush: bool,
-        flock_release: bool,
-        lock_owner: Option<u64>,
-    ) -> io::Result<()> {
-        self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
-    }
-
     fn statfs(&self, ctx: &Context, inode: Self::Inode) -> io::Result<statvfs64> {
         self.inner.statfs(ctx, inode)
     }
@@ -416,15 +605,6 @@ impl FileSystem for SharedFs {
         self.inner.removexattr(ctx, inode, &host)
     }
 
-    fn opendir(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        flags: u32,
-    ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
-    }
-
     fn readdir(
         &self,
         ctx: &Context,
@@ -438,19 +618,6 @@ impl FileSystem for SharedFs {
             .readdir(ctx, inode, handle, size, offset, add_entry)
     }
 
-    fn readdirplus(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        handle: Self::Handle,
-        size: u32,
-        offset: u64,
-        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
-    ) -> io::Result<()> {
-        self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
-    }
-
     fn fsyncdir(
         &self,
         ctx: &Context,
@@ -459,16 +626,6 @@ impl FileSystem for SharedFs {
         handle: Self::Handle,
     ) -> io::Result<()> {
         self.inner.fsyncdir(ctx, inode, datasync, handle)
-    }
-
-    fn releasedir(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        flags: u32,
-        handle: Self::Handle,
-    ) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
     }
 
     fn setupmapping(

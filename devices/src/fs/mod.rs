@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `model` | the device model ([`FsDeviceModel`]): descriptor chains to FUSE requests and replies, for any transport |
 //! | `filesystem` | the passthrough file system plus the INIT flags, MKNOD and xattr policies the protocol layer leaves to us |
+//! | `limits` | the accounts of inodes and handles the guest holds, against the share's limits |
 //! | `xattr` | where guest xattr names live on the host under [`XattrPolicy::Mapped`] |
 //! | `config` | the share's configuration ([`FsConfig`]) and its validation |
 //! | `mmio` | [`VirtioFs`], the [`VirtioDevice`](crate::VirtioDevice) adapter for virtio-mmio: one worker thread per queue, woken by the queue's ioeventfd |
@@ -12,6 +13,7 @@
 
 mod config;
 mod filesystem;
+mod limits;
 mod mmio;
 mod model;
 mod vhost_user;
@@ -21,7 +23,10 @@ use std::path::PathBuf;
 
 use crate::vhost_user::ServerError;
 
-pub use config::{CachePolicy, ConfigError, FsConfig, XattrPolicy};
+pub use config::{
+    CachePolicy, ConfigError, FsConfig, XattrPolicy, DEFAULT_MAX_OPEN_HANDLES,
+    DEFAULT_MAX_OPEN_INODES,
+};
 pub use mmio::VirtioFs;
 pub use model::FsDeviceModel;
 pub use vhost_user::{serve_vhost_user, VhostUserServer};

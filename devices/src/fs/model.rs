@@ -25,6 +25,7 @@
 //! file handles (`open_by_handle_at`) are disabled in [`super::config`].
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -52,7 +53,9 @@ pub const EVENT_IDX_FEATURE: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 
 /// Serves FUSE requests arriving on virtqueues from one shared directory.
 pub struct FsDeviceModel {
-    server: Server<SharedFs>,
+    server: Server<Arc<SharedFs>>,
+    /// The file system the server serves, for its counters.
+    fs: Arc<SharedFs>,
     config_space: [u8; CONFIG_SPACE_LEN],
     num_queues: usize,
     queue_size: u16,
@@ -75,8 +78,10 @@ impl FsDeviceModel {
             path: config.shared_dir.clone(),
             source,
         })?;
+        let fs = Arc::new(SharedFs::new(fs, config, guest_log.clone()));
         Ok(Self {
-            server: Server::new(SharedFs::new(fs, config)),
+            server: Server::new(fs.clone()),
+            fs,
             config_space: config.config_space(),
             num_queues: config.num_queues(),
             queue_size: config.queue_size,
@@ -87,6 +92,17 @@ impl FsDeviceModel {
     /// The device's budget for guest-triggered log lines.
     pub fn guest_log(&self) -> &GuestLog {
         &self.guest_log
+    }
+
+    /// Inodes the guest holds now (at most `max_open_inodes`).
+    pub fn open_inodes(&self) -> usize {
+        self.fs.open_inodes()
+    }
+
+    /// Files and directories the guest has open now (at most
+    /// `max_open_handles`).
+    pub fn open_handles(&self) -> usize {
+        self.fs.open_handles()
     }
 
     /// Hiprio plus request queues.
