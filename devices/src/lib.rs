@@ -11,9 +11,13 @@
 //! A device model implements [`VirtioDevice`] for the MMIO transport and
 //! `vhost_user_backend::VhostUserBackend` for vhost-user; the model itself
 //! never learns which transport carries it.
+//!
+//! Whatever a guest can make a device log goes through that device's
+//! [`guest_log::GuestLog`], which rate-limits it and counts what it drops.
 
 mod bus;
 pub mod fs;
+pub mod guest_log;
 mod mmio;
 mod vhost_user;
 mod virtio;

@@ -5,6 +5,10 @@
 //! each queue's eventfd as a KVM ioeventfd on `QueueNotify` with the queue
 //! index as datamatch, so a notify never leaves the kernel. Interrupts go out
 //! through an irqfd after the interrupt-status bits are set.
+//!
+//! Everything the driver writes here is guest input: the warnings it can
+//! cause (a broken queue, a failed activation, repeated at will by resetting
+//! the device) go through the device's [`GuestLog`].
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -13,6 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::guest_log::{guest_error, guest_warn, GuestLog};
 use crate::virtio::{status, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::BusDevice;
 
@@ -68,6 +73,8 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_select: u32,
     activated: bool,
+    /// The device's budget for guest-triggered lines, shared with it.
+    guest_log: GuestLog,
 }
 
 /// Errors from building a transport.
@@ -90,6 +97,7 @@ impl MmioTransport {
         irqfd: EventFd,
     ) -> Result<Self, MmioError> {
         let device_type = device.device_type();
+        let guest_log = device.guest_log();
         let mut queues = Vec::new();
         let mut queue_notifiers = Vec::new();
         for size in device.queue_max_sizes() {
@@ -109,6 +117,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             activated: false,
+            guest_log,
         })
     }
 
@@ -125,6 +134,11 @@ impl MmioTransport {
     /// The current device status register (tests and diagnostics).
     pub fn device_status(&self) -> u32 {
         self.device_status
+    }
+
+    /// The device's guest-log budget and its totals.
+    pub fn guest_log(&self) -> &GuestLog {
+        &self.guest_log
     }
 
     fn offered_features(&self) -> u64 {
@@ -198,7 +212,7 @@ impl MmioTransport {
                 // registered, as in unit tests): forward the notification.
                 if let Some(notifier) = self.queue_notifiers.get(value as usize) {
                     if let Err(error) = notifier.write(1) {
-                        tracing::warn!(%error, queue = value, "cannot forward a queue notification");
+                        guest_warn!(self.guest_log, %error, queue = value, "cannot forward a queue notification");
                     }
                 }
             }
@@ -257,7 +271,8 @@ impl MmioTransport {
                 continue;
             }
             if !queue.is_valid(&self.memory) {
-                tracing::error!(
+                guest_warn!(
+                    self.guest_log,
                     device_type = self.device.device_type(),
                     "driver set up an invalid queue"
                 );
@@ -267,7 +282,7 @@ impl MmioTransport {
             let notifier = match notifier.try_clone() {
                 Ok(notifier) => notifier,
                 Err(error) => {
-                    tracing::error!(%error, "cannot clone a queue notifier");
+                    guest_error!(self.guest_log, %error, "cannot clone a queue notifier");
                     self.device_status |= status::DEVICE_NEEDS_RESET;
                     return;
                 }
@@ -277,7 +292,7 @@ impl MmioTransport {
             let queue = match Queue::try_from(queue.state()) {
                 Ok(queue) => queue,
                 Err(error) => {
-                    tracing::error!(?error, "cannot copy a queue for the device");
+                    guest_warn!(self.guest_log, ?error, "cannot copy a queue for the device");
                     self.device_status |= status::DEVICE_NEEDS_RESET;
                     return;
                 }
@@ -287,7 +302,7 @@ impl MmioTransport {
         let irqfd = match self.irqfd.try_clone() {
             Ok(irqfd) => irqfd,
             Err(error) => {
-                tracing::error!(%error, "cannot clone the device irqfd");
+                guest_error!(self.guest_log, %error, "cannot clone the device irqfd");
                 self.device_status |= status::DEVICE_NEEDS_RESET;
                 return;
             }
@@ -302,7 +317,7 @@ impl MmioTransport {
         {
             Ok(()) => self.activated = true,
             Err(error) => {
-                tracing::error!(%error, device_type = self.device.device_type(), "virtio device failed to activate");
+                guest_error!(self.guest_log, %error, device_type = self.device.device_type(), "virtio device failed to activate");
                 self.device_status |= status::DEVICE_NEEDS_RESET;
             }
         }
@@ -375,7 +390,16 @@ mod tests {
         resets: usize,
     }
 
-    struct FakeDevice(Arc<Mutex<Observed>>);
+    struct FakeDevice(Arc<Mutex<Observed>>, GuestLog);
+
+    /// A clock that never moves: every guest-log line falls in one window.
+    struct FrozenClock(std::time::Instant);
+
+    impl crate::guest_log::Clock for FrozenClock {
+        fn now(&self) -> std::time::Instant {
+            self.0
+        }
+    }
 
     impl VirtioDevice for FakeDevice {
         fn device_type(&self) -> u32 {
@@ -406,14 +430,22 @@ mod tests {
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
         }
+        fn guest_log(&self) -> GuestLog {
+            self.1.clone()
+        }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Observed>>, EventFd) {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let observed = Arc::new(Mutex::new(Observed::default()));
         let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let guest_log = GuestLog::with_clock(
+            crate::guest_log::GUEST_LOG_BURST,
+            crate::guest_log::GUEST_LOG_INTERVAL,
+            Box::new(FrozenClock(std::time::Instant::now())),
+        );
         let transport = MmioTransport::new(
-            Box::new(FakeDevice(observed.clone())),
+            Box::new(FakeDevice(observed.clone(), guest_log)),
             memory,
             irqfd.try_clone().unwrap(),
         )
@@ -544,6 +576,39 @@ mod tests {
         assert_eq!(read32(&mut t, 0x070), 0);
         write32(&mut t, 0x030, 0);
         assert_eq!(read32(&mut t, 0x044), 0, "queues are not ready after reset");
+    }
+
+    #[test]
+    fn a_driver_activating_a_broken_queue_over_and_over_is_logged_within_the_budget() {
+        let (mut t, observed, _) = transport();
+        for _ in 0..50 {
+            write32(&mut t, 0x024, 1);
+            write32(&mut t, 0x020, 1);
+            write32(
+                &mut t,
+                0x070,
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            );
+            // Rings far outside the 1 MiB of guest memory.
+            set_up_queue(&mut t, 0, 0x4000_0000);
+            write32(
+                &mut t,
+                0x070,
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+            );
+            assert_ne!(read32(&mut t, 0x070) & status::DEVICE_NEEDS_RESET, 0);
+            write32(&mut t, 0x070, 0);
+        }
+        assert_eq!(observed.lock().unwrap().activated_queues, 0);
+        let log = t.guest_log();
+        assert_eq!(
+            log.written_total(),
+            u64::from(crate::guest_log::GUEST_LOG_BURST)
+        );
+        assert_eq!(
+            log.suppressed_total(),
+            50 - u64::from(crate::guest_log::GUEST_LOG_BURST)
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::guest_log::GuestLog;
+
 /// Feature bit 32: the device follows virtio 1.x (required by MMIO v2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -74,4 +76,10 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device after the driver wrote 0 to the status register.
     fn reset(&mut self);
+    /// The budget for log lines the guest can cause through this device;
+    /// the transport logs on the same budget. A device that keeps one for
+    /// its own lines returns a clone of it (the default is a fresh one).
+    fn guest_log(&self) -> GuestLog {
+        GuestLog::new()
+    }
 }

@@ -12,9 +12,9 @@ mod virtio_fs {
     use std::time::{Duration, Instant};
 
     use fuse_backend_rs::abi::fuse_abi::{
-        FsOptions, InitIn, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION,
+        FsOptions, InitIn, InitIn2, InitOut, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION,
     };
-    use husk_devices::fs::{FsConfig, VirtioFs};
+    use husk_devices::fs::{FsConfig, VirtioFs, XattrPolicy};
     use husk_devices::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
     use vm_memory::ByteValued;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -202,7 +202,7 @@ mod virtio_fs {
     #[test]
     fn fs_xattr_requests_fail_with_enosys_when_xattr_is_off() {
         let (dir, mut config) = share("noxattr");
-        config.xattr = false;
+        config.xattr = XattrPolicy::Off;
         std::fs::write(dir.path().join("plain"), b"x").unwrap();
         let mut client = FuseClient::new(&config);
         let entry = client.lookup(ROOT_ID, "plain").unwrap();
@@ -214,6 +214,225 @@ mod virtio_fs {
         assert_eq!(
             client.getxattr(entry.nodeid, "user.husk"),
             Err(libc::ENOSYS)
+        );
+    }
+
+    /// A valid `security.capability` (VFS_CAP_REVISION_2, CAP_NET_RAW
+    /// permitted): the host kernel checks the format of this one.
+    fn net_raw_capability() -> Vec<u8> {
+        let mut value = 0x0200_0000u32.to_le_bytes().to_vec();
+        value.extend_from_slice(&(1u32 << 13).to_le_bytes());
+        value.extend_from_slice(&[0; 12]);
+        value
+    }
+
+    #[test]
+    fn fs_privileged_xattrs_from_the_guest_are_stored_under_the_guest_prefix_not_on_the_host_names()
+    {
+        let (dir, config) = share("xattr-mapped");
+        let host_path = dir.path().join("binary");
+        std::fs::write(&host_path, b"x").unwrap();
+        let mut client = FuseClient::new(&config);
+        let file = client.lookup(ROOT_ID, "binary").unwrap().nodeid;
+        let capability = net_raw_capability();
+        let guest_values: [(&str, &[u8]); 4] = [
+            ("security.capability", &capability),
+            ("security.selinux", b"system_u:object_r:guest_t:s0\0"),
+            ("trusted.overlay.opaque", b"y"),
+            ("system.posix_acl_access", b"\x02\0\0\0acl"),
+        ];
+        for (name, value) in guest_values {
+            client.setxattr(file, name, value).unwrap();
+            assert_eq!(
+                host_xattr(&host_path, name),
+                Err(libc::ENODATA),
+                "{name} reached the host file"
+            );
+            assert_eq!(
+                host_xattr(&host_path, &format!("user.husk.guest.{name}")).unwrap(),
+                value,
+                "{name} is stored under the guest prefix"
+            );
+            assert_eq!(
+                client.getxattr(file, name).unwrap(),
+                value,
+                "{name} reads back"
+            );
+        }
+        client.setxattr(file, "user.plain", b"p").unwrap();
+        assert_eq!(read_host_xattr(&host_path, "user.plain"), b"p");
+
+        let mut listed = client.listxattr(file).unwrap();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                "security.capability",
+                "security.selinux",
+                "system.posix_acl_access",
+                "trusted.overlay.opaque",
+                "user.plain"
+            ]
+        );
+
+        client.removexattr(file, "trusted.overlay.opaque").unwrap();
+        assert_eq!(
+            client.getxattr(file, "trusted.overlay.opaque"),
+            Err(libc::ENODATA)
+        );
+        assert_eq!(
+            host_xattr(&host_path, "user.husk.guest.trusted.overlay.opaque"),
+            Err(libc::ENODATA)
+        );
+        assert_eq!(
+            client.removexattr(file, "trusted.overlay.opaque"),
+            Err(libc::ENODATA)
+        );
+    }
+
+    #[test]
+    fn fs_the_guest_cannot_name_the_stored_copies_or_unknown_namespaces() {
+        let (dir, config) = share("xattr-reserved");
+        let host_path = dir.path().join("file");
+        std::fs::write(&host_path, b"x").unwrap();
+        let mut client = FuseClient::new(&config);
+        let file = client.lookup(ROOT_ID, "file").unwrap().nodeid;
+        client
+            .setxattr(file, "security.capability", &net_raw_capability())
+            .unwrap();
+        let raw = "user.husk.guest.security.capability";
+        assert_eq!(client.setxattr(file, raw, b"forged"), Err(libc::EPERM));
+        assert_eq!(client.getxattr(file, raw), Err(libc::EPERM));
+        assert_eq!(client.removexattr(file, raw), Err(libc::EPERM));
+        assert_eq!(
+            client.setxattr(file, "user.husk.other", b"x"),
+            Err(libc::EPERM)
+        );
+        assert_eq!(
+            host_xattr(&host_path, raw).unwrap(),
+            net_raw_capability(),
+            "the stored copy is untouched"
+        );
+        assert_eq!(
+            client.setxattr(file, "bogus.name", b"x"),
+            Err(libc::EOPNOTSUPP)
+        );
+        assert_eq!(client.getxattr(file, "bogus.name"), Err(libc::EOPNOTSUPP));
+    }
+
+    #[test]
+    fn fs_host_privileged_xattrs_are_invisible_to_the_guest_and_survive_its_removal() {
+        let (dir, config) = share("xattr-host");
+        let host_path = dir.path().join("image-binary");
+        std::fs::write(&host_path, b"x").unwrap();
+        set_host_xattr(&host_path, "security.capability", &net_raw_capability());
+        set_host_xattr(&host_path, "trusted.host", b"secret");
+        set_host_xattr(&host_path, "user.visible", b"v");
+        let mut client = FuseClient::new(&config);
+        let file = client.lookup(ROOT_ID, "image-binary").unwrap().nodeid;
+        assert_eq!(client.getxattr(file, "trusted.host"), Err(libc::ENODATA));
+        assert_eq!(
+            client.getxattr(file, "security.capability"),
+            Err(libc::ENODATA)
+        );
+        assert_eq!(client.listxattr(file).unwrap(), ["user.visible"]);
+        assert_eq!(
+            client.removexattr(file, "security.capability"),
+            Err(libc::ENODATA)
+        );
+        assert_eq!(
+            client.setxattr_with_flags(file, "trusted.host", b"mine", libc::XATTR_REPLACE),
+            Err(libc::ENODATA),
+            "the host's value does not exist for the guest"
+        );
+        assert_eq!(
+            host_xattr(&host_path, "security.capability").unwrap(),
+            net_raw_capability()
+        );
+        assert_eq!(host_xattr(&host_path, "trusted.host").unwrap(), b"secret");
+    }
+
+    #[test]
+    fn fs_xattr_create_and_replace_flags_and_size_probes_follow_the_guest_view() {
+        let (dir, config) = share("xattr-flags");
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let mut client = FuseClient::new(&config);
+        let file = client.lookup(ROOT_ID, "file").unwrap().nodeid;
+        let name = "security.selinux";
+        assert_eq!(
+            client.setxattr_with_flags(file, name, b"a", libc::XATTR_REPLACE),
+            Err(libc::ENODATA)
+        );
+        client
+            .setxattr_with_flags(file, name, b"first", libc::XATTR_CREATE)
+            .unwrap();
+        assert_eq!(
+            client.setxattr_with_flags(file, name, b"again", libc::XATTR_CREATE),
+            Err(libc::EEXIST)
+        );
+        client
+            .setxattr_with_flags(file, name, b"second", libc::XATTR_REPLACE)
+            .unwrap();
+        // GETXATTR: size 0 asks for the length, a short buffer is ERANGE.
+        let probe = client.getxattr_sized(file, name, 0).unwrap();
+        assert_eq!(u32::from_le_bytes(probe[..4].try_into().unwrap()), 6);
+        assert_eq!(client.getxattr_sized(file, name, 3), Err(libc::ERANGE));
+        assert_eq!(client.getxattr_sized(file, name, 6).unwrap(), b"second");
+        // LISTXATTR: the probe gives the guest list's length (not the
+        // host's, which has the longer stored name), a short buffer is
+        // ERANGE, an exact one gets the list.
+        let expected = b"security.selinux\0";
+        let probe = client.listxattr_sized(file, 0).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(probe[..4].try_into().unwrap()) as usize,
+            expected.len()
+        );
+        assert_eq!(
+            client.listxattr_sized(file, expected.len() as u32 - 1),
+            Err(libc::ERANGE)
+        );
+        assert_eq!(
+            client.listxattr_sized(file, expected.len() as u32).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn fs_init_never_grants_posix_acls_or_a_guest_security_context() {
+        let (_dir, config) = share("init-acl");
+        let mut client = FuseClient::uninitialised(&config);
+        // POSIX_ACL (bit 20) in flags; INIT_EXT (bit 30) announces flags2,
+        // whose bit 0 is FUSE_SECURITY_CTX.
+        const POSIX_ACL: u32 = 1 << 20;
+        const INIT_EXT: u32 = 1 << 30;
+        const SECURITY_CTX_IN_FLAGS2: u32 = 1;
+        let init = InitIn {
+            major: KERNEL_VERSION,
+            minor: KERNEL_MINOR_VERSION,
+            max_readahead: 0x2_0000,
+            flags: POSIX_ACL | INIT_EXT | FsOptions::MAX_PAGES.bits() as u32,
+        };
+        let init_ext = InitIn2 {
+            flags2: SECURITY_CTX_IN_FLAGS2,
+            unused: [0; 11],
+        };
+        let reply = client.call(
+            Opcode::Init,
+            0,
+            &[init.as_slice(), init_ext.as_slice()],
+            0x1_0000,
+        );
+        let out: InitOut = reply.parse().unwrap();
+        assert_ne!(
+            out.flags & FsOptions::MAX_PAGES.bits() as u32,
+            0,
+            "INIT worked"
+        );
+        assert_eq!(out.flags & POSIX_ACL, 0, "POSIX ACLs were granted");
+        assert_eq!(
+            out.flags2 & SECURITY_CTX_IN_FLAGS2,
+            0,
+            "a security context was granted"
         );
     }
 
@@ -381,6 +600,50 @@ mod virtio_fs {
             "{error}"
         );
         assert_eq!(device.running_workers(), 0);
+    }
+
+    /// The host attribute `name` of `path`, or the errno.
+    fn host_xattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let c_name = std::ffi::CString::new(name).unwrap();
+        let mut buffer = vec![0u8; 256];
+        // SAFETY: the buffer is 256 bytes and lgetxattr writes at most that.
+        let len = unsafe {
+            libc::lgetxattr(
+                c_path.as_ptr(),
+                c_name.as_ptr(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+            )
+        };
+        if len < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+        }
+        buffer.truncate(len as usize);
+        Ok(buffer)
+    }
+
+    fn set_host_xattr(path: &std::path::Path, name: &str, value: &[u8]) {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let c_name = std::ffi::CString::new(name).unwrap();
+        // SAFETY: lsetxattr reads `value.len()` bytes of `value`.
+        let result = unsafe {
+            libc::lsetxattr(
+                c_path.as_ptr(),
+                c_name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            result,
+            0,
+            "setting host {name}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     fn read_host_xattr(path: &std::path::Path, name: &str) -> Vec<u8> {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use husk_devices::fs::{XattrPolicy, DEFAULT_MAX_OPEN_HANDLES, DEFAULT_MAX_OPEN_INODES};
 use serde::Deserialize;
 
 /// Where the documented default configuration is installed.
@@ -103,12 +104,33 @@ impl Default for HypervisorConfig {
 pub struct SharedFsConfig {
     /// virtio-fs cache policy: never, metadata, auto or always.
     pub cache: String,
-    pub xattr: bool,
+    /// virtio-fs xattr policy: mapped (guest security.*, trusted.* and
+    /// system.* names stored under user.husk.guest. on the host) or off.
+    #[serde(deserialize_with = "xattr_policy")]
+    pub xattr: XattrPolicy,
+    /// Most inodes the guest may hold in the share (one host fd each).
+    pub max_open_inodes: usize,
+    /// Most files and directories the guest may have open in the share
+    /// (one host fd each).
+    pub max_open_handles: usize,
     /// Size cap, in bytes, of the tmpfs holding the share's own tree (the
     /// container directories and mount points; the guest cannot write it).
     pub tree_max_bytes: u64,
     /// Inode cap of that tmpfs.
     pub tree_max_inodes: u64,
+}
+
+/// `shared_fs.xattr`: "mapped" or "off", nothing else (the boolean of
+/// earlier versions included), with an error that names the key.
+fn xattr_policy<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<XattrPolicy, D::Error> {
+    use serde::de::Error;
+    let value = String::deserialize(deserializer)
+        .map_err(|error| D::Error::custom(format!("shared_fs.xattr: {error}")))?;
+    value
+        .parse()
+        .map_err(|error| D::Error::custom(format!("shared_fs.xattr: {error}")))
 }
 
 /// Default `shared_fs.tree_max_bytes`: the tree holds directories and
@@ -122,7 +144,9 @@ impl Default for SharedFsConfig {
     fn default() -> Self {
         Self {
             cache: "auto".to_owned(),
-            xattr: true,
+            xattr: XattrPolicy::default(),
+            max_open_inodes: DEFAULT_MAX_OPEN_INODES,
+            max_open_handles: DEFAULT_MAX_OPEN_HANDLES,
             tree_max_bytes: DEFAULT_SHARE_TREE_MAX_BYTES,
             tree_max_inodes: DEFAULT_SHARE_TREE_MAX_INODES,
         }
@@ -321,6 +345,18 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.shared_fs.max_open_inodes == 0 {
+            return Err(invalid(
+                "shared_fs.max_open_inodes",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.shared_fs.max_open_handles == 0 {
+            return Err(invalid(
+                "shared_fs.max_open_handles",
+                "must be at least 1".into(),
+            ));
+        }
         if self.limits.max_vcpus == 0 {
             return Err(invalid("limits.max_vcpus", "must be at least 1".into()));
         }
@@ -434,6 +470,9 @@ mod tests {
         let config = parse(text).expect("configuration.toml is valid");
         assert_eq!(config.hypervisor.kind, HypervisorKind::Auto);
         assert_eq!(config.shared_fs.cache, "auto");
+        assert_eq!(config.shared_fs.xattr, XattrPolicy::Mapped);
+        assert_eq!(config.shared_fs.max_open_inodes, DEFAULT_MAX_OPEN_INODES);
+        assert_eq!(config.shared_fs.max_open_handles, DEFAULT_MAX_OPEN_HANDLES);
     }
 
     #[test]
@@ -464,6 +503,51 @@ mod tests {
             error.contains("shared_fs.cache") && error.contains("sometimes"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn xattr_is_mapped_by_default_and_only_mapped_or_off_is_accepted() {
+        assert_eq!(parse("").unwrap().shared_fs.xattr, XattrPolicy::Mapped);
+        assert_eq!(
+            parse("[shared_fs]\nxattr = \"off\"\n")
+                .unwrap()
+                .shared_fs
+                .xattr,
+            XattrPolicy::Off
+        );
+        let error = parse("[shared_fs]\nxattr = \"on\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("shared_fs.xattr") && error.contains("on"),
+            "{error}"
+        );
+        // The old boolean form is refused, naming the key.
+        let error = parse("[shared_fs]\nxattr = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("shared_fs.xattr"), "{error}");
+    }
+
+    #[test]
+    fn share_fd_limits_default_to_the_device_defaults_and_0_is_refused_naming_the_key() {
+        let config = parse("").unwrap();
+        assert_eq!(config.shared_fs.max_open_inodes, DEFAULT_MAX_OPEN_INODES);
+        assert_eq!(config.shared_fs.max_open_handles, DEFAULT_MAX_OPEN_HANDLES);
+        let config = parse("[shared_fs]\nmax_open_inodes = 100\nmax_open_handles = 50\n").unwrap();
+        assert_eq!(
+            (
+                config.shared_fs.max_open_inodes,
+                config.shared_fs.max_open_handles
+            ),
+            (100, 50)
+        );
+        for key in ["max_open_inodes", "max_open_handles"] {
+            let error = parse(&format!("[shared_fs]\n{key} = 0\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(&format!("shared_fs.{key}")), "{error}");
+        }
     }
 
     #[test]

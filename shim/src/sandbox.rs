@@ -91,6 +91,8 @@ fn fs_config(share: &Path, config: &Config) -> Result<FsConfig> {
         )
     })?;
     fs.xattr = config.shared_fs.xattr;
+    fs.max_open_inodes = config.shared_fs.max_open_inodes;
+    fs.max_open_handles = config.shared_fs.max_open_handles;
     Ok(fs)
 }
 
@@ -153,6 +155,10 @@ impl Sandbox {
         vm.add_device(Device::Vsock {
             guest_cid: GUEST_CID,
             uds: paths.vsock_uds(),
+            // The device's default (Firecracker's 1023): a pod's agent needs
+            // a handful of streams, and the limit bounds the host fds a
+            // guest can make the shim hold.
+            max_connections: husk_devices::vsock::DEFAULT_MAX_CONNECTIONS,
         })?;
         vm.add_device(Device::SharedFs(fs_config(&paths.share(), config)?))?;
         let (mut vm, started_vm) = tokio::task::spawn_blocking(move || {

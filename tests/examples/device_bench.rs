@@ -313,10 +313,7 @@ fn main() {
     let fs_socket = work.join("fs-vhost.sock");
     let vsock_server = vsock::serve_vhost_user(
         &vsock_socket,
-        vsock::VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: uds.clone(),
-        },
+        vsock::VsockConfig::new(GUEST_CID, uds.clone()),
     )
     .expect("the vsock vhost-user server starts");
     let fs_server = fs::serve_vhost_user(&fs_socket, fs::FsConfig::new(work.join("share")))

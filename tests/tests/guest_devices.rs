@@ -80,10 +80,7 @@ fn one_guest_uses_virtio_fs_and_vsock_served_over_vhost_user() {
     let fs_vhost = dir.join("fs-vhost.sock");
     let vsock_server = virtio_vsock::serve_vhost_user(
         &vsock_vhost,
-        VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: vsock_uds.clone(),
-        },
+        VsockConfig::new(GUEST_CID, vsock_uds.clone()),
     )
     .expect("the vsock device serves vhost-user");
     let mut fs_config = FsConfig::new(&share);

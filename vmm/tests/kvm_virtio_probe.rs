@@ -50,11 +50,8 @@ fn guest_drivers_probe_the_vsock_and_fs_devices() {
     let fds_before = common::open_fd_count();
     let threads_before = common::thread_count();
 
-    let vsock = VsockDevice::new(VsockConfig {
-        guest_cid: 3,
-        uds_path: work.join("vsock.sock"),
-    })
-    .expect("the vsock device starts");
+    let vsock = VsockDevice::new(VsockConfig::new(3, work.join("vsock.sock")))
+        .expect("the vsock device starts");
     let fs = VirtioFs::new(FsConfig::new(&share)).expect("the fs device starts");
     let console = SharedBuffer::default();
     let full_boot = host.runs_stock_guests();

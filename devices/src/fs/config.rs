@@ -1,12 +1,15 @@
 //! What a virtio-fs share looks like: the host directory, the tag the guest
-//! mounts, the queue layout and the caching contract.
+//! mounts, the queue layout, the caching contract, what the guest may do
+//! with extended attributes, and how many host fds it may make the share
+//! hold.
 //!
 //! [`FsConfig`] is plain data with public fields so the shim can build it
 //! from its own configuration; [`FsConfig::validate`] is the single place
 //! that decides whether a configuration is usable, and both transports call
-//! it before serving. The cache policy is parsed from the strings the shim's
-//! configuration uses (`never|metadata|auto|always`) and mapped here, once,
-//! onto fuse-backend-rs's passthrough options.
+//! it before serving. The cache and xattr policies are parsed from the
+//! strings the shim's configuration uses (`never|metadata|auto|always`,
+//! `mapped|off`) and mapped here, once, onto fuse-backend-rs's passthrough
+//! options.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,18 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// limit is 63; 16 keeps a pod's thread count modest.
 pub const MAX_REQUEST_QUEUES: usize = 16;
 
+/// Default for [`FsConfig::max_open_inodes`]. Each inode the guest holds is
+/// one `O_PATH` fd in the shim; 65536 is far more than a container's
+/// working set (the guest kernel forgets inodes it evicts from its cache)
+/// and keeps a share's fds well below the shim's fd limit.
+pub const DEFAULT_MAX_OPEN_INODES: usize = 65536;
+/// Default for [`FsConfig::max_open_handles`]. Each open file or directory
+/// is one more fd; 65536 covers a pod whose processes hold tens of
+/// thousands of files open at once (a database on a volume). With
+/// [`DEFAULT_MAX_OPEN_INODES`], one share holds at most about 131072 fds,
+/// so the shim's RLIMIT_NOFILE must be above that.
+pub const DEFAULT_MAX_OPEN_HANDLES: usize = 65536;
+
 /// How long the guest may trust cached entries and attributes when the
 /// guest has the share to itself (`metadata`, `always`): one day, the value
 /// virtio-fs daemons conventionally use for "forever".
@@ -55,12 +70,18 @@ pub enum ConfigError {
     /// The cache policy string is none of the known ones.
     #[error("unknown virtio-fs cache policy {value:?} (expected never, metadata, auto or always)")]
     CachePolicy { value: String },
+    /// The xattr policy string is none of the known ones.
+    #[error("unknown virtio-fs xattr policy {value:?} (expected mapped or off)")]
+    XattrPolicy { value: String },
     /// The device needs at least one request queue besides hiprio.
     #[error("virtio-fs needs at least one request queue, got 0")]
     NoRequestQueues,
     /// More request queues than the device serves.
     #[error("virtio-fs asked for {requested} request queues, the limit is {MAX_REQUEST_QUEUES}")]
     TooManyRequestQueues { requested: usize },
+    /// A limit on inodes or handles is 0: the guest could not use the share.
+    #[error("virtio-fs {setting} is 0; the share needs at least 1")]
+    ZeroLimit { setting: &'static str },
     /// The ring size is not a power of two in 1..=32768.
     #[error("virtio-fs queue size {size} is not a power of two between 1 and {MAX_QUEUE_SIZE}")]
     QueueSize { size: u16 },
@@ -136,6 +157,50 @@ impl fmt::Display for CachePolicy {
     }
 }
 
+/// What the guest may do with extended attributes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XattrPolicy {
+    /// No xattrs: every xattr request fails with `ENOSYS`, after which the
+    /// guest kernel stops asking and answers `EOPNOTSUPP` itself.
+    Off,
+    /// `user.*` passes through; `security.*`, `trusted.*` and `system.*`
+    /// (file capabilities, SELinux labels, ACLs) are stored under
+    /// `user.husk.guest.` on the host and never applied to the host file;
+    /// see `super::xattr`. The default.
+    #[default]
+    Mapped,
+}
+
+impl XattrPolicy {
+    /// The name used in configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XattrPolicy::Off => "off",
+            XattrPolicy::Mapped => "mapped",
+        }
+    }
+}
+
+impl FromStr for XattrPolicy {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "off" => Ok(XattrPolicy::Off),
+            "mapped" => Ok(XattrPolicy::Mapped),
+            _ => Err(ConfigError::XattrPolicy {
+                value: value.to_owned(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for XattrPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One virtio-fs share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FsConfig {
@@ -149,13 +214,23 @@ pub struct FsConfig {
     pub queue_size: u16,
     /// What the guest may cache.
     pub cache: CachePolicy,
-    /// Whether extended attributes are passed through.
-    pub xattr: bool,
+    /// What the guest may do with extended attributes.
+    pub xattr: XattrPolicy,
+    /// Most inodes the guest may hold at once (each one host fd). A LOOKUP,
+    /// READDIRPLUS entry or creation that would need one more fails with
+    /// `ENFILE` until the guest forgets some; inodes it holds still
+    /// resolve. At least 1.
+    pub max_open_inodes: usize,
+    /// Most files and directories the guest may have open at once (each
+    /// one host fd); an OPEN, OPENDIR or CREATE beyond it fails with
+    /// `ENFILE`. At least 1.
+    pub max_open_handles: usize,
 }
 
 impl FsConfig {
     /// A share of `shared_dir` with the defaults: tag `kataShared`, one
-    /// request queue of 1024 entries, `auto` caching, xattrs on.
+    /// request queue of 1024 entries, `auto` caching, `mapped` xattrs, and
+    /// the default inode and handle limits.
     pub fn new(shared_dir: impl Into<PathBuf>) -> Self {
         Self {
             shared_dir: shared_dir.into(),
@@ -163,7 +238,9 @@ impl FsConfig {
             num_request_queues: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
             cache: CachePolicy::default(),
-            xattr: true,
+            xattr: XattrPolicy::default(),
+            max_open_inodes: DEFAULT_MAX_OPEN_INODES,
+            max_open_handles: DEFAULT_MAX_OPEN_HANDLES,
         }
     }
 
@@ -181,6 +258,16 @@ impl FsConfig {
         if !self.queue_size.is_power_of_two() {
             return Err(ConfigError::QueueSize {
                 size: self.queue_size,
+            });
+        }
+        if self.max_open_inodes == 0 {
+            return Err(ConfigError::ZeroLimit {
+                setting: "max_open_inodes",
+            });
+        }
+        if self.max_open_handles == 0 {
+            return Err(ConfigError::ZeroLimit {
+                setting: "max_open_handles",
             });
         }
         Ok(())
@@ -233,7 +320,9 @@ impl FsConfig {
             // when nobody else changes files under the guest, which is the
             // contract `always` states.
             writeback: self.cache == CachePolicy::Always,
-            xattr: self.xattr,
+            // Mapped xattrs go through the passthrough's xattr calls under
+            // the names `SharedFs` chooses.
+            xattr: self.xattr != XattrPolicy::Off,
             // The root is opened by INIT (and re-opened on DESTROY), so a
             // guest that remounts gets a fresh inode table.
             do_import: true,
@@ -344,6 +433,45 @@ mod tests {
         assert_eq!(always.attr_timeout, EXCLUSIVE_TIMEOUT);
         assert!(always.writeback);
         assert!(always.xattr);
+    }
+
+    #[test]
+    fn fs_inode_and_handle_limits_of_0_are_refused_naming_the_setting() {
+        let mut config = FsConfig::new("/tmp");
+        assert_eq!(config.max_open_inodes, DEFAULT_MAX_OPEN_INODES);
+        assert_eq!(config.max_open_handles, DEFAULT_MAX_OPEN_HANDLES);
+        config.max_open_inodes = 0;
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("max_open_inodes"), "{error}");
+        config.max_open_inodes = 1;
+        config.max_open_handles = 0;
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("max_open_handles"), "{error}");
+        config.max_open_handles = 1;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn fs_xattr_policy_defaults_to_mapped_and_off_turns_passthrough_xattrs_off() {
+        let mut config = FsConfig::new("/tmp");
+        assert_eq!(config.xattr, XattrPolicy::Mapped);
+        assert!(config.passthrough_config().unwrap().xattr);
+        config.xattr = XattrPolicy::Off;
+        assert!(!config.passthrough_config().unwrap().xattr);
+    }
+
+    #[test]
+    fn fs_xattr_policy_round_trips_through_its_name_and_rejects_others() {
+        for policy in [XattrPolicy::Off, XattrPolicy::Mapped] {
+            assert_eq!(policy.as_str().parse::<XattrPolicy>().unwrap(), policy);
+        }
+        for wrong in ["on", "true", "Mapped", ""] {
+            let error = wrong.parse::<XattrPolicy>().unwrap_err();
+            assert!(
+                matches!(&error, ConfigError::XattrPolicy { value } if value == wrong),
+                "{error}"
+            );
+        }
     }
 
     #[test]

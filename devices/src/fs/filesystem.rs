@@ -1,18 +1,27 @@
 //! The file system the guest talks to: fuse-backend-rs's passthrough file
-//! system, plus the two things the protocol layer leaves to us.
+//! system, plus the policies the protocol layer leaves to us.
 //!
 //! fuse-backend-rs's `Server` enables only the INIT flags the file system
 //! asks for, and the passthrough asks for none of the transfer-size and
 //! concurrency flags, which would hold every READ and WRITE to 4 KiB and
 //! serialise directory operations. [`SharedFs::init`] adds the flags the
 //! server and the passthrough implement (1 MiB requests through
-//! `MAX_PAGES`, asynchronous and parallel requests). It also refuses to
-//! create block and character device nodes other than overlayfs whiteouts
-//! (0/0): the guest's root must not leave a node on the host that opens a
-//! host device for whoever opens it there. Every other request is passed
+//! `MAX_PAGES`, asynchronous and parallel requests), and never grants the
+//! ones that would let the guest attach security metadata to new host
+//! files ([`REFUSED_INIT_FLAGS`]).
+//!
+//! It refuses to create block and character device nodes other than
+//! overlayfs whiteouts (0/0): the guest's root must not leave a node on the
+//! host that opens a host device for whoever opens it there. Under
+//! [`XattrPolicy::Mapped`] it renames extended attributes on their way to
+//! the host so that the guest's `security.*`, `trusted.*` and `system.*`
+//! never become the host file's (see `super::xattr`). It counts the inodes
+//! and handles the guest holds and refuses, with `ENFILE`, those beyond the
+//! share's limits (see `super::limits`). Every other request is passed
 //! through unchanged, except that a repeated INIT (a guest that rebooted
 //! while a vhost-user backend stayed up) first forgets the old session.
 
+use std::borrow::Cow;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +38,11 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use super::config::{FsConfig, XattrPolicy};
+use super::limits::{limit_reached, HandleLedger, InodeLedger};
+use super::xattr::{self, HostName, XATTR_LIST_MAX};
+use crate::guest_log::{guest_warn, GuestBytes, GuestLog};
+
 /// INIT flags the protocol layer supports whatever the file system: large
 /// requests (`BIG_WRITES`, `MAX_PAGES`: fuse-backend-rs then offers 256
 /// pages, 1 MiB), concurrent reads and directory operations (the
@@ -42,18 +56,106 @@ pub const BASELINE_INIT_FLAGS: FsOptions = FsOptions::ASYNC_READ
     .union(FsOptions::ASYNC_DIO)
     .union(FsOptions::AUTO_INVAL_DATA);
 
+/// INIT flags never granted, whoever asks. `POSIX_ACL` would make the
+/// guest kernel hand ACLs to the server as ACLs and expect them enforced
+/// and inherited on the host; without it they are plain `system.*` xattrs,
+/// which the xattr policy keeps off the host file.
+///
+/// The other way for a guest to label host files, `FUSE_SECURITY_CTX`
+/// (bit 32, 7.36: a security context appended to CREATE, MKDIR, MKNOD and
+/// SYMLINK), has no [`FsOptions`] flag in fuse-backend-rs 0.14: the server
+/// drops it from the kernel's offer (`from_bits_truncate`) and never
+/// grants it, so the kernel never sends one. A unit test pins that down, so
+/// an upgrade that learns the flag has to come here.
+pub const REFUSED_INIT_FLAGS: FsOptions = FsOptions::POSIX_ACL;
+
 /// The passthrough file system as the guest sees it.
 pub struct SharedFs {
     inner: PassthroughFs,
     /// Set by the first INIT; a later INIT is a new guest session.
     initialized: AtomicBool,
+    xattr: XattrPolicy,
+    inodes: InodeLedger,
+    handles: HandleLedger,
+    /// Where refusals at the limits are reported.
+    guest_log: GuestLog,
 }
 
 impl SharedFs {
-    pub fn new(inner: PassthroughFs) -> Self {
+    /// `inner` with the policies and limits of `config`; refusals at the
+    /// limits are logged on `guest_log`.
+    pub fn new(inner: PassthroughFs, config: &FsConfig, guest_log: GuestLog) -> Self {
         Self {
             inner,
             initialized: AtomicBool::new(false),
+            xattr: config.xattr,
+            inodes: InodeLedger::new(config.max_open_inodes),
+            handles: HandleLedger::new(config.max_open_handles),
+            guest_log,
+        }
+    }
+
+    /// Inodes the guest holds now.
+    pub fn open_inodes(&self) -> usize {
+        self.inodes.live()
+    }
+
+    /// Files and directories the guest has open now.
+    pub fn open_handles(&self) -> usize {
+        self.handles.live()
+    }
+
+    /// Counts the lookup `entry` gives the guest, or, when it names a new
+    /// inode and the share is full, forgets it again and refuses.
+    fn admit_entry(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        if self.inodes.add_lookup(entry.inode) {
+            return Ok(entry);
+        }
+        self.inner.forget(ctx, entry.inode, 1);
+        Err(self.inode_limit_reached())
+    }
+
+    fn inode_limit_reached(&self) -> io::Error {
+        guest_warn!(
+            self.guest_log,
+            held = self.inodes.live(),
+            "virtio-fs: the guest holds max_open_inodes inodes; refusing a new one with ENFILE"
+        );
+        limit_reached()
+    }
+
+    fn handle_limit_reached(&self) -> io::Error {
+        guest_warn!(
+            self.guest_log,
+            held = self.handles.live(),
+            "virtio-fs: the guest holds max_open_handles open files; refusing another with ENFILE"
+        );
+        limit_reached()
+    }
+
+    /// Forgets everything the guest held: a new session, or DESTROY.
+    fn forget_session(&self) {
+        self.inodes.clear();
+        self.handles.clear();
+    }
+
+    /// The host name for the guest's xattr `name`, or the errno that
+    /// refuses it. With xattrs off the passthrough refuses every name.
+    fn host_xattr_name<'a>(&self, name: &'a CStr) -> io::Result<Cow<'a, CStr>> {
+        if self.xattr == XattrPolicy::Off {
+            return Ok(Cow::Borrowed(name));
+        }
+        match xattr::host_name(name) {
+            HostName::Same => Ok(Cow::Borrowed(name)),
+            HostName::Stored(host) => Ok(Cow::Owned(host)),
+            HostName::Reserved => {
+                tracing::debug!(
+                    name = %GuestBytes(name.to_bytes()),
+                    "virtio-fs: refusing an xattr name reserved for husk"
+                );
+                Err(io::Error::from_raw_os_error(libc::EPERM))
+            }
+            HostName::Unsupported => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         }
     }
 }
@@ -80,8 +182,9 @@ impl FileSystem for SharedFs {
         if self.initialized.swap(true, Ordering::SeqCst) {
             self.inner.destroy();
         }
+        self.forget_session();
         let wanted = self.inner.init(capable)?;
-        Ok(wanted | (capable & BASELINE_INIT_FLAGS))
+        Ok((wanted | (capable & BASELINE_INIT_FLAGS)) - REFUSED_INIT_FLAGS)
     }
 
     fn mknod(
@@ -101,26 +204,225 @@ impl FileSystem for SharedFs {
             );
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        let slot = self
+            .inodes
+            .reserve()
+            .map_err(|_| self.inode_limit_reached())?;
+        let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
+        slot.commit(entry.inode);
+        Ok(entry)
     }
 
-    // Everything below passes straight through.
-
     fn destroy(&self) {
-        self.inner.destroy()
+        self.inner.destroy();
+        self.forget_session();
     }
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
-        self.inner.lookup(ctx, parent, name)
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        self.admit_entry(ctx, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: Self::Inode, count: u64) {
-        self.inner.forget(ctx, inode, count)
+        self.inner.forget(ctx, inode, count);
+        self.inodes.forget(inode, count);
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Self::Inode, u64)>) {
+        for (inode, count) in &requests {
+            self.inodes.forget(*inode, *count);
+        }
         self.inner.batch_forget(ctx, requests)
     }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
+        let slot = self
+            .handles
+            .reserve()
+            .map_err(|_| self.handle_limit_reached())?;
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        slot.commit(opened.0);
+        Ok(opened)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+    ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
+        let slot = self
+            .handles
+            .reserve()
+            .map_err(|_| self.handle_limit_reached())?;
+        let opened = self.inner.opendir(ctx, inode, flags)?;
+        slot.commit(opened.0);
+        Ok(opened)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
+        // Both slots first, so a full share refuses before creating a file.
+        let inode_slot = self
+            .inodes
+            .reserve()
+            .map_err(|_| self.inode_limit_reached())?;
+        let handle_slot = self
+            .handles
+            .reserve()
+            .map_err(|_| self.handle_limit_reached())?;
+        let created = self.inner.create(ctx, parent, name, args)?;
+        inode_slot.commit(created.0.inode);
+        handle_slot.commit(created.1);
+        Ok(created)
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.handles.release(handle);
+        Ok(())
+    }
+
+    fn releasedir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+    ) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        self.handles.release(handle);
+        Ok(())
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: Self::Inode,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        let slot = self
+            .inodes
+            .reserve()
+            .map_err(|_| self.inode_limit_reached())?;
+        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
+        slot.commit(entry.inode);
+        Ok(entry)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        let slot = self
+            .inodes
+            .reserve()
+            .map_err(|_| self.inode_limit_reached())?;
+        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
+        slot.commit(entry.inode);
+        Ok(entry)
+    }
+
+    fn link(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        newparent: Self::Inode,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        // The guest names an inode it holds, so this is one more lookup of
+        // a counted inode; only a forged node id can be refused here (after
+        // the link exists on the host).
+        let entry = self.inner.link(ctx, inode, newparent, newname)?;
+        self.admit_entry(ctx, entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        // Each entry the reply carries is a lookup. One that would exceed
+        // the limit is sent without its inode (node id 0: the kernel lists
+        // the name and looks it up when used, which is then refused), and
+        // the passthrough's reference is dropped once the listing is done.
+        let mut delivered = Vec::new();
+        let mut unsent = Vec::new();
+        let result =
+            self.inner
+                .readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
+                    let counted = self.inodes.add_lookup(entry.inode);
+                    let sent = if counted {
+                        entry
+                    } else {
+                        Entry {
+                            inode: 0,
+                            generation: 0,
+                            attr_timeout: Duration::ZERO,
+                            entry_timeout: Duration::ZERO,
+                            ..entry
+                        }
+                    };
+                    let written = add_entry(dir_entry, sent);
+                    match (&written, counted) {
+                        // No room: the passthrough forgets its reference itself.
+                        (Ok(0), true) => self.inodes.forget(entry.inode, 1),
+                        (Ok(0), false) => {}
+                        (Ok(_), true) => delivered.push(entry.inode),
+                        (Ok(_), false) => unsent.push(entry.inode),
+                        // The passthrough keeps its reference when adding fails.
+                        (Err(_), true) => {
+                            self.inodes.forget(entry.inode, 1);
+                            unsent.push(entry.inode);
+                        }
+                        (Err(_), false) => unsent.push(entry.inode),
+                    }
+                    written
+                });
+        if result.is_err() {
+            // An error reply carries no entry: none of them is the guest's.
+            for delivered in delivered {
+                self.inodes.forget(delivered, 1);
+                unsent.push(delivered);
+            }
+        }
+        for inode in unsent {
+            self.inner.forget(ctx, inode, 1);
+        }
+        result
+    }
+
+    // Everything below passes straight through.
 
     fn getattr(
         &self,
@@ -146,27 +448,6 @@ impl FileSystem for SharedFs {
         self.inner.readlink(ctx, inode)
     }
 
-    fn symlink(
-        &self,
-        ctx: &Context,
-        linkname: &CStr,
-        parent: Self::Inode,
-        name: &CStr,
-    ) -> io::Result<Entry> {
-        self.inner.symlink(ctx, linkname, parent, name)
-    }
-
-    fn mkdir(
-        &self,
-        ctx: &Context,
-        parent: Self::Inode,
-        name: &CStr,
-        mode: u32,
-        umask: u32,
-    ) -> io::Result<Entry> {
-        self.inner.mkdir(ctx, parent, name, mode, umask)
-    }
-
     fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         self.inner.unlink(ctx, parent, name)
     }
@@ -186,36 +467,6 @@ impl FileSystem for SharedFs {
     ) -> io::Result<()> {
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)
-    }
-
-    fn link(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        newparent: Self::Inode,
-        newname: &CStr,
-    ) -> io::Result<Entry> {
-        self.inner.link(ctx, inode, newparent, newname)
-    }
-
-    fn open(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        flags: u32,
-        fuse_flags: u32,
-    ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.inner.open(ctx, inode, flags, fuse_flags)
-    }
-
-    fn create(
-        &self,
-        ctx: &Context,
-        parent: Self::Inode,
-        name: &CStr,
-        args: CreateIn,
-    ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.inner.create(ctx, parent, name, args)
     }
 
     fn read(
@@ -293,20 +544,6 @@ impl FileSystem for SharedFs {
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
 
-    fn release(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        flags: u32,
-        handle: Self::Handle,
-        flush: bool,
-        flock_release: bool,
-        lock_owner: Option<u64>,
-    ) -> io::Result<()> {
-        self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
-    }
-
     fn statfs(&self, ctx: &Context, inode: Self::Inode) -> io::Result<statvfs64> {
         self.inner.statfs(ctx, inode)
     }
@@ -319,7 +556,8 @@ impl FileSystem for SharedFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        self.inner.setxattr(ctx, inode, name, value, flags)
+        let host = self.host_xattr_name(name)?;
+        self.inner.setxattr(ctx, inode, &host, value, flags)
     }
 
     fn getxattr(
@@ -329,7 +567,8 @@ impl FileSystem for SharedFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size)
+        let host = self.host_xattr_name(name)?;
+        self.inner.getxattr(ctx, inode, &host, size)
     }
 
     fn listxattr(
@@ -338,20 +577,32 @@ impl FileSystem for SharedFs {
         inode: Self::Inode,
         size: u32,
     ) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
+        if self.xattr == XattrPolicy::Off {
+            return self.inner.listxattr(ctx, inode, size);
+        }
+        // The guest's list is shorter than the host's and its length is not
+        // known before filtering: fetch the whole host list (never longer
+        // than XATTR_LIST_MAX), filter, then answer the size probe (size 0)
+        // or the real request (ERANGE when the guest's buffer is short).
+        let host_list = match self.inner.listxattr(ctx, inode, XATTR_LIST_MAX)? {
+            ListxattrReply::Names(names) => names,
+            ListxattrReply::Count(_) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+        };
+        let list = xattr::guest_list(&host_list);
+        let len =
+            u32::try_from(list.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+        if size == 0 {
+            Ok(ListxattrReply::Count(len))
+        } else if len > size {
+            Err(io::Error::from_raw_os_error(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(list))
+        }
     }
 
     fn removexattr(&self, ctx: &Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
-        self.inner.removexattr(ctx, inode, name)
-    }
-
-    fn opendir(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        flags: u32,
-    ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        let host = self.host_xattr_name(name)?;
+        self.inner.removexattr(ctx, inode, &host)
     }
 
     fn readdir(
@@ -367,19 +618,6 @@ impl FileSystem for SharedFs {
             .readdir(ctx, inode, handle, size, offset, add_entry)
     }
 
-    fn readdirplus(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        handle: Self::Handle,
-        size: u32,
-        offset: u64,
-        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
-    ) -> io::Result<()> {
-        self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
-    }
-
     fn fsyncdir(
         &self,
         ctx: &Context,
@@ -388,16 +626,6 @@ impl FileSystem for SharedFs {
         handle: Self::Handle,
     ) -> io::Result<()> {
         self.inner.fsyncdir(ctx, inode, datasync, handle)
-    }
-
-    fn releasedir(
-        &self,
-        ctx: &Context,
-        inode: Self::Inode,
-        flags: u32,
-        handle: Self::Handle,
-    ) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
     }
 
     fn setupmapping(
@@ -518,5 +746,31 @@ impl FileSystem for SharedFs {
 
     fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
         self.inner.id_remap(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `FUSE_SECURITY_CTX` (include/uapi/linux/fuse.h, 7.36): bit 32.
+    const FUSE_SECURITY_CTX: u64 = 1 << 32;
+    /// `FUSE_CREATE_SUPP_GROUP` (7.38): bit 34, the other create extension.
+    const FUSE_CREATE_SUPP_GROUP: u64 = 1 << 34;
+
+    #[test]
+    fn fuse_backend_rs_knows_no_flag_that_would_carry_a_guest_security_context() {
+        // If this fails, fuse-backend-rs learnt the flag: the server would
+        // then grant it whenever the file system asks, and create requests
+        // would carry guest-chosen labels. Refuse it in REFUSED_INIT_FLAGS
+        // (or parse and drop the context) before upgrading.
+        let offered = FsOptions::from_bits_truncate(FUSE_SECURITY_CTX | FUSE_CREATE_SUPP_GROUP);
+        assert!(offered.is_empty(), "{offered:?}");
+    }
+
+    #[test]
+    fn refused_init_flags_are_not_in_the_baseline() {
+        assert!(!BASELINE_INIT_FLAGS.intersects(REFUSED_INIT_FLAGS));
+        assert!(REFUSED_INIT_FLAGS.contains(FsOptions::POSIX_ACL));
     }
 }

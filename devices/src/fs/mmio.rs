@@ -10,7 +10,9 @@
 //! and join every worker, so no thread or fd outlives the device.
 //!
 //! Each activation builds a fresh device model, so a guest that resets the
-//! device (a reboot) starts with an empty inode table.
+//! device (a reboot) starts with an empty inode table. The device's
+//! [`GuestLog`] is not renewed with it: a guest cannot buy a fresh log
+//! budget by resetting the device.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -23,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::config::FsConfig;
 use super::model::{FsDeviceModel, EVENT_IDX_FEATURE, FS_DEVICE_TYPE};
 use super::FsError;
+use crate::guest_log::{guest_event, guest_warn, GuestLog};
 use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
 
 /// Epoll token of a worker's queue notifier.
@@ -39,19 +42,22 @@ pub struct VirtioFs {
     acked_features: u64,
     workers: Vec<JoinHandle<()>>,
     stop: Option<EventFd>,
+    guest_log: GuestLog,
 }
 
 impl VirtioFs {
     /// Validates `config` and prepares the share; nothing runs until the
     /// driver activates the device.
     pub fn new(config: FsConfig) -> Result<Self, FsError> {
-        let model = Arc::new(FsDeviceModel::new(&config)?);
+        let guest_log = GuestLog::new();
+        let model = Arc::new(FsDeviceModel::with_guest_log(&config, guest_log.clone())?);
         Ok(Self {
             config,
             model,
             acked_features: 0,
             workers: Vec::new(),
             stop: None,
+            guest_log,
         })
     }
 
@@ -162,20 +168,25 @@ impl VirtioDevice for VirtioFs {
         // A fresh model per activation: nothing the previous driver looked up
         // or opened survives a reset.
         self.model = Arc::new(
-            FsDeviceModel::new(&self.config)
+            FsDeviceModel::with_guest_log(&self.config, self.guest_log.clone())
                 .map_err(|error| ActivateError::Backend(error.to_string()))?,
         );
         if let Err(error) = self.start_workers(memory, interrupt, queues) {
             self.stop_workers();
             return Err(ActivateError::Backend(error.to_string()));
         }
-        tracing::info!(tag = %self.config.tag, queues = expected, "virtio-fs activated");
+        // A guest can reset and re-activate at will: rate-limited too.
+        guest_event!(self.guest_log, tracing::Level::INFO, tag = %self.config.tag, queues = expected, "virtio-fs activated");
         Ok(())
     }
 
     fn reset(&mut self) {
         self.stop_workers();
         self.acked_features = 0;
+    }
+
+    fn guest_log(&self) -> GuestLog {
+        self.guest_log.clone()
     }
 }
 
@@ -255,7 +266,11 @@ impl QueueWorker {
                 }
             }
             Ok(false) => {}
-            Err(error) => tracing::error!(%error, queue = self.index, "virtio-fs: queue is broken"),
+            // A ring the driver broke (an avail index past the ring, say):
+            // every later kick fails again, so the line is rate-limited.
+            Err(error) => {
+                guest_warn!(self.model.guest_log(), %error, queue = self.index, "virtio-fs: queue is broken")
+            }
         }
     }
 }

@@ -4,25 +4,33 @@
 //! | module | concern |
 //! | --- | --- |
 //! | `model` | the device model ([`FsDeviceModel`]): descriptor chains to FUSE requests and replies, for any transport |
-//! | `filesystem` | the passthrough file system plus the INIT flags and MKNOD policy the protocol layer leaves to us |
+//! | `filesystem` | the passthrough file system plus the INIT flags, MKNOD and xattr policies the protocol layer leaves to us |
+//! | `limits` | the accounts of inodes and handles the guest holds, against the share's limits |
+//! | `xattr` | where guest xattr names live on the host under [`XattrPolicy::Mapped`] |
 //! | `config` | the share's configuration ([`FsConfig`]) and its validation |
 //! | `mmio` | [`VirtioFs`], the [`VirtioDevice`](crate::VirtioDevice) adapter for virtio-mmio: one worker thread per queue, woken by the queue's ioeventfd |
 //! | `vhost_user` | the vhost-user backend and [`serve_vhost_user`], which serves the model to an external VMM (QEMU's `vhost-user-fs-device`) from a thread of the caller |
 
 mod config;
 mod filesystem;
+mod limits;
 mod mmio;
 mod model;
 mod vhost_user;
+mod xattr;
 
 use std::path::PathBuf;
 
 use crate::vhost_user::ServerError;
 
-pub use config::{CachePolicy, ConfigError, FsConfig};
+pub use config::{
+    CachePolicy, ConfigError, FsConfig, XattrPolicy, DEFAULT_MAX_OPEN_HANDLES,
+    DEFAULT_MAX_OPEN_INODES,
+};
 pub use mmio::VirtioFs;
 pub use model::FsDeviceModel;
 pub use vhost_user::{serve_vhost_user, VhostUserServer};
+pub use xattr::{GUEST_NAMESPACE_PREFIX, RESERVED_PREFIX};
 
 /// Why a virtio-fs device or server could not be built or run.
 #[derive(Debug, thiserror::Error)]

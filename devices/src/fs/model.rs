@@ -12,7 +12,8 @@
 //!
 //! The model keeps no per-queue state, so one `Arc<FsDeviceModel>` serves
 //! all queues from their own threads; fuse-backend-rs's passthrough file
-//! system is internally synchronised.
+//! system is internally synchronised. A chain the model cannot use is
+//! logged on the device's [`GuestLog`]: the guest can post one per kick.
 //!
 //! Confinement comes from fuse-backend-rs's passthrough design, which the
 //! `fs_confinement` integration tests pin down: every inode is an `O_PATH`
@@ -24,6 +25,7 @@
 //! file handles (`open_by_handle_at`) are disabled in [`super::config`].
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -37,6 +39,7 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use super::config::{FsConfig, CONFIG_SPACE_LEN};
 use super::filesystem::SharedFs;
 use super::FsError;
+use crate::guest_log::{guest_warn, GuestLog};
 
 /// The virtio device id of a file system device (virtio 1.2, 5 "Device Types").
 pub const FS_DEVICE_TYPE: u32 = VIRTIO_ID_FS;
@@ -50,10 +53,13 @@ pub const EVENT_IDX_FEATURE: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 
 /// Serves FUSE requests arriving on virtqueues from one shared directory.
 pub struct FsDeviceModel {
-    server: Server<SharedFs>,
+    server: Server<Arc<SharedFs>>,
+    /// The file system the server serves, for its counters.
+    fs: Arc<SharedFs>,
     config_space: [u8; CONFIG_SPACE_LEN],
     num_queues: usize,
     queue_size: u16,
+    guest_log: GuestLog,
 }
 
 impl FsDeviceModel {
@@ -61,17 +67,42 @@ impl FsDeviceModel {
     /// the shared directory. The root itself is opened when the guest sends
     /// FUSE INIT.
     pub fn new(config: &FsConfig) -> Result<Self, FsError> {
+        Self::with_guest_log(config, GuestLog::new())
+    }
+
+    /// Like [`Self::new`], logging guest-triggered warnings on `guest_log`
+    /// (the adapter's, which outlives the models it builds).
+    pub fn with_guest_log(config: &FsConfig, guest_log: GuestLog) -> Result<Self, FsError> {
         let passthrough_config = config.passthrough_config()?;
         let fs = PassthroughFs::new(passthrough_config).map_err(|source| FsError::Passthrough {
             path: config.shared_dir.clone(),
             source,
         })?;
+        let fs = Arc::new(SharedFs::new(fs, config, guest_log.clone()));
         Ok(Self {
-            server: Server::new(SharedFs::new(fs)),
+            server: Server::new(fs.clone()),
+            fs,
             config_space: config.config_space(),
             num_queues: config.num_queues(),
             queue_size: config.queue_size,
+            guest_log,
         })
+    }
+
+    /// The device's budget for guest-triggered log lines.
+    pub fn guest_log(&self) -> &GuestLog {
+        &self.guest_log
+    }
+
+    /// Inodes the guest holds now (at most `max_open_inodes`).
+    pub fn open_inodes(&self) -> usize {
+        self.fs.open_inodes()
+    }
+
+    /// Files and directories the guest has open now (at most
+    /// `max_open_handles`).
+    pub fn open_handles(&self) -> usize {
+        self.fs.open_handles()
     }
 
     /// Hiprio plus request queues.
@@ -144,14 +175,14 @@ impl FsDeviceModel {
         let reader = match Reader::from_descriptor_chain(memory, chain.clone()) {
             Ok(reader) => reader,
             Err(error) => {
-                tracing::warn!(%error, head_index, "virtio-fs: unreadable request descriptors");
+                guest_warn!(self.guest_log, %error, head_index, "virtio-fs: unreadable request descriptors");
                 return 0;
             }
         };
         let writer = match VirtioFsWriter::new(memory, chain) {
             Ok(writer) => writer,
             Err(error) => {
-                tracing::warn!(%error, head_index, "virtio-fs: unwritable reply descriptors");
+                guest_warn!(self.guest_log, %error, head_index, "virtio-fs: unwritable reply descriptors");
                 return 0;
             }
         };

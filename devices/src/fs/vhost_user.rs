@@ -26,6 +26,7 @@ use vmm_sys_util::event::{
 use super::config::FsConfig;
 use super::model::FsDeviceModel;
 use super::FsError;
+use crate::guest_log::guest_warn;
 use crate::vhost_user::{self, Sessions};
 use crate::VIRTIO_F_VERSION_1;
 
@@ -103,7 +104,7 @@ impl VhostUserFsBackend {
             // A queue the frontend has not finished setting up, or a broken
             // ring: log it, but keep the worker alive for the next kick.
             Err(error) => {
-                tracing::warn!(%error, queue = queue_index, "vhost-user-fs: cannot process queue")
+                guest_warn!(self.model.guest_log(), %error, queue = queue_index, "vhost-user-fs: cannot process queue")
             }
         }
     }

@@ -30,6 +30,7 @@ use super::packet::{
     op, PacketHeader, RxBuffer, TxPayload, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use super::{VsockTimeouts, HOST_CID};
+use crate::guest_log::{guest_warn, GuestLog};
 
 /// Receive buffer we advertise per connection: Linux's default
 /// `VIRTIO_VSOCK_DEFAULT_BUF_SIZE` (256 KiB), the window its guests expect.
@@ -303,12 +304,14 @@ impl Connection {
         }
     }
 
-    /// Handles one packet the guest sent on this connection.
+    /// Handles one packet the guest sent on this connection; a protocol
+    /// violation worth a warning is logged on the device's `guest_log`.
     pub fn on_guest_packet<M: GuestMemory>(
         &mut self,
         hdr: &PacketHeader,
         payload: &TxPayload<'_, M>,
         now: Instant,
+        guest_log: &GuestLog,
     ) -> Verdict {
         if hdr.op == op::RST {
             return Verdict::Remove;
@@ -317,7 +320,7 @@ impl Connection {
         let verdict = match (self.state, hdr.op) {
             (ConnState::Connecting { .. }, op::RESPONSE) => self.on_response(),
             (ConnState::Connecting { .. }, _) => Verdict::Reset,
-            (_, op::RW) => self.on_rw(payload),
+            (_, op::RW) => self.on_rw(payload, guest_log),
             (_, op::CREDIT_UPDATE) => Verdict::Keep,
             (_, op::CREDIT_REQUEST) => {
                 self.pending.credit_update = true;
@@ -357,7 +360,11 @@ impl Connection {
         Verdict::Keep
     }
 
-    fn on_rw<M: GuestMemory>(&mut self, payload: &TxPayload<'_, M>) -> Verdict {
+    fn on_rw<M: GuestMemory>(
+        &mut self,
+        payload: &TxPayload<'_, M>,
+        guest_log: &GuestLog,
+    ) -> Verdict {
         if self.peer_shutdown & SHUTDOWN_SEND != 0 {
             tracing::debug!(?self.key, "guest sent data after SHUTDOWN(SEND)");
             return Verdict::Reset;
@@ -368,7 +375,7 @@ impl Connection {
         }
         let used = (self.rx_cnt - self.fwd_cnt).0 as usize;
         if used + len > CONN_BUF_ALLOC as usize {
-            tracing::warn!(?self.key, len, used, "guest exceeded its vsock credit");
+            guest_warn!(guest_log, ?self.key, len, used, "guest exceeded its vsock credit");
             return Verdict::Reset;
         }
         self.rx_cnt += Wrapping(len as u32);

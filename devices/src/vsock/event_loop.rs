@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::model::VsockModel;
 use super::{VsockError, EVENT_QUEUE_INDEX, RX_QUEUE_INDEX, TX_QUEUE_INDEX};
+use crate::guest_log::guest_warn;
 use crate::{ActivatedQueue, VirtioInterrupt};
 
 /// Epoll tokens of the MMIO worker.
@@ -155,7 +156,9 @@ impl WorkerState {
                 }
             }
             if let Err(error) = self.pump(run_tx, run_rx) {
-                tracing::error!(%error, "vsock queue processing failed; device stops");
+                // A broken ring is the driver's doing, and a reset brings the
+                // device back to fail again: rate-limited.
+                guest_warn!(self.model.guest_log(), %error, "vsock queue processing failed; device stops");
                 return;
             }
         }

@@ -20,6 +20,7 @@ use super::{
     VsockConfig, VsockError, VsockTimeouts, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_VSOCK,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::guest_log::{guest_warn, GuestLog};
 use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
 /// A virtio-vsock device for the MMIO transport.
@@ -29,6 +30,9 @@ pub struct VsockDevice {
     listener: UnixListener,
     acked_features: u64,
     worker: Option<MmioWorker>,
+    /// The budget for guest-triggered lines, for the device's whole life
+    /// (shared with the transport and every model it activates).
+    guest_log: GuestLog,
 }
 
 impl VsockDevice {
@@ -48,6 +52,7 @@ impl VsockDevice {
             listener,
             acked_features: 0,
             worker: None,
+            guest_log: GuestLog::new(),
         })
     }
 
@@ -67,7 +72,12 @@ impl VsockDevice {
         interrupt: Arc<dyn VirtioInterrupt>,
         mut queues: Vec<ActivatedQueue>,
     ) -> Result<(), VsockError> {
-        let model = VsockModel::new(&self.config, self.timeouts, &self.listener)?;
+        let model = VsockModel::new(
+            &self.config,
+            self.timeouts,
+            &self.listener,
+            self.guest_log.clone(),
+        )?;
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for queue in &mut queues {
             virtio_queue::QueueT::set_event_idx(&mut queue.queue, event_idx);
@@ -106,7 +116,8 @@ impl VirtioDevice for VsockDevice {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The config space is read-only for the driver (virtio 1.2, 5.10.4).
-        tracing::warn!(
+        guest_warn!(
+            self.guest_log,
             offset,
             len = data.len(),
             "driver wrote the read-only vsock config space"
@@ -137,6 +148,10 @@ impl VirtioDevice for VsockDevice {
             worker.stop();
         }
         self.acked_features = 0;
+    }
+
+    fn guest_log(&self) -> GuestLog {
+        self.guest_log.clone()
     }
 }
 

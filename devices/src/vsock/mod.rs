@@ -67,7 +67,15 @@ pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
 /// Feature bit 29: `VIRTIO_RING_F_EVENT_IDX` (virtio 1.2, 6).
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
-/// Where the device's host side lives and which CID the guest gets.
+/// Default for [`VsockConfig::max_connections`]: the limit Firecracker's
+/// hybrid-vsock muxer uses. Each connection costs
+/// one host fd and up to [`CONN_BUF_ALLOC`] of buffer, so one device holds
+/// at most about 1023 fds and 256 MiB however the guest behaves; a pod
+/// needs a handful (the agent's ttrpc, exec and I/O streams).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1023;
+
+/// Where the device's host side lives, which CID the guest gets, and how
+/// much of the host it may hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VsockConfig {
     /// The guest's context id, at least 3.
@@ -75,15 +83,33 @@ pub struct VsockConfig {
     /// The Unix socket the device listens on for host-initiated connections;
     /// guest-initiated connections to port `P` go to `<uds_path>_<P>`.
     pub uds_path: PathBuf,
+    /// Most streams the device holds at once, in both directions, counting
+    /// host clients still in their `CONNECT` handshake. A guest REQUEST
+    /// beyond it is answered with RST; a host client beyond it is closed
+    /// before its handshake is read. At least 1.
+    pub max_connections: usize,
 }
 
 impl VsockConfig {
-    /// Checks the CID range (virtio 1.2, 5.10.4).
+    /// A device for `guest_cid` listening on `uds_path`, with the default
+    /// connection limit.
+    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+        Self {
+            guest_cid,
+            uds_path: uds_path.into(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    /// Checks the CID range (virtio 1.2, 5.10.4) and the connection limit.
     pub fn validate(&self) -> Result<(), VsockError> {
         if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&self.guest_cid) {
             return Err(VsockError::InvalidCid {
                 cid: self.guest_cid,
             });
+        }
+        if self.max_connections == 0 {
+            return Err(VsockError::NoConnectionsAllowed);
         }
         Ok(())
     }
@@ -131,6 +157,9 @@ pub enum VsockError {
     /// The configured CID is reserved or out of range.
     #[error("guest CID {cid} is invalid: it must be between 3 and 4294967294")]
     InvalidCid { cid: u64 },
+    /// `max_connections` is 0: no stream could ever be opened.
+    #[error("vsock max_connections is 0; the device needs at least 1 connection")]
+    NoConnectionsAllowed,
     /// The host-side listening socket could not be created.
     #[error("cannot listen on the vsock Unix socket {path}: {source}")]
     Bind {

@@ -24,6 +24,7 @@ use super::packet::{self, RxBuffer, Segment, TxPayload};
 use super::{
     VsockConfig, VsockError, VsockTimeouts, RX_QUEUE_INDEX, TX_QUEUE_INDEX, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::guest_log::{guest_warn, GuestLog};
 
 /// Size of the vsock configuration space: `le64 guest_cid` (virtio 1.2, 5.10.4).
 pub const CONFIG_SPACE_LEN: usize = 8;
@@ -62,17 +63,22 @@ impl VsockModel {
     /// A device for `config` whose host side accepts clients on a clone of
     /// `listener`: the adapter binds the socket once, when it is created, so
     /// host clients wait in its backlog until a driver session starts.
+    ///
+    /// Guest-triggered warnings go to `guest_log`, which the adapter keeps
+    /// for the device's whole life (a new model per driver session must not
+    /// mean a fresh budget).
     pub fn new(
         config: &VsockConfig,
         timeouts: VsockTimeouts,
         listener: &UnixListener,
+        guest_log: GuestLog,
     ) -> Result<Self, VsockError> {
         let listener = listener.try_clone().map_err(|source| VsockError::Bind {
             path: config.uds_path.clone(),
             source,
         })?;
         Ok(Self {
-            muxer: Muxer::new(config, timeouts, listener)?,
+            muxer: Muxer::new(config, timeouts, listener, guest_log)?,
             processor: QueueProcessor::default(),
         })
     }
@@ -81,6 +87,11 @@ impl VsockModel {
     /// woke the muxer's epoll fd. Call [`Self::pump`] with `run_rx` after.
     pub fn process_host_events(&mut self) {
         self.muxer.process_host_events();
+    }
+
+    /// The device's budget for guest-triggered log lines.
+    pub fn guest_log(&self) -> &GuestLog {
+        self.muxer.guest_log()
     }
 
     /// Drops every connection: a new driver session (SET_FEATURES over
@@ -180,7 +191,9 @@ impl QueueProcessor {
                         let payload = TxPayload::new(mem, &self.tx_segments, payload_len);
                         muxer.handle_guest_packet(&header, &payload);
                     }
-                    Err(error) => tracing::warn!(%error, "dropping malformed vsock tx packet"),
+                    Err(error) => {
+                        guest_warn!(muxer.guest_log(), %error, "dropping malformed vsock tx packet")
+                    }
                 }
                 queue.add_used(mem, head, 0).map_err(queue_error)?;
                 used_any = true;
@@ -232,7 +245,7 @@ impl QueueProcessor {
                         }
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "returning unusable vsock rx buffer");
+                        guest_warn!(muxer.guest_log(), %error, "returning unusable vsock rx buffer");
                         queue.add_used(mem, head, 0).map_err(queue_error)?;
                         used_any = true;
                     }

@@ -11,6 +11,15 @@
 //! [`Muxer::handle_guest_packet`]; guest-bound packets leave through
 //! [`Muxer::fill_rx`], which serves connections round-robin so that one busy
 //! stream cannot starve the rest.
+//!
+//! The muxer holds at most `max_connections` streams ([`VsockConfig`]),
+//! counting host clients still in their handshake, so a handshake that
+//! completes always finds its slot. A guest REQUEST beyond the limit gets
+//! RST; a host client beyond it is closed as soon as it is accepted (the
+//! hybrid protocol has no error reply: the client sees end of stream
+//! instead of `OK`). Both are counted ([`RefusedConnections`]). Warnings a
+//! guest can repeat at will (refused or unwatchable streams, failing
+//! accepts) go through the device's [`GuestLog`].
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -28,6 +37,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::csm::{ConnKey, Connection, Verdict};
 use super::packet::{op, PacketHeader, RxBuffer, TxPayload, HDR_LEN, TYPE_STREAM};
 use super::{VsockConfig, VsockError, VsockTimeouts, HOST_CID};
+use crate::guest_log::{guest_warn, GuestBytes, GuestLog};
 
 /// Epoll token of the listening socket.
 const LISTENER_TOKEN: u64 = 0;
@@ -47,10 +57,6 @@ const TIMER_TICK: Duration = Duration::from_millis(100);
 /// Host-initiated connections get local ports from here up, like
 /// Firecracker's hybrid vsock: far above the ports guest services listen on.
 const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
-/// Most connections (plus pending handshakes) the muxer holds. Each costs
-/// one host fd and at most `CONN_BUF_ALLOC` of buffer; the requirement is
-/// 1,000 concurrent streams, this leaves room.
-pub const MAX_CONNECTIONS: usize = 16 * 1024;
 /// RSTs for unknown connections waiting for rx buffers. When this many are
 /// queued the transport stops taking tx packets until rx drains, so a guest
 /// cannot grow this queue without bound.
@@ -60,6 +66,15 @@ const MAX_ORPHAN_PACKETS: usize = 1024;
 struct Handshake {
     stream: UnixStream,
     deadline: Instant,
+}
+
+/// Streams refused because the device was at its connection limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusedConnections {
+    /// Guest REQUESTs answered with RST.
+    pub guest_initiated: u64,
+    /// Host clients closed before their handshake.
+    pub host_initiated: u64,
 }
 
 /// What an epoll token refers to.
@@ -74,6 +89,9 @@ pub struct Muxer {
     guest_cid: u64,
     uds_path: PathBuf,
     timeouts: VsockTimeouts,
+    max_connections: usize,
+    refused: RefusedConnections,
+    guest_log: GuestLog,
     listener: UnixListener,
     epoll: Epoll,
     timer: TimerFd,
@@ -155,11 +173,12 @@ fn parse_connect_line(line: &[u8]) -> Option<u32> {
 
 impl Muxer {
     /// A muxer serving `config`, listening on `listener` (bound to
-    /// `config.uds_path`).
+    /// `config.uds_path`), logging guest-triggered warnings on `guest_log`.
     pub fn new(
         config: &VsockConfig,
         timeouts: VsockTimeouts,
         listener: UnixListener,
+        guest_log: GuestLog,
     ) -> Result<Self, VsockError> {
         config.validate()?;
         listener
@@ -196,6 +215,9 @@ impl Muxer {
             guest_cid: config.guest_cid,
             uds_path: config.uds_path.clone(),
             timeouts,
+            max_connections: config.max_connections,
+            refused: RefusedConnections::default(),
+            guest_log,
             listener,
             epoll,
             timer,
@@ -231,6 +253,23 @@ impl Muxer {
     #[cfg(test)]
     pub fn connection_count(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Streams refused at the connection limit so far (each refusal's
+    /// warning also carries the running count as `refused`).
+    #[cfg(test)]
+    pub fn refused_connections(&self) -> RefusedConnections {
+        self.refused
+    }
+
+    /// The device's budget for guest-triggered log lines.
+    pub fn guest_log(&self) -> &GuestLog {
+        &self.guest_log
+    }
+
+    /// Whether one more stream (or handshake) would exceed the limit.
+    fn at_connection_limit(&self) -> bool {
+        self.connections.len() + self.handshakes.len() >= self.max_connections
     }
 
     /// Whether the muxer has packets for the guest.
@@ -315,14 +354,20 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(error) => {
                     // EMFILE and friends: the pending client stays in the
-                    // backlog; the level-triggered listener retries later.
-                    tracing::warn!(%error, path = %self.uds_path.display(), "vsock accept failed");
+                    // backlog; the level-triggered listener retries later,
+                    // and warns again, so the warning is rate-limited.
+                    guest_warn!(self.guest_log, %error, path = %self.uds_path.display(), "vsock accept failed");
                     return;
                 }
             };
-            if self.connections.len() + self.handshakes.len() >= MAX_CONNECTIONS {
-                tracing::warn!(
-                    limit = MAX_CONNECTIONS,
+            if self.at_connection_limit() {
+                // Dropping the stream closes it: the client reads end of
+                // stream where it expected `OK`.
+                self.refused.host_initiated += 1;
+                guest_warn!(
+                    self.guest_log,
+                    limit = self.max_connections,
+                    refused = self.refused.host_initiated,
                     "vsock connection limit reached; closing host client"
                 );
                 continue;
@@ -419,7 +464,7 @@ impl Muxer {
             )
         };
         let Some(port) = port.filter(|_| consumed == (newline + 1) as isize) else {
-            tracing::debug!(line = %String::from_utf8_lossy(&peeked[..newline]), "vsock host client sent a malformed handshake");
+            tracing::debug!(line = %GuestBytes(&peeked[..newline]), "vsock host client sent a malformed handshake");
             self.drop_handshake(token);
             return;
         };
@@ -468,7 +513,9 @@ impl Muxer {
     }
 
     fn alloc_ephemeral_port(&mut self, peer_port: u32) -> Option<u32> {
-        for _ in 0..MAX_CONNECTIONS + 1 {
+        // At most `max_connections` ports are taken, so this many tries
+        // find a free one.
+        for _ in 0..=self.max_connections {
             let port = self.next_ephemeral_port;
             self.next_ephemeral_port = if port == u32::MAX {
                 FIRST_EPHEMERAL_PORT
@@ -605,7 +652,7 @@ impl Muxer {
             peer_port: hdr.src_port,
         };
         if let Some((_, conn)) = self.connections.get_mut(&key) {
-            let verdict = conn.on_guest_packet(hdr, payload, now);
+            let verdict = conn.on_guest_packet(hdr, payload, now, &self.guest_log);
             self.settle(key, verdict);
             return;
         }
@@ -617,10 +664,13 @@ impl Muxer {
     }
 
     fn connect_to_host(&mut self, key: ConnKey, hdr: &PacketHeader) {
-        if self.connections.len() + self.handshakes.len() >= MAX_CONNECTIONS {
-            tracing::warn!(
-                limit = MAX_CONNECTIONS,
+        if self.at_connection_limit() {
+            self.refused.guest_initiated += 1;
+            guest_warn!(
+                self.guest_log,
+                limit = self.max_connections,
                 port = key.local_port,
+                refused = self.refused.guest_initiated,
                 "vsock connection limit reached; refusing guest connection"
             );
             self.queue_orphan_rst(hdr);
@@ -643,7 +693,7 @@ impl Muxer {
             stream.as_raw_fd(),
             EpollEvent::new(interest, token),
         ) {
-            tracing::warn!(%error, path = %path.display(), "cannot watch a vsock host stream");
+            guest_warn!(self.guest_log, %error, path = %path.display(), "cannot watch a vsock host stream");
             self.queue_orphan_rst(hdr);
             return;
         }

@@ -16,7 +16,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use super::model::QueueProcessor;
 use super::muxer::{bind_listener, Muxer};
 use super::packet::{op, PacketHeader, HDR_LEN, TYPE_STREAM};
-use super::{VsockConfig, VsockTimeouts, HOST_CID};
+use super::{VsockConfig, VsockTimeouts, DEFAULT_MAX_CONNECTIONS, HOST_CID};
+use crate::guest_log::GuestLog;
 
 pub use husk_test_support::tempdir::TestDir;
 pub use husk_test_support::virtqueue::DriverQueue;
@@ -50,15 +51,25 @@ impl Harness {
     }
 
     pub fn with_timeouts(timeouts: VsockTimeouts) -> Self {
+        Self::with_limits(timeouts, DEFAULT_MAX_CONNECTIONS, GuestLog::new())
+    }
+
+    /// A harness whose muxer holds at most `max_connections` streams and
+    /// logs guest-triggered warnings on `guest_log`.
+    pub fn with_limits(
+        timeouts: VsockTimeouts,
+        max_connections: usize,
+        guest_log: GuestLog,
+    ) -> Self {
         let dir = TestDir::new("vsock").unwrap();
         let uds_path = dir.path().join("vsock.sock");
         let guest_cid = 3;
         let config = VsockConfig {
-            guest_cid,
-            uds_path: uds_path.clone(),
+            max_connections,
+            ..VsockConfig::new(guest_cid, &uds_path)
         };
         let listener = bind_listener(&uds_path).unwrap();
-        let muxer = Muxer::new(&config, timeouts, listener).unwrap();
+        let muxer = Muxer::new(&config, timeouts, listener, guest_log).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let rx_driver = DriverQueue::new(&mem, 0x1000, QUEUE_SIZE, u64::from(RX_BUF_LEN));
         let tx_driver = DriverQueue::new(&mem, rx_driver.end(), QUEUE_SIZE, 0x1_1000);

@@ -14,12 +14,14 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::csm::CONN_BUF_ALLOC;
+use super::muxer::RefusedConnections;
 use super::packet::{
     self, op, PacketError, PacketHeader, RxBuffer, TxPayload, HDR_LEN, MAX_PKT_PAYLOAD,
     SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_SEQPACKET,
 };
 use super::test_support::{DriverQueue, Harness, TestDir};
 use super::{VsockConfig, VsockDevice, VsockTimeouts, HOST_CID, VIRTIO_ID_VSOCK};
+use crate::guest_log::{Clock, GuestLog, GUEST_LOG_INTERVAL};
 use crate::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
 
 const SHORT_TIMEOUTS: VsockTimeouts = VsockTimeouts {
@@ -453,6 +455,91 @@ fn packet_with_a_foreign_source_cid_is_dropped() {
     h.send(&request, &[]);
     h.pump();
     assert!(h.received.is_empty());
+}
+
+/// A clock that never moves: every guest-log line falls in one window.
+struct FrozenClock(Instant);
+
+impl Clock for FrozenClock {
+    fn now(&self) -> Instant {
+        self.0
+    }
+}
+
+#[test]
+fn streams_beyond_max_connections_are_refused_both_ways_counted_and_logged_within_budget() {
+    let guest_log =
+        GuestLog::with_clock(2, GUEST_LOG_INTERVAL, Box::new(FrozenClock(Instant::now())));
+    let mut h = Harness::with_limits(VsockTimeouts::default(), 3, guest_log.clone());
+    let listener = UnixListener::bind(format!("{}_5000", h.uds_path.display())).unwrap();
+    let _first = guest_initiated(&mut h, &listener, 40001, 5000);
+    let _second = guest_initiated(&mut h, &listener, 40002, 5000);
+    let (_host_client, _) = host_initiated(&mut h, 1024);
+    assert_eq!(h.muxer.connection_count(), 3);
+
+    // The guest's fourth REQUEST gets RST, and no host socket is opened.
+    let request = h.guest_header(op::REQUEST, 40004, 5000);
+    h.send(&request, &[]);
+    let (rst, _) = h.expect_op(op::RST);
+    assert_eq!((rst.src_port, rst.dst_port), (5000, 40004));
+    listener.set_nonblocking(true).unwrap();
+    assert_eq!(
+        listener.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the refused REQUEST reached the host listener"
+    );
+
+    // A fourth host client is closed before the guest hears of it.
+    let mut refused_client = UnixStream::connect(&h.uds_path).unwrap();
+    refused_client.write_all(b"CONNECT 1024\n").unwrap();
+    h.pump();
+    assert_eof(&mut refused_client);
+    assert!(
+        h.received
+            .iter()
+            .all(|(header, _)| header.op != op::REQUEST),
+        "a REQUEST went out for a refused host client"
+    );
+    assert_eq!(
+        h.muxer.refused_connections(),
+        RefusedConnections {
+            guest_initiated: 1,
+            host_initiated: 1
+        }
+    );
+
+    // Closing one stream frees its slot.
+    let close = h.guest_header(op::RST, 40001, 5000);
+    h.send(&close, &[]);
+    assert_eq!(h.muxer.connection_count(), 2);
+    listener.set_nonblocking(false).unwrap();
+    let _third = guest_initiated(&mut h, &listener, 40005, 5000);
+    assert_eq!(h.muxer.connection_count(), 3);
+
+    // A guest hammering the limit gets RST every time; the log takes two
+    // lines (its budget) and counts the rest.
+    for port in 41000..41005 {
+        let request = h.guest_header(op::REQUEST, port, 5000);
+        h.send(&request, &[]);
+        let (rst, _) = h.expect_op(op::RST);
+        assert_eq!(rst.dst_port, port);
+    }
+    assert_eq!(h.muxer.refused_connections().guest_initiated, 6);
+    assert_eq!(guest_log.written_total(), 2);
+    assert_eq!(guest_log.suppressed_total(), 5);
+}
+
+#[test]
+fn a_config_with_max_connections_0_is_refused() {
+    let dir = TestDir::new("vsock").unwrap();
+    let config = VsockConfig {
+        max_connections: 0,
+        ..VsockConfig::new(3, dir.path().join("x.sock"))
+    };
+    let Err(error) = VsockDevice::new(config) else {
+        panic!("a device that may hold no connection was built");
+    };
+    assert!(error.to_string().contains("max_connections"), "{error}");
 }
 
 #[test]
@@ -974,19 +1061,13 @@ impl VirtioInterrupt for CountingInterrupt {
 }
 
 fn device_config(dir: &TestDir) -> VsockConfig {
-    VsockConfig {
-        guest_cid: 0x1_0000_0003 & 0xffff_ffff,
-        uds_path: dir.path().join("dev.sock"),
-    }
+    VsockConfig::new(0x1_0000_0003 & 0xffff_ffff, dir.path().join("dev.sock"))
 }
 
 #[test]
 fn mmio_device_reports_type_queues_and_guest_cid_in_config_space() {
     let dir = TestDir::new("vsock").unwrap();
-    let config = VsockConfig {
-        guest_cid: 0x0102_0304,
-        uds_path: dir.path().join("dev.sock"),
-    };
+    let config = VsockConfig::new(0x0102_0304, dir.path().join("dev.sock"));
     let device = VsockDevice::new(config).unwrap();
     assert_eq!(device.device_type(), VIRTIO_ID_VSOCK);
     assert_eq!(device.queue_max_sizes().len(), 3);
@@ -1002,10 +1083,7 @@ fn mmio_device_reports_type_queues_and_guest_cid_in_config_space() {
 fn reserved_guest_cids_are_refused() {
     let dir = TestDir::new("vsock").unwrap();
     for cid in [0, 1, 2, u64::from(u32::MAX)] {
-        let config = VsockConfig {
-            guest_cid: cid,
-            uds_path: dir.path().join("x.sock"),
-        };
+        let config = VsockConfig::new(cid, dir.path().join("x.sock"));
         assert!(VsockDevice::new(config).is_err(), "cid {cid} accepted");
     }
 }
@@ -1075,10 +1153,7 @@ fn mmio_device_worker_delivers_a_request_and_stops_on_reset() {
 fn vhost_user_server_creates_both_sockets_and_stop_removes_them() {
     let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
-    let config = VsockConfig {
-        guest_cid: 3,
-        uds_path: dir.path().join("vsock.sock"),
-    };
+    let config = VsockConfig::new(3, dir.path().join("vsock.sock"));
     let server = super::serve_vhost_user(&socket, config.clone()).unwrap();
     assert!(socket.exists() && config.uds_path.exists());
     // A host client can already queue up before any guest exists.
@@ -1091,10 +1166,7 @@ fn vhost_user_server_creates_both_sockets_and_stop_removes_them() {
 fn vhost_user_server_stop_disconnects_a_connected_frontend() {
     let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
-    let config = VsockConfig {
-        guest_cid: 3,
-        uds_path: dir.path().join("vsock.sock"),
-    };
+    let config = VsockConfig::new(3, dir.path().join("vsock.sock"));
     let server = super::serve_vhost_user(&socket, config).unwrap();
     let mut frontend = UnixStream::connect(&socket).unwrap();
     // Let the server accept and start its daemon.
@@ -1146,10 +1218,7 @@ fn negotiate_as_frontend(socket: &std::path::Path) -> u64 {
 fn vhost_user_server_survives_a_frontend_that_disconnects() {
     let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
-    let config = VsockConfig {
-        guest_cid: 5,
-        uds_path: dir.path().join("vsock.sock"),
-    };
+    let config = VsockConfig::new(5, dir.path().join("vsock.sock"));
     let server = super::serve_vhost_user(&socket, config).unwrap();
     assert_eq!(
         negotiate_as_frontend(&socket),
@@ -1187,10 +1256,7 @@ fn vhost_user_frontend_negotiates_and_relays_a_host_connection_end_to_end() {
     const MEM: usize = 8 << 20;
     let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
-    let config = VsockConfig {
-        guest_cid: 7,
-        uds_path: dir.path().join("vsock.sock"),
-    };
+    let config = VsockConfig::new(7, dir.path().join("vsock.sock"));
     let server = super::serve_vhost_user(&socket, config.clone()).unwrap();
 
     // SAFETY: plain system call with a valid C string; the result is checked.
@@ -1365,10 +1431,7 @@ fn vhost_user_backend_accepts_qemu_vring_size_of_1024() {
     const QEMU_VSOCK_VRING_SIZE: u16 = 1024;
     let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
-    let config = VsockConfig {
-        guest_cid: 7,
-        uds_path: dir.path().join("vsock.sock"),
-    };
+    let config = VsockConfig::new(7, dir.path().join("vsock.sock"));
     let server = super::serve_vhost_user(&socket, config).unwrap();
     let device = VsockDevice::new(device_config(&dir)).unwrap();
     assert!(device

@@ -34,6 +34,7 @@ use super::{
     VsockConfig, VsockError, VsockTimeouts, EVENT_QUEUE_INDEX, NUM_QUEUES, QUEUE_SIZE,
     RX_QUEUE_INDEX, TX_QUEUE_INDEX,
 };
+use crate::guest_log::GuestLog;
 use crate::vhost_user::{self, Sessions};
 use crate::VIRTIO_F_VERSION_1;
 
@@ -228,6 +229,7 @@ pub fn serve_vhost_user_with_timeouts(
         config,
         timeouts,
         uds_listener,
+        guest_log: GuestLog::new(),
     };
     match vhost_user::serve(socket_path, &name, sessions) {
         Ok(server) => Ok(VhostUserServer { server, uds_path }),
@@ -279,6 +281,8 @@ struct VsockSessions {
     config: VsockConfig,
     timeouts: VsockTimeouts,
     uds_listener: UnixListener,
+    /// One budget for every session's guest-triggered lines.
+    guest_log: GuestLog,
 }
 
 impl VsockSessions {
@@ -287,7 +291,12 @@ impl VsockSessions {
             path: self.socket_path.clone(),
             message,
         };
-        let model = VsockModel::new(&self.config, self.timeouts, &self.uds_listener)?;
+        let model = VsockModel::new(
+            &self.config,
+            self.timeouts,
+            &self.uds_listener,
+            self.guest_log.clone(),
+        )?;
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(VhostUserVsockBackend::new(
             self.config.guest_cid,

@@ -7,9 +7,10 @@
 #![allow(dead_code)]
 
 use fuse_backend_rs::abi::fuse_abi::{
-    Attr, CreateIn, Dirent, EntryOut, GetxattrIn, GetxattrOut, InHeader, InitIn, InitOut, LinkIn,
-    MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetxattrIn,
-    WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
+    Attr, BatchForgetIn, CreateIn, Dirent, EntryOut, ForgetIn, ForgetOne, GetxattrIn, GetxattrOut,
+    InHeader, InitIn, InitOut, LinkIn, MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader,
+    ReadIn, ReleaseIn, RenameIn, SetxattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION,
+    KERNEL_VERSION,
 };
 use husk_devices::fs::{FsConfig, FsDeviceModel};
 pub use husk_test_support::tempdir::TestDir;
@@ -229,6 +230,79 @@ impl FuseClient {
             header,
             body: bytes[std::mem::size_of::<OutHeader>()..].to_vec(),
         }
+    }
+
+    /// Sends a request that gets no reply (FORGET, BATCH_FORGET): the
+    /// device returns the chain with nothing written.
+    pub fn send_without_reply(&mut self, opcode: Opcode, nodeid: u64, parts: &[&[u8]]) {
+        self.unique += 1;
+        let bytes = request(opcode, self.unique, nodeid, parts);
+        let used_before = self.guest.used_idx();
+        let posted = self.guest.push(&bytes, REPLY_CAPACITY);
+        self.model
+            .process_queue(&self.guest.memory, &mut self.queue)
+            .unwrap();
+        assert_eq!(
+            self.guest.used_idx(),
+            used_before.wrapping_add(1),
+            "the chain came back"
+        );
+        assert_eq!(
+            self.guest.last_used(),
+            (u32::from(posted), 0),
+            "no reply for {opcode:?}"
+        );
+    }
+
+    /// FORGET `nlookup` lookups of `nodeid`.
+    pub fn forget(&mut self, nodeid: u64, nlookup: u64) {
+        let forget = ForgetIn { nlookup };
+        self.send_without_reply(Opcode::Forget, nodeid, &[forget.as_slice()]);
+    }
+
+    /// BATCH_FORGET of (node id, lookups) pairs.
+    pub fn batch_forget(&mut self, forgets: &[(u64, u64)]) {
+        let header = BatchForgetIn {
+            count: forgets.len() as u32,
+            dummy: 0,
+        };
+        let mut body = header.as_slice().to_vec();
+        for (nodeid, nlookup) in forgets {
+            let one = ForgetOne {
+                nodeid: *nodeid,
+                nlookup: *nlookup,
+            };
+            body.extend_from_slice(one.as_slice());
+        }
+        self.send_without_reply(Opcode::BatchForget, 0, &[&body]);
+    }
+
+    /// One READDIRPLUS reply's (name, node id) pairs from `offset`; a node
+    /// id of 0 means the entry came without a lookup.
+    pub fn readdirplus(&mut self, nodeid: u64, fh: u64) -> Result<Vec<(String, u64)>, i32> {
+        let read = ReadIn {
+            fh,
+            offset: 0,
+            size: 8192,
+            ..Default::default()
+        };
+        let reply = self.call(Opcode::Readdirplus, nodeid, &[read.as_slice()], 16384);
+        reply.check()?;
+        let mut entries = Vec::new();
+        let mut at = 0;
+        let entry_len = std::mem::size_of::<EntryOut>();
+        let dirent_len = std::mem::size_of::<Dirent>();
+        while at < reply.body.len() {
+            let entry = *EntryOut::from_slice(&reply.body[at..at + entry_len]).unwrap();
+            let dirent =
+                *Dirent::from_slice(&reply.body[at + entry_len..at + entry_len + dirent_len])
+                    .unwrap();
+            let name_start = at + entry_len + dirent_len;
+            let name = &reply.body[name_start..name_start + dirent.namelen as usize];
+            entries.push((String::from_utf8(name.to_vec()).unwrap(), entry.nodeid));
+            at = (name_start + dirent.namelen as usize + 7) & !7;
+        }
+        Ok(entries)
     }
 
     /// INIT offering no optional flags.
@@ -470,9 +544,20 @@ impl FuseClient {
     }
 
     pub fn setxattr(&mut self, nodeid: u64, name: &str, value: &[u8]) -> Result<(), i32> {
+        self.setxattr_with_flags(nodeid, name, value, 0)
+    }
+
+    /// SETXATTR with `flags` (`XATTR_CREATE`, `XATTR_REPLACE`).
+    pub fn setxattr_with_flags(
+        &mut self,
+        nodeid: u64,
+        name: &str,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<(), i32> {
         let setxattr = SetxattrIn {
             size: value.len() as u32,
-            flags: 0,
+            flags: flags as u32,
         };
         self.call(
             Opcode::Setxattr,
@@ -509,5 +594,59 @@ impl FuseClient {
         );
         reply.check()?;
         Ok(reply.body)
+    }
+
+    /// GETXATTR with a buffer of `size` bytes: the value, or with size 0
+    /// the value's length (as `GetxattrOut`), as the kernel asks.
+    pub fn getxattr_sized(&mut self, nodeid: u64, name: &str, size: u32) -> Result<Vec<u8>, i32> {
+        let getxattr = GetxattrIn { size, padding: 0 };
+        let reply = self.call(
+            Opcode::Getxattr,
+            nodeid,
+            &[getxattr.as_slice(), &cstr(name)],
+            REPLY_CAPACITY,
+        );
+        reply.check()?;
+        Ok(reply.body)
+    }
+
+    /// LISTXATTR with a buffer of `size` bytes: the names, or with size 0
+    /// the list's length (the first four bytes of `GetxattrOut`).
+    pub fn listxattr_sized(&mut self, nodeid: u64, size: u32) -> Result<Vec<u8>, i32> {
+        let listxattr = GetxattrIn { size, padding: 0 };
+        let reply = self.call(
+            Opcode::Listxattr,
+            nodeid,
+            &[listxattr.as_slice()],
+            REPLY_CAPACITY,
+        );
+        reply.check()?;
+        Ok(reply.body)
+    }
+
+    /// The names LISTXATTR returns, probing for the size first like the
+    /// kernel does.
+    pub fn listxattr(&mut self, nodeid: u64) -> Result<Vec<String>, i32> {
+        let probe = self.listxattr_sized(nodeid, 0)?;
+        let size = u32::from_le_bytes(probe[..4].try_into().unwrap());
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let names = self.listxattr_sized(nodeid, size)?;
+        assert_eq!(
+            names.len(),
+            size as usize,
+            "the list is as long as the probe said"
+        );
+        Ok(names
+            .split(|byte| *byte == 0)
+            .filter(|name| !name.is_empty())
+            .map(|name| String::from_utf8(name.to_vec()).unwrap())
+            .collect())
+    }
+
+    pub fn removexattr(&mut self, nodeid: u64, name: &str) -> Result<(), i32> {
+        self.call(Opcode::Removexattr, nodeid, &[&cstr(name)], REPLY_CAPACITY)
+            .check()
     }
 }

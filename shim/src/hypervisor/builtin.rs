@@ -55,12 +55,17 @@ impl Hypervisor for BuiltinVm {
             });
         }
         let model: Box<dyn VirtioDevice> = match device {
-            Device::Vsock { guest_cid, uds } => {
+            Device::Vsock {
+                guest_cid,
+                uds,
+                max_connections,
+            } => {
                 self.vsock_uds = Some(uds.clone());
                 Box::new(
                     VsockDevice::new(VsockConfig {
                         guest_cid,
                         uds_path: uds,
+                        max_connections,
                     })
                     .context("cannot create the vsock device")?,
                 )

@@ -184,8 +184,13 @@ impl VmSpec {
 /// A device given to the VM before it starts.
 #[derive(Debug, Clone)]
 pub enum Device {
-    /// virtio-vsock whose host side is the hybrid socket `uds`.
-    Vsock { guest_cid: u64, uds: PathBuf },
+    /// virtio-vsock whose host side is the hybrid socket `uds`, holding at
+    /// most `max_connections` streams at once.
+    Vsock {
+        guest_cid: u64,
+        uds: PathBuf,
+        max_connections: usize,
+    },
     /// virtio-fs serving the pod's share.
     SharedFs(FsConfig),
 }

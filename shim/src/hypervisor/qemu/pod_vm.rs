@@ -91,11 +91,16 @@ impl Hypervisor for QemuPodVm {
             });
         }
         match device {
-            Device::Vsock { guest_cid, uds } => {
+            Device::Vsock {
+                guest_cid,
+                uds,
+                max_connections,
+            } => {
                 let socket = self.spec.work_dir.join(VSOCK_VHOST_SOCKET);
                 let config = VsockConfig {
                     guest_cid,
                     uds_path: uds.clone(),
+                    max_connections,
                 };
                 let server =
                     virtio_vsock::serve_vhost_user(&socket, config).with_context(|| {

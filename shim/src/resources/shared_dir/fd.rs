@@ -396,8 +396,10 @@ mod tests {
         std::fs::create_dir_all(&share).unwrap();
         std::fs::create_dir_all(&outside).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let swaps_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let swapper = {
             let (share, outside, stop) = (share.clone(), outside.clone(), stop.clone());
+            let swaps_done = swaps_done.clone();
             std::thread::spawn(move || {
                 let mut swaps = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -408,13 +410,18 @@ mod tests {
                         let _ = std::os::unix::fs::symlink(&outside, &entry);
                     }
                     swaps += 1;
+                    swaps_done.store(swaps, Ordering::Relaxed);
                 }
                 swaps
             })
         };
         let dir = open_dir(&share);
         let (mut made, mut refused) = (0u32, 0u32);
-        for _ in 0..2000 {
+        // At least 2,000 rounds, and on until the swapper has raced us for
+        // 200 swaps (a bound keeps a starved thread from hanging the test).
+        let mut rounds = 0u64;
+        while rounds < 2000 || (swaps_done.load(Ordering::Relaxed) < 200 && rounds < 5_000_000) {
+            rounds += 1;
             let c = component("c").unwrap();
             match mkdir_at(&dir, &c)
                 .and_then(|()| open_path_at(dir.as_raw_fd(), &c, libc::O_DIRECTORY))
