@@ -668,4 +668,30 @@ mod virtio_fs {
         buffer.truncate(len as usize);
         buffer
     }
+
+    #[test]
+    fn fs_the_guest_cannot_make_a_setuid_or_setgid_program_on_the_host() {
+        let dir = TestDir::new("setuid").unwrap();
+        let mut client = FuseClient::new(&FsConfig::new(dir.path()));
+        let (file, open) = client
+            .create(ROOT_ID, "prog", 0o4755, libc::O_WRONLY)
+            .unwrap();
+        client.release(file.nodeid, open.fh).unwrap();
+        let mode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("prog"), 0o755, "CREATE with setuid");
+        client.chmod(file.nodeid, 0o6755).unwrap();
+        assert_eq!(mode("prog"), 0o755, "chmod u+s,g+s");
+        let sub = client.mkdir(ROOT_ID, "team", 0o775).unwrap();
+        client.chmod(sub.nodeid, 0o2775).unwrap();
+        assert_eq!(mode("team"), 0o2775, "setgid stays on a directory");
+        client.chmod(sub.nodeid, 0o4775).unwrap();
+        assert_eq!(mode("team"), 0o775, "setuid never does");
+
+        let mut allowed = FsConfig::new(dir.path());
+        allowed.allow_setuid = true;
+        let mut client = FuseClient::new(&allowed);
+        let prog = client.lookup(ROOT_ID, "prog").unwrap();
+        client.chmod(prog.nodeid, 0o4755).unwrap();
+        assert_eq!(mode("prog"), 0o4755, "allowed when the setting says so");
+    }
 }

@@ -113,6 +113,8 @@ pub struct SharedFsConfig {
     /// Most files and directories the guest may have open in the share
     /// (one host fd each).
     pub max_open_handles: usize,
+    /// Whether the guest may set setuid/setgid bits on host files.
+    pub allow_setuid: bool,
     /// Size cap, in bytes, of the tmpfs holding the share's own tree (the
     /// container directories and mount points; the guest cannot write it).
     pub tree_max_bytes: u64,
@@ -147,6 +149,7 @@ impl Default for SharedFsConfig {
             xattr: XattrPolicy::default(),
             max_open_inodes: DEFAULT_MAX_OPEN_INODES,
             max_open_handles: DEFAULT_MAX_OPEN_HANDLES,
+            allow_setuid: false,
             tree_max_bytes: DEFAULT_SHARE_TREE_MAX_BYTES,
             tree_max_inodes: DEFAULT_SHARE_TREE_MAX_INODES,
         }

@@ -97,7 +97,7 @@ pub fn init_server(debug: bool) {
             clear_nonblocking(&file);
             let writer = SharedFile(Arc::new(Mutex::new(file)));
             let _ = tracing_subscriber::fmt()
-                .with_max_level(level)
+                .with_env_filter(filter(level))
                 .with_ansi(false)
                 .with_writer(writer)
                 .try_init();
@@ -122,10 +122,27 @@ impl std::io::Write for OneLineStderr {
 /// Sets up logging to stderr (the `start` and `delete` actions).
 pub fn init_stderr(debug: bool) {
     let _ = tracing_subscriber::fmt()
-        .with_max_level(configured_level(debug))
+        .with_env_filter(filter(configured_level(debug)))
         .with_ansi(false)
         .with_writer(|| OneLineStderr)
         .try_init();
+}
+
+/// Log target of fuse-backend-rs (it logs through the `log` crate).
+const FUSE_BACKEND_TARGET: &str = "fuse_backend_rs";
+
+/// `level` for husk's own events. fuse-backend-rs's lines only at debug
+/// and trace: it logs some errors once per guest request (a GETATTR of an
+/// unknown node id, a malformed name), outside the devices' rate-limited
+/// guest log, so at the default level a guest could flood containerd's log
+/// through it.
+fn filter(level: LevelFilter) -> tracing_subscriber::EnvFilter {
+    let fuse = if level >= LevelFilter::DEBUG {
+        level
+    } else {
+        LevelFilter::OFF
+    };
+    tracing_subscriber::EnvFilter::new(format!("{level},{FUSE_BACKEND_TARGET}={fuse}"))
 }
 
 fn clear_nonblocking(file: &File) {
@@ -142,7 +159,29 @@ fn clear_nonblocking(file: &File) {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{filter, one_line};
+    use tracing_subscriber::filter::LevelFilter;
+
+    #[test]
+    fn fuse_backend_lines_are_off_unless_debugging() {
+        let directives = |level| {
+            let mut parts: Vec<String> = filter(level)
+                .to_string()
+                .split(',')
+                .map(str::to_owned)
+                .collect();
+            parts.sort();
+            parts
+        };
+        assert_eq!(
+            directives(LevelFilter::INFO),
+            ["fuse_backend_rs=off", "info"]
+        );
+        assert_eq!(
+            directives(LevelFilter::DEBUG),
+            ["debug", "fuse_backend_rs=debug"]
+        );
+    }
 
     #[test]
     fn an_event_with_line_breaks_in_its_fields_stays_one_line() {

@@ -93,6 +93,7 @@ fn fs_config(share: &Path, config: &Config) -> Result<FsConfig> {
     fs.xattr = config.shared_fs.xattr;
     fs.max_open_inodes = config.shared_fs.max_open_inodes;
     fs.max_open_handles = config.shared_fs.max_open_handles;
+    fs.allow_setuid = config.shared_fs.allow_setuid;
     Ok(fs)
 }
 

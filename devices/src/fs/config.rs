@@ -225,6 +225,10 @@ pub struct FsConfig {
     /// one host fd); an OPEN, OPENDIR or CREATE beyond it fails with
     /// `ENFILE`. At least 1.
     pub max_open_handles: usize,
+    /// Whether the guest may set the setuid bit (and setgid on
+    /// non-directories) on host files; off by default, so nothing the
+    /// guest writes becomes a privileged program on the host.
+    pub allow_setuid: bool,
 }
 
 impl FsConfig {
@@ -241,6 +245,7 @@ impl FsConfig {
             xattr: XattrPolicy::default(),
             max_open_inodes: DEFAULT_MAX_OPEN_INODES,
             max_open_handles: DEFAULT_MAX_OPEN_HANDLES,
+            allow_setuid: false,
         }
     }
 

@@ -75,6 +75,8 @@ pub struct SharedFs {
     /// Set by the first INIT; a later INIT is a new guest session.
     initialized: AtomicBool,
     xattr: XattrPolicy,
+    /// Whether the guest may set setuid/setgid bits on host files.
+    allow_setuid: bool,
     inodes: InodeLedger,
     handles: HandleLedger,
     /// Where refusals at the limits are reported.
@@ -89,6 +91,7 @@ impl SharedFs {
             inner,
             initialized: AtomicBool::new(false),
             xattr: config.xattr,
+            allow_setuid: config.allow_setuid,
             inodes: InodeLedger::new(config.max_open_inodes),
             handles: HandleLedger::new(config.max_open_handles),
             guest_log,
@@ -163,6 +166,23 @@ impl SharedFs {
 /// Whether MKNOD may create a node of `mode`/`rdev` in the share: anything
 /// but a device node, except the 0/0 character device overlayfs uses as a
 /// whiteout.
+/// `mode` without the bits that would make a host file run with its
+/// owner's or group's privileges: setuid always, setgid except on a
+/// directory (where it only makes new entries inherit the group). The
+/// guest's root is not the host's: a setuid-root program it writes into a
+/// rootfs or volume must not be one on the host.
+pub fn without_privilege_bits(mode: u32, is_directory: bool) -> u32 {
+    let mut mode = mode & !libc::S_ISUID;
+    if !is_directory {
+        mode &= !libc::S_ISGID;
+    }
+    mode
+}
+
+fn is_directory_mode(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFDIR
+}
+
 pub fn mknod_allowed(mode: u32, rdev: u32) -> bool {
     match mode & libc::S_IFMT {
         libc::S_IFBLK => false,
@@ -208,6 +228,11 @@ impl FileSystem for SharedFs {
             .inodes
             .reserve()
             .map_err(|_| self.inode_limit_reached())?;
+        let mode = if self.allow_setuid {
+            mode
+        } else {
+            without_privilege_bits(mode, is_directory_mode(mode))
+        };
         let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
         slot.commit(entry.inode);
         Ok(entry)
@@ -282,6 +307,10 @@ impl FileSystem for SharedFs {
             .handles
             .reserve()
             .map_err(|_| self.handle_limit_reached())?;
+        let mut args = args;
+        if !self.allow_setuid {
+            args.mode = without_privilege_bits(args.mode, false);
+        }
         let created = self.inner.create(ctx, parent, name, args)?;
         inode_slot.commit(created.0.inode);
         handle_slot.commit(created.1);
@@ -344,6 +373,11 @@ impl FileSystem for SharedFs {
             .inodes
             .reserve()
             .map_err(|_| self.inode_limit_reached())?;
+        let mode = if self.allow_setuid {
+            mode
+        } else {
+            without_privilege_bits(mode, true)
+        };
         let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
         slot.commit(entry.inode);
         Ok(entry)
@@ -441,6 +475,15 @@ impl FileSystem for SharedFs {
         handle: Option<Self::Handle>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
+        let mut attr = attr;
+        let privileged = libc::S_ISUID | libc::S_ISGID;
+        if !self.allow_setuid
+            && valid.contains(SetattrValid::MODE)
+            && attr.st_mode & privileged != 0
+        {
+            let (current, _) = self.inner.getattr(ctx, inode, None)?;
+            attr.st_mode = without_privilege_bits(attr.st_mode, is_directory_mode(current.st_mode));
+        }
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 

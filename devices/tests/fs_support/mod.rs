@@ -9,7 +9,7 @@
 use fuse_backend_rs::abi::fuse_abi::{
     Attr, BatchForgetIn, CreateIn, Dirent, EntryOut, ForgetIn, ForgetOne, GetxattrIn, GetxattrOut,
     InHeader, InitIn, InitOut, LinkIn, MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader,
-    ReadIn, ReleaseIn, RenameIn, SetxattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION,
+    ReadIn, ReleaseIn, RenameIn, SetattrIn, SetxattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION,
     KERNEL_VERSION,
 };
 use husk_devices::fs::{FsConfig, FsDeviceModel};
@@ -393,6 +393,24 @@ impl FuseClient {
         )
         .unwrap();
         Ok((entry, open))
+    }
+
+    /// SETATTR of the mode alone (chmod).
+    pub fn chmod(&mut self, nodeid: u64, mode: u32) -> Result<Attr, i32> {
+        let setattr = SetattrIn {
+            valid: 1, // FATTR_MODE
+            mode,
+            ..Default::default()
+        };
+        let out: fuse_backend_rs::abi::fuse_abi::AttrOut = self
+            .call(
+                Opcode::Setattr,
+                nodeid,
+                &[setattr.as_slice()],
+                REPLY_CAPACITY,
+            )
+            .parse()?;
+        Ok(out.attr)
     }
 
     pub fn read(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
