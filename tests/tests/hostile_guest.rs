@@ -112,6 +112,12 @@ const MUST_BE_REFUSED: &[&str] = &[
     "setuid_in_rootfs",
     "setuid_in_rw_volume",
     "setgid_in_rw_volume",
+];
+
+/// Attacks the guest may see succeed (its privileged xattrs are kept for
+/// it, mapped under `user.husk.guest.` on the host) but that must leave no
+/// privileged xattr on a host file: the xattr check asserts that.
+const CONTAINED_IN_THE_GUEST: &[&str] = &[
     "file_capability_on_rootfs",
     "trusted_xattr_on_rootfs",
     "selinux_label_on_rw_volume",
@@ -242,8 +248,8 @@ fn attack_results(stdout: &str) -> BTreeMap<String, String> {
     stdout
         .lines()
         .filter_map(|line| line.strip_prefix("ATTACK "))
-        .filter_map(|rest| rest.split_once(' '))
-        .map(|(name, result)| (name.to_owned(), result.trim().to_owned()))
+        .map(|rest| rest.split_once(' ').unwrap_or((rest, "")))
+        .map(|(name, result)| (name.trim().to_owned(), result.trim().to_owned()))
         .collect()
 }
 
@@ -290,6 +296,9 @@ struct Run {
     /// attacker's rootfs source and rw volume (before their removal).
     privileged_files: Vec<String>,
     privileged_xattrs: Vec<String>,
+    /// xattr names on the host copy of the attacker's busybox: the mapped
+    /// copies prove the attacks reached the host's file server.
+    busybox_xattrs: Vec<String>,
     console_bytes: u64,
     share_tree_used: u64,
     share_tree_cap: u64,
@@ -331,6 +340,12 @@ async fn run() -> ExitCode {
                 "the script did not finish: {:?}",
                 run.attacks
             );
+            let missing: Vec<_> = MUST_BE_REFUSED
+                .iter()
+                .chain(CONTAINED_IN_THE_GUEST)
+                .filter(|name| !run.attacks.contains_key(**name))
+                .collect();
+            ensure!(missing.is_empty(), "attacks that did not run: {missing:?}");
             ensure!(
                 run.attacks.get("user_xattr_on_rootfs").map(String::as_str) == Some("done"),
                 "a user.* xattr, which the host allows, was refused: the setup is broken"
@@ -375,6 +390,16 @@ async fn run() -> ExitCode {
                 "privileged xattrs on host files: {:?}",
                 run.privileged_xattrs
             );
+            for mapped in [
+                "user.husk.guest.security.capability",
+                "user.husk.guest.trusted.overlay.opaque",
+            ] {
+                ensure!(
+                    run.busybox_xattrs.iter().any(|n| n == mapped),
+                    "the guest's write never reached the host as {mapped}: {:?}",
+                    run.busybox_xattrs
+                );
+            }
             Ok(())
         }),
         ("the_shares_own_tree_stayed_within_its_cap", |run| {
@@ -501,6 +526,7 @@ async fn attack() -> Result<Run> {
 
     let (privileged_files, privileged_xattrs) =
         privileged_on_host(&[rootfs_source.clone(), outside.path("rw-volume")])?;
+    let busybox_xattrs = host_xattr_names(&rootfs_source.join("bin/busybox"))?;
     let victim_ok = add_victim(&sandbox, &outside).await;
     sandbox.remove_container(ATTACKER).await?;
     let after = outside.snapshot()?;
@@ -511,6 +537,7 @@ async fn attack() -> Result<Run> {
         after,
         privileged_files,
         privileged_xattrs,
+        busybox_xattrs,
         console_bytes,
         share_tree_used,
         share_tree_cap,
