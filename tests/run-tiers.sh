@@ -23,6 +23,7 @@ host      devices/tests/fs_config.rs
 host      devices/tests/fs_confinement.rs
 host      devices/tests/fs_lifecycle.rs
 host      devices/tests/fs_requests.rs
+host      devices/tests/fs_limits.rs
 host      devices/tests/fs_vhost_user.rs
 host      shim/tests/shared_dir.rs
 kvm       vmm/tests/kvm_payloads.rs
