@@ -463,10 +463,8 @@ mod shared_dir {
         let setup = Setup::new("missing");
         let missing = setup.base.path().join("nope");
         let error = SharedDirectory::create(&missing, LIMITS).err().unwrap();
-        assert!(
-            error.to_string().contains(missing.to_str().unwrap()),
-            "{error}"
-        );
+        let chain = format!("{:#}", anyhow::Error::from(error));
+        assert!(chain.contains(missing.to_str().unwrap()), "{chain}");
         assert!(mounts_below(setup.base.path()).is_empty());
     }
 }

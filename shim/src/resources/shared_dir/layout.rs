@@ -39,7 +39,7 @@ pub struct ShareTreeLimits {
 
 /// A failed step of the layout, naming it.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {step} {path}: {source}")]
+#[error("cannot {step} {path}")]
 pub struct LayoutError {
     pub step: &'static str,
     pub path: std::path::PathBuf,

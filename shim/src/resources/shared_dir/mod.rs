@@ -43,7 +43,7 @@ pub enum SharedDirError {
     #[error("invalid container id {id:?}: {reason}")]
     InvalidContainerId { id: String, reason: &'static str },
     /// The share's mounts could not be made.
-    #[error("cannot set up the pod's share: {0}")]
+    #[error("cannot set up the pod's share")]
     Layout(#[from] layout::LayoutError),
     /// The shared directory cannot be opened.
     #[error("cannot open shared directory {path}: {source}")]
