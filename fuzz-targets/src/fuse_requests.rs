@@ -26,6 +26,12 @@
 //! node but the 0/0 whiteout, and no file descriptor outlived the model.
 //! Files are capped at 16 MiB (`RLIMIT_FSIZE`) so a guest cannot fill the
 //! host's disk from the fuzzer.
+//!
+//! The `log` crate is at trace level with a logger that formats every
+//! record: the shim's tracing subscriber forwards `log` records
+//! (tracing-log) at the configured level, so with `log_level = "trace"`
+//! fuse-backend-rs's trace lines run, with what they format from guest
+//! requests.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -121,6 +127,7 @@ fn share() -> &'static Share {
     static SHARE: OnceLock<Share> = OnceLock::new();
     SHARE.get_or_init(|| {
         limit_file_size();
+        log_everything();
         let dir = TestDir::new("fuzz-fs").expect("cannot create the share's directory");
         let parent = dir.path().to_owned();
         let root = parent.join("root");
@@ -146,6 +153,27 @@ fn share() -> &'static Share {
             parent_snapshot,
         }
     })
+}
+
+/// Formats every `log` record and drops it.
+struct FormatAndDrop;
+
+impl log::Log for FormatAndDrop {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let _ = std::fmt::format(*record.args());
+    }
+    fn flush(&self) {}
+}
+
+fn log_everything() {
+    static LOGGER: FormatAndDrop = FormatAndDrop;
+    // Another logger (a test harness's) serves as well: only the level
+    // decides whether fuse-backend-rs's trace arguments are evaluated.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Trace);
 }
 
 /// Caps file size and turns SIGXFSZ into EFBIG for the guest.

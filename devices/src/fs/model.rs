@@ -28,8 +28,9 @@ use std::cell::Cell;
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap};
 
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -148,13 +149,23 @@ impl FsDeviceModel {
                 return 0;
             }
         };
-        let writer = match VirtioFsWriter::new(memory, chain) {
+        let mut writer = match VirtioFsWriter::new(memory, chain) {
             Ok(writer) => writer,
             Err(error) => {
                 tracing::warn!(%error, head_index, "virtio-fs: unwritable reply descriptors");
                 return 0;
             }
         };
+        if let Ok(header) = reader.clone().read_obj::<InHeader>() {
+            if !opcode_is_representable(header.opcode) {
+                tracing::debug!(
+                    opcode = header.opcode,
+                    head_index,
+                    "virtio-fs: opcode fuse-backend-rs cannot name; ENOSYS"
+                );
+                return reply_enosys(&mut writer, header.unique);
+            }
+        }
         match self
             .server
             .handle_message(reader, writer.into(), None, None)
@@ -165,6 +176,86 @@ impl FsDeviceModel {
                 tracing::debug!(%error, head_index, "virtio-fs: request not served");
                 0
             }
+        }
+    }
+}
+
+/// Every variant of fuse-backend-rs's `Opcode` below `MaxOpcode`.
+const OPCODE_VARIANTS: [Opcode; 47] = [
+    Opcode::Lookup,
+    Opcode::Forget,
+    Opcode::Getattr,
+    Opcode::Setattr,
+    Opcode::Readlink,
+    Opcode::Symlink,
+    Opcode::Mknod,
+    Opcode::Mkdir,
+    Opcode::Unlink,
+    Opcode::Rmdir,
+    Opcode::Rename,
+    Opcode::Link,
+    Opcode::Open,
+    Opcode::Read,
+    Opcode::Write,
+    Opcode::Statfs,
+    Opcode::Release,
+    Opcode::Fsync,
+    Opcode::Setxattr,
+    Opcode::Getxattr,
+    Opcode::Listxattr,
+    Opcode::Removexattr,
+    Opcode::Flush,
+    Opcode::Init,
+    Opcode::Opendir,
+    Opcode::Readdir,
+    Opcode::Releasedir,
+    Opcode::Fsyncdir,
+    Opcode::Getlk,
+    Opcode::Setlk,
+    Opcode::Setlkw,
+    Opcode::Access,
+    Opcode::Create,
+    Opcode::Interrupt,
+    Opcode::Bmap,
+    Opcode::Destroy,
+    Opcode::Ioctl,
+    Opcode::Poll,
+    Opcode::NotifyReply,
+    Opcode::BatchForget,
+    Opcode::Fallocate,
+    Opcode::Readdirplus,
+    Opcode::Rename2,
+    Opcode::Lseek,
+    Opcode::CopyFileRange,
+    Opcode::SetupMapping,
+    Opcode::RemoveMapping,
+];
+
+/// Whether fuse-backend-rs can turn `opcode` into its `Opcode` enum.
+///
+/// Its `Opcode::from(u32)` transmutes every value below `MaxOpcode`, so a
+/// value that names no variant (0, 7 and 19 in 0.14) becomes an invalid
+/// enum: undefined behaviour, and an abort where debug assertions are on.
+/// The server makes that conversion for every request whenever `log` is at
+/// trace level, which the shim's tracing subscriber sets for
+/// `log_level = "trace"`. Such requests never reach the server.
+pub fn opcode_is_representable(opcode: u32) -> bool {
+    opcode >= Opcode::MaxOpcode as u32 || OPCODE_VARIANTS.iter().any(|v| *v as u32 == opcode)
+}
+
+/// Answers a request with ENOSYS, as the server answers opcodes it does
+/// not implement; returns the reply length (0 if it could not be written).
+fn reply_enosys(writer: &mut VirtioFsWriter<'_>, unique: u64) -> u32 {
+    let header = OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -libc::ENOSYS,
+        unique,
+    };
+    match std::io::Write::write_all(writer, header.as_slice()) {
+        Ok(()) => header.len,
+        Err(error) => {
+            tracing::debug!(%error, "virtio-fs: cannot write an ENOSYS reply");
+            0
         }
     }
 }
@@ -196,4 +287,64 @@ fn isolate_thread_umask() {
     }
     // SAFETY: umask only changes this thread's (now private) fs context.
     unsafe { libc::umask(0) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_test_support::tempdir::TestDir;
+    use husk_test_support::virtqueue::DriverQueue;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn the_opcodes_fuse_backend_rs_cannot_name_are_the_gaps_in_its_enum() {
+        let unnamed: Vec<u32> = (0..Opcode::MaxOpcode as u32 + 16)
+            .filter(|&opcode| !opcode_is_representable(opcode))
+            .collect();
+        assert_eq!(unnamed, [0, 7, 19]);
+    }
+
+    /// Formats every `log` record, as the shim's subscriber does at trace.
+    struct FormatAll;
+    impl log::Log for FormatAll {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let _ = std::fmt::format(*record.args());
+        }
+        fn flush(&self) {}
+    }
+
+    #[test]
+    fn an_opcode_without_a_name_gets_enosys_even_with_trace_logging() {
+        // Caught by the fuse_requests fuzz target (seed-lies, opcodes 0
+        // and 7): with `log` at trace, fuse-backend-rs's server turned the
+        // opcode into an invalid enum, which aborts the process.
+        static LOGGER: FormatAll = FormatAll;
+        let _ = log::set_logger(&LOGGER);
+        log::set_max_level(log::LevelFilter::Trace);
+        let dir = TestDir::new("fs-opcode").unwrap();
+        let model = FsDeviceModel::new(&FsConfig::new(dir.path())).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut driver = DriverQueue::new(&mem, 0x1000, 8, 0x1000);
+        let mut queue = driver.device_queue();
+        for (opcode, unique) in [(7u32, 11u64), (0, 13), (19, 15)] {
+            let header = InHeader {
+                len: std::mem::size_of::<InHeader>() as u32,
+                opcode,
+                unique,
+                ..Default::default()
+            };
+            driver
+                .add_chain(&mem, &[(40, false, header.as_slice()), (64, true, &[])])
+                .unwrap();
+            model.process_queue(&mem, &mut queue).unwrap();
+            let (_, len, reply) = driver.pop_used(&mem).unwrap();
+            assert_eq!(len, 16, "opcode {opcode}");
+            let out = OutHeader::from_slice(&reply).copied().unwrap();
+            assert_eq!(out.error, -libc::ENOSYS, "opcode {opcode}");
+            assert_eq!(out.unique, unique);
+        }
+    }
 }
