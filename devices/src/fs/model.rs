@@ -156,15 +156,13 @@ impl FsDeviceModel {
                 return 0;
             }
         };
-        if let Ok(header) = reader.clone().read_obj::<InHeader>() {
-            if !opcode_is_representable(header.opcode) {
-                tracing::debug!(
-                    opcode = header.opcode,
-                    head_index,
-                    "virtio-fs: opcode fuse-backend-rs cannot name; ENOSYS"
-                );
-                return reply_enosys(&mut writer, header.unique);
-            }
+        if let Some((unique, errno)) = refused_before_the_server(&reader) {
+            tracing::debug!(
+                errno,
+                head_index,
+                "virtio-fs: request refused before the server"
+            );
+            return reply_error(&mut writer, unique, errno);
         }
         match self
             .server
@@ -243,18 +241,49 @@ pub fn opcode_is_representable(opcode: u32) -> bool {
     opcode >= Opcode::MaxOpcode as u32 || OPCODE_VARIANTS.iter().any(|v| *v as u32 == opcode)
 }
 
-/// Answers a request with ENOSYS, as the server answers opcodes it does
-/// not implement; returns the reply length (0 if it could not be written).
-fn reply_enosys(writer: &mut VirtioFsWriter<'_>, unique: u64) -> u32 {
+/// FUSE_OPEN and FUSE_CREATE: their argument structs start with the
+/// `open(2)` flags.
+const OPCODE_OPEN: u32 = Opcode::Open as u32;
+const OPCODE_CREATE: u32 = Opcode::Create as u32;
+
+/// The requests answered here, never handed to the server: the request's
+/// `unique` and the errno to answer with.
+///
+/// * Opcodes fuse-backend-rs cannot name ([`opcode_is_representable`]):
+///   ENOSYS, what the server answers for opcodes it does not implement.
+/// * OPEN and CREATE with `O_PATH`: EINVAL. Linux's FUSE client never sends
+///   it (an `O_PATH` open does not reach the file system); the passthrough
+///   would hand it to `openat` and keep an `O_PATH` fd as a file handle, on
+///   which fuse-backend-rs's READ and WRITE fail `fcntl(F_SETFL)` and then
+///   close the handle's fd while the handle still names it: the next fd
+///   the process opens gets that number, and the guest's handle with it.
+fn refused_before_the_server(reader: &Reader<'_>) -> Option<(u64, i32)> {
+    let mut reader = reader.clone();
+    let header = reader.read_obj::<InHeader>().ok()?;
+    if !opcode_is_representable(header.opcode) {
+        return Some((header.unique, libc::ENOSYS));
+    }
+    if matches!(header.opcode, OPCODE_OPEN | OPCODE_CREATE) {
+        let flags = reader.read_obj::<u32>().ok()?;
+        if flags & libc::O_PATH as u32 != 0 {
+            return Some((header.unique, libc::EINVAL));
+        }
+    }
+    None
+}
+
+/// Answers request `unique` with `errno`; returns the reply length (0 if
+/// it could not be written).
+fn reply_error(writer: &mut VirtioFsWriter<'_>, unique: u64, errno: i32) -> u32 {
     let header = OutHeader {
         len: std::mem::size_of::<OutHeader>() as u32,
-        error: -libc::ENOSYS,
+        error: -errno,
         unique,
     };
     match std::io::Write::write_all(writer, header.as_slice()) {
         Ok(()) => header.len,
         Err(error) => {
-            tracing::debug!(%error, "virtio-fs: cannot write an ENOSYS reply");
+            tracing::debug!(%error, "virtio-fs: cannot write an error reply");
             0
         }
     }
@@ -295,6 +324,72 @@ mod tests {
     use husk_test_support::tempdir::TestDir;
     use husk_test_support::virtqueue::DriverQueue;
     use vm_memory::GuestAddress;
+
+    /// One request on a fresh ring: the reply's header and body.
+    fn request(
+        model: &FsDeviceModel,
+        opcode: u32,
+        nodeid: u64,
+        body: &[u8],
+    ) -> (OutHeader, Vec<u8>) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut driver = DriverQueue::new(&mem, 0x1000, 8, 0x1000);
+        let mut queue = driver.device_queue();
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+            opcode,
+            unique: 77,
+            nodeid,
+            ..Default::default()
+        };
+        let mut wire = header.as_slice().to_vec();
+        wire.extend_from_slice(body);
+        driver
+            .add_chain(
+                &mem,
+                &[(wire.len() as u32, false, &wire), (4096, true, &[])],
+            )
+            .unwrap();
+        model.process_queue(&mem, &mut queue).unwrap();
+        let (_, len, reply) = driver.pop_used(&mem).unwrap();
+        assert!(len >= 16, "opcode {opcode}: {len}-byte reply");
+        let out = OutHeader::from_slice(&reply[..16]).copied().unwrap();
+        assert_eq!(out.unique, 77);
+        (out, reply[16..].to_vec())
+    }
+
+    #[test]
+    fn an_o_path_open_is_refused_so_no_handle_holds_an_o_path_fd() {
+        // Caught by the fuse_requests fuzz target: OPEN with O_PATH kept an
+        // O_PATH fd as a handle; WRITE on it failed fcntl(F_SETFL) and
+        // fuse-backend-rs closed the handle's fd while the handle still
+        // named it (a double close when the model dropped it).
+        let dir = TestDir::new("fs-o-path").unwrap();
+        std::fs::write(dir.join("f"), b"x").unwrap();
+        let model = FsDeviceModel::new(&FsConfig::new(dir.path())).unwrap();
+        let init = [7u32, 31, 0, 0].map(u32::to_le_bytes).concat();
+        assert_eq!(request(&model, Opcode::Init as u32, 0, &init).0.error, 0);
+        let (lookup, entry) = request(&model, Opcode::Lookup as u32, 1, b"f\0");
+        assert_eq!(lookup.error, 0);
+        let nodeid = u64::from_le_bytes(entry[..8].try_into().unwrap());
+        let o_path = (libc::O_PATH | libc::O_RDWR) as u32;
+        let open = [o_path, 0].map(u32::to_le_bytes).concat();
+        let (reply, _) = request(&model, Opcode::Open as u32, nodeid, &open);
+        assert_eq!(reply.error, -libc::EINVAL);
+        let create = [o_path | libc::O_CREAT as u32, 0o644, 0, 0]
+            .map(u32::to_le_bytes)
+            .concat();
+        let mut body = create;
+        body.extend_from_slice(b"g\0");
+        let (reply, _) = request(&model, Opcode::Create as u32, 1, &body);
+        assert_eq!(reply.error, -libc::EINVAL);
+        assert!(!dir.join("g").exists());
+        let open = [libc::O_RDWR as u32, 0].map(u32::to_le_bytes).concat();
+        assert_eq!(
+            request(&model, Opcode::Open as u32, nodeid, &open).0.error,
+            0
+        );
+    }
 
     #[test]
     fn the_opcodes_fuse_backend_rs_cannot_name_are_the_gaps_in_its_enum() {
