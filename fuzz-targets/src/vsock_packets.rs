@@ -132,35 +132,36 @@ fn guest_packet(guest: &mut Guest, input: &mut Input) {
         2 => usize::from(input.u16()),
         _ => MAX_PKT_PAYLOAD,
     };
-    let mut payload = input
-        .bytes(payload_len.min(MAX_PAYLOAD_FROM_INPUT))
-        .to_vec();
-    payload.resize(payload_len, 0);
+    // Only the payload's head comes from the input; the descriptors still
+    // span the whole payload, whose tail is whatever guest memory holds
+    // (zeros, or an earlier packet's bytes), so long payloads cost no
+    // copying.
+    let payload_head = input.bytes(payload_len.min(MAX_PAYLOAD_FROM_INPUT));
     if shape & 2 == 0 {
         header.len = payload_len as u32;
     } else {
         header.len = input.u32();
     }
     let mut wire = header.encode().to_vec();
-    wire.extend_from_slice(&payload);
+    wire.extend_from_slice(payload_head);
+    let mut total = HDR_LEN + payload_len;
     if shape & 0x40 != 0 {
         // A chain shorter than the header says.
-        let keep = usize::from(input.u16()) % wire.len();
-        wire.truncate(keep);
+        total = usize::from(input.u16()) % total;
     }
     let mut cuts = match (shape >> 2) & 3 {
         0 => vec![],
-        1 => vec![HDR_LEN.min(wire.len())],
-        2 => vec![usize::from(input.u16()) % (wire.len() + 1)],
+        1 => vec![HDR_LEN.min(total)],
+        2 => vec![usize::from(input.u16()) % (total + 1)],
         _ => {
             let mut cuts: Vec<usize> = (0..4)
-                .map(|_| usize::from(input.u16()) % (wire.len() + 1))
+                .map(|_| usize::from(input.u16()) % (total + 1))
                 .collect();
             cuts.sort_unstable();
             cuts
         }
     };
-    cuts.push(wire.len());
+    cuts.push(total);
     let mut parts: Vec<(u32, bool, &[u8])> = Vec::new();
     if shape & 0x10 != 0 {
         parts.push((0, false, &[]));
@@ -168,7 +169,8 @@ fn guest_packet(guest: &mut Guest, input: &mut Input) {
     let mut start = 0;
     for cut in cuts {
         if cut > start {
-            parts.push(((cut - start) as u32, false, &wire[start..cut]));
+            let data = &wire[start.min(wire.len())..cut.min(wire.len())];
+            parts.push(((cut - start) as u32, false, data));
             start = cut;
         }
     }
