@@ -241,9 +241,10 @@ pub fn opcode_is_representable(opcode: u32) -> bool {
     opcode >= Opcode::MaxOpcode as u32 || OPCODE_VARIANTS.iter().any(|v| *v as u32 == opcode)
 }
 
-/// FUSE_OPEN and FUSE_CREATE: their argument structs start with the
-/// `open(2)` flags.
+/// FUSE_OPEN, FUSE_OPENDIR and FUSE_CREATE: their argument structs start
+/// with the `open(2)` flags.
 const OPCODE_OPEN: u32 = Opcode::Open as u32;
+const OPCODE_OPENDIR: u32 = Opcode::Opendir as u32;
 const OPCODE_CREATE: u32 = Opcode::Create as u32;
 
 /// The requests answered here, never handed to the server: the request's
@@ -251,7 +252,7 @@ const OPCODE_CREATE: u32 = Opcode::Create as u32;
 ///
 /// * Opcodes fuse-backend-rs cannot name ([`opcode_is_representable`]):
 ///   ENOSYS, what the server answers for opcodes it does not implement.
-/// * OPEN and CREATE with `O_PATH`: EINVAL. Linux's FUSE client never sends
+/// * OPEN, OPENDIR and CREATE with `O_PATH`: EINVAL. Linux's FUSE client never sends
 ///   it (an `O_PATH` open does not reach the file system); the passthrough
 ///   would hand it to `openat` and keep an `O_PATH` fd as a file handle, on
 ///   which fuse-backend-rs's READ and WRITE fail `fcntl(F_SETFL)` and then
@@ -263,7 +264,7 @@ fn refused_before_the_server(reader: &Reader<'_>) -> Option<(u64, i32)> {
     if !opcode_is_representable(header.opcode) {
         return Some((header.unique, libc::ENOSYS));
     }
-    if matches!(header.opcode, OPCODE_OPEN | OPCODE_CREATE) {
+    if matches!(header.opcode, OPCODE_OPEN | OPCODE_OPENDIR | OPCODE_CREATE) {
         let flags = reader.read_obj::<u32>().ok()?;
         if flags & libc::O_PATH as u32 != 0 {
             return Some((header.unique, libc::EINVAL));
@@ -359,7 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn an_o_path_open_is_refused_so_no_handle_holds_an_o_path_fd() {
+    fn an_o_path_open_or_opendir_is_refused_so_no_handle_holds_an_o_path_fd() {
         // Caught by the fuse_requests fuzz target: OPEN with O_PATH kept an
         // O_PATH fd as a handle; WRITE on it failed fcntl(F_SETFL) and
         // fuse-backend-rs closed the handle's fd while the handle still
@@ -375,6 +376,9 @@ mod tests {
         let o_path = (libc::O_PATH | libc::O_RDWR) as u32;
         let open = [o_path, 0].map(u32::to_le_bytes).concat();
         let (reply, _) = request(&model, Opcode::Open as u32, nodeid, &open);
+        assert_eq!(reply.error, -libc::EINVAL);
+        // The fuzz target's second reproducer: OPENDIR of the root.
+        let (reply, _) = request(&model, Opcode::Opendir as u32, 1, &open);
         assert_eq!(reply.error, -libc::EINVAL);
         let create = [o_path | libc::O_CREAT as u32, 0o644, 0, 0]
             .map(u32::to_le_bytes)
