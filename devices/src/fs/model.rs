@@ -246,6 +246,14 @@ pub fn opcode_is_representable(opcode: u32) -> bool {
 const OPCODE_OPEN: u32 = Opcode::Open as u32;
 const OPCODE_OPENDIR: u32 = Opcode::Opendir as u32;
 const OPCODE_CREATE: u32 = Opcode::Create as u32;
+/// FUSE_GETXATTR and FUSE_LISTXATTR: their argument structs start with the
+/// size of the caller's buffer.
+const OPCODE_GETXATTR: u32 = Opcode::Getxattr as u32;
+const OPCODE_LISTXATTR: u32 = Opcode::Listxattr as u32;
+/// Linux's `XATTR_SIZE_MAX` and `XATTR_LIST_MAX`: the VFS clamps every
+/// getxattr(2) and listxattr(2) buffer to this, so a Linux guest never asks
+/// for more.
+const XATTR_BUFFER_MAX: u32 = 64 * 1024;
 
 /// The requests answered here, never handed to the server: the request's
 /// `unique` and the errno to answer with.
@@ -258,19 +266,26 @@ const OPCODE_CREATE: u32 = Opcode::Create as u32;
 ///   which fuse-backend-rs's READ and WRITE fail `fcntl(F_SETFL)` and then
 ///   close the handle's fd while the handle still names it: the next fd
 ///   the process opens gets that number, and the guest's handle with it.
+/// * GETXATTR and LISTXATTR for more than [`XATTR_BUFFER_MAX`] bytes:
+///   ERANGE. The passthrough allocates the guest's size up front, so a
+///   4 GiB request would be a 4 GiB allocation in the shim.
 fn refused_before_the_server(reader: &Reader<'_>) -> Option<(u64, i32)> {
     let mut reader = reader.clone();
     let header = reader.read_obj::<InHeader>().ok()?;
     if !opcode_is_representable(header.opcode) {
         return Some((header.unique, libc::ENOSYS));
     }
-    if matches!(header.opcode, OPCODE_OPEN | OPCODE_OPENDIR | OPCODE_CREATE) {
-        let flags = reader.read_obj::<u32>().ok()?;
-        if flags & libc::O_PATH as u32 != 0 {
-            return Some((header.unique, libc::EINVAL));
+    match header.opcode {
+        OPCODE_OPEN | OPCODE_OPENDIR | OPCODE_CREATE => {
+            let flags = reader.read_obj::<u32>().ok()?;
+            (flags & libc::O_PATH as u32 != 0).then_some((header.unique, libc::EINVAL))
         }
+        OPCODE_GETXATTR | OPCODE_LISTXATTR => {
+            let size = reader.read_obj::<u32>().ok()?;
+            (size > XATTR_BUFFER_MAX).then_some((header.unique, libc::ERANGE))
+        }
+        _ => None,
     }
-    None
 }
 
 /// Answers request `unique` with `errno`; returns the reply length (0 if
@@ -393,6 +408,28 @@ mod tests {
             request(&model, Opcode::Open as u32, nodeid, &open).0.error,
             0
         );
+    }
+
+    #[test]
+    fn an_xattr_buffer_larger_than_linux_ever_asks_for_is_refused() {
+        // Caught by the fuse_requests fuzz target: LISTXATTR with a size of
+        // u32::MAX made the passthrough allocate 4 GiB.
+        let dir = TestDir::new("fs-xattr-size").unwrap();
+        let model = FsDeviceModel::new(&FsConfig::new(dir.path())).unwrap();
+        let init = [7u32, 31, 0, 0].map(u32::to_le_bytes).concat();
+        assert_eq!(request(&model, Opcode::Init as u32, 0, &init).0.error, 0);
+        for size in [u32::MAX, XATTR_BUFFER_MAX + 1] {
+            let body = [size, 0].map(u32::to_le_bytes).concat();
+            let (reply, _) = request(&model, Opcode::Listxattr as u32, 1, &body);
+            assert_eq!(reply.error, -libc::ERANGE, "LISTXATTR of {size}");
+            let mut body = body.clone();
+            body.extend_from_slice(b"user.x\0");
+            let (reply, _) = request(&model, Opcode::Getxattr as u32, 1, &body);
+            assert_eq!(reply.error, -libc::ERANGE, "GETXATTR of {size}");
+        }
+        let body = [0u32, 0].map(u32::to_le_bytes).concat();
+        let (reply, _) = request(&model, Opcode::Listxattr as u32, 1, &body);
+        assert_eq!(reply.error, 0, "a size probe still works");
     }
 
     #[test]
