@@ -28,7 +28,6 @@ use husk_agent_client::agent::*;
 use husk_agent_client::{AgentClient, ClientError, Endpoint};
 use husk_shim::metrics::cgroup_v1_metrics;
 use husk_shim::pod::process::Exit;
-use husk_test_support::tempdir::TestDir;
 use protobuf::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -177,10 +176,8 @@ fn events_seen(events: &[Event]) {
 }
 
 fn scratch_dir() -> PathBuf {
-    static DIR: std::sync::OnceLock<TestDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| TestDir::new("fuzz-agent").expect("cannot create a test directory"))
-        .path()
-        .to_owned()
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| crate::process_dir("fuzz-agent")).clone()
 }
 
 /// Reads one ttrpc frame; returns its stream id, or None at end of stream.

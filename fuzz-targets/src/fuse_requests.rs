@@ -41,7 +41,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use husk_devices::fs::{CachePolicy, FsConfig, FsDeviceModel};
-use husk_test_support::tempdir::TestDir;
 use husk_test_support::virtqueue::DriverQueue;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -114,7 +113,6 @@ const MEM_SIZE: usize = 4 << 20;
 
 /// The per-process directories.
 struct Share {
-    _dir: TestDir,
     parent: PathBuf,
     root: PathBuf,
     sentinel: PathBuf,
@@ -128,8 +126,7 @@ fn share() -> &'static Share {
     SHARE.get_or_init(|| {
         limit_file_size();
         log_everything();
-        let dir = TestDir::new("fuzz-fs").expect("cannot create the share's directory");
-        let parent = dir.path().to_owned();
+        let parent = crate::process_dir("fuzz-fs");
         let root = parent.join("root");
         let sentinel = parent.join("sentinel");
         std::fs::create_dir(&root).expect("mkdir root");
@@ -145,7 +142,6 @@ fn share() -> &'static Share {
         let sentinel_snapshot = snapshot(&sentinel);
         let parent_snapshot = parent_state(&parent);
         Share {
-            _dir: dir,
             parent,
             root,
             sentinel,

@@ -20,7 +20,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use husk_test_support::tempdir::TestDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::vsock_guest::{op, Guest, Header, FIRST_EPHEMERAL_PORT};
@@ -222,8 +221,7 @@ fn client_side(reply: &[u8]) {
 }
 
 fn client_dir() -> PathBuf {
-    static DIR: std::sync::OnceLock<TestDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| TestDir::new("fuzz-hvsock").expect("cannot create a test directory"))
-        .path()
-        .to_owned()
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| crate::process_dir("fuzz-hvsock"))
+        .clone()
 }

@@ -44,3 +44,27 @@ pub const TARGETS: [(&str, TargetFn); 6] = [
     ("shim_config", shim_config),
     ("agent_responses", agent_responses),
 ];
+
+/// A directory of this process, `husk-<name>-<pid>-<n>` in the temporary
+/// directory, removed when the process exits: libFuzzer ends with `exit`,
+/// which runs no destructors, so the removal is an `atexit` handler.
+pub fn process_dir(name: &str) -> std::path::PathBuf {
+    use std::sync::{Mutex, Once};
+    static DIRS: Mutex<Vec<husk_test_support::tempdir::TestDir>> = Mutex::new(Vec::new());
+    static AT_EXIT: Once = Once::new();
+    extern "C" fn remove_dirs() {
+        if let Ok(mut dirs) = DIRS.lock() {
+            dirs.clear();
+        }
+    }
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain function with no arguments; it only
+        // drops the directories recorded above.
+        unsafe { libc::atexit(remove_dirs) };
+    });
+    let dir = husk_test_support::tempdir::TestDir::new(name)
+        .unwrap_or_else(|e| panic!("cannot create a {name} directory: {e}"));
+    let path = dir.path().to_owned();
+    DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir);
+    path
+}

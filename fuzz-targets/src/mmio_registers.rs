@@ -29,7 +29,6 @@ use husk_devices::{
     status, ActivateError, ActivatedQueue, BusDevice, MmioTransport, VirtioDevice, VirtioInterrupt,
     MMIO_MAGIC_VALUE, MMIO_VENDOR_ID, VIRTIO_F_VERSION_1,
 };
-use husk_test_support::tempdir::TestDir;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -123,10 +122,8 @@ impl VirtioDevice for RingWalker {
 }
 
 fn scratch_dir() -> PathBuf {
-    static DIR: std::sync::OnceLock<TestDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| TestDir::new("fuzz-mmio").expect("cannot create a test directory"))
-        .path()
-        .to_owned()
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| crate::process_dir("fuzz-mmio")).clone()
 }
 
 fn device(kind: u8, offered: u64) -> Box<dyn VirtioDevice> {

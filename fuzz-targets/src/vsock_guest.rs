@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use husk_devices::vsock::{VsockConfig, VsockModel, VsockTimeouts, CONN_BUF_ALLOC, HOST_CID};
-use husk_test_support::tempdir::TestDir;
 use husk_test_support::virtqueue::DriverQueue;
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -132,7 +131,6 @@ impl Header {
 
 /// The host side shared by every input of a process.
 pub struct HostSide {
-    _dir: TestDir,
     pub uds_path: PathBuf,
     listener: UnixListener,
     services: Vec<(u32, UnixListener)>,
@@ -140,15 +138,13 @@ pub struct HostSide {
 
 impl HostSide {
     fn new() -> Self {
-        let dir = TestDir::new("fuzz-vsock").expect("cannot create the vsock test directory");
-        let uds_path = dir.join("v.sock");
+        let uds_path = crate::process_dir("fuzz-vsock").join("v.sock");
         let listener = bind(&uds_path);
         let services = SERVICE_PORTS
             .iter()
             .map(|&port| (port, bind(&service_path(&uds_path, port))))
             .collect();
         Self {
-            _dir: dir,
             uds_path,
             listener,
             services,
