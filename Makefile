@@ -23,7 +23,7 @@ export HUSK_KERNEL := $(KERNEL)
 export HUSK_BZIMAGE := $(BZIMAGE)
 export HUSK_INITRD := $(INITRD)
 
-.PHONY: all deps build agent kernel initrd guest test bench demo demo-vmm install clean lint
+.PHONY: all deps build agent kernel initrd guest test bench demo demo-vmm install clean lint fuzz
 
 all: build
 
@@ -74,6 +74,13 @@ demo-vmm: deps build guest
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fuzz: every fuzz target for FUZZ_SECONDS seconds each (libFuzzer on
+## nightly; installs cargo-fuzz if missing); one result line per target,
+## non-zero on a crash. See fuzz/README.md.
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) CARGO=$(CARGO) fuzz/run.sh
 
 install: build guest
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SHARE_DIR)

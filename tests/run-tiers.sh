@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 # TIER FILE: one integration test target per line. The unit tier also runs
 # every crate's lib and bin unit tests.
 TIER_MEMBERS='
+unit      fuzz-targets/tests/corpus_replay.rs
 host      runtime/tests/bad_inputs.rs
 host      runtime/tests/runc_differential.rs
 host      agent/tests/host_tier.rs

@@ -104,20 +104,30 @@ async fn hybrid_vsock_handshake(uds: &Path, port: u32) -> Result<UnixStream, Cli
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await
         .map_err(io_error)?;
-    // Byte by byte: whatever follows the newline is the guest's data.
+    // Byte by byte: whatever follows the newline is the guest's data. Only
+    // a whole line counts: an answer cut short by the end of the stream,
+    // or longer than MAX_HANDSHAKE_REPLY_BYTES, is refused (accepting the
+    // first 64 bytes of a longer line would hand its tail to the caller
+    // as if the guest had sent it).
     let mut reply = Vec::new();
-    loop {
+    let mut whole_line = false;
+    while reply.len() <= MAX_HANDSHAKE_REPLY_BYTES {
         let mut byte = [0u8; 1];
         let n = stream.read(&mut byte).await.map_err(io_error)?;
-        if n == 0 || byte[0] == b'\n' || reply.len() >= MAX_HANDSHAKE_REPLY_BYTES {
+        if n == 0 {
+            break;
+        }
+        if byte[0] == b'\n' {
+            whole_line = true;
             break;
         }
         reply.push(byte[0]);
     }
     let reply = String::from_utf8_lossy(&reply).into_owned();
-    let accepted = reply
-        .strip_prefix("OK ")
-        .is_some_and(|host_port| host_port.trim().parse::<u32>().is_ok());
+    let accepted = whole_line
+        && reply
+            .strip_prefix("OK ")
+            .is_some_and(|host_port| host_port.trim().parse::<u32>().is_ok());
     if accepted {
         Ok(stream)
     } else {
@@ -181,6 +191,44 @@ mod tests {
             "{error}"
         );
         silent.abort();
+    }
+
+    /// A device that answers `answer` to the first CONNECT, then closes.
+    async fn answer_once(listener: UnixListener, answer: Vec<u8>) {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(&answer).await;
+    }
+
+    #[tokio::test]
+    async fn a_handshake_answer_without_its_newline_is_refused() {
+        // Caught by the hybrid_vsock_connect fuzz target's oracle (seed-ok-unterminated).
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        tokio::spawn(answer_once(listener, b"OK 12".to_vec()));
+        let error = hybrid_vsock_connect(&uds, 1024).await.unwrap_err();
+        assert!(
+            matches!(&error, ClientError::Handshake { reply, .. } if reply == "OK 12"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overlong_handshake_answer_is_refused_not_cut_into_data() {
+        // Caught by the hybrid_vsock_connect fuzz target's oracle (seed-ok-long): the
+        // first 64 bytes read as `OK 1`, the rest of the line must not
+        // become the guest's data.
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let mut line = b"OK 1".to_vec();
+        line.extend_from_slice(&[b' '; 70]);
+        line.push(b'\n');
+        tokio::spawn(answer_once(listener, line));
+        let error = hybrid_vsock_connect(&uds, 1024).await.unwrap_err();
+        assert!(matches!(&error, ClientError::Handshake { .. }), "{error}");
     }
 
     #[tokio::test]

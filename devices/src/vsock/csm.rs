@@ -332,8 +332,36 @@ impl Connection {
         };
         if verdict == Verdict::Keep {
             self.refresh_credit_request();
+            self.debug_check_accounting();
         }
         verdict
+    }
+
+    /// The flow-control books balance: every byte the guest sent that the
+    /// host socket has not taken yet waits in `host_buf` (behind our own
+    /// `OK` line, which counts for nothing), and there are never more of
+    /// them than the window we advertise. Checked in debug builds, so the
+    /// unit tests and the fuzz targets see a broken count at once.
+    fn debug_check_accounting(&self) {
+        let unforwarded = (self.rx_cnt - self.fwd_cnt).0 as usize;
+        debug_assert!(
+            self.host_buf_unaccounted <= self.host_buffered(),
+            "{:?}: {} bytes of our own in a {}-byte host buffer",
+            self.key,
+            self.host_buf_unaccounted,
+            self.host_buffered()
+        );
+        debug_assert_eq!(
+            unforwarded,
+            self.host_buffered() - self.host_buf_unaccounted.min(self.host_buffered()),
+            "{:?}: rx_cnt - fwd_cnt disagrees with the guest bytes buffered",
+            self.key
+        );
+        debug_assert!(
+            unforwarded <= CONN_BUF_ALLOC as usize,
+            "{:?}: {unforwarded} guest bytes held, more than the {CONN_BUF_ALLOC}-byte window",
+            self.key
+        );
     }
 
     fn on_response(&mut self) -> Verdict {
@@ -466,6 +494,7 @@ impl Connection {
             }
         }
         self.refresh_credit_request();
+        self.debug_check_accounting();
         Verdict::Keep
     }
 
@@ -554,6 +583,7 @@ impl Connection {
         if !rx.write_header(&header) {
             return (None, Verdict::Reset);
         }
+        self.debug_check_accounting();
         (
             Some(super::packet::HDR_LEN as u32 + header.len),
             Verdict::Keep,
@@ -609,6 +639,11 @@ impl Connection {
                 Ok(Some(self.header(op::SHUTDOWN, 0, flags)))
             }
             Ok(n) => {
+                debug_assert!(
+                    n <= credit,
+                    "{:?}: read {n} host bytes with {credit} bytes of guest credit",
+                    self.key
+                );
                 // Stay readable even after a short read: the host's end of
                 // stream may have come with the data in the same edge (the
                 // peer wrote, shut down and closed before we looked), and no

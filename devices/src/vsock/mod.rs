@@ -41,6 +41,12 @@ pub use csm::CONN_BUF_ALLOC;
 pub use mmio::VsockDevice;
 pub use vhost_user::{serve_vhost_user, VhostUserServer};
 
+/// The device model both transports run, for the fuzz targets, which drive
+/// it with a simulated guest driver on one thread (`fuzzing` feature).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use model::{UsedQueues, VsockModel};
+
 /// The virtio device id of a socket device (virtio 1.2, section 5, table "Device Types").
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// Index of the receive queue (device to driver), virtio 1.2, 5.10.2.
