@@ -694,4 +694,38 @@ mod virtio_fs {
         client.chmod(prog.nodeid, 0o4755).unwrap();
         assert_eq!(mode("prog"), 0o4755, "allowed when the setting says so");
     }
+
+    #[test]
+    fn fs_a_write_whose_flags_the_host_refuses_does_not_close_the_handles_fd() {
+        let dir = TestDir::new("append-only").unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, b"x\n").unwrap();
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(&path)
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(chattr("+a"), "chattr +a (e2fsprogs) on the test directory");
+        let mut client = FuseClient::new(&FsConfig::new(dir.path()));
+        let log = client.lookup(ROOT_ID, "log").unwrap();
+        let open = client
+            .open(log.nodeid, libc::O_WRONLY | libc::O_APPEND)
+            .unwrap();
+        // The FUSE client's WRITE carries flags 0: applied to the host fd
+        // they would clear O_APPEND, which an append-only file refuses.
+        let first = client.write(log.nodeid, open.fh, 0, b"A");
+        let second = client.write(log.nodeid, open.fh, 0, b"B");
+        client.release(log.nodeid, open.fh).unwrap();
+        let content = std::fs::read(&path).unwrap();
+        assert!(chattr("-a"));
+        assert_eq!(
+            (first, second),
+            (Ok(1), Ok(1)),
+            "both writes through the handle"
+        );
+        assert_eq!(content, b"x\nAB");
+    }
 }

@@ -81,6 +81,13 @@ pub struct SharedFs {
     handles: HandleLedger,
     /// Where refusals at the limits are reported.
     guest_log: GuestLog,
+    /// The flags each open file handle was opened with. READ and WRITE
+    /// pass these to the passthrough instead of the flags the guest sends:
+    /// fuse-backend-rs 0.14 re-applies differing flags with `F_SETFL`, and
+    /// when that fails (clearing `O_APPEND` on an append-only file, say) it
+    /// closes the handle's fd while the handle still names that fd number,
+    /// so the next fd the shim opens would be reachable through it.
+    open_flags: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
 }
 
 impl SharedFs {
@@ -95,7 +102,25 @@ impl SharedFs {
             inodes: InodeLedger::new(config.max_open_inodes),
             handles: HandleLedger::new(config.max_open_handles),
             guest_log,
+            open_flags: Default::default(),
         }
+    }
+
+    fn lock_open_flags(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u32>> {
+        self.open_flags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_open_flags(&self, handle: u64, flags: u32) {
+        self.lock_open_flags().insert(handle, flags);
+    }
+
+    /// The flags `handle` was opened with (the guest's `flags` for a
+    /// handle this layer did not open, which the passthrough refuses).
+    fn flags_of(&self, handle: u64, guest_flags: u32) -> u32 {
+        self.lock_open_flags()
+            .get(&handle)
+            .copied()
+            .unwrap_or(guest_flags)
     }
 
     /// Inodes the guest holds now.
@@ -273,6 +298,9 @@ impl FileSystem for SharedFs {
             .map_err(|_| self.handle_limit_reached())?;
         let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
         slot.commit(opened.0);
+        if let Some(handle) = opened.0 {
+            self.record_open_flags(handle, flags);
+        }
         Ok(opened)
     }
 
@@ -314,6 +342,9 @@ impl FileSystem for SharedFs {
         let created = self.inner.create(ctx, parent, name, args)?;
         inode_slot.commit(created.0.inode);
         handle_slot.commit(created.1);
+        if let Some(handle) = created.1 {
+            self.record_open_flags(handle, args.flags);
+        }
         Ok(created)
     }
 
@@ -330,6 +361,7 @@ impl FileSystem for SharedFs {
         self.inner
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
         self.handles.release(handle);
+        self.lock_open_flags().remove(&handle);
         Ok(())
     }
 
@@ -523,6 +555,7 @@ impl FileSystem for SharedFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.flags_of(handle, flags);
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -540,6 +573,7 @@ impl FileSystem for SharedFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.flags_of(handle, flags);
         self.inner.write(
             ctx,
             inode,
