@@ -381,7 +381,11 @@ impl Session {
     fn new(cache: CachePolicy, xattr: bool) -> Self {
         let mut config = FsConfig::new(&share().root);
         config.cache = cache;
-        config.xattr = xattr;
+        config.xattr = if xattr {
+            husk_devices::fs::XattrPolicy::Mapped
+        } else {
+            husk_devices::fs::XattrPolicy::Off
+        };
         config.queue_size = QUEUE_SIZE;
         let model = FsDeviceModel::new(&config).expect("cannot create the virtio-fs model");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])

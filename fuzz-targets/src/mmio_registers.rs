@@ -133,11 +133,8 @@ fn device(kind: u8, offered: u64) -> Box<dyn VirtioDevice> {
             let uds_path =
                 scratch_dir().join(format!("v{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
             Box::new(
-                VsockDevice::new(VsockConfig {
-                    guest_cid: 3,
-                    uds_path,
-                })
-                .expect("cannot create the vsock device"),
+                VsockDevice::new(VsockConfig::new(3, uds_path))
+                    .expect("cannot create the vsock device"),
             )
         }
         7 => {

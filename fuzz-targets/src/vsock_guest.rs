@@ -226,12 +226,14 @@ impl Guest {
         let host = host_side();
         host.drain_backlogs();
         let fds_before = open_fds();
-        let config = VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: host.uds_path.clone(),
-        };
-        let model = VsockModel::new(&config, VsockTimeouts::default(), &host.listener)
-            .expect("cannot create the vsock model");
+        let config = VsockConfig::new(GUEST_CID, host.uds_path.clone());
+        let model = VsockModel::new(
+            &config,
+            VsockTimeouts::default(),
+            &host.listener,
+            husk_devices::guest_log::GuestLog::new(),
+        )
+        .expect("cannot create the vsock model");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .expect("cannot allocate guest memory");
         let rx_driver = DriverQueue::new(&mem, 0x1000, RX_QUEUE_SIZE, u64::from(RX_BUF_LEN));
