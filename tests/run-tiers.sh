@@ -27,6 +27,7 @@ host      devices/tests/fs_requests.rs
 host      devices/tests/fs_limits.rs
 host      devices/tests/fs_vhost_user.rs
 host      shim/tests/shared_dir.rs
+host      confine/tests/violation.rs
 kvm       vmm/tests/kvm_payloads.rs
 kvm       vmm/tests/linux_boot.rs
 kvm       vmm/tests/kvm_virtio_probe.rs

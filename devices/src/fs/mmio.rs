@@ -99,7 +99,17 @@ impl VirtioFs {
             let name = format!("virtio-fs-q{index}");
             let handle = std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || worker.run())
+                .spawn(move || {
+                    // A worker that cannot confine itself must not serve
+                    // the guest's requests.
+                    if let Err(error) =
+                        husk_confine::confine_current_thread(husk_confine::ThreadClass::FsWorker)
+                    {
+                        tracing::error!(%error, "a virtio-fs queue worker does not run");
+                        return;
+                    }
+                    worker.run()
+                })
                 .map_err(|source| FsError::SpawnThread { name, source })?;
             self.workers.push(handle);
         }

@@ -224,14 +224,15 @@ pub struct VhostUserServer {
 /// socket) and serves the first frontend that connects, from a new thread.
 pub fn serve_vhost_user(socket_path: &Path, config: FsConfig) -> Result<VhostUserServer, FsError> {
     let backend = Arc::new(VhostUserFsBackend::new(&config)?);
-    let daemon_memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let daemon = VhostUserDaemon::new(DAEMON_THREAD_NAME.to_owned(), backend, daemon_memory)
-        .map_err(|error| FsError::VhostUserDaemon {
-            socket: socket_path.to_owned(),
-            reason: error.to_string(),
-        })?;
     let name = format!("{DAEMON_THREAD_NAME}-server");
-    let server = vhost_user::serve(socket_path, &name, FirstFrontend(Some(daemon)))?;
+    // The daemon (and with it its vring workers) is made on the server
+    // thread, after that thread confined itself: the workers inherit it.
+    let server = vhost_user::serve(
+        socket_path,
+        &name,
+        husk_confine::ThreadClass::FsWorker,
+        FirstFrontend(Some(backend)),
+    )?;
     tracing::info!(socket = %socket_path.display(), tag = %config.tag, "vhost-user-fs listening");
     Ok(VhostUserServer { server })
 }
@@ -256,15 +257,19 @@ impl VhostUserServer {
 
 /// The first frontend only: the shim starts one QEMU per share, and the
 /// server ends with that session.
-struct FirstFrontend(Option<VhostUserDaemon<Arc<VhostUserFsBackend>>>);
+struct FirstFrontend(Option<Arc<VhostUserFsBackend>>);
 
 impl Sessions for FirstFrontend {
     type Backend = Arc<VhostUserFsBackend>;
 
     fn daemon(&mut self) -> Result<VhostUserDaemon<Self::Backend>, String> {
-        self.0
+        let backend = self
+            .0
             .take()
-            .ok_or_else(|| "the virtio-fs share was already served to a frontend".to_owned())
+            .ok_or_else(|| "the virtio-fs share was already served to a frontend".to_owned())?;
+        let daemon_memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        VhostUserDaemon::new(DAEMON_THREAD_NAME.to_owned(), backend, daemon_memory)
+            .map_err(|error| format!("cannot make the vhost-user-fs daemon: {error}"))
     }
 
     fn serves_again(&self) -> bool {

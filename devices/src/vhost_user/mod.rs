@@ -10,5 +10,5 @@
 mod connections;
 mod server;
 
-use connections::accepted_connections;
+use connections::{accepted_connections, FdDirectory};
 pub use server::{serve, Server, ServerError, Sessions};

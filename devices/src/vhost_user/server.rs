@@ -29,7 +29,9 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::accepted_connections;
+use husk_confine::ThreadClass;
+
+use super::{accepted_connections, FdDirectory};
 
 /// What a device serves to each frontend.
 pub trait Sessions: Send + 'static {
@@ -75,13 +77,27 @@ pub enum ServerError {
     /// The server thread panicked.
     #[error("the vhost-user server thread for {socket} panicked")]
     Panicked { socket: PathBuf },
+    /// The server thread could not confine itself, so it served nothing.
+    #[error("vhost-user server on {socket}: {source}")]
+    Confine {
+        socket: PathBuf,
+        #[source]
+        source: husk_confine::ConfineError,
+    },
 }
+
+/// What the server thread returns: its state, to be dropped by the joiner,
+/// and how it ended.
+type ServerThreadEnd = (Box<dyn Send>, Result<(), ServerError>);
 
 /// A running server; [`Self::stop`] (or drop) ends it.
 pub struct Server {
     socket_path: PathBuf,
     control: Arc<Control>,
-    thread: Option<JoinHandle<Result<(), ServerError>>>,
+    /// The server thread hands its state back instead of dropping it: the
+    /// listener unlinks the socket on drop, a path operation a confined
+    /// device thread may not make, so it happens on the thread that joins.
+    thread: Option<JoinHandle<ServerThreadEnd>>,
 }
 
 /// What `stop` needs to reach the server thread, whatever it is doing.
@@ -112,10 +128,13 @@ impl Control {
 }
 
 /// Binds `socket_path` (replacing a stale socket) and serves `sessions` on
-/// it from a new thread named `name`.
+/// it from a new thread named `name`, which confines itself as `class`
+/// (see `husk-confine`) before it accepts a frontend; the daemon's vring
+/// workers inherit that confinement.
 pub fn serve<S: Sessions>(
     socket_path: &Path,
     name: &str,
+    class: ThreadClass,
     sessions: S,
 ) -> Result<Server, ServerError> {
     let listener = Listener::new(socket_path, true).map_err(|error| ServerError::Listen {
@@ -131,15 +150,26 @@ pub fn serve<S: Sessions>(
         stop_event,
         state: Mutex::new(ControlState::default()),
     });
+    let fd_directory = FdDirectory::open().map_err(|source| ServerError::Event {
+        socket: socket_path.to_owned(),
+        what: "open /proc/self/fd",
+        source,
+    })?;
     let thread_state = ServerThread {
         socket_path: socket_path.to_owned(),
+        class,
+        fd_directory,
         listener,
         sessions,
         control: control.clone(),
     };
     let thread = std::thread::Builder::new()
         .name(name.to_owned())
-        .spawn(move || thread_state.run())
+        .spawn(move || {
+            let mut thread_state = thread_state;
+            let result = thread_state.run();
+            (Box::new(thread_state) as Box<dyn Send>, result)
+        })
         .map_err(|source| ServerError::Spawn {
             name: name.to_owned(),
             source,
@@ -187,9 +217,15 @@ impl Server {
             // at once because the stop was requested.
             let _ = UnixStream::connect(&self.socket_path);
         }
-        let result = thread.join().map_err(|_| ServerError::Panicked {
-            socket: self.socket_path.clone(),
-        });
+        let result = thread
+            .join()
+            .map(|(state, result)| {
+                drop(state);
+                result
+            })
+            .map_err(|_| ServerError::Panicked {
+                socket: self.socket_path.clone(),
+            });
         remove_socket(&self.socket_path);
         result?
     }
@@ -206,15 +242,23 @@ impl Drop for Server {
 /// The server thread's state.
 struct ServerThread<S> {
     socket_path: PathBuf,
+    class: ThreadClass,
+    fd_directory: FdDirectory,
     listener: Listener,
     sessions: S,
     control: Arc<Control>,
 }
 
 impl<S: Sessions> ServerThread<S> {
-    /// Serves sessions until a stop, or until the device serves no more;
-    /// dropping `self` at the end removes the socket (the `Listener` does).
-    fn run(mut self) -> Result<(), ServerError> {
+    /// Serves sessions until a stop, or until the device serves no more
+    /// (the joiner then drops `self`, whose `Listener` removes the socket).
+    fn run(&mut self) -> Result<(), ServerError> {
+        husk_confine::confine_current_thread(self.class).map_err(|source| {
+            ServerError::Confine {
+                socket: self.socket_path.clone(),
+                source,
+            }
+        })?;
         loop {
             if !self.wait_for_frontend()? {
                 return Ok(());
@@ -312,7 +356,7 @@ impl<S: Sessions> ServerThread<S> {
     /// down, or shuts it down at once if a stop already came in (stop may
     /// have looked at the list before it was filled).
     fn track_connections(&self) {
-        let found = accepted_connections(&self.socket_path);
+        let found = accepted_connections(&self.fd_directory, &self.socket_path);
         if found.is_empty() {
             tracing::warn!(
                 socket = %self.socket_path.display(),

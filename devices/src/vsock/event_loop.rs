@@ -89,7 +89,17 @@ impl MmioWorker {
         };
         let thread = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || state.run())
+            .spawn(move || {
+                // A worker that cannot confine itself must not read the
+                // guest's queues.
+                if let Err(error) =
+                    husk_confine::confine_current_thread(husk_confine::ThreadClass::Device)
+                {
+                    tracing::error!(%error, "the vsock worker does not run");
+                    return;
+                }
+                state.run()
+            })
             .map_err(|source| VsockError::Thread { name, source })?;
         Ok(Self {
             stop,

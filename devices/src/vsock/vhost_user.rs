@@ -231,7 +231,12 @@ pub fn serve_vhost_user_with_timeouts(
         uds_listener,
         guest_log: GuestLog::new(),
     };
-    match vhost_user::serve(socket_path, &name, sessions) {
+    match vhost_user::serve(
+        socket_path,
+        &name,
+        husk_confine::ThreadClass::Device,
+        sessions,
+    ) {
         Ok(server) => Ok(VhostUserServer { server, uds_path }),
         Err(error) => {
             let _ = std::fs::remove_file(&uds_path);

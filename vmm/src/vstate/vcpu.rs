@@ -146,6 +146,15 @@ impl Vcpu {
     /// Runs the guest until the VM stops; executed on the vCPU's thread.
     pub fn run_loop(mut self, shared: &VcpuShared) {
         let vcpu = self.index;
+        // Confined before the guest runs a single instruction on this vCPU;
+        // a vCPU that cannot be confined never enters the guest.
+        if let Err(error) = husk_confine::confine_current_thread(husk_confine::ThreadClass::Vcpu) {
+            shared.report_exit(VmExit::RunFailed {
+                vcpu,
+                error: error.to_string(),
+            });
+            return;
+        }
         while !shared.stop_requested.load(Ordering::SeqCst) {
             if vcpu == 0 {
                 shared.first_entry.get_or_init(Instant::now);

@@ -1,0 +1,101 @@
+//! A confined thread that makes a call outside its allowlist: under
+//! `kill` the whole process dies with SIGSYS; under `trap` the call fails
+//! with ENOSYS and one line names the thread and the call. Each case runs
+//! in a child process (this test binary, re-run with `CHILD_CASE` set),
+//! because a kill must take a whole process with it.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+
+use husk_confine::{confine_with, set_policy, Policy, ThreadClass, ViolationAction};
+
+const CHILD_CASE: &str = "HUSK_CONFINE_CHILD_CASE";
+
+/// Runs `case` in a child and returns its status and stderr.
+fn run_child(case: &str) -> (std::process::ExitStatus, String) {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_CASE, case)
+        .output()
+        .unwrap();
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The child's side: confines a thread as a device thread and makes it
+/// call `mknodat`, which the device allowlist lacks.
+#[test]
+fn child_entry() {
+    let Ok(case) = std::env::var(CHILD_CASE) else {
+        return;
+    };
+    let action = match case.as_str() {
+        "kill" => ViolationAction::Kill,
+        "trap" => ViolationAction::Trap,
+        other => panic!("unknown child case {other}"),
+    };
+    let policy = set_policy(Policy {
+        seccomp: true,
+        action,
+    });
+    let opened = std::thread::Builder::new()
+        .name("husk-test-dev".into())
+        .spawn(move || {
+            confine_with(ThreadClass::Device, policy).unwrap();
+            // An open is refused with EACCES (glibc's malloc tries some).
+            // SAFETY: a NUL-terminated literal path; the fd is closed below.
+            let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+            let open_errno = std::io::Error::last_os_error().raw_os_error();
+            if fd >= 0 {
+                // SAFETY: `fd` was just opened here.
+                unsafe { libc::close(fd) };
+            }
+            assert_eq!(
+                (fd, open_errno),
+                (-1, Some(libc::EACCES)),
+                "a device thread opened a file"
+            );
+            // SAFETY: a NUL-terminated literal path in a directory of the
+            // test's own; FIFO creation is refused before it happens.
+            let made = unsafe {
+                libc::mknodat(
+                    libc::AT_FDCWD,
+                    c"/tmp/husk-confine-test-fifo".as_ptr(),
+                    libc::S_IFIFO | 0o600,
+                    0,
+                )
+            };
+            (made, std::io::Error::last_os_error().raw_os_error())
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    eprintln!("child: mknodat returned {:?}", opened);
+    assert_eq!(opened, (-1, Some(libc::ENOSYS)));
+}
+
+#[test]
+fn a_forbidden_call_kills_the_whole_process_with_sigsys() {
+    let (status, stderr) = run_child("kill");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "the child was not killed by SIGSYS: {status:?}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("child: open returned"),
+        "the call returned: {stderr}"
+    );
+}
+
+#[test]
+fn a_forbidden_call_under_trap_fails_and_is_named_in_the_log() {
+    let (status, stderr) = run_child("trap");
+    assert!(status.success(), "child failed: {status:?}\n{stderr}");
+    assert!(
+        stderr.contains("husk: seccomp: thread husk-test-dev made system call mknodat (259)"),
+        "no trap line naming the thread and the call:\n{stderr}"
+    );
+}
