@@ -213,6 +213,51 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// What a seccomp violation of a confined thread does (`seccomp_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompAction {
+    /// The shim dies with SIGSYS; containerd sees the pod's tasks exit.
+    #[default]
+    Kill,
+    /// The call fails with ENOSYS and one log line names thread and call.
+    Trap,
+    /// The call is allowed and the kernel's audit log records it.
+    Log,
+}
+
+/// `[confinement]`: what the shim's guest-facing threads may do (see
+/// `docs/architecture.md`, "Confinement").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfinementConfig {
+    /// Seccomp allowlists per thread class; `false` only for debugging.
+    pub seccomp: bool,
+    /// What a call outside a thread's allowlist does.
+    pub seccomp_action: SeccompAction,
+    /// `RLIMIT_NOFILE` of the shim: every fd the device models may hold
+    /// (the share's inode and handle caps, vsock connections) fits under it.
+    pub max_open_files: u64,
+    /// `RLIMIT_FSIZE` of the shim: the largest file the guest can make the
+    /// share's passthrough write on the host; beyond it writes fail EFBIG.
+    pub max_file_bytes: u64,
+    /// Place the shim and its VMM in the pod's cgroup (the sandbox's
+    /// `linux.cgroupsPath`), so the pod pays for its VM.
+    pub sandbox_cgroup: bool,
+}
+
+impl Default for ConfinementConfig {
+    fn default() -> Self {
+        Self {
+            seccomp: true,
+            seccomp_action: SeccompAction::Kill,
+            max_open_files: 2 * 65536 + 4096,
+            max_file_bytes: 64 << 30,
+            sandbox_cgroup: true,
+        }
+    }
+}
+
 /// `[limits]`: what a pod may ask for through annotations.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -253,6 +298,7 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     pub limits: PodLimits,
     pub console: ConsoleConfig,
+    pub confinement: ConfinementConfig,
     pub log_level: LogLevel,
 }
 

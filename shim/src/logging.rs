@@ -95,6 +95,9 @@ pub fn init_server(debug: bool) {
         Ok(file) => {
             // Blocking writes from here on: log lines are never dropped.
             clear_nonblocking(&file);
+            // Seccomp trap lines (written from a signal handler) go to the
+            // same log; the file stays open for the process's life.
+            husk_confine::trap::set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&file));
             let writer = SharedFile(Arc::new(Mutex::new(file)));
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(filter(level))

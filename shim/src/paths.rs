@@ -44,6 +44,11 @@ impl SandboxPaths {
     pub fn vsock_uds(&self) -> PathBuf {
         self.dir.join("vsock.sock")
     }
+    /// The confinement the pod's threads and VMM were found under right
+    /// after boot (see `sandbox::write_confinement_report`).
+    pub fn confinement_report(&self) -> PathBuf {
+        self.dir.join("confinement.json")
+    }
     /// The guest console.
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")

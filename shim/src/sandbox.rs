@@ -5,7 +5,7 @@
 //! directory is removed.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,12 +14,12 @@ use husk_agent_client::agent::CreateSandboxRequest;
 use husk_agent_client::AgentClient;
 use husk_devices::fs::{CachePolicy, FsConfig};
 
-use crate::config::Config;
+use crate::config::{Config, SeccompAction};
 use crate::hypervisor::{
     Device, ExitWatcher, Hypervisor, Launcher, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
 };
 use crate::paths::SandboxPaths;
-use crate::resources::{cleanup, ShareTreeLimits, SharedDirectory};
+use crate::resources::{cleanup, pod_cgroup, ShareTreeLimits, SharedDirectory};
 
 /// Mode of a sandbox directory: only the shim (root) enters it.
 const SANDBOX_DIR_MODE: u32 = 0o700;
@@ -35,6 +35,9 @@ pub struct BootRequest<'a> {
     pub spec: VmSpec,
     pub hostname: &'a str,
     pub paths: SandboxPaths,
+    /// The pod's cgroup (relative to each hierarchy's root) the shim joins
+    /// before it starts the VM; `None` leaves the shim where it is.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// A running sandbox.
@@ -104,6 +107,79 @@ async fn stop_vm(mut vm: Box<dyn Hypervisor>, grace: Duration) -> String {
         .unwrap_or_else(|error| format!("the stop task failed: {error}"))
 }
 
+/// What the shim does to itself before it starts a VM: the confinement
+/// policy its device threads will apply (`[confinement]`), its rlimits, and
+/// its move into the pod's cgroup.
+fn confine_shim(config: &Config, paths: &SandboxPaths, cgroup: Option<&Path>) -> Result<()> {
+    let settings = &config.confinement;
+    let wanted = husk_confine::Policy {
+        seccomp: settings.seccomp,
+        action: match settings.seccomp_action {
+            SeccompAction::Kill => husk_confine::ViolationAction::Kill,
+            SeccompAction::Trap => husk_confine::ViolationAction::Trap,
+            SeccompAction::Log => husk_confine::ViolationAction::Log,
+        },
+    };
+    let in_force = husk_confine::set_policy(wanted);
+    if in_force != wanted {
+        tracing::warn!(
+            ?in_force,
+            ?wanted,
+            "this shim's confinement policy was set before; it stays"
+        );
+    }
+    let applied = husk_confine::rlimits::apply(settings.max_open_files, settings.max_file_bytes)
+        .with_context(|| {
+            format!(
+                "cannot set the shim's rlimits (confinement.max_open_files = {}, max_file_bytes = {})",
+                settings.max_open_files, settings.max_file_bytes
+            )
+        })?;
+    if applied.max_open_files < settings.max_open_files
+        || applied.max_file_bytes < settings.max_file_bytes
+    {
+        tracing::warn!(
+            max_open_files = applied.max_open_files,
+            max_file_bytes = applied.max_file_bytes,
+            "the shim's hard rlimits are below confinement.max_open_files/max_file_bytes; the lower ones stay"
+        );
+    }
+    if let Some(relative) = cgroup {
+        let hierarchies = pod_cgroup::hierarchies()?;
+        pod_cgroup::join(&hierarchies, relative, &paths.dir).with_context(|| {
+            format!(
+                "cannot place the shim in the pod's cgroup {}",
+                relative.display()
+            )
+        })?;
+        tracing::info!(cgroup = %relative.display(), "the shim and its VM run in the pod's cgroup");
+    }
+    Ok(())
+}
+
+/// Writes what the kernel reports for the shim's threads and the VMM
+/// (seccomp, capabilities, no_new_privs, mount namespace) and the cgroups
+/// they are in to `confinement.json`, for `husk check` and operators. Read
+/// back from /proc, not from what the shim meant to do.
+fn write_confinement_report(paths: &SandboxPaths, vmm_pid: Option<u32>) {
+    let process = |pid: u32| {
+        serde_json::json!({
+            "pid": pid,
+            "cgroup": std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default(),
+            "threads": husk_confine::report::threads_of(pid).unwrap_or_default(),
+        })
+    };
+    let report = serde_json::json!({
+        "policy": husk_confine::policy().map(|p| format!("{p:?}")),
+        "shim": process(std::process::id()),
+        "vmm": vmm_pid.map(process),
+    });
+    let path = paths.confinement_report();
+    if let Err(error) = std::fs::write(&path, format!("{report:#}\n")) {
+        tracing::warn!(%error, path = %path.display(), "cannot write the confinement report");
+    }
+}
+
 impl Sandbox {
     /// Boots the VM through `launcher`, waits for the agent and creates the
     /// sandbox in the guest. Returns the sandbox and a watcher of the VM's
@@ -125,7 +201,10 @@ impl Sandbox {
             std::fs::Permissions::from_mode(SANDBOX_DIR_MODE),
         )
         .with_context(|| format!("cannot restrict {}", paths.dir.display()))?;
-        let result = Self::boot_in(launcher, request).await;
+        let result = match confine_shim(request.config, &paths, request.cgroup.as_deref()) {
+            Ok(()) => Self::boot_in(launcher, request).await,
+            Err(error) => Err(error),
+        };
         if result.is_err() {
             cleanup::remove_sandbox_dir(&paths);
         }
@@ -142,6 +221,7 @@ impl Sandbox {
             spec,
             hostname,
             paths,
+            cgroup: _,
         } = request;
         let shutdown_grace = Duration::from_millis(config.timeouts.shutdown_ms);
         let limits = ShareTreeLimits {
@@ -182,6 +262,10 @@ impl Sandbox {
             vcpus,
             memory_mib,
             "VM started"
+        );
+        write_confinement_report(
+            &paths,
+            (description.vmm_pid != std::process::id()).then_some(description.vmm_pid),
         );
         let (watcher, endpoint) = match vm
             .exit_watcher()

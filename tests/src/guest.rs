@@ -145,6 +145,8 @@ impl GuestSandbox {
             spec,
             hostname: SANDBOX_HOSTNAME,
             paths,
+            // The test process stays in its own cgroup.
+            cgroup: None,
         };
         let (sandbox, vm_exit) = Sandbox::boot(&BackendLauncher, request)
             .await

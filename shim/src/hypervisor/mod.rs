@@ -107,6 +107,8 @@ pub struct VmSpec {
     pub work_dir: PathBuf,
     /// The QEMU binary; found on PATH when unset.
     pub qemu_binary: Option<PathBuf>,
+    /// Seccomp for the VMM (`confinement.seccomp`): QEMU's `-sandbox`.
+    pub seccomp: bool,
 }
 
 /// Why a VM could not be described, started or given a device.
@@ -170,6 +172,7 @@ impl VmSpec {
             console_max_bytes: config.console.max_bytes,
             work_dir: work_dir.to_owned(),
             qemu_binary: config.hypervisor.qemu_binary.clone(),
+            seccomp: config.confinement.seccomp,
         })
     }
 

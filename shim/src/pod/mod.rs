@@ -265,6 +265,7 @@ impl Pod {
             reason = %reason,
             "hypervisor chosen"
         );
+        let cgroup = pod_cgroup_for(spec, config, size)?;
         let paths = SandboxPaths::under(&self.inner.run_root, &sandbox_id);
         let vm_spec = VmSpec::for_pod(
             config,
@@ -281,6 +282,7 @@ impl Pod {
             spec: vm_spec,
             hostname: spec.hostname().as_deref().unwrap_or_default(),
             paths,
+            cgroup,
         };
         let (sandbox, watcher) = Sandbox::boot(self.inner.launcher.as_ref(), request)
             .await
@@ -442,3 +444,47 @@ impl Pod {
 
 #[cfg(test)]
 mod tests;
+
+/// The pod's cgroup from the sandbox spec's `linux.cgroupsPath` (when
+/// `confinement.sandbox_cgroup` is on), after checking that the VM fits the
+/// limits already set on it and its parents.
+fn pod_cgroup_for(
+    spec: &Spec,
+    config: &Config,
+    size: crate::config::VmSize,
+) -> Result<Option<std::path::PathBuf>, PodError> {
+    use crate::config::{ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS};
+    use crate::resources::pod_cgroup;
+    if !config.confinement.sandbox_cgroup {
+        return Ok(None);
+    }
+    let Some(cgroups_path) = spec
+        .linux()
+        .as_ref()
+        .and_then(|linux| linux.cgroups_path().clone())
+    else {
+        return Ok(None);
+    };
+    let relative = pod_cgroup::relative_dir(&cgroups_path.to_string_lossy())
+        .map_err(|e| PodError::InvalidArgument(format!("{e:#}")))?;
+    let hierarchies =
+        pod_cgroup::hierarchies().map_err(|e| PodError::FailedPrecondition(format!("{e:#}")))?;
+    let annotations = spec::annotations(spec);
+    let from = |annotation: &str, setting: &str| {
+        if annotations.contains_key(annotation) {
+            format!("annotation {annotation}")
+        } else {
+            setting.to_owned()
+        }
+    };
+    pod_cgroup::check_vm_fits(
+        &hierarchies,
+        &relative,
+        size.vcpus,
+        size.memory_mib,
+        &from(ANNOTATION_MEMORY_MIB, "hypervisor.default_memory_mib"),
+        &from(ANNOTATION_VCPUS, "hypervisor.default_vcpus"),
+    )
+    .map_err(|e| PodError::InvalidArgument(format!("{e:#}")))?;
+    Ok(Some(relative))
+}

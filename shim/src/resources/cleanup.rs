@@ -15,6 +15,8 @@ pub fn remove_sandbox_dir(paths: &SandboxPaths) {
     if let Some(pid) = recorded_vmm_pid(paths) {
         kill_and_wait(pid, Duration::from_secs(5));
     }
+    // The VMM is gone: the pod's cgroup can go (the shim moves out first).
+    super::pod_cgroup::release_recorded(&paths.dir);
     if unmount_and_remove(&paths.dir) {
         tracing::info!(dir = %paths.dir.display(), "sandbox directory removed");
     }

@@ -11,6 +11,7 @@
 //! after a shim died.
 
 pub mod cleanup;
+pub mod pod_cgroup;
 pub mod rootfs;
 mod shared_dir;
 

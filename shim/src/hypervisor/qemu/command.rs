@@ -42,6 +42,10 @@ pub struct RunSockets {
     pub console: PathBuf,
 }
 
+/// QEMU's `-sandbox` option: every denial it offers.
+pub const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The arguments (without the program) that start `config`'s guest with
 /// `accel`, paused, its QMP monitor and console on `sockets`.
 pub fn qemu_arguments(
@@ -65,6 +69,11 @@ pub fn qemu_arguments(
     // Paused until QMP `cont`: nothing of the guest runs before the backend
     // recorded the QEMU pid.
     push(&[&"-S"]);
+    if config.qemu_sandbox {
+        // QEMU's seccomp filter: no obsolete calls, no set*id, no fork or
+        // exec, no scheduler or resource-limit changes once it runs.
+        push(&[&"-sandbox", &QEMU_SANDBOX]);
+    }
     push(&[&"-M", &"microvm,acpi=off,memory-backend=mem"]);
     // microvm's virtio-mmio transports default to the legacy (version 1)
     // interface; the device models, like the built-in VMM, speak virtio 1.x
@@ -245,6 +254,17 @@ mod tests {
         let kvm = args_of(&config(), ResolvedAccel::Kvm);
         assert_eq!(value_of(&kvm, "-accel"), "kvm");
         assert_eq!(value_of(&kvm, "-cpu"), "host");
+    }
+
+    #[test]
+    fn qemu_runs_under_its_own_seccomp_sandbox_unless_turned_off() {
+        let args = args_of(&config(), ResolvedAccel::Tcg);
+        assert_eq!(
+            value_of(&args, "-sandbox"),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        );
+        let args = args_of(&config().with_qemu_sandbox(false), ResolvedAccel::Tcg);
+        assert!(!args.iter().any(|arg| arg == "-sandbox"), "{args:?}");
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct QemuVmConfig {
     /// Where the VM's run directory is created (default: the system's
     /// temporary directory). The run directory is removed when the VM ends.
     pub work_dir: PathBuf,
+    /// QEMU's own seccomp sandbox (`-sandbox on,…`, see `command.rs`).
+    pub qemu_sandbox: bool,
 }
 
 impl QemuVmConfig {
@@ -87,7 +89,14 @@ impl QemuVmConfig {
             console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
             accel: Accel::Auto,
             work_dir: std::env::temp_dir(),
+            qemu_sandbox: true,
         }
+    }
+
+    /// Turns QEMU's own seccomp sandbox on or off (`confinement.seccomp`).
+    pub fn with_qemu_sandbox(mut self, on: bool) -> Self {
+        self.qemu_sandbox = on;
+        self
     }
 
     pub fn with_qemu_binary(mut self, binary: impl Into<PathBuf>) -> Self {

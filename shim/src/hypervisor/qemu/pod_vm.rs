@@ -56,7 +56,8 @@ impl QemuPodVm {
             .with_vcpus(vcpus)
             .with_memory_mib(memory_mib)
             .with_console_max_bytes(spec.console_max_bytes)
-            .with_work_dir(spec.work_dir.join(QEMU_DIR));
+            .with_work_dir(spec.work_dir.join(QEMU_DIR))
+            .with_qemu_sandbox(spec.seccomp);
         if let Some(binary) = &spec.qemu_binary {
             config = config.with_qemu_binary(binary);
         }
@@ -343,6 +344,7 @@ mod tests {
             console_max_bytes: 64 * 1024,
             work_dir: dir.to_owned(),
             qemu_binary: Some(qemu),
+            seccomp: true,
         }
     }
 
