@@ -17,12 +17,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${RUNS:-10}
-read -r -a runtimes <<<"${HUSK_BENCH_RUNTIMES:-runc husk}"
+read -r -a runtimes <<<"${HUSK_BENCH_RUNTIMES:-runc husk husk-noseccomp}"
 
-type_of() { case $1 in runc) echo io.containerd.runc.v2 ;; husk) echo io.containerd.kata.v2 ;;
-  *) echo "ctr-run bench: unknown runtime $1 (runc or husk)" >&2; exit 1 ;; esac; }
+type_of() { case $1 in runc) echo io.containerd.runc.v2 ;; husk | husk-noseccomp) echo io.containerd.kata.v2 ;;
+  *) echo "ctr-run bench: unknown runtime $1 (runc, husk or husk-noseccomp)" >&2; exit 1 ;; esac; }
+# Extra ctr flags of a runtime: husk-noseccomp is husk with
+# confinement.seccomp = false (no thread filters, no QEMU -sandbox), the
+# cost of the filters measured in the same run.
+flags_of() { case $1 in husk-noseccomp) echo "--runtime-config-path $work/noseccomp.toml" ;; esac; }
 for rt in "${runtimes[@]}"; do type_of "$rt" >/dev/null; done
-if [[ " ${runtimes[*]} " == *" husk "* ]]; then
+if [[ " ${runtimes[*]} " == *" husk"* ]]; then
   shim=${HUSK_SHIM_DIR:-target/release}/containerd-shim-kata-v2
   [ -x "$shim" ] || { echo "ctr-run bench: $shim is missing (make build), or HUSK_BENCH_RUNTIMES=runc" >&2; exit 1; }
 fi
@@ -34,12 +38,15 @@ trap '"$helper" down "$work/containerd" || echo "ctr-run bench: the clean-up had
 eval "$("$helper" up "$work/containerd")"
 export CONTAINERD_ADDRESS CONTAINERD_NAMESPACE
 image=$HUSK_E2E_IMAGE
+sed 's/^seccomp = true/seccomp = false/' "$HUSK_E2E_HUSK_CONFIG" >"$work/noseccomp.toml"
+grep -q '^seccomp = false' "$work/noseccomp.toml" || { echo "ctr-run bench: no 'seccomp = true' line in $HUSK_E2E_HUSK_CONFIG" >&2; exit 1; }
 
 # run_ms RUNTIME ID: wall time of one `ctr run --rm ... /bin/true`, in ms.
 run_ms() {
   local start end
   start=$(date +%s%N)
-  if ! ctr run --rm --runtime "$(type_of "$1")" "$image" "$2" /bin/true >/dev/null 2>"$work/err"; then
+  # shellcheck disable=SC2046 # flags_of prints whole words
+  if ! ctr run --rm --runtime "$(type_of "$1")" $(flags_of "$1") "$image" "$2" /bin/true >/dev/null 2>"$work/err"; then
     echo "ctr-run bench: ctr run --runtime $(type_of "$1") failed: $(cat "$work/err")" >&2
     return 1
   fi
@@ -59,11 +66,15 @@ declare -A medians
 echo "ctr run --rm /bin/true, $runs runs per runtime, interleaved (wall time of ctr, milliseconds):"
 for rt in "${runtimes[@]}"; do
   medians[$rt]=$(tr ' ' '\n' <<<"${times[$rt]}" | grep . | median)
-  printf '  %-5s %-22s median %8s ms   (runs: %s)\n' "$rt" "$(type_of "$rt")" "${medians[$rt]}" \
+  printf '  %-14s %-22s median %8s ms   (runs: %s)\n' "$rt" "$(type_of "$rt")" "${medians[$rt]}" \
     "$(tr ' ' '\n' <<<"${times[$rt]}" | grep . | awk '{printf "%s%.0f", (NR>1?" ":""), $1/1000}')"
 done
 if [ -n "${medians[husk]:-}" ] && [ -n "${medians[runc]:-}" ]; then
   awk -v h="${medians[husk]}" -v r="${medians[runc]}" 'BEGIN {printf "  husk / runc: %.2f\n", h/r}'
+fi
+if [ -n "${medians[husk]:-}" ] && [ -n "${medians[husk-noseccomp]:-}" ]; then
+  awk -v h="${medians[husk]}" -v n="${medians[husk-noseccomp]}" \
+    'BEGIN {printf "  husk (seccomp on) / husk-noseccomp: %.3f  (the filters cost %+.1f ms per run)\n", h/n, h-n}'
 fi
 
 # pod_memory RUNTIME: memory figures of one running pod.
@@ -206,7 +217,7 @@ EOF
 
 echo
 echo "host memory per pod while a ctr run -d container sleeps:"
-for rt in "${runtimes[@]}"; do pod_memory "$rt"; done
+for rt in "${runtimes[@]}"; do [ "$rt" = husk-noseccomp ] || pod_memory "$rt"; done
 if [[ " ${runtimes[*]} " == *" husk "* ]]; then
   echo "  husk's shim log lines about the VM (containerd's log):"
   grep -iE 'hypervisor|accel|backend' "$HUSK_E2E_CONTAINERD_LOG" | tail -n 3 | cut -c1-240 | sed 's/^/    /' || true
