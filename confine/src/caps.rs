@@ -16,6 +16,7 @@ pub const CAP_FOWNER: u32 = 3;
 pub const CAP_FSETID: u32 = 4;
 pub const CAP_SETGID: u32 = 6;
 pub const CAP_SETUID: u32 = 7;
+pub const CAP_SETPCAP: u32 = 8;
 pub const CAP_MKNOD: u32 = 27;
 pub const CAP_SETFCAP: u32 = 31;
 
@@ -97,7 +98,7 @@ pub fn restrict_current_thread(keep: &[u32]) -> std::io::Result<()> {
     // The bounding set first: dropping needs CAP_SETPCAP, which the capset
     // below removes. A thread without CAP_SETPCAP (a non-root test) keeps
     // its bounding set; its permitted set is cut all the same.
-    if permitted & (1 << 8) != 0 {
+    if permitted & (1 << CAP_SETPCAP) != 0 {
         for cap in 0..=last_cap() {
             if keep_mask & (1u64 << cap) != 0 {
                 continue;

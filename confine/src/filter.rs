@@ -39,34 +39,10 @@ pub fn profile(class: ThreadClass, action: ViolationAction) -> Result<LinuxSecco
     {
         rules.push(allow_rule(rule).map_err(describe)?);
     }
-    rules.push(
-        LinuxSyscallBuilder::default()
-            .names(
-                syscalls::ENOSYS_CALLS
-                    .iter()
-                    .map(|name| name.to_string())
-                    .collect::<Vec<_>>(),
-            )
-            .action(LinuxSeccompAction::ScmpActErrno)
-            .errno_ret(libc::ENOSYS as u32)
-            .build()
-            .map_err(|error| describe(error.to_string()))?,
-    );
+    rules.push(errno_rule(syscalls::ENOSYS_CALLS, libc::ENOSYS).map_err(describe)?);
     let refused = syscalls::refused_for(class);
     if !refused.is_empty() {
-        rules.push(
-            LinuxSyscallBuilder::default()
-                .names(
-                    refused
-                        .iter()
-                        .map(|name| name.to_string())
-                        .collect::<Vec<_>>(),
-                )
-                .action(LinuxSeccompAction::ScmpActErrno)
-                .errno_ret(libc::EACCES as u32)
-                .build()
-                .map_err(|error| describe(error.to_string()))?,
-        );
+        rules.push(errno_rule(refused, libc::EACCES).map_err(describe)?);
     }
     let default_action = match action {
         ViolationAction::Kill => LinuxSeccompAction::ScmpActKillProcess,
@@ -79,6 +55,21 @@ pub fn profile(class: ThreadClass, action: ViolationAction) -> Result<LinuxSecco
         .syscalls(rules)
         .build()
         .map_err(|error| describe(error.to_string()))
+}
+
+/// `names` fail with `errno` instead of violating.
+fn errno_rule(names: &[&str], errno: i32) -> Result<LinuxSyscall, String> {
+    LinuxSyscallBuilder::default()
+        .names(
+            names
+                .iter()
+                .map(|name| name.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .action(LinuxSeccompAction::ScmpActErrno)
+        .errno_ret(errno as u32)
+        .build()
+        .map_err(|error| error.to_string())
 }
 
 fn allow_rule(rule: &Rule) -> Result<LinuxSyscall, String> {

@@ -5,15 +5,16 @@
 //! code paths (Rust std's thread start and exit, the allocator, `tracing`'s
 //! writer; vhost-user-backend's session and vring workers; fuse-backend-rs's
 //! passthrough; kvm-ioctls' vCPU loop) and then checked by running the
-//! guest and e2e tiers with `seccomp_action = "trap"`, which logs every call
-//! a list lacks. A call that is missing shows up there as one log line
-//! naming the thread class and the call.
+//! e2e tier with `seccomp_action = "trap"`, which logs every call a list
+//! lacks (the guest and hostile tiers run them under the default "kill",
+//! so a missing call fails them). A missing call shows up under "trap" as
+//! one log line naming the thread and the call.
 //!
 //! What is left out on purpose: no class may `execve`, `ptrace`, mount,
 //! load modules or BPF, open perf events, use keyrings, `userfaultfd`,
 //! `process_vm_*`, `setns`/`unshare` of anything but its own fs context, or
-//! `open_by_handle_at` (the "shocker" escape). Only the virtio-fs class may
-//! open files at all; device and vCPU threads work on fds they were given.
+//! `open_by_handle_at` (the "shocker" escape). Device threads may not open
+//! files (their opens fail with EACCES); they work on fds they were given.
 
 use crate::ThreadClass;
 

@@ -7,11 +7,25 @@
 //! the call's name up in a table filled before any filter is loaded, and
 //! uses only write(2) and prctl(PR_GET_NAME), both in every allowlist.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// Where trap lines go (stderr until the shim names its log).
 static LOG_FD: AtomicI32 = AtomicI32::new(2);
+
+/// At most this many trap lines per process: a guest that can make a
+/// device thread repeat a trapped call must not flood containerd's log.
+/// The line after the last says that later traps are not logged.
+pub const MAX_TRAP_LINES: u64 = 64;
+
+/// Traps so far (64 bits: it never wraps back under the cap).
+static TRAP_LINES: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the `n`-th trap (0-based) gets a line, and whether it is the
+/// last one that does.
+fn trap_line_budget(n: u64) -> (bool, bool) {
+    (n < MAX_TRAP_LINES, n + 1 == MAX_TRAP_LINES)
+}
 
 /// System call names by number, filled before the handler is installed.
 static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
@@ -58,7 +72,7 @@ pub(crate) fn install_handler() {
 
 /// A fixed-size line buffer; overflow truncates.
 struct Line {
-    bytes: [u8; 256],
+    bytes: [u8; 384],
     len: usize,
 }
 
@@ -92,7 +106,7 @@ impl Line {
 /// Formats the trap line for `number` made by thread `thread`.
 fn trap_line(thread: &[u8], number: i32, name: &str) -> Line {
     let mut line = Line {
-        bytes: [0; 256],
+        bytes: [0; 384],
         len: 0,
     };
     line.push(b"husk: seccomp: thread ");
@@ -126,15 +140,24 @@ extern "C" fn on_sigsys(
         .iter()
         .position(|&byte| byte == 0)
         .unwrap_or(comm.len());
-    let line = trap_line(&comm[..comm_len], number, name);
-    // SAFETY: write(2) of a valid stack buffer; the result does not matter.
-    unsafe {
-        libc::write(
-            LOG_FD.load(Ordering::Relaxed),
-            line.bytes.as_ptr() as *const libc::c_void,
-            line.len,
-        )
-    };
+    let (logged, last) = trap_line_budget(TRAP_LINES.fetch_add(1, Ordering::Relaxed));
+    let mut line = trap_line(&comm[..comm_len], number, name);
+    if last {
+        line.push(
+            b"husk: seccomp: later trapped calls are not logged (confinement trap log cap)\n",
+        );
+    }
+    if logged {
+        // SAFETY: write(2) of a valid stack buffer; the result does not matter.
+        unsafe {
+            libc::write(
+                LOG_FD.load(Ordering::Relaxed),
+                line.bytes.as_ptr() as *const libc::c_void,
+                line.len,
+            )
+        };
+    }
+
     // SAFETY: `context` is the ucontext_t of the trapped thread; setting its
     // RAX makes the interrupted call return -ENOSYS.
     unsafe {
@@ -146,6 +169,14 @@ extern "C" fn on_sigsys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trap_lines_stop_at_the_cap_and_the_last_says_so() {
+        assert_eq!(trap_line_budget(0), (true, false));
+        assert_eq!(trap_line_budget(MAX_TRAP_LINES - 1), (true, true));
+        assert_eq!(trap_line_budget(MAX_TRAP_LINES), (false, false));
+        assert_eq!(trap_line_budget(u64::MAX - 1), (false, false));
+    }
 
     #[test]
     fn the_trap_line_names_the_thread_and_the_call() {

@@ -682,6 +682,14 @@ fn husk_shim_of(suite: &Suite, id: &str) -> Result<u32> {
         .with_context(|| format!("no shim serves {id}"))
 }
 
+/// The QEMU process the husk shim `shim` of container `id` started.
+fn qemu_child_of(shim: u32, id: &str) -> Result<husk_test_support::host::Process> {
+    containerd::qemu_processes()
+        .into_iter()
+        .find(|p| p.ppid == shim)
+        .with_context(|| format!("the shim {shim} of {id} has no QEMU child"))
+}
+
 fn husk_sandbox_dir(id: &str) -> PathBuf {
     Path::new("/run/husk/sandboxes").join(id)
 }
@@ -693,10 +701,7 @@ fn vm_death_reports_exit(suite: &Suite, rt: Runtime) -> Result<String> {
     let result = (|| -> Result<String> {
         suite.wait_status(&id, "RUNNING")?;
         let shim = husk_shim_of(suite, &id)?;
-        let vm = containerd::qemu_processes()
-            .into_iter()
-            .find(|p| p.ppid == shim)
-            .with_context(|| format!("the shim {shim} of {id} has no QEMU child"))?;
+        let vm = qemu_child_of(shim, &id)?;
         // SAFETY: plain kill of the VM process the test found.
         unsafe { libc::kill(vm.pid as i32, libc::SIGKILL) };
         suite.wait_status(&id, "STOPPED")?;
@@ -903,10 +908,7 @@ fn hung_guest_is_declared_dead(suite: &Suite, rt: Runtime) -> Result<String> {
     let result = (|| -> Result<String> {
         suite.wait_status(&id, "RUNNING")?;
         let shim = husk_shim_of(suite, &id)?;
-        let vm = containerd::qemu_processes()
-            .into_iter()
-            .find(|p| p.ppid == shim)
-            .with_context(|| format!("the shim {shim} of {id} has no QEMU child"))?;
+        let vm = qemu_child_of(shim, &id)?;
         // SAFETY: plain kill of the VM process the test found.
         unsafe { libc::kill(vm.pid as i32, libc::SIGSTOP) };
         let started = Instant::now();
@@ -1506,10 +1508,7 @@ fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result
     let result = (|| -> Result<String> {
         suite.wait_status(&id, "RUNNING")?;
         let shim = husk_shim_of(suite, &id)?;
-        let vm = containerd::qemu_processes()
-            .into_iter()
-            .find(|p| p.ppid == shim)
-            .with_context(|| format!("the shim {shim} of {id} has no QEMU child"))?;
+        let vm = qemu_child_of(shim, &id)?;
         let mut classes: Vec<String> = Vec::new();
         let mut rpc_seccomp = Vec::new();
         for entry in std::fs::read_dir(format!("/proc/{shim}/task"))? {
