@@ -26,8 +26,10 @@ host      devices/tests/fs_lifecycle.rs
 host      devices/tests/fs_requests.rs
 host      devices/tests/fs_limits.rs
 host      devices/tests/fs_vhost_user.rs
+host      devices/tests/fs_confined_mmio.rs
 host      shim/tests/shared_dir.rs
 host      confine/tests/violation.rs
+host      confine/tests/private_root.rs
 kvm       vmm/tests/kvm_payloads.rs
 kvm       vmm/tests/linux_boot.rs
 kvm       vmm/tests/kvm_virtio_probe.rs

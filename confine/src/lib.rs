@@ -23,6 +23,7 @@
 //! does nothing, which keeps the device crates' own unit tests unconfined.
 
 pub mod caps;
+mod namespace;
 pub mod report;
 pub mod rlimits;
 pub mod syscalls;
@@ -30,9 +31,11 @@ pub mod trap;
 
 mod filter;
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub use filter::FilterError;
+pub use namespace::{enter_private_root, SHARE_INSIDE};
 
 /// What a thread does, which decides what it may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,6 +86,9 @@ pub struct Policy {
     pub seccomp: bool,
     /// What a violation does.
     pub action: ViolationAction,
+    /// Whether virtio-fs threads serve from a private mount namespace whose
+    /// root holds only the share ([`enter_private_root`]).
+    pub fs_private_root: bool,
 }
 
 static POLICY: OnceLock<Policy> = OnceLock::new();
@@ -130,6 +136,30 @@ pub fn confine_current_thread(class: ThreadClass) -> Result<(), ConfineError> {
         return Ok(());
     };
     confine_with(class, policy)
+}
+
+/// Where a virtio-fs passthrough finds `share` from a thread confined by
+/// [`confine_fs_thread`]: [`SHARE_INSIDE`] under a private root, the share
+/// itself otherwise.
+pub fn fs_root_for(share: &Path) -> PathBuf {
+    match policy() {
+        Some(policy) if policy.fs_private_root => PathBuf::from(SHARE_INSIDE),
+        _ => share.to_owned(),
+    }
+}
+
+/// Confines the calling virtio-fs thread, which serves `share`: first into
+/// a private mount namespace rooted at it when the policy asks (see
+/// [`enter_private_root`]; it needs CAP_SYS_ADMIN, which the next step
+/// drops), then as [`ThreadClass::FsWorker`].
+pub fn confine_fs_thread(share: &Path) -> Result<(), ConfineError> {
+    let Some(policy) = policy() else {
+        return Ok(());
+    };
+    if policy.fs_private_root {
+        enter_private_root(share)?;
+    }
+    confine_with(ThreadClass::FsWorker, policy)
 }
 
 /// Confines the calling thread as `class` under `policy`.

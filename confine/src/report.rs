@@ -110,6 +110,7 @@ mod tests {
                     Policy {
                         seccomp: true,
                         action: ViolationAction::Kill,
+                        fs_private_root: false,
                     },
                 )
                 .unwrap();

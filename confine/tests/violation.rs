@@ -39,6 +39,7 @@ fn child_entry() {
     let policy = set_policy(Policy {
         seccomp: true,
         action,
+        fs_private_root: false,
     });
     let opened = std::thread::Builder::new()
         .name("husk-test-dev".into())

@@ -241,6 +241,9 @@ pub struct ConfinementConfig {
     /// `RLIMIT_FSIZE` of the shim: the largest file the guest can make the
     /// share's passthrough write on the host; beyond it writes fail EFBIG.
     pub max_file_bytes: u64,
+    /// Serve virtio-fs from threads in a private mount namespace whose root
+    /// holds only the pod's share (and the shim's `/proc/self/fd`).
+    pub fs_mount_namespace: bool,
     /// Place the shim and its VMM in the pod's cgroup (the sandbox's
     /// `linux.cgroupsPath`), so the pod pays for its VM.
     pub sandbox_cgroup: bool,
@@ -253,6 +256,7 @@ impl Default for ConfinementConfig {
             seccomp_action: SeccompAction::Kill,
             max_open_files: 2 * 65536 + 4096,
             max_file_bytes: 64 << 30,
+            fs_mount_namespace: true,
             sandbox_cgroup: true,
         }
     }

@@ -119,6 +119,7 @@ fn confine_shim(config: &Config, paths: &SandboxPaths, cgroup: Option<&Path>) ->
             SeccompAction::Trap => husk_confine::ViolationAction::Trap,
             SeccompAction::Log => husk_confine::ViolationAction::Log,
         },
+        fs_private_root: settings.fs_mount_namespace,
     };
     let in_force = husk_confine::set_policy(wanted);
     if in_force != wanted {

@@ -1489,7 +1489,8 @@ const FS_CAPS_MASK: u64 =
 
 /// A running pod, read from /proc: every thread that serves a device runs
 /// under a seccomp filter with no_new_privs; the vsock threads hold no
-/// capability, the virtio-fs threads only the passthrough's; QEMU runs
+/// capability, the virtio-fs threads only the passthrough's, in a mount
+/// namespace of their own whose root holds the share; QEMU runs
 /// under its own seccomp sandbox; the shim and QEMU sit in the pod's
 /// cgroup, which pays for the VM's memory; the cgroup goes with the pod.
 fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result<String> {
@@ -1511,6 +1512,7 @@ fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result
         let vm = qemu_child_of(shim, &id)?;
         let mut classes: Vec<String> = Vec::new();
         let mut rpc_seccomp = Vec::new();
+        let shim_namespace = std::fs::read_link(format!("/proc/{shim}/ns/mnt"))?;
         for entry in std::fs::read_dir(format!("/proc/{shim}/task"))? {
             let dir = entry?.path();
             let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
@@ -1551,9 +1553,27 @@ fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result
                     effective != 0,
                     "the fs thread {name} lost the passthrough's capabilities"
                 );
+                // Its own mount namespace, whose root holds the share
+                // (with this container in it) and not the host's /etc.
+                let namespace = std::fs::read_link(dir.join("ns/mnt"))?;
+                ensure!(
+                    namespace != shim_namespace,
+                    "the fs thread {name} shares the shim's mount namespace {}",
+                    shim_namespace.display()
+                );
+                let root = dir.join("root");
+                ensure!(
+                    root.join("share").join(&id).exists() && !root.join("etc").exists(),
+                    "the fs thread {name}'s root is not the private root holding the share: {:?}",
+                    std::fs::read_dir(&root).map(|entries| entries
+                        .filter_map(|entry| entry.ok().map(|entry| entry.file_name()))
+                        .collect::<Vec<_>>())
+                );
             }
+            let namespace = std::fs::read_link(dir.join("ns/mnt"))?;
             classes.push(format!(
-                "{class}({name}) seccomp=2 nnp=1 capeff={effective:#x}"
+                "{class}({name}) seccomp=2 nnp=1 capeff={effective:#x} {}",
+                namespace.display()
             ));
         }
         ensure!(

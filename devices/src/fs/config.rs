@@ -302,10 +302,11 @@ impl FsConfig {
     }
 
     /// fuse-backend-rs passthrough options for this share, rooted at the
-    /// resolved shared directory.
+    /// resolved shared directory as the serving threads see it (under the
+    /// shim's confinement, at `/share` of their private root).
     pub(crate) fn passthrough_config(&self) -> Result<passthrough::Config, ConfigError> {
         self.validate()?;
-        let root = self.resolved_shared_dir()?;
+        let root = husk_confine::fs_root_for(&self.resolved_shared_dir()?);
         let root_dir = root
             .to_str()
             .ok_or_else(|| ConfigError::SharedDirNotUtf8 { path: root.clone() })?

@@ -82,6 +82,7 @@ impl VirtioFs {
             source,
         })?;
         let event_idx = self.acked_features & EVENT_IDX_FEATURE != 0;
+        let share = self.config.resolved_shared_dir()?;
         for (index, activated) in queues.into_iter().enumerate() {
             let mut worker = QueueWorker {
                 index,
@@ -97,14 +98,13 @@ impl VirtioFs {
             };
             worker.queue.set_event_idx(event_idx);
             let name = format!("virtio-fs-q{index}");
+            let share = share.clone();
             let handle = std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
                     // A worker that cannot confine itself must not serve
                     // the guest's requests.
-                    if let Err(error) =
-                        husk_confine::confine_current_thread(husk_confine::ThreadClass::FsWorker)
-                    {
+                    if let Err(error) = husk_confine::confine_fs_thread(&share) {
                         tracing::error!(%error, "a virtio-fs queue worker does not run");
                         return;
                     }

@@ -227,10 +227,11 @@ pub fn serve_vhost_user(socket_path: &Path, config: FsConfig) -> Result<VhostUse
     let name = format!("{DAEMON_THREAD_NAME}-server");
     // The daemon (and with it its vring workers) is made on the server
     // thread, after that thread confined itself: the workers inherit it.
+    let share = config.resolved_shared_dir()?;
     let server = vhost_user::serve(
         socket_path,
         &name,
-        husk_confine::ThreadClass::FsWorker,
+        vhost_user::Confinement::FsShare(share),
         FirstFrontend(Some(backend)),
     )?;
     tracing::info!(socket = %socket_path.display(), tag = %config.tag, "vhost-user-fs listening");

@@ -11,4 +11,4 @@ mod connections;
 mod server;
 
 use connections::{accepted_connections, FdDirectory};
-pub use server::{serve, Server, ServerError, Sessions};
+pub use server::{serve, Confinement, Server, ServerError, Sessions};

@@ -127,14 +127,34 @@ impl Control {
     }
 }
 
+/// How a server thread confines itself (see `husk-confine`) before it
+/// accepts a frontend.
+#[derive(Debug, Clone)]
+pub enum Confinement {
+    /// As this class, in the shim's mount namespace.
+    Class(ThreadClass),
+    /// As a virtio-fs thread serving this share (a private root holding
+    /// only the share when the policy asks for one).
+    FsShare(PathBuf),
+}
+
+impl Confinement {
+    fn apply(&self) -> Result<(), husk_confine::ConfineError> {
+        match self {
+            Self::Class(class) => husk_confine::confine_current_thread(*class),
+            Self::FsShare(share) => husk_confine::confine_fs_thread(share),
+        }
+    }
+}
+
 /// Binds `socket_path` (replacing a stale socket) and serves `sessions` on
-/// it from a new thread named `name`, which confines itself as `class`
-/// (see `husk-confine`) before it accepts a frontend; the daemon's vring
-/// workers inherit that confinement.
+/// it from a new thread named `name`, which confines itself as
+/// `confinement` says before it accepts a frontend; the daemon's vring
+/// workers, made on that thread, inherit its confinement.
 pub fn serve<S: Sessions>(
     socket_path: &Path,
     name: &str,
-    class: ThreadClass,
+    confinement: Confinement,
     sessions: S,
 ) -> Result<Server, ServerError> {
     let listener = Listener::new(socket_path, true).map_err(|error| ServerError::Listen {
@@ -157,7 +177,7 @@ pub fn serve<S: Sessions>(
     })?;
     let thread_state = ServerThread {
         socket_path: socket_path.to_owned(),
-        class,
+        confinement,
         fd_directory,
         listener,
         sessions,
@@ -242,7 +262,7 @@ impl Drop for Server {
 /// The server thread's state.
 struct ServerThread<S> {
     socket_path: PathBuf,
-    class: ThreadClass,
+    confinement: Confinement,
     fd_directory: FdDirectory,
     listener: Listener,
     sessions: S,
@@ -253,12 +273,12 @@ impl<S: Sessions> ServerThread<S> {
     /// Serves sessions until a stop, or until the device serves no more
     /// (the joiner then drops `self`, whose `Listener` removes the socket).
     fn run(&mut self) -> Result<(), ServerError> {
-        husk_confine::confine_current_thread(self.class).map_err(|source| {
-            ServerError::Confine {
+        self.confinement
+            .apply()
+            .map_err(|source| ServerError::Confine {
                 socket: self.socket_path.clone(),
                 source,
-            }
-        })?;
+            })?;
         loop {
             if !self.wait_for_frontend()? {
                 return Ok(());

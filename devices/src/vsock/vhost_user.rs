@@ -234,7 +234,7 @@ pub fn serve_vhost_user_with_timeouts(
     match vhost_user::serve(
         socket_path,
         &name,
-        husk_confine::ThreadClass::Device,
+        vhost_user::Confinement::Class(husk_confine::ThreadClass::Device),
         sessions,
     ) {
         Ok(server) => Ok(VhostUserServer { server, uds_path }),
