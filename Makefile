@@ -23,7 +23,7 @@ export HUSK_KERNEL := $(KERNEL)
 export HUSK_BZIMAGE := $(BZIMAGE)
 export HUSK_INITRD := $(INITRD)
 
-.PHONY: all deps build agent kernel initrd guest test bench demo demo-vmm install clean lint fuzz
+.PHONY: all deps build agent kernel initrd guest hooked-shim test bench demo demo-vmm install clean lint fuzz
 
 all: build
 
@@ -38,6 +38,14 @@ deps:
 ## build: host binaries (shim, VMM debug tool, runtime CLI) and the static agent.
 build: agent
 	$(CARGO) build --release --workspace --exclude husk-agent
+
+## hooked-shim: a second, test-only shim (containerd-shim-huskhooks-v2)
+## with guest-reachable test hooks, in its own target directory so no
+## product binary ever carries them; the e2e tier runs it.
+HOOKED_TARGET := target/test-hooks
+hooked-shim:
+	$(CARGO) build --release -p husk-shim --features test-hooks --target-dir $(HOOKED_TARGET)
+	install -D -m 0755 $(HOOKED_TARGET)/release/containerd-shim-kata-v2 $(HOOKED_TARGET)/bin/containerd-shim-huskhooks-v2
 
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p husk-agent --target $(HOST_TRIPLE)
@@ -54,7 +62,7 @@ initrd: agent
 guest: kernel initrd
 
 ## test: every test tier this machine supports, with one summary line per tier.
-test: deps build guest
+test: deps build guest hooked-shim
 	tests/run-tiers.sh
 
 ## bench: speed and memory figures against peers measured in the same run.
@@ -74,6 +82,7 @@ demo-vmm: deps build guest
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p husk-devices --features test-hooks -- -D warnings
 
 ## fuzz: every fuzz target for FUZZ_SECONDS seconds each (libFuzzer on
 ## nightly; installs cargo-fuzz if missing); one result line per target,

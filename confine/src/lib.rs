@@ -23,6 +23,7 @@
 //! does nothing, which keeps the device crates' own unit tests unconfined.
 
 pub mod caps;
+pub mod control;
 mod namespace;
 pub mod report;
 pub mod rlimits;

@@ -31,6 +31,10 @@ fn child_entry() {
     let Ok(case) = std::env::var(CHILD_CASE) else {
         return;
     };
+    if case == "control" {
+        control_child();
+        return;
+    }
     let action = match case.as_str() {
         "kill" => ViolationAction::Kill,
         "trap" => ViolationAction::Trap,
@@ -99,4 +103,51 @@ fn a_forbidden_call_under_trap_fails_and_is_named_in_the_log() {
         stderr.contains("husk: seccomp: thread husk-test-dev made system call mknodat (259)"),
         "no trap line naming the thread and the call:\n{stderr}"
     );
+}
+
+/// The "control" child: a thread that already runs when the process-wide
+/// deny list is loaded from another thread gets it too (TSYNC), and its
+/// `ptrace` then kills the process.
+fn control_child() {
+    let policy = set_policy(Policy {
+        seccomp: true,
+        action: ViolationAction::Kill,
+        fs_private_root: false,
+    });
+    let (go_sender, go) = std::sync::mpsc::channel::<()>();
+    let early = std::thread::Builder::new()
+        .name("husk-test-early".into())
+        .spawn(move || {
+            go.recv().unwrap();
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            let seccomp = status
+                .lines()
+                .find_map(|line| line.strip_prefix("Seccomp:"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            eprintln!("child: the early thread has Seccomp {seccomp}");
+            // SAFETY: PTRACE_TRACEME takes no pointers; the filter stops it.
+            let traced = unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+            eprintln!("child: ptrace returned {traced}");
+        })
+        .unwrap();
+    husk_confine::control::confine_process(policy).unwrap();
+    go_sender.send(()).unwrap();
+    early.join().unwrap();
+}
+
+#[test]
+fn the_process_wide_deny_list_reaches_running_threads_and_kills_on_ptrace() {
+    let (status, stderr) = run_child("control");
+    assert!(
+        stderr.contains("child: the early thread has Seccomp 2"),
+        "a thread running before the load is not filtered:\n{stderr}"
+    );
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "ptrace under the deny list did not kill the process: {status:?}\n{stderr}"
+    );
+    assert!(!stderr.contains("child: ptrace returned"), "{stderr}");
 }

@@ -129,6 +129,10 @@ fn confine_shim(config: &Config, paths: &SandboxPaths, cgroup: Option<&Path>) ->
             "this shim's confinement policy was set before; it stays"
         );
     }
+    // The floor under every thread, QEMU and the loggers (the control
+    // threads' confinement), loaded before any device thread exists.
+    husk_confine::control::confine_process(in_force)
+        .context("cannot load the shim's process-wide seccomp deny list")?;
     let applied = husk_confine::rlimits::apply(settings.max_open_files, settings.max_file_bytes)
         .with_context(|| {
             format!(

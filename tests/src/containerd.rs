@@ -36,6 +36,19 @@ use husk_test_support::mounts::mounts_under;
 
 /// The runc runtime type (Debian's `containerd-shim-runc-v2`).
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// The runtime type of the test-only shim built with guest-reachable test
+/// hooks (`make hooked-shim`: `containerd-shim-huskhooks-v2`).
+pub const HOOKED_RUNTIME: &str = "io.containerd.huskhooks.v2";
+
+/// Where `make hooked-shim` puts `containerd-shim-huskhooks-v2`
+/// (`$HUSK_HOOKED_SHIM_DIR`, default `target/test-hooks/bin`); on the
+/// private containerd's PATH after the shim directory.
+pub fn hooked_shim_dir() -> PathBuf {
+    std::env::var_os("HUSK_HOOKED_SHIM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/test-hooks/bin"))
+}
+
 /// husk's runtime type (`containerd-shim-kata-v2`).
 pub const HUSK_RUNTIME: &str = "io.containerd.kata.v2";
 /// The containerd namespace the tests use.
@@ -698,8 +711,9 @@ fn spawn_daemon(dir: &Path, options: &Options) -> Result<i32> {
         .with_context(|| format!("cannot create {}", log_path.display()))?;
     let log_err = log.try_clone().context("cannot duplicate the log file")?;
     let path = format!(
-        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        options.shim_dir.display()
+        "{}:{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        options.shim_dir.display(),
+        hooked_shim_dir().display()
     );
     let mut command = Command::new("containerd");
     command

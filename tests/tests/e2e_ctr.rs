@@ -332,6 +332,10 @@ fn scenarios() -> Vec<Scenario> {
         husk("vm_death_reports_the_task_exited", vm_death_reports_exit),
         husk("shim_sigkill_leaves_nothing", shim_sigkill_leaves_nothing),
         husk(
+            "guest_reached_forbidden_syscall_kills_the_shim",
+            guest_reached_forbidden_syscall_kills_the_shim,
+        ),
+        husk(
             "shim_killed_at_each_create_step_leaves_nothing",
             shim_killed_at_each_create_step,
         ),
@@ -754,8 +758,103 @@ fn shim_sigkill_leaves_nothing(suite: &Suite, rt: Runtime) -> Result<String> {
     let _ = suite.ctr_ok(&["task", "delete", &id]);
     let _ = suite.ctr_ok(&["containers", "rm", &id]);
     result?;
-    suite.nothing_left_of(&id)?;
-    let dir = husk_sandbox_dir(&id);
+    nothing_left_after_a_dead_shim(suite, &id)?;
+    Ok("nothing left".to_owned())
+}
+
+/// A guest-reachable code path makes a call outside its thread's seccomp
+/// allowlist: a container LOOKUPs the name the test-only shim's virtio-fs
+/// hook answers with `socket(AF_INET)` (`husk_devices::fs::test_hooks`).
+/// The kernel kills the shim with SIGSYS (its audit line names the shim
+/// and the call), containerd sees the task end, and nothing is left.
+fn guest_reached_forbidden_syscall_kills_the_shim(suite: &Suite, rt: Runtime) -> Result<String> {
+    let hooked = containerd::hooked_shim_dir().join("containerd-shim-huskhooks-v2");
+    ensure!(
+        hooked.exists(),
+        "{} is missing: `make hooked-shim` builds the test-only shim with guest-reachable hooks",
+        hooked.display()
+    );
+    let id = suite.id(rt, "sigsys");
+    let mut run = suite.daemon.ctr();
+    run.args(["run", "-d", "--runtime", containerd::HOOKED_RUNTIME])
+        .args([IMAGE, &id, "sleep", "1000"]);
+    let out = run_with_timeout(&mut run, CTR_TIMEOUT)?;
+    ensure!(
+        out.status.success(),
+        "ctr run -d (hooked shim): {}",
+        describe(&out)
+    );
+    let result = (|| -> Result<String> {
+        suite.wait_status(&id, "RUNNING")?;
+        let shim = husk_shim_of(suite, &id)?;
+        let exec = run_with_timeout(
+            suite.daemon.ctr().args([
+                "task",
+                "exec",
+                "--exec-id",
+                "lookup",
+                &id,
+                "stat",
+                "/.husk-test-forbidden-syscall",
+            ]),
+            CTR_TIMEOUT,
+        )?;
+        ensure!(
+            !exec.status.success(),
+            "the exec that reached the hook succeeded: {}",
+            describe(&exec)
+        );
+        let started = Instant::now();
+        while Path::new(&format!("/proc/{shim}")).exists() {
+            ensure!(
+                started.elapsed() < STATE_TIMEOUT,
+                "the shim {shim} still runs after its fs thread made a forbidden call"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let kernel_log = run_with_timeout(Command::new("dmesg").arg("--notime"), CTR_TIMEOUT)?;
+        let audit = text(&kernel_log.stdout)
+            .lines()
+            .rev()
+            .find(|line| {
+                line.contains("type=1326")
+                    && line.contains(&format!(" pid={shim} "))
+                    && line.contains(" sig=31 ")
+            })
+            .map(str::to_owned)
+            .with_context(|| format!("no seccomp audit line for the shim {shim} in dmesg"))?;
+        ensure!(
+            audit.contains(" syscall=41 "),
+            "the shim died on another call than socket (41): {audit}"
+        );
+        // containerd noticed: the task is stopped or gone.
+        let started = Instant::now();
+        while suite.task_status(&id)?.is_some_and(|s| s != "STOPPED") {
+            ensure!(
+                started.elapsed() < STATE_TIMEOUT,
+                "task {id} still listed as running after its shim died"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let thread = audit
+            .split_whitespace()
+            .find(|field| field.starts_with("comm="))
+            .unwrap_or("comm=?")
+            .to_owned();
+        Ok(format!("SIGSYS on socket(41) in {thread}, task ended"))
+    })();
+    let _ = suite.ctr_ok(&["task", "delete", &id]);
+    let _ = suite.ctr_ok(&["containers", "rm", &id]);
+    let observed = result?;
+    nothing_left_after_a_dead_shim(suite, &id)?;
+    Ok(observed + ", nothing left")
+}
+
+/// After a shim died and containerd cleaned up: no sandbox directory, VM
+/// or mount of `id` is left.
+fn nothing_left_after_a_dead_shim(suite: &Suite, id: &str) -> Result<()> {
+    suite.nothing_left_of(id)?;
+    let dir = husk_sandbox_dir(id);
     let started = Instant::now();
     while dir.exists() && started.elapsed() < STATE_TIMEOUT {
         std::thread::sleep(Duration::from_millis(100));
@@ -776,7 +875,7 @@ fn shim_sigkill_leaves_nothing(suite: &Suite, rt: Runtime) -> Result<String> {
         "mounts left under {}: {mounts:?}",
         dir.display()
     );
-    Ok("nothing left".to_owned())
+    Ok(())
 }
 
 /// The shim killed (SIGKILL) at each step of a Create that has a crash
@@ -1603,10 +1702,15 @@ fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result
             usage >= qemu_anon_kib * 1024,
             "the pod's cgroup is charged {usage} bytes, less than QEMU's {qemu_anon_kib} KiB of anonymous memory"
         );
+        // The control threads run under the process-wide deny list.
+        ensure!(
+            !rpc_seccomp.is_empty() && rpc_seccomp.iter().all(|mode| mode == "2"),
+            "the shim's tokio RPC threads are not all filtered: Seccomp {rpc_seccomp:?}"
+        );
         Ok(format!(
-            "{} device threads confined; tokio RPC threads Seccomp {:?} (not filtered); QEMU Seccomp 2; shim+QEMU in {cgroup}, charged {} MiB (QEMU anon {} MiB)",
+            "{} device threads confined; {} tokio RPC threads under the deny list (Seccomp 2); QEMU Seccomp 2; shim+QEMU in {cgroup}, charged {} MiB (QEMU anon {} MiB)",
             classes.len(),
-            rpc_seccomp.first(),
+            rpc_seccomp.len(),
             usage >> 20,
             qemu_anon_kib >> 10
         ))

@@ -269,6 +269,10 @@ impl FileSystem for SharedFs {
     }
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
+        #[cfg(feature = "test-hooks")]
+        if let Some(error) = super::test_hooks::on_lookup(name) {
+            return Err(error);
+        }
         let entry = self.inner.lookup(ctx, parent, name)?;
         self.admit_entry(ctx, entry)
     }

@@ -16,6 +16,8 @@ mod filesystem;
 mod limits;
 mod mmio;
 mod model;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 mod vhost_user;
 mod xattr;
 

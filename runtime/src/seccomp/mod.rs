@@ -380,6 +380,14 @@ pub fn install(filter: &Filter) -> Result<()> {
             std::io::Error::last_os_error()
         )));
     }
+    if rc > 0 {
+        // With TSYNC, a positive return names a thread that could not be
+        // synchronised (its filters are not an ancestor of ours); nothing
+        // was loaded.
+        return Err(Error::Seccomp(format!(
+            "load filter: thread {rc} cannot take it (SECCOMP_FILTER_FLAG_TSYNC)"
+        )));
+    }
     Ok(())
 }
 
