@@ -222,3 +222,49 @@ if [[ " ${runtimes[*]} " == *" husk "* ]]; then
   echo "  husk's shim log lines about the VM (containerd's log):"
   grep -iE 'hypervisor|accel|backend' "$HUSK_E2E_CONTAINERD_LOG" | tail -n 3 | cut -c1-240 | sed 's/^/    /' || true
 fi
+
+# throughput RUNTIME: stdio (husk: vsock) and root-filesystem (husk:
+# virtio-fs) throughput of one running container, by `ctr task exec`; each
+# figure is 64 MiB / (median of 3 execs - median of 3 execs of `true`), so
+# the exec's own start is not counted.
+#  - stdio: 64 MiB of zeros written to the exec's stdout, counted on the host;
+#  - fs write: 64 MiB written to the container's root with conv=fsync;
+#  - fs read: that file read back with iflag=direct (not from the guest's
+#    page cache).
+throughput() {
+  local rt=$1 id="tput-$1" i
+  # shellcheck disable=SC2046 # flags_of prints whole words
+  ctr run -d --runtime "$(type_of "$rt")" $(flags_of "$rt") "$image" "$id" sleep 1000 >/dev/null
+  for _ in $(seq 100); do ctr task ls | grep -q "^$id .*RUNNING" && break; sleep 0.1; done
+  exec_ms() {
+    local start end
+    start=$(date +%s%N)
+    ctr task exec --exec-id "x$RANDOM$RANDOM" "$id" sh -c "$1" | wc -c >"$work/bytes"
+    end=$(date +%s%N)
+    echo $(((end - start) / 1000000))
+  }
+  median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+  rate() { awk -v e="$1" -v f="$2" 'BEGIN { if (f > e) printf "%.1f MiB/s", 64000 / (f - e); else printf "n/a" }'; }
+  local empty=() stdio=() write=() read=() bytes
+  for i in 1 2 3; do
+    empty+=("$(exec_ms true)")
+    stdio+=("$(exec_ms 'dd if=/dev/zero bs=1048576 count=64 2>/dev/null')")
+    bytes=$(cat "$work/bytes")
+    write+=("$(exec_ms 'dd if=/dev/zero of=/bench.img bs=1048576 count=64 conv=fsync 2>/dev/null')")
+    read+=("$(exec_ms 'dd if=/bench.img of=/dev/null bs=1048576 iflag=direct 2>/dev/null')")
+  done
+  local e s w r
+  e=$(median3 "${empty[@]}") s=$(median3 "${stdio[@]}") w=$(median3 "${write[@]}") r=$(median3 "${read[@]}")
+  if [ "$bytes" != 67108864 ]; then
+    echo "  $rt: stdio: the host counted $bytes bytes, not 67108864" >&2
+  fi
+  echo "  $rt: empty exec $e ms; stdio $(rate "$e" "$s") ($s ms); rootfs write $(rate "$e" "$w") ($w ms); rootfs read, direct $(rate "$e" "$r") ($r ms)"
+  ctr task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+  for _ in $(seq 100); do ctr task ls | grep -q "^$id .*STOPPED" && break; sleep 0.1; done
+  ctr task delete "$id" >/dev/null 2>&1 || true
+  ctr container rm "$id" >/dev/null 2>&1 || true
+}
+
+echo
+echo "throughput of one container (stdio; root file system), husk with and without seccomp beside runc:"
+for rt in "${runtimes[@]}"; do throughput "$rt"; done
