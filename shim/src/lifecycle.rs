@@ -212,7 +212,7 @@ mod tests {
     #[test]
     fn deleting_a_container_leaves_the_share_entries_of_a_similarly_named_one() {
         let root = tempfile::tempdir().unwrap();
-        let paths = SandboxPaths::under(root.path(), "pod");
+        let paths = SandboxPaths::under(&root.path().join("sandboxes"), "pod");
         let host_side = paths.share_host_side();
         for id in ["web", "web.mysql", "web.m0"] {
             std::fs::create_dir_all(host_side.join(id).join("rootfs")).unwrap();

@@ -194,18 +194,26 @@ impl Sandbox {
         request: BootRequest<'_>,
     ) -> Result<(Self, ExitWatcher)> {
         let paths = request.paths.clone();
-        if paths.dir.exists() {
-            tracing::warn!(dir = %paths.dir.display(), "a stale sandbox directory exists; cleaning it");
+        paths
+            .check_socket_room()
+            .map_err(|reason| anyhow!(reason))?;
+        if paths.dir.exists() || paths.vm_dir.exists() {
+            tracing::warn!(dir = %paths.dir.display(), vm_dir = %paths.vm_dir.display(), "a stale sandbox directory exists; cleaning it");
             cleanup::remove_sandbox_dir(&paths);
         }
-        std::fs::create_dir_all(&paths.dir)
-            .with_context(|| format!("cannot create {}", paths.dir.display()))?;
         // The pod's sockets, console and share are the shim's alone.
-        std::fs::set_permissions(
-            &paths.dir,
-            std::fs::Permissions::from_mode(SANDBOX_DIR_MODE),
-        )
-        .with_context(|| format!("cannot restrict {}", paths.dir.display()))?;
+        for dir in [&paths.dir, &paths.vm_dir] {
+            let made = std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))
+                .and_then(|()| {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(SANDBOX_DIR_MODE))
+                        .with_context(|| format!("cannot restrict {}", dir.display()))
+                });
+            if let Err(error) = made {
+                cleanup::remove_sandbox_dir(&paths);
+                return Err(error);
+            }
+        }
         let result = match confine_shim(request.config, &paths, request.cgroup.as_deref()) {
             Ok(()) => Self::boot_in(launcher, request).await,
             Err(error) => Err(error),

@@ -628,10 +628,11 @@ pub fn leftovers(daemon: &PrivateContainerd, before: &Snapshot) -> Vec<String> {
         found.push(format!("shim socket {SHIM_SOCKET_DIR}/{name}"));
     }
     for name in entries_to_depth(Path::new(HUSK_STATE_DIR), 3).difference(&before.husk_state) {
-        // The root of the sandbox directories is made once per host (as
-        // /run/containerd is); only what is in it belongs to a pod.
+        // The roots of the sandbox and VM directories are made once per
+        // host (as /run/containerd is); only what is in them belongs to a
+        // pod.
         let path = Path::new(HUSK_STATE_DIR).join(name);
-        let empty_root = name == "sandboxes" && entries_of(&path).is_empty();
+        let empty_root = (name == "sandboxes" || name == "vm") && entries_of(&path).is_empty();
         if !empty_root {
             found.push(format!("husk state {HUSK_STATE_DIR}/{name}"));
         }

@@ -69,15 +69,15 @@ pub struct Teardown {
 /// What a sandbox left on the host after it was shut down.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Leftovers {
-    /// Processes whose command line names the sandbox's directory (the
+    /// Processes whose command line names the sandbox's private root (the
     /// QEMU process, if it survived).
     pub processes: Vec<u32>,
     /// Whether the QEMU process id still exists.
     pub qemu_alive: bool,
     /// Mount points under the sandbox's directory.
     pub mounts: Vec<String>,
-    /// Whether the sandbox's directory (share, sockets, console) still
-    /// exists.
+    /// Whether the sandbox's private root (its sandbox directory with the
+    /// share and console, its VM directory with the sockets) still exists.
     pub work_dir_exists: bool,
     /// Unix sockets (vhost-user, hybrid vsock) still below it.
     pub sockets: Vec<PathBuf>,
@@ -97,6 +97,8 @@ pub struct GuestSandbox {
     vm_exit: Mutex<Option<ExitWatcher>>,
     kernel: GuestKernel,
     busybox: PathBuf,
+    /// The private root holding `sandboxes/<id>` and `vm/<digest>`.
+    holder: PathBuf,
 }
 
 /// The shim configuration the guest suites boot with: the `qemu` backend
@@ -128,15 +130,16 @@ impl GuestSandbox {
 
         let sequence = NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed);
         let sandbox_id = format!("agentguest-{}-{sequence}", std::process::id());
-        // Short, beside the system's temporary files: the sockets inside
-        // must fit a Unix socket path.
-        let paths = SandboxPaths::under(&std::env::temp_dir(), &format!("husk-{sandbox_id}"));
+        // A private root beside the system's temporary files, holding the
+        // sandbox directory and the VM directory beside it.
+        let holder = std::env::temp_dir().join(format!("husk-{sandbox_id}"));
+        let paths = SandboxPaths::under(&holder.join("sandboxes"), &sandbox_id);
         let spec = VmSpec::for_pod(
             &config,
             None,
             Backend::Qemu,
             size,
-            &paths.dir,
+            &paths.vm_dir,
             &paths.console_log(),
         )?;
         let request = BootRequest {
@@ -148,14 +151,22 @@ impl GuestSandbox {
             // The test process stays in its own cgroup.
             cgroup: None,
         };
-        let (sandbox, vm_exit) = Sandbox::boot(&BackendLauncher, request)
+        let booted = Sandbox::boot(&BackendLauncher, request)
             .await
-            .with_context(|| format!("sandbox {sandbox_id} did not boot"))?;
+            .with_context(|| format!("sandbox {sandbox_id} did not boot"));
+        let (sandbox, vm_exit) = match booted {
+            Ok(booted) => booted,
+            Err(error) => {
+                remove_holder(&holder);
+                return Err(error);
+            }
+        };
         Ok(Self {
             sandbox: Some(sandbox),
             vm_exit: Mutex::new(Some(vm_exit)),
             kernel,
             busybox,
+            holder,
         })
     }
 
@@ -327,7 +338,7 @@ impl GuestSandbox {
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
-        let work_dir = sandbox.paths.dir.clone();
+        let work_dir = self.holder.clone();
         let qemu_pid = sandbox.description.vmm_pid;
 
         let asked = Instant::now();
@@ -347,6 +358,7 @@ impl GuestSandbox {
         let console = console_tail(&sandbox.paths);
         let teardown = sandbox.destroy().await;
         drop(sandbox);
+        remove_holder(&work_dir);
         if !exited {
             bail!(
                 "the guest was still running {POWER_OFF_DEADLINE:?} after DestroySandbox \
@@ -382,6 +394,15 @@ impl Drop for GuestSandbox {
             drop(sandbox);
             cleanup::remove_sandbox_dir(&paths);
         }
+        remove_holder(&self.holder);
+    }
+}
+
+/// Removes a guest's private root once the shim's cleanup emptied it: only
+/// the two empty directories it made, so anything left stays to be seen.
+fn remove_holder(holder: &Path) {
+    for dir in ["sandboxes", "vm", ""] {
+        let _ = std::fs::remove_dir(holder.join(dir));
     }
 }
 

@@ -318,6 +318,7 @@ fn scenarios() -> Vec<Scenario> {
             "pod_containers_share_one_shim",
             pod_containers_share_one_shim,
         ),
+        both("cri_64_hex_ids_pod_of_two", cri_64_hex_ids_pod_of_two),
         both("oom_kill_reported", oom_kill_reported),
         both(
             "containerd_restart_reconnects_to_the_shim",
@@ -698,6 +699,21 @@ fn husk_sandbox_dir(id: &str) -> PathBuf {
     Path::new("/run/husk/sandboxes").join(id)
 }
 
+/// The VM directory (sockets, QEMU's run directory) of sandbox `id`, named
+/// by a digest of the id; QEMU's command line names it.
+fn husk_vm_dir(id: &str) -> PathBuf {
+    husk_shim::paths::SandboxPaths::under(Path::new("/run/husk/sandboxes"), id).vm_dir
+}
+
+/// QEMU processes whose command line names the VM directory of `id`.
+fn qemu_processes_of(id: &str) -> Vec<husk_test_support::host::Process> {
+    let vm_dir = husk_vm_dir(id).to_string_lossy().into_owned();
+    containerd::qemu_processes()
+        .into_iter()
+        .filter(|p| p.args.iter().any(|a| a.contains(&vm_dir)))
+        .collect()
+}
+
 fn vm_death_reports_exit(suite: &Suite, rt: Runtime) -> Result<String> {
     let id = suite.id(rt, "vmdeath");
     let out = suite.ctr_run(rt, &["-d"], IMAGE, &id, &["sleep", "1000"])?;
@@ -864,11 +880,13 @@ fn nothing_left_after_a_dead_shim(suite: &Suite, id: &str) -> Result<()> {
         "{} is left after the shim was killed",
         dir.display()
     );
-    let vms: Vec<_> = containerd::qemu_processes()
-        .into_iter()
-        .filter(|p| p.args.iter().any(|a| a.contains(&*dir.to_string_lossy())))
-        .collect();
+    let vms = qemu_processes_of(id);
     ensure!(vms.is_empty(), "the killed shim's VM still runs: {vms:?}");
+    ensure!(
+        !husk_vm_dir(id).exists(),
+        "{} is left after the shim was killed",
+        husk_vm_dir(id).display()
+    );
     let mounts = mounts_under(&dir);
     ensure!(
         mounts.is_empty(),
@@ -911,10 +929,12 @@ fn shim_killed_at_each_create_step(suite: &Suite, rt: Runtime) -> Result<String>
             "{} is left after a kill at {step}",
             dir.display()
         );
-        let vms: Vec<_> = containerd::qemu_processes()
-            .into_iter()
-            .filter(|p| p.args.iter().any(|a| a.contains(&*dir.to_string_lossy())))
-            .collect();
+        let vms = qemu_processes_of(&id);
+        ensure!(
+            !husk_vm_dir(&id).exists(),
+            "{} is left after a kill at {step}",
+            husk_vm_dir(&id).display()
+        );
         ensure!(
             vms.is_empty(),
             "a VM outlived the shim killed at {step}: {vms:?}"
@@ -1332,8 +1352,35 @@ fn log_uri_file_and_binary(suite: &Suite, rt: Runtime) -> Result<String> {
 /// Two containers of one CRI pod (annotation `io.kubernetes.cri.sandbox-id`)
 /// are served by one shim process (and, under husk, one VM).
 fn pod_containers_share_one_shim(suite: &Suite, rt: Runtime) -> Result<String> {
-    let pod = suite.id(rt, "pod");
-    let member = suite.id(rt, "member");
+    two_containers_in_one_pod(suite, rt, suite.id(rt, "pod"), suite.id(rt, "member"))
+}
+
+/// A 64-hex id as CRI makes them, unique in this run.
+fn cri_id(suite: &Suite, rt: Runtime, what: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let seed = format!("{}-{}", suite.id(rt, what), std::process::id());
+    Sha256::digest(seed.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// The pod scenario with CRI-shaped ids: a 64-hex sandbox id and a 64-hex
+/// container id (every socket path of the pod must still fit).
+fn cri_64_hex_ids_pod_of_two(suite: &Suite, rt: Runtime) -> Result<String> {
+    let pod = cri_id(suite, rt, "pod");
+    let member = cri_id(suite, rt, "member");
+    ensure!(pod.len() == 64 && member.len() == 64);
+    let observed = two_containers_in_one_pod(suite, rt, pod, member)?;
+    Ok(format!("{observed} (ids of 64 hex)"))
+}
+
+fn two_containers_in_one_pod(
+    suite: &Suite,
+    rt: Runtime,
+    pod: String,
+    member: String,
+) -> Result<String> {
     let sandbox_annotation = format!("io.kubernetes.cri.sandbox-id={pod}");
     let mut started = Vec::new();
     let result = (|| -> Result<String> {

@@ -103,7 +103,8 @@ pub struct VmSpec {
     /// The cap of each of the console's two files (`console.max_bytes`).
     pub console_max_bytes: u64,
     /// A directory the backend may put its own files in (sockets, QEMU's
-    /// run directory); removed with the sandbox.
+    /// run directory, the VMM pid); short whatever the sandbox id
+    /// (`SandboxPaths::vm_dir`), removed with the sandbox.
     pub work_dir: PathBuf,
     /// The QEMU binary; found on PATH when unset.
     pub qemu_binary: Option<PathBuf>,

@@ -272,7 +272,7 @@ impl Pod {
             config_path,
             backend,
             size,
-            &paths.dir,
+            &paths.vm_dir,
             &paths.console_log(),
         )
         .map_err(|error| PodError::FailedPrecondition(error.to_string()))?;

@@ -20,6 +20,9 @@ pub fn remove_sandbox_dir(paths: &SandboxPaths) {
     if unmount_and_remove(&paths.dir) {
         tracing::info!(dir = %paths.dir.display(), "sandbox directory removed");
     }
+    if unmount_and_remove(&paths.vm_dir) {
+        tracing::debug!(dir = %paths.vm_dir.display(), "VM directory removed");
+    }
 }
 
 /// Unmounts everything at or below `dir`, then removes it, but only if no
@@ -50,7 +53,7 @@ pub fn recorded_vmm_pid(paths: &SandboxPaths) -> Option<i32> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let cmdline = String::from_utf8_lossy(&cmdline);
     cmdline
-        .contains(&*paths.dir.to_string_lossy())
+        .contains(&*paths.vm_dir.to_string_lossy())
         .then_some(pid)
 }
 
@@ -140,10 +143,12 @@ mod tests {
     #[test]
     fn a_directory_without_mounts_is_simply_removed() {
         let root = tempfile::tempdir().unwrap();
-        let paths = SandboxPaths::under(root.path(), "pod1");
+        let paths = SandboxPaths::under(&root.path().join("sandboxes"), "pod1");
         std::fs::create_dir_all(paths.share().join("c1")).unwrap();
+        std::fs::create_dir_all(&paths.vm_dir).unwrap();
         std::fs::write(paths.vmm_pid_file(), "999999999").unwrap();
         remove_sandbox_dir(&paths);
         assert!(!paths.dir.exists());
+        assert!(!paths.vm_dir.exists());
     }
 }

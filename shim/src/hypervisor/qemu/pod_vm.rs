@@ -25,8 +25,6 @@ use crate::hypervisor::{
 const VSOCK_VHOST_SOCKET: &str = "vsock-vhost.sock";
 /// The vhost-user socket of the virtio-fs device, in the work directory.
 const FS_VHOST_SOCKET: &str = "fs-vhost.sock";
-/// QEMU's own run directory (QMP socket, output), in the work directory.
-const QEMU_DIR: &str = "qemu";
 /// The file the QEMU pid is recorded in, for cleanup after a shim crash.
 pub const VMM_PID_FILE: &str = "vmm.pid";
 
@@ -56,7 +54,7 @@ impl QemuPodVm {
             .with_vcpus(vcpus)
             .with_memory_mib(memory_mib)
             .with_console_max_bytes(spec.console_max_bytes)
-            .with_work_dir(spec.work_dir.join(QEMU_DIR))
+            .with_work_dir(&spec.work_dir)
             .with_qemu_sandbox(spec.seccomp);
         if let Some(binary) = &spec.qemu_binary {
             config = config.with_qemu_binary(binary);
@@ -246,7 +244,7 @@ mod tests {
     /// once that process is gone it closes its sockets, as QEMU's exit
     /// would.
     fn fake_qemu_side(qemu_dir: PathBuf, pid_file: PathBuf) -> JoinHandle<Vec<String>> {
-        let qemu_pid_file = qemu_dir.parent().unwrap().join("qemu.pid");
+        let qemu_pid_file = qemu_dir.join("qemu.pid");
         let qemu_gone = move || {
             std::fs::read_to_string(&qemu_pid_file)
                 .is_ok_and(|pid| !Path::new(&format!("/proc/{}", pid.trim())).exists())
@@ -351,7 +349,7 @@ mod tests {
     #[test]
     fn the_guest_is_resumed_only_after_the_pid_file_names_qemu() {
         let dir = tempfile::tempdir().unwrap();
-        let qemu_side = fake_qemu_side(dir.path().join(QEMU_DIR), dir.path().join(VMM_PID_FILE));
+        let qemu_side = fake_qemu_side(dir.path().to_owned(), dir.path().join(VMM_PID_FILE));
         let mut vm = QemuPodVm::new(spec(dir.path())).unwrap();
         vm.start().unwrap();
         let pid = vm.describe().vmm_pid;
@@ -376,7 +374,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A directory where the pid file goes: the write fails.
         std::fs::create_dir(dir.path().join(VMM_PID_FILE)).unwrap();
-        let qemu_side = fake_qemu_side(dir.path().join(QEMU_DIR), dir.path().join("unused"));
+        let qemu_side = fake_qemu_side(dir.path().to_owned(), dir.path().join("unused"));
         let mut vm = QemuPodVm::new(spec(dir.path())).unwrap();
         let error = format!("{:#}", vm.start().unwrap_err());
         assert!(error.contains(VMM_PID_FILE), "{error}");

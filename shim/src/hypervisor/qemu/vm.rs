@@ -365,11 +365,12 @@ struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `<work_dir>/husk-qemu-<pid>-<n>`, readable by the owner only.
+    /// Creates `<work_dir>/q-<pid>-<n>` (short: its sockets must fit a Unix
+    /// socket address), readable by the owner only.
     fn create(work_dir: &Path) -> Result<Self, QemuError> {
         loop {
             let sequence = NEXT_VM_SEQUENCE.fetch_add(1, Ordering::Relaxed);
-            let path = work_dir.join(format!("husk-qemu-{}-{sequence}", std::process::id()));
+            let path = work_dir.join(format!("q-{}-{sequence}", std::process::id()));
             match DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => {
                     return Ok(Self {
