@@ -11,6 +11,8 @@ share it, each with its own config:
   <name>:uid1000  the same, with User "1000:1000" (ctr 1.6's `run` has no
                   --user flag; the image config's User is how a ctr user
                   runs as another user)
+  <name>:pause    the same, with Cmd ["sleep", "infinity"]: the sandbox
+                  (pause) image of the CRI tier, which has no registry
 
 The root tree: /bin/busybox with applet symlinks (sh, echo, env, pwd, id,
 sleep, cat, ...), /etc/passwd (root, user 1000, nobody 65534), /etc/group,
@@ -153,9 +155,10 @@ def build(busybox_path, name):
     layer_descriptor = add_blob(layer_gz, "application/vnd.oci.image.layer.v1.tar+gzip")
     platform = {"architecture": "amd64", "os": "linux"}
     manifests = []
-    for tag, user in (("latest", None), ("uid1000", "1000:1000")):
+    for tag, user, cmd in (("latest", None, ["sh"]), ("uid1000", "1000:1000", ["sh"]),
+                           ("pause", None, ["sleep", "infinity"])):
         config = {
-            "Cmd": ["sh"],
+            "Cmd": cmd,
             "Entrypoint": None,
             "Env": [PATH_ENV, "HUSK_IMAGE=busybox"],
             "WorkingDir": "/",

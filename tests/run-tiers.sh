@@ -39,8 +39,9 @@ guest     tests/tests/guest_devices.rs
 guest     tests/tests/guest_agent.rs
 hostile   tests/tests/hostile_guest.rs
 e2e       tests/tests/e2e_ctr.rs
+cri       tests/tests/cri.rs
 '
-TIERS=(unit host kvm kvm-arch guest hostile e2e)
+TIERS=(unit host kvm kvm-arch guest hostile e2e cri)
 
 # test_targets: "FILE PACKAGE TARGET" for every integration test target
 # cargo knows in the workspace, and "FILE - -" for every CRATE/tests/*.rs
@@ -216,6 +217,17 @@ elif ! command -v qemu-system-x86_64 >/dev/null && [ ! -c /dev/kvm ]; then
 else
   # HUSK_E2E_RUNTIMES=runc|husk|runc,husk (default both); the suite prints its form.
   run_tier e2e cargo test "${e2e_targets[@]}"
+fi
+
+mapfile -t cri_targets < <(tier_targets cri)
+if [ "$(id -u)" -ne 0 ]; then
+  not_run cri "needs root (a private containerd, CNI networks, mounts)"
+elif ! command -v containerd >/dev/null || [ ! -x /usr/lib/cni/bridge ]; then
+  not_run cri "containerd or the CNI plugins are missing (make deps installs containerd and containernetworking-plugins)"
+elif ! command -v qemu-system-x86_64 >/dev/null && [ ! -c /dev/kvm ]; then
+  not_run cri "neither /dev/kvm nor qemu-system-x86_64 is available to run a pod"
+else
+  run_tier cri cargo test "${cri_targets[@]}"
 fi
 
 echo

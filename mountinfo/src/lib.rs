@@ -51,7 +51,9 @@ pub struct MountInfo {
     /// Minor device number of the file system (field 3, after `:`).
     pub minor: u32,
     /// The directory of the file system that forms the root of this mount
-    /// (`/` unless it is a bind mount of a subdirectory), escapes decoded.
+    /// (`/` unless it is a bind mount of a subdirectory), escapes decoded;
+    /// for a bind-mounted namespace (nsfs) the namespace, e.g.
+    /// `net:[4026532248]`.
     pub root: PathBuf,
     /// Where the mount is, relative to the reading process's root, escapes
     /// decoded.
@@ -284,10 +286,11 @@ fn parse_fields(line: &[u8]) -> Result<MountInfo, String> {
         .position(|&b| b == b':')
         .map(|colon| (&fields[2][..colon], &fields[2][colon + 1..]))
         .ok_or_else(|| format!("device {:?} is not major:minor", text(fields[2])))?;
-    for (field, what) in [(fields[3], "root"), (fields[4], "mount point")] {
-        if !field.starts_with(b"/") {
-            return Err(format!("{what} {:?} is not absolute", text(field)));
-        }
+    // The root is a path for every file system that has directories, but
+    // not for nsfs: a bind mount of a namespace (CNI's /run/netns/<name>)
+    // has root "net:[4026532248]". Only the mount point must be absolute.
+    if !fields[4].starts_with(b"/") {
+        return Err(format!("mount point {:?} is not absolute", text(fields[4])));
     }
     Ok(MountInfo {
         mount_id: number(fields[0], "mount id")?,
@@ -472,6 +475,14 @@ mod tests {
             message.contains("23 1 0:22 / /sys rw shared:2 sysfs sysfs rw"),
             "{message}"
         );
+
+        // A network namespace bind-mounted by CNI: its root is no path.
+        let netns = MountInfo::parse_line(
+            "46 27 0:4 net:[4026532248] /run/netns/cni-bb04 rw - nsfs nsfs rw",
+        )
+        .unwrap();
+        assert_eq!(netns.root, Path::new("net:[4026532248]"));
+        assert_eq!(netns.mount_point, Path::new("/run/netns/cni-bb04"));
 
         for (bad, reason) in [
             (

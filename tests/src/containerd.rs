@@ -57,6 +57,10 @@ pub const NAMESPACE: &str = "husk-e2e";
 pub const IMAGE: &str = "docker.io/husk/busybox:latest";
 /// The same image with `User` 1000:1000 in its config.
 pub const IMAGE_UID1000: &str = "docker.io/husk/busybox:uid1000";
+/// The test image as a CRI sandbox (pause) image: `sleep infinity`.
+pub const PAUSE_IMAGE: &str = "docker.io/husk/busybox:pause";
+/// The namespace containerd's CRI plugin keeps its pods and images in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
 /// Where containerd 1.6 shims put their ttrpc sockets, whatever the daemon.
 pub const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
 /// The husk shim's state directory.
@@ -91,6 +95,9 @@ pub struct Options {
     /// The husk configuration named by `HUSK_CONFIG` in containerd's (and
     /// so the shims') environment.
     pub husk_config: PathBuf,
+    /// Enable containerd's CRI plugin (kubelet's API), with the `runc` and
+    /// `kata` runtime handlers and [`cri_network`]'s CNI bridge.
+    pub cri: bool,
 }
 
 impl Options {
@@ -105,6 +112,7 @@ impl Options {
         Ok(Self {
             shim_dir,
             husk_config,
+            cri: false,
         })
     }
 }
@@ -303,22 +311,36 @@ impl PrivateContainerd {
 
     /// `ctr` bound to this daemon and the tests' namespace.
     pub fn ctr(&self) -> Command {
+        self.ctr_in(NAMESPACE)
+    }
+
+    /// `ctr` bound to this daemon and `namespace`.
+    pub fn ctr_in(&self, namespace: &str) -> Command {
         let mut command = Command::new("ctr");
         command
             .arg("--address")
             .arg(self.address())
             .arg("--namespace")
-            .arg(NAMESPACE);
+            .arg(namespace);
         command
     }
 
     /// Builds the test image with `rootfs-image/mkociimage.py` into the
     /// work directory and imports it.
     pub fn import_test_image(&self) -> Result<()> {
+        self.import_test_image_into(NAMESPACE)
+    }
+
+    /// [`Self::import_test_image`] into `namespace` (the CRI plugin's is
+    /// [`CRI_NAMESPACE`]).
+    pub fn import_test_image_into(&self, namespace: &str) -> Result<()> {
         let archive = self.dir.join("husk-busybox-oci.tar");
-        run_rootfs_image_script("mkociimage.py", [&archive])?;
+        if !archive.exists() {
+            run_rootfs_image_script("mkociimage.py", [&archive])?;
+        }
+        let ctr = || self.ctr_in(namespace);
         let imported = run_with_timeout(
-            self.ctr().args(["images", "import"]).arg(&archive),
+            ctr().args(["images", "import"]).arg(&archive),
             Duration::from_secs(120),
         )?;
         ensure!(
@@ -327,12 +349,9 @@ impl PrivateContainerd {
             imported.status,
             String::from_utf8_lossy(&imported.stderr).trim()
         );
-        let listed = run_with_timeout(
-            self.ctr().args(["images", "ls", "-q"]),
-            Duration::from_secs(30),
-        )?;
+        let listed = run_with_timeout(ctr().args(["images", "ls", "-q"]), Duration::from_secs(30))?;
         let names = String::from_utf8_lossy(&listed.stdout).into_owned();
-        for image in [IMAGE, IMAGE_UID1000] {
+        for image in [IMAGE, IMAGE_UID1000, PAUSE_IMAGE] {
             ensure!(
                 names.lines().any(|line| line.trim() == image),
                 "the import registered no {image}; `ctr images ls -q` says: {names}"
@@ -468,15 +487,97 @@ impl Drop for PrivateContainerd {
     }
 }
 
-fn containerd_config(dir: &Path) -> String {
+/// The CNI network the CRI plugin of a private containerd gives its pods:
+/// a bridge on a private subnet, host-local addresses.
+pub mod cri_network {
+    /// The bridge CNI makes on the host (removed when the daemon stops).
+    pub const BRIDGE: &str = "huskcri0";
+    /// The pods' subnet.
+    pub const SUBNET: &str = "10.213.0.0/24";
+    /// The bridge's address, the pods' gateway.
+    pub const GATEWAY: &str = "10.213.0.1";
+    /// The network's name in its conflist.
+    pub const NAME: &str = "husk-cri-test";
+}
+
+/// The CNI conflist for [`cri_network`], its IPAM state in `ipam_dir`.
+fn cni_conflist(ipam_dir: &Path) -> String {
+    format!(
+        r#"{{
+  "cniVersion": "0.4.0",
+  "name": "{name}",
+  "plugins": [
+    {{
+      "type": "bridge",
+      "bridge": "{bridge}",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {{
+        "type": "host-local",
+        "ranges": [[{{ "subnet": "{subnet}", "gateway": "{gateway}" }}]],
+        "routes": [{{ "dst": "0.0.0.0/0" }}],
+        "dataDir": "{ipam}"
+      }}
+    }},
+    {{ "type": "portmap", "capabilities": {{ "portMappings": true }} }}
+  ]
+}}
+"#,
+        name = cri_network::NAME,
+        bridge = cri_network::BRIDGE,
+        subnet = cri_network::SUBNET,
+        gateway = cri_network::GATEWAY,
+        ipam = ipam_dir.display(),
+    )
+}
+
+/// The CRI plugin's section: images and sandboxes from the local store
+/// only (the pause image is the test image's `pause` tag), the `runc` and
+/// `kata` handlers, CNI from Debian's plugins in `/usr/lib/cni`.
+fn cri_config(dir: &Path) -> String {
     let d = dir.display();
+    format!(
+        r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  disable_apparmor = true
+  # kubelet's -998 for sandboxes needs CAP_SYS_RESOURCE, which a test host
+  # in a container may lack: never below containerd's own.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
+      runtime_type = "{HUSK_RUNTIME}"
+      pod_annotations = ["io.katacontainers.*"]
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{d}/cni/net.d"
+    max_conf_num = 1
+"#
+    )
+}
+
+fn containerd_config(dir: &Path, cri: bool) -> String {
+    let d = dir.display();
+    let cri_disabled = if cri {
+        ""
+    } else {
+        "\n  \"io.containerd.grpc.v1.cri\","
+    };
+    let cri_section = if cri { cri_config(dir) } else { String::new() };
     format!(
         r#"# husk e2e: a private containerd; nothing here is the host's.
 version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [{cri_disabled}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -497,7 +598,7 @@ disabled_plugins = [
 
 [metrics]
   address = ""
-"#
+{cri_section}"#
     )
 }
 
@@ -706,7 +807,16 @@ pub fn run_with_input(
 /// Starts a containerd process for `dir` (config, log, pid file).
 fn spawn_daemon(dir: &Path, options: &Options) -> Result<i32> {
     let config = dir.join("config.toml");
-    write_file(&config, &containerd_config(dir))?;
+    write_file(&config, &containerd_config(dir, options.cri))?;
+    if options.cri {
+        let net_d = dir.join("cni/net.d");
+        std::fs::create_dir_all(&net_d)
+            .with_context(|| format!("cannot create {}", net_d.display()))?;
+        write_file(
+            &net_d.join("10-husk-cri.conflist"),
+            &cni_conflist(&dir.join("cni/ipam")),
+        )?;
+    }
     let log_path = dir.join("containerd.log");
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;

@@ -5,4 +5,5 @@
 //! tier, the demo and the bench.
 
 pub mod containerd;
+pub mod cri;
 pub mod guest;

@@ -1,0 +1,555 @@
+//! The CRI tier: husk driven the way kubelet drives it. A CRI v1 client
+//! (`husk_tests::cri`) talks to the CRI plugin of a private containerd 1.6
+//! whose pods get a CNI bridge network from Debian's
+//! containernetworking-plugins on a private subnet
+//! (`containerd::cri_network`). Every scenario runs with the `runc`
+//! handler and with the `kata` handler (husk) in the same run, and what a
+//! user observes is compared; the ids are CRI's own 64-hex ids. Last,
+//! nothing may be left: no pod, network namespace, veth, mount, shim or
+//! QEMU process.
+//!
+//! What this tier does not yet assert, because husk does not provide it
+//! yet (issue #13): traffic between the host and a husk pod (the CNI
+//! interface does not reach the VM), pod sizing from CRI's annotations.
+//! The pod IP CRI reports is the CNI result and is asserted for both.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use husk_test_support::form::announce_form;
+use husk_test_support::tempdir::TestDir;
+use husk_tests::containerd::{
+    self, cri_network, Options, PrivateContainerd, Snapshot, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE,
+};
+use husk_tests::cri::CriClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, DnsConfig, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
+};
+
+/// The runtime handlers compared: runc, and husk as the `kata` handler.
+const HANDLERS: [&str; 2] = ["runc", "kata"];
+/// The cgroup parent of the tier's pods (removed at the end).
+const CGROUP_PARENT: &str = "/husk-cri";
+/// How long a container may take to reach a state.
+const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Tier {
+    daemon: PrivateContainerd,
+    client: CriClient,
+    work: std::path::PathBuf,
+    next: std::sync::atomic::AtomicU32,
+}
+
+/// A pod made by a scenario, stopped and removed however the scenario ends.
+struct Pod<'a> {
+    tier: &'a Tier,
+    id: String,
+    config: PodSandboxConfig,
+}
+
+impl Drop for Pod<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = self
+            .tier
+            .client
+            .stop_pod(&self.id)
+            .and_then(|()| self.tier.client.remove_pod(&self.id))
+        {
+            eprintln!("removing pod {}: {error:#}", self.id);
+        }
+    }
+}
+
+impl Tier {
+    /// A pod config as kubelet writes one: name, uid, namespace, hostname,
+    /// log directory, cgroup parent.
+    fn pod_config(&self, handler: &str, what: &str) -> PodSandboxConfig {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{what}-{handler}-{n}");
+        let log_directory = self.work.join("logs").join(&name);
+        let _ = std::fs::create_dir_all(&log_directory);
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.clone(),
+                uid: format!("uid-{name}"),
+                namespace: "husk-cri".into(),
+                attempt: 0,
+            }),
+            hostname: name,
+            log_directory: log_directory.to_string_lossy().into_owned(),
+            dns_config: Some(DnsConfig {
+                servers: vec!["10.213.0.53".into()],
+                searches: vec!["svc.husk.test".into()],
+                options: vec!["ndots:2".into()],
+            }),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: CGROUP_PARENT.into(),
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(kubelet_namespaces()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn run_pod(&self, handler: &str, what: &str) -> Result<Pod<'_>> {
+        let config = self.pod_config(handler, what);
+        let id = self
+            .client
+            .run_pod(&config, handler)
+            .with_context(|| format!("RunPodSandbox with handler {handler}"))?;
+        Ok(Pod {
+            tier: self,
+            id,
+            config,
+        })
+    }
+
+    /// A busybox container of `pod` running `command`, logging to
+    /// `<name>.log` in the pod's log directory; created and started.
+    fn start_container(&self, pod: &Pod, name: &str, command: &[&str]) -> Result<String> {
+        let config = ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: IMAGE.into(),
+                ..Default::default()
+            }),
+            command: command.iter().map(|arg| arg.to_string()).collect(),
+            log_path: format!("{name}.log"),
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    namespace_options: Some(kubelet_namespaces()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = self
+            .client
+            .create_container(&pod.id, &config, &pod.config)?;
+        self.client.start_container(&id)?;
+        Ok(id)
+    }
+
+    fn wait_container_state(&self, id: &str, state: ContainerState) -> Result<i32> {
+        let started = Instant::now();
+        loop {
+            let status = self.client.container_status(id)?;
+            if status.state == state as i32 {
+                return Ok(status.exit_code);
+            }
+            ensure!(
+                started.elapsed() < STATE_TIMEOUT,
+                "container {id} is in state {} after {STATE_TIMEOUT:?}, not {state:?}",
+                status.state
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The namespaces kubelet asks for a pod without `shareProcessNamespace`:
+/// network and IPC of the pod, a PID namespace per container.
+fn kubelet_namespaces() -> NamespaceOption {
+    NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: NamespaceMode::Container as i32,
+        ipc: NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
+}
+
+type ScenarioFn = fn(&Tier, &str) -> Result<String>;
+
+fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
+    vec![
+        (
+            "pod_lifecycle_status_exec_stop_remove",
+            pod_lifecycle as ScenarioFn,
+        ),
+        ("container_logs_in_cri_format", container_logs),
+        ("hostname_and_dns_files_from_cri", hostname_and_dns),
+        ("two_containers_in_one_pod", two_containers),
+    ]
+}
+
+/// RunPodSandbox → PodSandboxStatus (READY, an IP of the CNI subnet, a
+/// 64-hex id) → a container created, started, RUNNING → ExecSync (output
+/// and exit code) → StopContainer (EXITED) → RemoveContainer →
+/// StopPodSandbox (NOTREADY) → RemovePodSandbox (no longer listed).
+fn pod_lifecycle(tier: &Tier, handler: &str) -> Result<String> {
+    let pod = tier.run_pod(handler, "life")?;
+    ensure!(
+        pod.id.len() == 64 && pod.id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "the sandbox id {} is not CRI's 64 hex",
+        pod.id
+    );
+    let status = tier.client.pod_status(&pod.id)?;
+    ensure!(
+        status.state == PodSandboxState::SandboxReady as i32,
+        "the pod is in state {}, not ready",
+        status.state
+    );
+    let ip = status
+        .network
+        .as_ref()
+        .map(|network| network.ip.clone())
+        .unwrap_or_default();
+    ensure!(
+        ip.starts_with("10.213.0."),
+        "PodSandboxStatus reports IP {ip:?}, not one of {}",
+        cri_network::SUBNET
+    );
+    let container = tier.start_container(&pod, "sleeper", &["sleep", "1000"])?;
+    tier.wait_container_state(&container, ContainerState::ContainerRunning)?;
+    let (code, out, err) = tier.client.exec_sync(&container, &["echo", "hello"])?;
+    ensure!(
+        (code, out.as_str()) == (0, "hello\n"),
+        "ExecSync echo: exit {code}, stdout {out:?}, stderr {err:?}"
+    );
+    let (code, _, _) = tier.client.exec_sync(&container, &["sh", "-c", "exit 3"])?;
+    ensure!(code == 3, "ExecSync exit 3 returned {code}");
+    tier.client.stop_container(&container, 2)?;
+    let exit = tier.wait_container_state(&container, ContainerState::ContainerExited)?;
+    tier.client.remove_container(&container)?;
+    tier.client.stop_pod(&pod.id)?;
+    let stopped = tier.client.pod_status(&pod.id)?;
+    ensure!(
+        stopped.state == PodSandboxState::SandboxNotready as i32,
+        "a stopped pod is in state {}",
+        stopped.state
+    );
+    let id = pod.id.clone();
+    drop(pod);
+    ensure!(
+        !tier.client.list_pods()?.contains(&id),
+        "the removed pod is still listed"
+    );
+    Ok(format!(
+        "ready, ip in {}, exec hello/3, stopped with {exit}, removed",
+        cri_network::SUBNET
+    ))
+}
+
+/// A container's stdout and stderr land in its log file in CRI's format:
+/// `<RFC 3339 time> <stream> F <line>`.
+fn container_logs(tier: &Tier, handler: &str) -> Result<String> {
+    let pod = tier.run_pod(handler, "logs")?;
+    let container = tier.start_container(
+        &pod,
+        "talker",
+        &["sh", "-c", "echo out-line; echo err-line >&2"],
+    )?;
+    let exit = tier.wait_container_state(&container, ContainerState::ContainerExited)?;
+    let log = Path::new(&pod.config.log_directory).join("talker.log");
+    let text = std::fs::read_to_string(&log)
+        .with_context(|| format!("cannot read the container log {}", log.display()))?;
+    let mut seen = BTreeSet::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.splitn(4, ' ').collect();
+        ensure!(
+            fields.len() == 4 && fields[0].contains('T') && fields[2] == "F",
+            "a log line not in CRI's format: {line:?}"
+        );
+        seen.insert(format!("{} {}", fields[1], fields[3]));
+    }
+    tier.client.remove_container(&container)?;
+    let want: BTreeSet<String> = ["stdout out-line", "stderr err-line"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    ensure!(seen == want, "the log holds {seen:?}, not {want:?}");
+    Ok(format!(
+        "exit {exit}, {}",
+        want.into_iter().collect::<Vec<_>>().join(", ")
+    ))
+}
+
+/// The hostname, `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` a
+/// container sees are the ones CRI asked for.
+fn hostname_and_dns(tier: &Tier, handler: &str) -> Result<String> {
+    let pod = tier.run_pod(handler, "dns")?;
+    let container = tier.start_container(&pod, "reader", &["sleep", "1000"])?;
+    tier.wait_container_state(&container, ContainerState::ContainerRunning)?;
+    let read = |cmd: &[&str]| -> Result<String> {
+        let (code, out, err) = tier.client.exec_sync(&container, cmd)?;
+        ensure!(code == 0, "{cmd:?} exited {code}: {err}");
+        Ok(out)
+    };
+    let hostname = read(&["hostname"])?;
+    let etc_hostname = read(&["cat", "/etc/hostname"])?;
+    let hosts = read(&["cat", "/etc/hosts"])?;
+    let resolv = read(&["cat", "/etc/resolv.conf"])?;
+    let want = &pod.config.hostname;
+    ensure!(
+        hostname.trim() == want,
+        "hostname says {hostname:?}, not {want}"
+    );
+    ensure!(
+        etc_hostname.trim() == want,
+        "/etc/hostname holds {etc_hostname:?}, not {want}"
+    );
+    ensure!(
+        hosts.lines().any(|line| line.contains("localhost")),
+        "/etc/hosts has no localhost line: {hosts:?}"
+    );
+    for wanted in [
+        "nameserver 10.213.0.53",
+        "search svc.husk.test",
+        "options ndots:2",
+    ] {
+        ensure!(
+            resolv.lines().any(|line| line.trim() == wanted),
+            "/etc/resolv.conf lacks {wanted:?}: {resolv:?}"
+        );
+    }
+    tier.client.stop_container(&container, 0)?;
+    tier.client.remove_container(&container)?;
+    Ok("hostname, /etc/hostname, /etc/hosts, resolv.conf as CRI asked".to_owned())
+}
+
+/// Two containers of one pod: both run, each answers ExecSync, and they
+/// share the pod's network namespace (the same interfaces).
+fn two_containers(tier: &Tier, handler: &str) -> Result<String> {
+    let pod = tier.run_pod(handler, "pair")?;
+    let first = tier.start_container(&pod, "first", &["sleep", "1000"])?;
+    let second = tier.start_container(&pod, "second", &["sleep", "1000"])?;
+    for id in [&first, &second] {
+        tier.wait_container_state(id, ContainerState::ContainerRunning)?;
+    }
+    let interfaces = |id: &str| -> Result<String> {
+        let (code, out, err) = tier.client.exec_sync(id, &["cat", "/proc/net/dev"])?;
+        ensure!(code == 0, "cat /proc/net/dev exited {code}: {err}");
+        let mut names: Vec<String> = out
+            .lines()
+            .skip(2)
+            .filter_map(|line| line.split(':').next().map(|name| name.trim().to_owned()))
+            .collect();
+        names.sort();
+        Ok(names.join(","))
+    };
+    let (a, b) = (interfaces(&first)?, interfaces(&second)?);
+    ensure!(
+        a == b,
+        "the two containers see different interfaces: {a} / {b}"
+    );
+    // Not compared between handlers yet: a husk pod has only loopback until
+    // the CNI interface reaches the VM (issue #13).
+    println!("  {handler}: the pod's containers see interfaces {a}");
+    for id in [&first, &second] {
+        tier.client.stop_container(id, 0)?;
+        tier.client.remove_container(id)?;
+    }
+    Ok("both running, one network namespace".to_owned())
+}
+
+/// Network namespaces and veths on the host, to find the tier's leftovers.
+fn network_state() -> (BTreeSet<String>, BTreeSet<String>) {
+    let netns = containerd::entries_of(Path::new("/var/run/netns"));
+    let links = Command::new("ip")
+        .args(["-o", "link", "show", "type", "veth"])
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|line| line.split(':').nth(1))
+                .map(|name| name.trim().split('@').next().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    (netns, links)
+}
+
+fn remove_bridge_and_cgroups() {
+    let _ = Command::new("ip")
+        .args(["link", "delete", cri_network::BRIDGE])
+        .output();
+    for root in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/cpu,cpuacct",
+    ] {
+        let _ = std::fs::remove_dir(Path::new(root).join(CGROUP_PARENT.trim_start_matches('/')));
+    }
+    if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+        for controller in controllers.flatten() {
+            let _ = std::fs::remove_dir(
+                controller
+                    .path()
+                    .join(CGROUP_PARENT.trim_start_matches('/')),
+            );
+        }
+    }
+}
+
+fn run(filters: &[String]) -> Result<bool> {
+    let started = Instant::now();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    ensure!(
+        euid == 0,
+        "the CRI tier needs root (containerd, CNI, mounts)"
+    );
+    ensure!(
+        Path::new("/usr/lib/cni/bridge").is_file(),
+        "the CNI bridge plugin is missing: make deps installs containernetworking-plugins"
+    );
+    let before = Snapshot::take();
+    let network_before = network_state();
+    let work = TestDir::new_in(Path::new("/tmp"), "cri")?;
+    let mut options = Options::for_tests(work.path())?;
+    options.cri = true;
+    let daemon = PrivateContainerd::start(&work.join("containerd"), &options)
+        .context("starting the private containerd with its CRI plugin")?;
+    daemon
+        .import_test_image_into(CRI_NAMESPACE)
+        .context("importing the test image for CRI")?;
+    let client = CriClient::connect(&daemon.address())?;
+    let version = client.version()?;
+    let waited = Instant::now();
+    while !client.has_image(PAUSE_IMAGE)? {
+        ensure!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the CRI plugin does not see {PAUSE_IMAGE} 30 s after the import"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    announce_form(format_args!(
+        "CRI v1 against containerd {} ({}): handlers runc and kata compared; CNI bridge {} on {}",
+        version.runtime_version,
+        version.runtime_api_version,
+        cri_network::BRIDGE,
+        cri_network::SUBNET
+    ));
+    let tier = Tier {
+        daemon,
+        client,
+        work: work.path().to_path_buf(),
+        next: std::sync::atomic::AtomicU32::new(0),
+    };
+    let (mut passed, mut failed, mut filtered_out) = (0usize, Vec::new(), 0usize);
+    for (name, scenario) in scenarios() {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            filtered_out += 1;
+            continue;
+        }
+        let scenario_started = Instant::now();
+        let results: Vec<(&str, Result<String>)> = HANDLERS
+            .iter()
+            .map(|handler| (*handler, scenario(&tier, handler)))
+            .collect();
+        let shown: Vec<String> = results
+            .iter()
+            .map(|(handler, result)| match result {
+                Ok(observation) => format!("{handler}={observation}"),
+                Err(_) => format!("{handler}=FAILED"),
+            })
+            .collect();
+        let same = results
+            .iter()
+            .all(|(_, result)| result.as_ref().ok() == results[0].1.as_ref().ok());
+        let ok = results.iter().all(|(_, result)| result.is_ok()) && same;
+        println!(
+            "cri {name} {} {}",
+            shown.join(" "),
+            if same { "same" } else { "DIFFERENT" }
+        );
+        for (handler, result) in &results {
+            if let Err(error) = result {
+                println!("  {handler}: {error:#}");
+            }
+        }
+        if ok {
+            println!(
+                "test {name} ... ok ({:.1} s)",
+                scenario_started.elapsed().as_secs_f64()
+            );
+            passed += 1;
+        } else {
+            println!("test {name} ... FAILED");
+            failed.push(name);
+        }
+    }
+
+    // Nothing may be left.
+    let leftovers = (|| -> Result<Vec<String>> {
+        let mut found: Vec<String> = tier
+            .client
+            .list_pods()?
+            .into_iter()
+            .map(|pod| format!("pod {pod}"))
+            .collect();
+        found.extend(containerd::leftovers(&tier.daemon, &before));
+        Ok(found)
+    })();
+    let Tier { mut daemon, .. } = tier;
+    if !failed.is_empty() || leftovers.as_ref().map_or(true, |left| !left.is_empty()) {
+        println!("containerd's log ends:\n{}", daemon.log_tail(120));
+    }
+    let forced = daemon
+        .stop()
+        .unwrap_or_else(|error| vec![format!("{error:#}")]);
+    remove_bridge_and_cgroups();
+    let (netns_after, veths_after) = network_state();
+    let mut left = leftovers.unwrap_or_else(|error| vec![format!("{error:#}")]);
+    left.extend(
+        netns_after
+            .difference(&network_before.0)
+            .map(|ns| format!("network namespace {ns}")),
+    );
+    left.extend(
+        veths_after
+            .difference(&network_before.1)
+            .map(|link| format!("veth {link}")),
+    );
+    if left.is_empty() && forced.is_empty() {
+        println!("test nothing_left_after_all_scenarios ... ok (no pod, netns, veth, shim, qemu, mount or husk state left)");
+        passed += 1;
+    } else {
+        println!(
+            "test nothing_left_after_all_scenarios ... FAILED\n  left: {left:?}\n  forced at stop: {forced:?}"
+        );
+        failed.push("nothing_left_after_all_scenarios");
+    }
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; {filtered_out} filtered out; finished in {:.1}s",
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(true)
+}
+
+fn main() -> ExitCode {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
+    match run(&filters) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            if !format!("{error:#}").starts_with("failed: ") {
+                println!("test cri_setup ... FAILED\n{error:#}");
+                announce_form("CRI tier: FAILED before any scenario");
+                println!(
+                    "\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"
+                );
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
