@@ -22,6 +22,13 @@ pub const ANNOTATION_VCPUS: &str = "io.katacontainers.config.hypervisor.default_
 /// Pod annotation: memory for the pod's VM, in MiB.
 pub const ANNOTATION_MEMORY_MIB: &str = "io.katacontainers.config.hypervisor.default_memory";
 
+/// CRI sandbox annotation: the memory limit of the pod's containers, bytes.
+pub const ANNOTATION_CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// CRI sandbox annotation: the CPU quota of the pod's containers, µs per period.
+pub const ANNOTATION_CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// CRI sandbox annotation: the CPU period of that quota, µs.
+pub const ANNOTATION_CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
 /// Errors in finding, reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,6 +59,14 @@ pub enum ConfigError {
         min: u64,
         max: u64,
         limit: &'static str,
+    },
+    #[error("the pod's VM would need {asked} {unit} ({how}), above {limit} = {max}")]
+    PodTooLarge {
+        asked: u64,
+        unit: &'static str,
+        how: String,
+        limit: &'static str,
+        max: u64,
     },
 }
 
@@ -269,6 +284,9 @@ pub struct PodLimits {
     pub max_vcpus: u32,
     pub min_memory_mib: u64,
     pub max_memory_mib: u64,
+    /// Size a pod's VM for the workload CRI announces in the sandbox's
+    /// `io.kubernetes.cri.sandbox-*` annotations, on top of its base size.
+    pub cri_sandbox_sizing: bool,
 }
 
 impl Default for PodLimits {
@@ -277,6 +295,7 @@ impl Default for PodLimits {
             max_vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             min_memory_mib: 64,
             max_memory_mib: 16 * 1024,
+            cri_sandbox_sizing: true,
         }
     }
 }
@@ -448,7 +467,79 @@ impl Config {
 
     /// The VM size for a pod: the defaults, overridden by the pod's
     /// annotations within the configured limits.
+    ///
+    /// Under `limits.cri_sandbox_sizing` the workload CRI describes in the
+    /// sandbox's annotations (`io.kubernetes.cri.sandbox-memory`, and
+    /// `-cpu-quota` over `-cpu-period`) is added on top, as Kata's static
+    /// sandbox sizing does: the VM holds the pod's containers plus its own
+    /// base. A total above the limits is refused naming both numbers.
     pub fn vm_size_for(
+        &self,
+        annotations: &HashMap<String, String>,
+    ) -> Result<VmSize, ConfigError> {
+        let base = self.base_vm_size_for(annotations)?;
+        if !self.limits.cri_sandbox_sizing {
+            return Ok(base);
+        }
+        let number = |annotation: &'static str| -> Result<Option<u64>, ConfigError> {
+            annotations
+                .get(annotation)
+                .map(|value| {
+                    value
+                        .trim()
+                        .parse::<i64>()
+                        .map(|n| n.max(0) as u64)
+                        .map_err(|_| ConfigError::AnnotationNotANumber {
+                            annotation,
+                            value: value.to_owned(),
+                        })
+                })
+                .transpose()
+        };
+        let workload_mib =
+            number(ANNOTATION_CRI_SANDBOX_MEMORY)?.map_or(0, |bytes| bytes.div_ceil(1 << 20));
+        let workload_vcpus = match (
+            number(ANNOTATION_CRI_SANDBOX_CPU_QUOTA)?,
+            number(ANNOTATION_CRI_SANDBOX_CPU_PERIOD)?,
+        ) {
+            (Some(quota), Some(period)) if quota > 0 && period > 0 => quota.div_ceil(period),
+            _ => 0,
+        };
+        let memory_mib = base.memory_mib + workload_mib;
+        if memory_mib > self.limits.max_memory_mib {
+            return Err(ConfigError::PodTooLarge {
+                asked: memory_mib,
+                unit: "MiB",
+                how: format!(
+                    "{} base + {workload_mib} of {ANNOTATION_CRI_SANDBOX_MEMORY}",
+                    base.memory_mib
+                ),
+                limit: "limits.max_memory_mib",
+                max: self.limits.max_memory_mib,
+            });
+        }
+        let vcpus = u64::from(base.vcpus) + workload_vcpus;
+        if vcpus > u64::from(self.limits.max_vcpus) {
+            return Err(ConfigError::PodTooLarge {
+                asked: vcpus,
+                unit: "vCPUs",
+                how: format!(
+                    "{} base + {workload_vcpus} from {ANNOTATION_CRI_SANDBOX_CPU_QUOTA}/{ANNOTATION_CRI_SANDBOX_CPU_PERIOD}",
+                    base.vcpus
+                ),
+                limit: "limits.max_vcpus",
+                max: u64::from(self.limits.max_vcpus),
+            });
+        }
+        Ok(VmSize {
+            vcpus: vcpus as u32,
+            memory_mib,
+        })
+    }
+
+    /// The VM size before the CRI workload: the defaults, or the Kata
+    /// annotations within the limits.
+    fn base_vm_size_for(
         &self,
         annotations: &HashMap<String, String>,
     ) -> Result<VmSize, ConfigError> {
@@ -515,6 +606,89 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("/test/configuration.toml"))
+    }
+
+    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn cri_sandbox_annotations_add_the_workload_to_the_base_size() {
+        let mut config = Config::default();
+        config.limits.max_vcpus = 8;
+        let size = config
+            .vm_size_for(&annotations(&[
+                (ANNOTATION_CRI_SANDBOX_MEMORY, "536870912"),
+                (ANNOTATION_CRI_SANDBOX_CPU_QUOTA, "150000"),
+                (ANNOTATION_CRI_SANDBOX_CPU_PERIOD, "100000"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 1 + 2,
+                memory_mib: 256 + 512
+            }
+        );
+        // No quota (-1 or absent): the base only; partial MiB round up.
+        let size = config
+            .vm_size_for(&annotations(&[
+                (ANNOTATION_CRI_SANDBOX_MEMORY, "1"),
+                (ANNOTATION_CRI_SANDBOX_CPU_QUOTA, "-1"),
+                (ANNOTATION_CRI_SANDBOX_CPU_PERIOD, "100000"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 1,
+                memory_mib: 257
+            }
+        );
+        config.limits.cri_sandbox_sizing = false;
+        let size = config
+            .vm_size_for(&annotations(&[(
+                ANNOTATION_CRI_SANDBOX_MEMORY,
+                "536870912",
+            )]))
+            .unwrap();
+        assert_eq!(size.memory_mib, 256);
+    }
+
+    #[test]
+    fn a_cri_workload_above_the_limits_is_refused_naming_both_numbers() {
+        let mut config = Config::default();
+        config.limits.max_vcpus = 2;
+        let error = config
+            .vm_size_for(&annotations(&[
+                (ANNOTATION_CRI_SANDBOX_CPU_QUOTA, "400000"),
+                (ANNOTATION_CRI_SANDBOX_CPU_PERIOD, "100000"),
+            ]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("5 vCPUs") && error.contains("limits.max_vcpus = 2"),
+            "{error}"
+        );
+        let error = config
+            .vm_size_for(&annotations(&[(ANNOTATION_CRI_SANDBOX_MEMORY, "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(ANNOTATION_CRI_SANDBOX_MEMORY), "{error}");
+        let error = config
+            .vm_size_for(&annotations(&[(
+                ANNOTATION_CRI_SANDBOX_MEMORY,
+                &(64u64 << 30).to_string(),
+            )]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("65792 MiB") && error.contains("limits.max_memory_mib = 16384"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -256,6 +256,15 @@ impl Pod {
         let size = config
             .vm_size_for(&spec::annotations(spec))
             .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+        let annotations = spec::annotations(spec);
+        tracing::info!(
+            sandbox_id = %sandbox_id,
+            vcpus = size.vcpus,
+            memory_mib = size.memory_mib,
+            cri_memory = annotations.get(crate::config::ANNOTATION_CRI_SANDBOX_MEMORY).map(String::as_str),
+            cri_cpu_quota = annotations.get(crate::config::ANNOTATION_CRI_SANDBOX_CPU_QUOTA).map(String::as_str),
+            "the pod's VM size"
+        );
         let host = husk_vmm::host::probe_host_kvm();
         let (backend, reason) = Backend::resolve(config.hypervisor.kind, &host);
         tracing::info!(
