@@ -18,24 +18,13 @@ mod virtio_fs {
     };
     use husk_confine::{set_policy, Policy, ViolationAction};
     use husk_devices::fs::{FsConfig, VirtioFs};
-    use husk_devices::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
+    use husk_devices::{ActivatedQueue, VirtioDevice};
     use vm_memory::ByteValued;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::fs_support::{
-        cstr, guest_memory, request, GuestQueue, TestDir, QUEUE_SPAN, ROOT_ID,
+        cstr, guest_memory, request, GuestQueue, NoInterrupt, TestDir, QUEUE_SPAN, ROOT_ID,
     };
-
-    struct NoInterrupt;
-
-    impl VirtioInterrupt for NoInterrupt {
-        fn signal_used_queue(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn signal_config_change(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// The request queue of an activated device, driven as the guest does.
     struct Driver {

@@ -12,13 +12,13 @@ mod virtio_fs {
     use std::time::{Duration, Instant};
 
     use husk_devices::fs::{serve_vhost_user, FsConfig, VirtioFs};
-    use husk_devices::{ActivatedQueue, VirtioDevice, VirtioInterrupt};
+    use husk_devices::{ActivatedQueue, VirtioDevice};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use fuse_backend_rs::abi::fuse_abi::{InitIn, Opcode, KERNEL_MINOR_VERSION, KERNEL_VERSION};
     use vm_memory::ByteValued;
 
-    use super::fs_support::{guest_memory, request, GuestQueue, TestDir, QUEUE_SPAN};
+    use super::fs_support::{guest_memory, request, GuestQueue, NoInterrupt, TestDir, QUEUE_SPAN};
 
     fn count(dir: &str) -> usize {
         std::fs::read_dir(dir).unwrap().count()
@@ -40,17 +40,6 @@ mod virtio_fs {
                 now.1
             );
             std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    struct NoInterrupt;
-
-    impl VirtioInterrupt for NoInterrupt {
-        fn signal_used_queue(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn signal_config_change(&self) -> std::io::Result<()> {
-            Ok(())
         }
     }
 

@@ -77,6 +77,14 @@ if [ -n "${medians[husk]:-}" ] && [ -n "${medians[husk-noseccomp]:-}" ]; then
     'BEGIN {printf "  husk (seccomp on) / husk-noseccomp: %.3f  (the filters cost %+.1f ms per run)\n", h/n, h-n}'
 fi
 
+# remove_detached ID: kills, deletes and removes a `ctr run -d` container.
+remove_detached() {
+  ctr task kill -s SIGKILL "$1" >/dev/null 2>&1 || true
+  for _ in $(seq 100); do ctr task ls | grep -q "^$1 .*STOPPED" && break; sleep 0.1; done
+  ctr task delete "$1" >/dev/null 2>&1 || true
+  ctr container rm "$1" >/dev/null 2>&1 || true
+}
+
 # pod_memory RUNTIME: memory figures of one running pod.
 pod_memory() {
   local rt=$1 id="mem-$1" shim_pid
@@ -209,10 +217,7 @@ print(f"  {runtime}: hypervisor: {backend}")
 print(f"  {runtime}: host memory per pod, guest RAM excluded: {total / 1024:.1f} MiB PSS")
 EOF
   fi
-  ctr task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-  for _ in $(seq 100); do ctr task ls | grep -q "^$id .*STOPPED" && break; sleep 0.1; done
-  ctr task delete "$id" >/dev/null 2>&1 || true
-  ctr container rm "$id" >/dev/null 2>&1 || true
+  remove_detached "$id"
 }
 
 echo
@@ -259,10 +264,7 @@ throughput() {
     echo "  $rt: stdio: the host counted $bytes bytes, not 67108864" >&2
   fi
   echo "  $rt: empty exec $e ms; stdio $(rate "$e" "$s") ($s ms); rootfs write $(rate "$e" "$w") ($w ms); rootfs read, direct $(rate "$e" "$r") ($r ms)"
-  ctr task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-  for _ in $(seq 100); do ctr task ls | grep -q "^$id .*STOPPED" && break; sleep 0.1; done
-  ctr task delete "$id" >/dev/null 2>&1 || true
-  ctr container rm "$id" >/dev/null 2>&1 || true
+  remove_detached "$id"
 }
 
 echo

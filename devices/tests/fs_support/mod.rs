@@ -18,6 +18,18 @@ use husk_test_support::virtqueue::DriverQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 
+/// An interrupt line nobody listens to: the tests poll the used ring.
+pub struct NoInterrupt;
+
+impl husk_devices::VirtioInterrupt for NoInterrupt {
+    fn signal_used_queue(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn signal_config_change(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// FUSE id of the root directory.
 pub const ROOT_ID: u64 = 1;
 
