@@ -22,7 +22,7 @@ use crate::helper::{self, HelperRequest};
 use crate::process::{prepare_io, OnExit, Process};
 use crate::reaper::Reaper;
 use crate::stdio::StreamRegistry;
-use crate::{guest, guest_spec, resources, validate};
+use crate::{guest, guest_spec, pod_namespaces, resources, validate};
 
 /// How long RemoveContainer waits for the container's processes when the
 /// host gives no timeout.
@@ -251,12 +251,26 @@ impl Sandbox {
     ) -> Result<Arc<ContainerEntry>> {
         let id = &request.container_id;
         let stdio = request.stdio.clone().unwrap_or_default();
-        let spec = guest_spec::for_guest(
+        let mut spec = guest_spec::for_guest(
             &request.oci_spec_json,
             &self.config.share_dir,
             &request.rootfs_path,
             guest_spec::cgroup_path(sandbox_id, id),
             stdio.terminal,
+        )?;
+        let sandbox_container = match lock(&self.containers).get(sandbox_id) {
+            Some(Slot::Ready(entry)) => {
+                Some(entry.init.exited().is_none().then_some(entry.init.pid))
+            }
+            _ => None,
+        };
+        pod_namespaces::resolve(
+            &mut spec,
+            id,
+            sandbox_container.map(|running_pid| pod_namespaces::SandboxContainer {
+                id: sandbox_id,
+                running_pid,
+            }),
         )?;
         let bundle = self.config.bundle_dir(id);
         std::fs::create_dir_all(&bundle).map_err(AgentError::io("create", &bundle))?;

@@ -107,3 +107,13 @@ mod tests {
         assert!(!decoded.has_oom());
     }
 }
+
+/// Namespace paths in the OCI specs the host sends. A spec's namespace
+/// paths name host namespaces, which mean nothing in the guest; the shim
+/// rewrites each one a pod member joins into [`pod::SANDBOX_NAMESPACE`],
+/// and the agent resolves that to the namespace of the same type of the
+/// pod's sandbox (pause) container in the guest.
+pub mod pod {
+    /// "The pod sandbox container's namespace of this entry's type."
+    pub const SANDBOX_NAMESPACE: &str = "husk:pod-sandbox";
+}

@@ -395,6 +395,19 @@ pub fn install(filter: &Filter) -> Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_lookup_tables_are_sorted_and_other_arches_calls_are_foreign() {
+        let foreign = syscalls_x86_64::FOREIGN_SYSCALLS;
+        assert!(foreign.windows(2).all(|pair| pair[0] < pair[1]));
+        let native = syscalls_x86_64::X86_64_SYSCALLS;
+        assert!(native.windows(2).all(|pair| pair[0].0 < pair[1].0));
+        // containerd's RuntimeDefault profile lists these generic names.
+        for name in ["recv", "send", "_llseek"] {
+            assert_eq!(syscall_number(name), SyscallLookup::Foreign, "{name}");
+        }
+        assert_eq!(syscall_number("makedir"), SyscallLookup::Unknown);
+    }
+
     /// Run the program the way the kernel does, on a synthetic call.
     fn run(prog: &[libc::sock_filter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
         let mut data = [0u32; 16];

@@ -388,7 +388,8 @@ pub const X86_64_SYSCALLS: &[(&str, u32)] = &[
 ];
 
 /// Names that exist on other Linux architectures (i386, the generic
-/// table used by arm64/riscv) but not on x86_64. Profiles written for many
+/// table used by arm64/riscv, `recv`/`send` of arm, parisc and others)
+/// but not on x86_64. Profiles written for many
 /// architectures list them; they are skipped, not rejected. Sorted.
 pub const FOREIGN_SYSCALLS: &[&str] = &[
     "_llseek",
@@ -441,10 +442,12 @@ pub const FOREIGN_SYSCALLS: &[&str] = &[
     "profil",
     "pselect6_time64",
     "readdir",
+    "recv",
     "recvmmsg_time64",
     "rt_sigtimedwait_time64",
     "sched_rr_get_interval_time64",
     "semtimedop_time64",
+    "send",
     "sendfile64",
     "setfsgid32",
     "setfsuid32",

@@ -74,7 +74,7 @@ impl ContainerResources {
         resources.mounted_rootfs = !rootfs_mounts.is_empty();
         share.add_container(container_id, &rootfs_source)?;
         resources.share = Some(share.clone());
-        let guest_spec = spec::for_guest(spec, |index, source, read_only| {
+        let guest_spec = spec::for_guest(container_id, spec, |index, source, read_only| {
             let access = if read_only {
                 Access::ReadOnly
             } else {
