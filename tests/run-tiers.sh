@@ -27,7 +27,9 @@ host      devices/tests/fs_requests.rs
 host      devices/tests/fs_limits.rs
 host      devices/tests/fs_vhost_user.rs
 host      devices/tests/fs_confined_mmio.rs
+host      devices/tests/net_tap.rs
 host      shim/tests/shared_dir.rs
+host      shim/tests/pod_network.rs
 host      confine/tests/violation.rs
 host      confine/tests/private_root.rs
 kvm       vmm/tests/kvm_payloads.rs

@@ -155,6 +155,13 @@ impl AgentClient {
         call!(self, create_sandbox, "CreateSandbox", request).map(drop)
     }
 
+    pub async fn configure_network(
+        &self,
+        request: ConfigureNetworkRequest,
+    ) -> Result<(), ClientError> {
+        call!(self, configure_network, "ConfigureNetwork", request).map(drop)
+    }
+
     pub async fn destroy_sandbox(&self, sandbox_id: &str) -> Result<(), ClientError> {
         let request = DestroySandboxRequest {
             sandbox_id: sandbox_id.to_owned(),

@@ -23,6 +23,7 @@ mod guest_spec;
 mod helper;
 mod logging;
 mod mounts;
+mod network;
 mod pod_namespaces;
 mod power;
 mod process;

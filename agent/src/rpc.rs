@@ -45,6 +45,20 @@ impl Agent for AgentService {
         )
     }
 
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        r: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "ConfigureNetwork",
+            self.sandbox
+                .configure_network(&r)
+                .await
+                .map(|_| Empty::new()),
+        )
+    }
+
     async fn destroy_sandbox(
         &self,
         _: &TtrpcContext,

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use husk_protocols::agent::{
-    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, ProcessInfo,
-    StatsContainerResponse,
+    ConfigureNetworkRequest, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest,
+    ProcessInfo, StatsContainerResponse,
 };
 use husk_runtime::Container;
 use nix::sys::signal::Signal;
@@ -22,7 +22,7 @@ use crate::helper::{self, HelperRequest};
 use crate::process::{prepare_io, OnExit, Process};
 use crate::reaper::Reaper;
 use crate::stdio::StreamRegistry;
-use crate::{guest, guest_spec, pod_namespaces, resources, validate};
+use crate::{guest, guest_spec, network, pod_namespaces, resources, validate};
 
 /// How long RemoveContainer waits for the container's processes when the
 /// host gives no timeout.
@@ -135,6 +135,30 @@ impl Sandbox {
         guest::set_up_sandbox(&self.config, request)?;
         tracing::info!(sandbox = %request.sandbox_id, "sandbox created");
         *current = Some(request.sandbox_id.clone());
+        Ok(())
+    }
+
+    /// Configures the pod's network in the sandbox container's network
+    /// namespace (see `network`).
+    pub async fn configure_network(&self, request: &ConfigureNetworkRequest) -> Result<()> {
+        let sandbox_id = lock(&self.sandbox_id).clone().ok_or_else(|| {
+            AgentError::FailedPrecondition("CreateSandbox must come before ConfigureNetwork".into())
+        })?;
+        let pid = match lock(&self.containers).get(&sandbox_id) {
+            Some(Slot::Ready(entry)) if entry.init.exited().is_none() => entry.init.pid,
+            _ => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "the pod's sandbox container {sandbox_id} is not running: its network \
+                     namespace is where the pod's network goes"
+                )))
+            }
+        };
+        network::configure(request, pid).await?;
+        tracing::info!(
+            interfaces = request.interfaces.len(),
+            routes = request.routes.len(),
+            "the pod's network is configured"
+        );
         Ok(())
     }
 

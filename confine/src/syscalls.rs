@@ -161,10 +161,22 @@ pub const BASE: &[Rule] = &[
     ),
 ];
 
+/// `TUNSETOFFLOAD` (linux/if_tun.h `_IOW('T', 208, unsigned int)`).
+const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
+
 /// Sockets a device already holds or is handed: vhost-user messages with
 /// fds (guest memory, kick/call eventfds), the vsock muxer's Unix streams
-/// to host services (`AF_UNIX` only) and its hybrid-vsock listener.
+/// to host services (`AF_UNIX` only) and its hybrid-vsock listener; and
+/// the pod's TAP, whose offloads virtio-net sets from the features the
+/// guest acked (`TUNSETOFFLOAD` only; the TAP is opened before).
 pub const SOCKETS: &[Rule] = &[
+    with(
+        "ioctl",
+        &[ArgCheck::Equals {
+            index: 1,
+            value: TUNSETOFFLOAD,
+        }],
+    ),
     any("recvfrom"),
     any("recvmsg"),
     any("sendto"),

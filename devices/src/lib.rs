@@ -1,6 +1,6 @@
-//! husk's virtio devices, independent of any VMM: the device models (vsock
-//! and fs), written once against `vm-memory` and `virtio-queue`, and the two
-//! transports that carry them.
+//! husk's virtio devices, independent of any VMM: the device models (vsock,
+//! fs and net), written once against `vm-memory` and `virtio-queue`, and the
+//! two transports that carry them.
 //!
 //! * virtio-mmio ([`MmioTransport`]): the built-in VMM maps its register
 //!   window on its MMIO bus (through [`BusDevice`]) and wires queue
@@ -19,6 +19,7 @@ mod bus;
 pub mod fs;
 pub mod guest_log;
 mod mmio;
+pub mod net;
 mod vhost_user;
 mod virtio;
 pub mod vsock;

@@ -11,6 +11,7 @@ pub mod ids;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod network;
 pub mod options;
 pub mod paths;
 pub mod pod;

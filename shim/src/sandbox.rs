@@ -10,14 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use husk_agent_client::agent::CreateSandboxRequest;
+use husk_agent_client::agent::{ConfigureNetworkRequest, CreateSandboxRequest};
 use husk_agent_client::AgentClient;
 use husk_devices::fs::{CachePolicy, FsConfig};
 
 use crate::config::{Config, SeccompAction};
 use crate::hypervisor::{
-    Device, ExitWatcher, Hypervisor, Launcher, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
+    Device, ExitWatcher, Hypervisor, Launcher, NetBackend, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
 };
+use crate::network::Attachment;
 use crate::paths::SandboxPaths;
 use crate::resources::{cleanup, pod_cgroup, ShareTreeLimits, SharedDirectory};
 
@@ -38,6 +39,9 @@ pub struct BootRequest<'a> {
     /// The pod's cgroup (relative to each hierarchy's root) the shim joins
     /// before it starts the VM; `None` leaves the shim where it is.
     pub cgroup: Option<PathBuf>,
+    /// The pod's network namespace on the host (CNI's, from the sandbox
+    /// spec); `None` for a pod with loopback only.
+    pub netns: Option<PathBuf>,
 }
 
 /// A running sandbox.
@@ -55,6 +59,10 @@ pub struct Sandbox {
     pub health: HealthPolicy,
     /// `timeouts.logger_ready_ms`, for the pod's `binary://` loggers.
     pub logger_ready_timeout: Duration,
+    /// The pod's CNI interface mirrored to the VM's NIC, undone at destroy.
+    network: Mutex<Option<Attachment>>,
+    /// What the agent is told of it once the sandbox container exists.
+    network_request: Option<ConfigureNetworkRequest>,
 }
 
 /// When a running guest counts as dead (`[timeouts]` `health_*`).
@@ -235,6 +243,7 @@ impl Sandbox {
             hostname,
             paths,
             cgroup: _,
+            netns,
         } = request;
         let shutdown_grace = Duration::from_millis(config.timeouts.shutdown_ms);
         let limits = ShareTreeLimits {
@@ -244,6 +253,16 @@ impl Sandbox {
         let share = SharedDirectory::create(&paths.dir, limits)
             .with_context(|| format!("cannot make the share in {}", paths.dir.display()))?;
         let (vcpus, memory_mib) = (spec.vcpus, spec.memory_mib);
+        let mut network = match netns {
+            Some(path) => Some(
+                tokio::task::spawn_blocking(move || Attachment::attach(&path))
+                    .await
+                    .map_err(|e| anyhow!("the network attach task failed: {e}"))?
+                    .context("cannot carry the pod's network into its VM")?,
+            ),
+            None => None,
+        };
+        let network_request = network.as_ref().map(Attachment::agent_request);
         let started = Instant::now();
         let mut vm = launcher.create(spec)?;
         vm.add_device(Device::Vsock {
@@ -255,6 +274,14 @@ impl Sandbox {
             max_connections: husk_devices::vsock::DEFAULT_MAX_CONNECTIONS,
         })?;
         vm.add_device(Device::SharedFs(fs_config(&paths.share(), config)?))?;
+        if let Some(attachment) = network.as_mut() {
+            if let Some(tap) = attachment.take_tap() {
+                vm.add_device(Device::Net(NetBackend {
+                    tap,
+                    config: attachment.net_config(),
+                }))?;
+            }
+        }
         let (mut vm, started_vm) = tokio::task::spawn_blocking(move || {
             let result = vm.start();
             (vm, result)
@@ -344,6 +371,8 @@ impl Sandbox {
                 shutdown_grace,
                 health: HealthPolicy::from_config(config),
                 logger_ready_timeout: Duration::from_millis(config.timeouts.logger_ready_ms),
+                network: Mutex::new(network),
+                network_request,
             },
             watcher,
         ))
@@ -352,6 +381,24 @@ impl Sandbox {
     /// The pod's share, where containers' rootfs and volumes are mounted.
     pub fn share(&self) -> &Arc<SharedDirectory> {
         &self.share
+    }
+
+    /// Has the agent configure the pod's network in the guest (its NIC
+    /// moved into the sandbox container's namespace, named, addressed,
+    /// routed); a no-op for a pod without CNI network. Called once the
+    /// sandbox container exists in the guest.
+    pub async fn configure_guest_network(&self) -> Result<()> {
+        let Some(request) = self.network_request.clone() else {
+            return Ok(());
+        };
+        self.client
+            .configure_network(request)
+            .await
+            .map_err(|error| {
+                anyhow!(error).context("the guest could not configure the pod's network")
+            })?;
+        tracing::info!(sandbox_id = %self.id, "the pod's network is configured in the guest");
+        Ok(())
     }
 
     /// Stops the VM at once, without asking the guest (declared dead). Its
@@ -389,6 +436,25 @@ impl Sandbox {
             let end = stop_vm(vm, grace).await;
             tracing::info!(sandbox_id = %self.id, end = %end, "VM stopped");
             teardown = Some(Teardown { vm_end: end });
+        }
+        let network = self
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(attachment) = network {
+            let detached = tokio::task::spawn_blocking(move || attachment.detach()).await;
+            match detached {
+                Ok(Ok(())) => {
+                    tracing::info!(sandbox_id = %self.id, "the pod's TAP and filters are removed")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(sandbox_id = %self.id, error = %format!("{error:#}"), "cannot remove the pod's TAP mirroring")
+                }
+                Err(error) => {
+                    tracing::warn!(sandbox_id = %self.id, %error, "the network detach task failed")
+                }
+            }
         }
         cleanup::remove_sandbox_dir(&self.paths);
         teardown

@@ -46,6 +46,24 @@ pub fn sandbox_id_of(container_id: &str, spec: &Spec) -> String {
         .unwrap_or_else(|| container_id.to_owned())
 }
 
+/// The network namespace CNI made for the pod, named by the sandbox
+/// container's spec (`linux.namespaces[network].path`); `None` for other
+/// containers and for pods without one (`ctr run`: loopback only).
+pub fn pod_netns(container_id: &str, spec: &Spec) -> Option<PathBuf> {
+    if sandbox_id_of(container_id, spec) != container_id {
+        return None;
+    }
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+        .filter(|path| !path.as_os_str().is_empty())
+}
+
 /// The namespaces a pod cannot take from the host, with the words a
 /// refusal uses: the CRI option and why a VM cannot give it.
 const OWN_NAMESPACES: [(LinuxNamespaceType, &str, &str); 3] = [

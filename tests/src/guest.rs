@@ -150,6 +150,8 @@ impl GuestSandbox {
             paths,
             // The test process stays in its own cgroup.
             cgroup: None,
+            // Loopback only: the guest tier has no CNI.
+            netns: None,
         };
         let booted = Sandbox::boot(&BackendLauncher, request)
             .await

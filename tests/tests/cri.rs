@@ -519,15 +519,12 @@ fn two_containers(tier: &Tier, handler: &str) -> Result<String> {
         .filter(|(_, (x, y))| x == y)
         .map(|(name, _)| *name)
         .collect();
-    // Not compared between handlers yet: a husk pod has only loopback until
-    // the CNI interface reaches the VM (issue #13).
-    println!("  {handler}: the pod's containers see interfaces {a}");
     for id in [&first, &second] {
         tier.client.stop_container(id, 0)?;
         tier.client.remove_container(id)?;
     }
     Ok(format!(
-        "both running; namespaces shared: {}",
+        "both running; interfaces {a}; namespaces shared: {}",
         shared.join(",")
     ))
 }

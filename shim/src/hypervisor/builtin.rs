@@ -73,6 +73,10 @@ impl Hypervisor for BuiltinVm {
             Device::SharedFs(config) => {
                 Box::new(VirtioFs::new(config).context("cannot create the virtio-fs device")?)
             }
+            Device::Net(backend) => Box::new(
+                husk_devices::net::NetDevice::new(backend.tap, backend.config)
+                    .context("cannot create the virtio-net device")?,
+            ),
         };
         self.devices.push(model);
         Ok(())

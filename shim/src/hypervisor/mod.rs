@@ -185,8 +185,25 @@ impl VmSpec {
     }
 }
 
+/// A virtio-net device: the TAP it carries frames to and from, and the
+/// guest NIC's MAC and MTU.
+pub struct NetBackend {
+    pub tap: husk_devices::net::Tap,
+    pub config: husk_devices::net::NetConfig,
+}
+
+impl std::fmt::Debug for NetBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetBackend")
+            .field("tap", &self.tap.name())
+            .field("mac", &crate::network::mac_text(&self.config.mac))
+            .field("mtu", &self.config.mtu)
+            .finish()
+    }
+}
+
 /// A device given to the VM before it starts.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Device {
     /// virtio-vsock whose host side is the hybrid socket `uds`, holding at
     /// most `max_connections` streams at once.
@@ -197,6 +214,8 @@ pub enum Device {
     },
     /// virtio-fs serving the pod's share.
     SharedFs(FsConfig),
+    /// virtio-net carrying the pod's CNI interface through a TAP.
+    Net(NetBackend),
 }
 
 impl Device {
@@ -205,6 +224,7 @@ impl Device {
         match self {
             Device::Vsock { .. } => "vsock",
             Device::SharedFs(_) => "virtio-fs",
+            Device::Net(_) => "virtio-net",
         }
     }
 }

@@ -224,6 +224,14 @@ impl Pod {
             .create_container(agent_request)
             .await
             .map_err(PodError::agent("the guest could not create the container"))?;
+        if id == sandbox.id {
+            // The pod's network namespace in the guest is the sandbox
+            // container's, which exists now.
+            if let Err(error) = sandbox.configure_guest_network().await {
+                let _ = sandbox.client.remove_container(id, 10).await;
+                return Err(PodError::internal("cannot set up the pod's network")(error));
+            }
+        }
         crate::fault::crash_point("create-in-guest");
         let init = Arc::new(Process::new(id, "", request.stdio.clone(), Vec::new()));
         *init.io.lock().await = Some(io);
@@ -292,6 +300,7 @@ impl Pod {
             hostname: spec.hostname().as_deref().unwrap_or_default(),
             paths,
             cgroup,
+            netns: spec::pod_netns(container_id, spec),
         };
         let (sandbox, watcher) = Sandbox::boot(self.inner.launcher.as_ref(), request)
             .await

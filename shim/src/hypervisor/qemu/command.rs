@@ -32,6 +32,9 @@ const CONSOLE_CHARDEV: &str = "console";
 const QMP_CHARDEV: &str = "qmp";
 const VSOCK_CHARDEV: &str = "vsock";
 const FS_CHARDEV: &str = "fs";
+const NET_CHARDEV: &str = "net";
+/// The `-netdev` id of the pod's NIC.
+const NET_NETDEV: &str = "pod0";
 
 /// The sockets of a VM's run directory named on its command line.
 #[derive(Debug, Clone)]
@@ -119,6 +122,22 @@ pub fn qemu_arguments(
         device.push(escape_option_value(OsStr::new(&fs.tag)));
         push(&[&"-device", &device]);
     }
+    if let Some(net) = &config.net {
+        let socket = chardev("socket", NET_CHARDEV, &net.socket, "");
+        push(&[&"-chardev", &socket]);
+        push(&[
+            &"-netdev",
+            &format!("vhost-user,id={NET_NETDEV},chardev={NET_CHARDEV}"),
+        ]);
+        push(&[
+            &"-device",
+            &format!(
+                "virtio-net-device,netdev={NET_NETDEV},mac={},host_mtu={}",
+                crate::network::mac_text(&net.mac),
+                net.mtu
+            ),
+        ]);
+    }
     Ok(args)
 }
 
@@ -172,6 +191,9 @@ fn validate(config: &QemuVmConfig, sockets: &RunSockets) -> Result<(), QemuError
     check_socket_path(&sockets.console)?;
     if let Some(vsock) = &config.vsock {
         check_socket_path(&vsock.socket)?;
+    }
+    if let Some(net) = &config.net {
+        check_socket_path(&net.socket)?;
     }
     if let Some(fs) = &config.fs {
         check_socket_path(&fs.socket)?;

@@ -39,6 +39,18 @@ pub struct VhostUserFs {
     pub tag: String,
 }
 
+/// The virtio-net device, served over vhost-user by this process
+/// (`-netdev vhost-user` and `virtio-net-device`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserNet {
+    /// The vhost-user socket the device's server listens on.
+    pub socket: PathBuf,
+    /// The guest NIC's MAC (QEMU's virtio-net keeps the config space).
+    pub mac: [u8; 6],
+    /// The MTU the device announces (`host_mtu`).
+    pub mtu: u16,
+}
+
 /// Everything [`super::QemuVm::start`] needs.
 #[derive(Debug, Clone)]
 pub struct QemuVmConfig {
@@ -54,6 +66,7 @@ pub struct QemuVmConfig {
     pub memory_mib: u32,
     pub vsock: Option<VhostUserVsock>,
     pub fs: Option<VhostUserFs>,
+    pub net: Option<VhostUserNet>,
     /// The file the guest's serial console is written to (truncated at
     /// start), rotated into `<console_log>.1` at `console_max_bytes`.
     pub console_log: PathBuf,
@@ -85,6 +98,7 @@ impl QemuVmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             vsock: None,
             fs: None,
+            net: None,
             console_log: console_log.into(),
             console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
             accel: Accel::Auto,
@@ -143,6 +157,16 @@ impl QemuVmConfig {
         self.fs = Some(VhostUserFs {
             socket: socket.into(),
             tag: tag.into(),
+        });
+        self
+    }
+
+    /// A virtio-net device served on `socket`, its guest NIC `mac` with `mtu`.
+    pub fn with_net(mut self, socket: impl Into<PathBuf>, mac: [u8; 6], mtu: u16) -> Self {
+        self.net = Some(VhostUserNet {
+            socket: socket.into(),
+            mac,
+            mtu,
         });
         self
     }

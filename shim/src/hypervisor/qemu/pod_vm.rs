@@ -25,6 +25,8 @@ use crate::hypervisor::{
 const VSOCK_VHOST_SOCKET: &str = "vsock-vhost.sock";
 /// The vhost-user socket of the virtio-fs device, in the work directory.
 const FS_VHOST_SOCKET: &str = "fs-vhost.sock";
+/// The vhost-user socket of the virtio-net device, in the work directory.
+const NET_VHOST_SOCKET: &str = "net-vhost.sock";
 /// The file the QEMU pid is recorded in, for cleanup after a shim crash.
 pub const VMM_PID_FILE: &str = "vmm.pid";
 
@@ -36,6 +38,7 @@ pub struct QemuPodVm {
     vm: Option<QemuVm>,
     vsock_server: Option<virtio_vsock::VhostUserServer>,
     fs_server: Option<virtio_fs::VhostUserServer>,
+    net_server: Option<husk_devices::net::VhostUserServer>,
 }
 
 impl QemuPodVm {
@@ -66,10 +69,14 @@ impl QemuPodVm {
             vm: None,
             vsock_server: None,
             fs_server: None,
+            net_server: None,
         })
     }
 
     fn stop_servers(&mut self) {
+        if let Some(server) = self.net_server.take() {
+            server.stop();
+        }
         if let Some(server) = self.vsock_server.take() {
             server.stop();
         }
@@ -108,6 +115,18 @@ impl Hypervisor for QemuPodVm {
                 self.vsock_server = Some(server);
                 self.vsock_uds = Some(uds);
                 self.config = self.config.clone().with_vsock(socket);
+            }
+            Device::Net(backend) => {
+                let socket = self.spec.work_dir.join(NET_VHOST_SOCKET);
+                let mac = backend.config.mac;
+                let mtu = backend.config.mtu;
+                let server =
+                    husk_devices::net::serve_vhost_user(&socket, backend.tap, backend.config)
+                        .with_context(|| {
+                            format!("cannot serve vhost-user virtio-net on {}", socket.display())
+                        })?;
+                self.net_server = Some(server);
+                self.config = self.config.clone().with_net(socket, mac, mtu);
             }
             Device::SharedFs(fs) => {
                 let socket = self.spec.work_dir.join(FS_VHOST_SOCKET);

@@ -93,6 +93,9 @@ impl QemuVm {
         if let Some(fs) = &config.fs {
             require_socket("virtio-fs", &fs.socket)?;
         }
+        if let Some(net) = &config.net {
+            require_socket("virtio-net", &net.socket)?;
+        }
 
         let accel = config.accel.resolve(probe_host_kvm);
         let run_dir = RunDir::create(&config.work_dir)?;
