@@ -6,17 +6,15 @@
 //! handler and with the `kata` handler (husk) in the same run, and what a
 //! user observes is compared; the ids are CRI's own 64-hex ids. What a
 //! VM cannot give, husk must refuse with its message (`Compare`). The
-//! behaviours of issue #16 are in `cri/behaviour.rs`. Last, nothing may be
-//! left: no pod, network namespace, veth, mount, shim or QEMU process.
-//!
-//! What this tier does not yet assert, because husk does not provide it
-//! yet (issue #13): traffic between the host and a husk pod, or a
-//! container serving on a port at the pod IP (the CNI interface does not
-//! reach the VM). The pod IP CRI reports is the CNI result and is asserted
-//! for both.
+//! behaviours of issue #16 are in `cri/behaviour.rs`, the pod network
+//! (traffic between the host and the containers at the pod IP) in
+//! `cri/network.rs`. Last, nothing may be left: no pod, network
+//! namespace, veth, mount, shim or QEMU process.
 
 #[path = "cri/behaviour.rs"]
 mod behaviour;
+#[path = "cri/network.rs"]
+mod network;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -257,6 +255,15 @@ fn scenarios() -> Vec<Scenario> {
         both("container_logs_in_cri_format", container_logs),
         both("hostname_and_dns_files_from_cri", hostname_and_dns),
         both("two_containers_in_one_pod", two_containers),
+        both(
+            "pod_ip_serves_each_container",
+            network::pod_ip_serves_each_container,
+        ),
+        both(
+            "two_pods_reach_each_other",
+            network::two_pods_reach_each_other,
+        ),
+        both("one_gib_host_to_pod_intact", network::one_gib_host_to_pod),
         Scenario {
             name: "vm_sized_from_the_pods_cri_resources",
             run: vm_sized_from_cri_resources,

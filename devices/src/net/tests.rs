@@ -1076,3 +1076,85 @@ fn vhost_user_backend_accepts_vrings_of_1024_and_serves_a_second_frontend() {
     );
     server.stop();
 }
+
+/// Sends one raw vhost-user message (header and body) on `stream`.
+fn send_raw_vhost_user(
+    stream: &mut std::os::unix::net::UnixStream,
+    request: u32,
+    flags: u32,
+    body: &[u8],
+) {
+    use std::io::Write;
+    let mut message = Vec::new();
+    message.extend_from_slice(&request.to_le_bytes());
+    message.extend_from_slice(&flags.to_le_bytes());
+    message.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    message.extend_from_slice(body);
+    stream.write_all(&message).unwrap();
+}
+
+#[test]
+fn vhost_user_session_survives_a_vring_enable_sent_before_the_features_as_qemu_sends_it() {
+    use std::io::Read;
+    const GET_FEATURES: u32 = 1;
+    const SET_OWNER: u32 = 3;
+    const SET_VRING_ENABLE: u32 = 18;
+    const VERSION_1: u32 = 0x1;
+    const NEED_REPLY: u32 = 0x8;
+    let dir = temp_dir();
+    let socket = dir.path().join("net.sock");
+    let (tap, _host) = fake_tap(ALL_OFFLOADS);
+    let server =
+        super::vhost_user::serve_frame_device(&socket, tap.clone(), NetConfig::new(MAC)).unwrap();
+
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    send_raw_vhost_user(&mut stream, SET_OWNER, VERSION_1, &[]);
+    // Queue 0, enabled: what QEMU's virtio-net sends when the guest writes
+    // its features, before SET_FEATURES.
+    let mut enable = Vec::new();
+    enable.extend_from_slice(&0u32.to_le_bytes());
+    enable.extend_from_slice(&1u32.to_le_bytes());
+    send_raw_vhost_user(
+        &mut stream,
+        SET_VRING_ENABLE,
+        VERSION_1 | NEED_REPLY,
+        &enable,
+    );
+    let mut ack = [0u8; 20];
+    stream
+        .read_exact(&mut ack)
+        .expect("the early enable is acked");
+    assert_eq!(
+        u32::from_le_bytes(ack[0..4].try_into().unwrap()),
+        SET_VRING_ENABLE
+    );
+    assert_eq!(
+        u64::from_le_bytes(ack[12..20].try_into().unwrap()),
+        0,
+        "success"
+    );
+
+    send_raw_vhost_user(&mut stream, GET_FEATURES, VERSION_1, &[]);
+    let mut reply = [0u8; 20];
+    stream
+        .read_exact(&mut reply)
+        .expect("the session is still alive: the daemon answers GET_FEATURES");
+    assert_eq!(
+        u32::from_le_bytes(reply[0..4].try_into().unwrap()),
+        GET_FEATURES
+    );
+    let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+    assert_ne!(
+        features & (1 << 30),
+        0,
+        "PROTOCOL_FEATURES offered: {features:#x}"
+    );
+    drop(stream);
+    drop(server);
+    assert!(!socket.exists(), "the server removed its socket");
+    assert!(
+        !dir.path().join("net.sock.backend").exists(),
+        "the server removed the daemon's socket"
+    );
+}

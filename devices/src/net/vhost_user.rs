@@ -403,4 +403,10 @@ impl Sessions for NetSessions {
         // A guest reboot under QEMU, or a QEMU restart, reconnects.
         true
     }
+    fn holds_early_vring_enable(&self) -> bool {
+        // QEMU's virtio-net attaches its queue pairs, which sends
+        // SET_VRING_ENABLE, when the guest writes its features: before
+        // vhost_dev_start sends SET_FEATURES.
+        true
+    }
 }

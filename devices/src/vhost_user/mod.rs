@@ -6,8 +6,12 @@
 //! [`Sessions`], how it serves frontends; [`serve`] runs the server and the
 //! returned [`Server`] stops it. [`connections`] finds the connection the
 //! daemon accepted, which is how a stop reaches a connected frontend.
+//! [`relay`] sits between a frontend and its daemon for devices whose
+//! frontend sends `SET_VRING_ENABLE` before the features that allow it
+//! (QEMU's virtio-net), answering those early requests itself.
 
 mod connections;
+mod relay;
 mod server;
 
 use connections::{accepted_connections, FdDirectory};

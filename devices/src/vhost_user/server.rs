@@ -17,9 +17,16 @@
 //! once can leave the daemon blocked in `accept`; stop then makes one
 //! throwaway connection to wake it, and the session ends at once because a
 //! stop was requested.
+//!
+//! A device whose frontend sends `SET_VRING_ENABLE` too early (see
+//! [`Sessions::holds_early_vring_enable`]) is served through a [`Relay`]:
+//! the server thread accepts the frontend itself, connects to the daemon's
+//! own listener (a second socket, `<socket>.backend`, beside the first) and
+//! relays the session. A stop then ends the relay, which closes the
+//! daemon's connection.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +38,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use husk_confine::ThreadClass;
 
+use super::relay::{Relay, RelayEnd};
 use super::{accepted_connections, FdDirectory};
 
 /// What a device serves to each frontend.
@@ -45,6 +53,14 @@ pub trait Sessions: Send + 'static {
     /// Whether the server waits for another frontend after a session ended
     /// (false: the server ends with its first session).
     fn serves_again(&self) -> bool;
+
+    /// Whether the frontend sends `SET_VRING_ENABLE` before it acks
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` (QEMU's virtio-net does), so the
+    /// server must answer those requests in front of the daemon, whose
+    /// request loop would end the session on them.
+    fn holds_early_vring_enable(&self) -> bool {
+        false
+    }
 }
 
 /// Why a vhost-user server could not start or run.
@@ -93,6 +109,8 @@ type ServerThreadEnd = (Box<dyn Send>, Result<(), ServerError>);
 /// A running server; [`Self::stop`] (or drop) ends it.
 pub struct Server {
     socket_path: PathBuf,
+    /// The daemon's own socket when sessions are relayed.
+    backend_socket_path: Option<PathBuf>,
     control: Arc<Control>,
     /// The server thread hands its state back instead of dropping it: the
     /// listener unlinks the socket on drop, a path operation a confined
@@ -161,6 +179,17 @@ pub fn serve<S: Sessions>(
         socket: socket_path.to_owned(),
         reason: error.to_string(),
     })?;
+    let relay_backend = if sessions.holds_early_vring_enable() {
+        let path = backend_socket_path(socket_path);
+        let listener = Listener::new(&path, true).map_err(|error| ServerError::Listen {
+            socket: path.clone(),
+            reason: error.to_string(),
+        })?;
+        Some(RelayBackend { path, listener })
+    } else {
+        None
+    };
+    let backend_socket_path = relay_backend.as_ref().map(|backend| backend.path.clone());
     let stop_event = EventFd::new(EFD_NONBLOCK).map_err(|source| ServerError::Event {
         socket: socket_path.to_owned(),
         what: "create the stop eventfd",
@@ -180,6 +209,7 @@ pub fn serve<S: Sessions>(
         confinement,
         fd_directory,
         listener,
+        relay_backend,
         sessions,
         control: control.clone(),
     };
@@ -196,6 +226,7 @@ pub fn serve<S: Sessions>(
         })?;
     Ok(Server {
         socket_path: socket_path.to_owned(),
+        backend_socket_path,
         control,
         thread: Some(thread),
     })
@@ -247,6 +278,9 @@ impl Server {
                 socket: self.socket_path.clone(),
             });
         remove_socket(&self.socket_path);
+        if let Some(path) = &self.backend_socket_path {
+            remove_socket(path);
+        }
         result?
     }
 }
@@ -265,8 +299,24 @@ struct ServerThread<S> {
     confinement: Confinement,
     fd_directory: FdDirectory,
     listener: Listener,
+    /// Set when sessions are relayed: the daemon's own listener.
+    relay_backend: Option<RelayBackend>,
     sessions: S,
     control: Arc<Control>,
+}
+
+/// The daemon's side of a relayed server: its listener and that socket's
+/// path.
+struct RelayBackend {
+    path: PathBuf,
+    listener: Listener,
+}
+
+/// `<socket>.backend`: the daemon's socket beside the frontends' one.
+fn backend_socket_path(socket_path: &Path) -> PathBuf {
+    let mut path = socket_path.as_os_str().to_owned();
+    path.push(".backend");
+    PathBuf::from(path)
 }
 
 impl<S: Sessions> ServerThread<S> {
@@ -338,8 +388,9 @@ impl<S: Sessions> ServerThread<S> {
     /// One session: from accepting the frontend to its daemon's end. The
     /// frontend hanging up, or being disconnected by a stop, is a normal end.
     fn serve_one_frontend(&mut self) -> Result<(), ServerError> {
+        let socket_path = self.socket_path.clone();
         let session_error = |reason: String| ServerError::Session {
-            socket: self.socket_path.clone(),
+            socket: socket_path.clone(),
             reason,
         };
         let mut daemon = self
@@ -349,12 +400,16 @@ impl<S: Sessions> ServerThread<S> {
                 socket: self.socket_path.clone(),
                 reason,
             })?;
-        daemon
-            .start(&mut self.listener)
-            .map_err(|error| session_error(error.to_string()))?;
-        self.track_connections();
-        tracing::debug!(socket = %self.socket_path.display(), "vhost-user frontend connected");
-        let result = daemon.wait();
+        let result = if self.relay_backend.is_some() {
+            self.relay_session(&mut daemon)?
+        } else {
+            daemon
+                .start(&mut self.listener)
+                .map_err(|error| session_error(error.to_string()))?;
+            self.track_connections(&self.socket_path);
+            tracing::debug!(socket = %self.socket_path.display(), "vhost-user frontend connected");
+            daemon.wait()
+        };
         self.control.lock().connections.clear();
         tracing::debug!(socket = %self.socket_path.display(), "vhost-user session ended");
         // Dropping the daemon stops and joins its vring workers, which drops
@@ -372,14 +427,72 @@ impl<S: Sessions> ServerThread<S> {
         }
     }
 
+    /// A relayed session: accepts the frontend here, connects it through a
+    /// [`Relay`] to the daemon's own listener, and relays until either side
+    /// hangs up or a stop comes in; then closes both connections and waits
+    /// for the daemon. Returns the daemon's result.
+    fn relay_session(
+        &mut self,
+        daemon: &mut VhostUserDaemon<S::Backend>,
+    ) -> Result<Result<(), vhost_user_backend::Error>, ServerError> {
+        let session_error = |reason: String| ServerError::Session {
+            socket: self.socket_path.clone(),
+            reason,
+        };
+        let Some(frontend) = self
+            .listener
+            .accept()
+            .map_err(|error| session_error(format!("cannot accept the frontend: {error}")))?
+        else {
+            // The frontend hung up before it was accepted.
+            return Ok(Ok(()));
+        };
+        let backend = self.relay_backend.as_mut().expect("a relayed server");
+        let daemon_side = UnixStream::connect(&backend.path).map_err(|error| {
+            session_error(format!(
+                "cannot connect to the daemon's socket {}: {error}",
+                backend.path.display()
+            ))
+        })?;
+        daemon
+            .start(&mut backend.listener)
+            .map_err(|error| session_error(error.to_string()))?;
+        tracing::debug!(socket = %self.socket_path.display(), "vhost-user frontend connected (relayed)");
+        let mut relay = Relay::new(frontend, daemon_side);
+        // SAFETY: the eventfd lives in `self.control`, which outlives the relay.
+        let stop = unsafe { BorrowedFd::borrow_raw(self.control.stop_event.as_raw_fd()) };
+        let end = relay.run(stop);
+        if relay.held_back() > 0 {
+            tracing::debug!(
+                socket = %self.socket_path.display(),
+                held_back = relay.held_back(),
+                "answered early SET_VRING_ENABLE requests"
+            );
+        }
+        // Closing both connections ends the daemon's request loop.
+        drop(relay);
+        let result = daemon.wait();
+        match end {
+            Ok(RelayEnd::FrontendHungUp | RelayEnd::Stopped) => Ok(result),
+            // The daemon's own error says more than the hang-up.
+            Ok(RelayEnd::BackendHungUp) => Ok(result),
+            Err(reason) => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "the relayed daemon ended");
+                }
+                Err(session_error(reason))
+            }
+        }
+    }
+
     /// Records duplicates of the accepted connection so `stop` can shut it
     /// down, or shuts it down at once if a stop already came in (stop may
     /// have looked at the list before it was filled).
-    fn track_connections(&self) {
-        let found = accepted_connections(&self.fd_directory, &self.socket_path);
+    fn track_connections(&self, socket_path: &Path) {
+        let found = accepted_connections(&self.fd_directory, socket_path);
         if found.is_empty() {
             tracing::warn!(
-                socket = %self.socket_path.display(),
+                socket = %socket_path.display(),
                 "cannot find the accepted vhost-user connection; stop will wait for the frontend to hang up"
             );
         }
