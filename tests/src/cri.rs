@@ -241,6 +241,70 @@ impl CriClient {
         .map(drop)
     }
 
+    /// `ContainerStats` of `container`.
+    pub fn container_stats(&self, container: &str) -> Result<ContainerStats> {
+        let mut service = self.service.clone();
+        self.call(
+            "ContainerStats",
+            service.container_stats(ContainerStatsRequest {
+                container_id: container.into(),
+            }),
+        )?
+        .stats
+        .context("ContainerStats returned no stats")
+    }
+
+    /// `UpdateContainerResources` of `container` to `resources`.
+    pub fn update_container_resources(
+        &self,
+        container: &str,
+        resources: LinuxContainerResources,
+    ) -> Result<()> {
+        let mut service = self.service.clone();
+        self.call(
+            "UpdateContainerResources",
+            service.update_container_resources(UpdateContainerResourcesRequest {
+                container_id: container.into(),
+                linux: Some(resources),
+                ..Default::default()
+            }),
+        )
+        .map(drop)
+    }
+
+    /// `Exec` of `cmd` in `container` (stdout and stderr, no stdin, no
+    /// TTY): the streaming URL the runtime's streaming server serves.
+    pub fn exec_url(&self, container: &str, cmd: &[&str]) -> Result<String> {
+        let mut service = self.service.clone();
+        Ok(self
+            .call(
+                "Exec",
+                service.exec(ExecRequest {
+                    container_id: container.into(),
+                    cmd: cmd.iter().map(|arg| arg.to_string()).collect(),
+                    tty: false,
+                    stdin: false,
+                    stdout: true,
+                    stderr: true,
+                }),
+            )?
+            .url)
+    }
+
+    /// `PortForward` to `port` of `pod`: the streaming URL.
+    pub fn port_forward_url(&self, pod: &str, port: i32) -> Result<String> {
+        let mut service = self.service.clone();
+        Ok(self
+            .call(
+                "PortForward",
+                service.port_forward(PortForwardRequest {
+                    pod_sandbox_id: pod.into(),
+                    port: vec![port],
+                }),
+            )?
+            .url)
+    }
+
     /// `ExecSync` of `cmd` in `container`: (exit code, stdout, stderr).
     pub fn exec_sync(&self, container: &str, cmd: &[&str]) -> Result<(i32, String, String)> {
         let mut service = self.service.clone();

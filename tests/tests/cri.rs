@@ -8,13 +8,16 @@
 //! VM cannot give, husk must refuse with its message (`Compare`). The
 //! behaviours of issue #16 are in `cri/behaviour.rs`, the pod network
 //! (traffic between the host and the containers at the pod IP) in
-//! `cri/network.rs`. Last, nothing may be left: no pod, network
+//! `cri/network.rs`, ContainerStats and UpdateContainerResources in
+//! `cri/resources.rs`. Last, nothing may be left: no pod, network
 //! namespace, veth, mount, shim or QEMU process.
 
 #[path = "cri/behaviour.rs"]
 mod behaviour;
 #[path = "cri/network.rs"]
 mod network;
+#[path = "cri/resources.rs"]
+mod resources;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -262,6 +265,11 @@ fn scenarios() -> Vec<Scenario> {
         both(
             "two_pods_reach_each_other",
             network::two_pods_reach_each_other,
+        ),
+        both("container_stats", resources::container_stats),
+        both(
+            "update_container_resources",
+            resources::update_container_resources,
         ),
         both("one_gib_host_to_pod_intact", network::one_gib_host_to_pod),
         Scenario {

@@ -40,6 +40,25 @@ pub fn shares_to_weight(shares: u64) -> u64 {
     1 + ((shares.saturating_sub(2)) * 9999) / 262_142
 }
 
+/// Writes `memory.swap.max`. A kernel without swap accounting has no such
+/// file; as under runc, "no swap" (0) and "unlimited" (max) then need
+/// nothing, and any other amount is an error naming the setting.
+fn set_swap_max(dir: &Path, value: &str) -> Result<()> {
+    if !dir.join("memory.swap.max").exists() {
+        if value == "0" || value == "max" {
+            return Ok(());
+        }
+        return Err(Error::spec(
+            "linux.resources.memory.swap",
+            format!(
+                "asks for {value} bytes of swap beyond the memory limit, but this kernel has no swap accounting (no memory.swap.max in {})",
+                dir.display()
+            ),
+        ));
+    }
+    write(dir, "memory.swap.max", value)
+}
+
 /// Write every limit of `resources` into `dir`.
 pub fn apply(dir: &Path, resources: &LinuxResources) -> Result<()> {
     if let Some(mem) = resources.memory() {
@@ -63,7 +82,7 @@ pub fn apply(dir: &Path, resources: &LinuxResources) -> Result<()> {
             } else {
                 (s - l).max(0).to_string()
             };
-            write(dir, "memory.swap.max", &v)?;
+            set_swap_max(dir, &v)?;
         }
     }
     if let Some(cpu) = resources.cpu() {
@@ -204,6 +223,8 @@ mod tests {
                 "hugepageLimits":[{"pageSize":"2MB","limit":4194304}],
                 "unified":{"memory.high":"900000"}}"#,
         );
+        // A kernel with swap accounting has the file.
+        std::fs::write(dir.path().join("memory.swap.max"), "max").unwrap();
         apply(dir.path(), &r).unwrap();
         let f = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
         assert_eq!(f("memory.max"), "1048576");
@@ -217,6 +238,33 @@ mod tests {
         assert_eq!(f("io.max"), "8:0 rbps=1000");
         assert_eq!(f("hugetlb.2MB.max"), "4194304");
         assert_eq!(f("memory.high"), "900000");
+    }
+
+    #[test]
+    fn without_swap_accounting_no_swap_needs_nothing_and_some_swap_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // CRI's usual ask: swap equal to the limit, that is no swap.
+        apply(
+            dir.path(),
+            &resources(r#"{"memory":{"limit":1048576,"swap":1048576}}"#),
+        )
+        .unwrap();
+        assert!(!dir.path().join("memory.swap.max").exists());
+        apply(
+            dir.path(),
+            &resources(r#"{"memory":{"limit":1048576,"swap":-1}}"#),
+        )
+        .unwrap();
+        let error = apply(
+            dir.path(),
+            &resources(r#"{"memory":{"limit":1048576,"swap":2097152}}"#),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("linux.resources.memory.swap") && error.contains("1048576 bytes"),
+            "{error}"
+        );
     }
 
     #[test]

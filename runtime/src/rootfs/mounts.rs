@@ -263,15 +263,31 @@ fn mount_cgroup(dest: &Path, opts: &MountOptions, ctx: &MountContext<'_>) -> Res
     let flags = opts.flags
         & !(MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_REC);
     if ctx.cgroups.unified_only {
-        mount(
-            Some("cgroup2"),
-            dest,
-            Some("cgroup2"),
-            opts.flags & !MsFlags::MS_REMOUNT,
-            None::<&str>,
-        )
-        .at("mount cgroup2", dest)?;
-        return Ok(());
+        // In its own cgroup namespace a fresh mount shows the container's
+        // cgroup as the root. Without one it would show the whole
+        // hierarchy, so, as runc, the container's own directory is bound
+        // there instead: either way the container reads its own limits.
+        let own = ctx.cgroups.dirs.iter().find(|dir| dir.is_unified());
+        match own {
+            Some(dir) if !ctx.cgroupns => {
+                let bind = MountOptions {
+                    flags: opts.flags | MsFlags::MS_BIND | MsFlags::MS_REC,
+                    ..Default::default()
+                };
+                return bind_mount(&dir.path, dest, &bind);
+            }
+            _ => {
+                mount(
+                    Some("cgroup2"),
+                    dest,
+                    Some("cgroup2"),
+                    opts.flags & !MsFlags::MS_REMOUNT,
+                    None::<&str>,
+                )
+                .at("mount cgroup2", dest)?;
+                return Ok(());
+            }
+        }
     }
     mount(Some("tmpfs"), dest, Some("tmpfs"), flags, Some("mode=755"))
         .at("mount cgroup tmpfs", dest)?;
