@@ -256,6 +256,7 @@ fn scenarios() -> Vec<Scenario> {
     vec![
         both("pod_lifecycle_status_exec_stop_remove", pod_lifecycle),
         both("container_logs_in_cri_format", container_logs),
+        both("exec_streams_output_and_exit_code", exec_streams),
         both("hostname_and_dns_files_from_cri", hostname_and_dns),
         both("two_containers_in_one_pod", two_containers),
         both(
@@ -413,6 +414,42 @@ fn pod_lifecycle(tier: &Tier, handler: &str) -> Result<String> {
     Ok(format!(
         "ready, ip in {}, exec hello/3, stopped with {exit}, removed",
         cri_network::SUBNET
+    ))
+}
+
+/// CRI `Exec`, as `kubectl exec` uses it: the streaming URL opened as a
+/// WebSocket carries the command's stdout and stderr apart, and its exit
+/// code in the final status, for a command that fails and one that works.
+fn exec_streams(tier: &Tier, handler: &str) -> Result<String> {
+    let pod = tier.run_pod(handler, "stream")?;
+    let container = tier.start_container(&pod, "target", &["sleep", "1000"])?;
+    tier.wait_container_state(&container, ContainerState::ContainerRunning)?;
+    let url = tier.client.exec_url(
+        &container,
+        &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"],
+    )?;
+    let failing = husk_tests::cri_stream::run_exec(&url)?;
+    let url = tier
+        .client
+        .exec_url(&container, &["cat", "/etc/hostname"])?;
+    let working = husk_tests::cri_stream::run_exec(&url)?;
+    tier.client.stop_container(&container, 0)?;
+    tier.client.remove_container(&container)?;
+    ensure!(
+        (
+            failing.stdout.as_str(),
+            failing.stderr.as_str(),
+            failing.exit_code
+        ) == ("to-stdout\n", "to-stderr\n", 3),
+        "the streamed exec gave {failing:?}"
+    );
+    ensure!(
+        working.exit_code == 0 && working.stdout.trim() == pod.config.hostname,
+        "the streamed cat of /etc/hostname gave {working:?}"
+    );
+    Ok(format!(
+        "stdout {:?}, stderr {:?}, exit {}; then exit 0 with the pod's hostname",
+        failing.stdout, failing.stderr, failing.exit_code
     ))
 }
 
