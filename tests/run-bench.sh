@@ -38,3 +38,7 @@ cargo build -q --release -p husk-runtime --bins
 echo
 echo "=== containerd: ctr run --rm of /bin/true and host memory per pod, husk beside runc (private containerd)"
 tests/bench/ctr-run.sh
+
+echo
+echo "=== CRI: RunPodSandbox → ready, pod start → first output, pod TCP throughput and latency, husk beside runc (private containerd, CNI bridge)"
+cargo run -q --release -p husk-tests --example cri_bench

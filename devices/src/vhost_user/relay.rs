@@ -5,13 +5,17 @@
 //! The vhost-user specification allows `SET_VRING_ENABLE` only once that
 //! feature was negotiated, and the `vhost` crate's request handler enforces
 //! it: an early request is an error that ends the daemon's request loop, so
-//! the session dies. QEMU's virtio-net (7.2, and later) sends one anyway: it
-//! attaches its queue pairs when the guest driver writes its features, which
-//! is before `vhost_dev_start` sends `SET_FEATURES`. QEMU then enables the
-//! rings again once the features are set, so the early request carries
-//! nothing the backend needs. The relay answers it (an ack when the frontend
-//! asked for one) and forwards every other message unchanged, attached fds
-//! included, in both directions.
+//! the session dies. QEMU's virtio-net (7.2) sends them anyway: it attaches
+//! its queue pairs when the guest driver writes its features, which is
+//! before `vhost_dev_start` sends `SET_FEATURES`, and it does not send them
+//! again afterwards. With `PROTOCOL_FEATURES` acked a ring starts disabled,
+//! and `vhost-user-backend` drops the kicks of a disabled ring, so the
+//! early requests matter. The relay answers each (an ack when the frontend
+//! asked for one), keeps the last state asked for each ring, and once it
+//! has forwarded a `SET_FEATURES` that acks `PROTOCOL_FEATURES` it sends the
+//! daemon one `SET_VRING_ENABLE` per ring with that state, as later QEMUs
+//! do themselves from `vhost_dev_start`. Every other message is forwarded
+//! unchanged, attached fds included, in both directions.
 //!
 //! Only the control channel passes through here: the vrings live in guest
 //! memory the daemon maps, and their kick and call eventfds travel once, as
@@ -41,6 +45,9 @@ const NEED_REPLY: u32 = 0x8;
 pub(super) const MAX_BODY_BYTES: usize = 0x1000;
 /// The most fds one message may carry: the protocol's own limit.
 pub(super) const MAX_ATTACHED_FDS: usize = 32;
+/// The most rings whose early enable state the relay keeps (the vhost-user
+/// protocol's own ceiling on a device's queues); a higher index is refused.
+pub(super) const MAX_HELD_RINGS: u32 = 256;
 
 const HEADER_BYTES: usize = 12;
 
@@ -82,6 +89,31 @@ impl Message {
         ])
     }
 
+    /// A `SET_VRING_ENABLE` body's ring index and state.
+    fn vring_state(&self) -> Option<(u32, u32)> {
+        let bytes = self.body.get(..8)?;
+        Some((
+            u32::from_le_bytes(bytes[0..4].try_into().ok()?),
+            u32::from_le_bytes(bytes[4..8].try_into().ok()?),
+        ))
+    }
+
+    /// `SET_VRING_ENABLE` of `ring` to `state`, asking for no reply.
+    fn enable(ring: u32, state: u32) -> Self {
+        let mut header = [0u8; HEADER_BYTES];
+        header[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        header[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
+        header[8..12].copy_from_slice(&8u32.to_le_bytes());
+        let mut body = Vec::with_capacity(8);
+        body.extend_from_slice(&ring.to_le_bytes());
+        body.extend_from_slice(&state.to_le_bytes());
+        Self {
+            header,
+            body,
+            fds: Vec::new(),
+        }
+    }
+
     /// The ack a backend sends for a request that asked for one: the
     /// request's code, flagged as a version-1 reply, with a zero u64 body
     /// (success).
@@ -105,6 +137,8 @@ pub(super) struct Relay {
     backend: UnixStream,
     protocol_features_acked: bool,
     held_back: u64,
+    /// The last enable state asked for each ring before the features.
+    held_states: std::collections::BTreeMap<u32, u32>,
 }
 
 impl Relay {
@@ -114,6 +148,7 @@ impl Relay {
             backend,
             protocol_features_acked: false,
             held_back: 0,
+            held_states: std::collections::BTreeMap::new(),
         }
     }
 
@@ -162,6 +197,13 @@ impl Relay {
     }
 
     fn forward_from_frontend(&mut self, message: Message) -> Result<(), String> {
+        tracing::debug!(
+            request = message.request(),
+            flags = message.flags(),
+            body = ?&message.body[..message.body.len().min(16)],
+            protocol_features_acked = self.protocol_features_acked,
+            "vhost-user request from the frontend"
+        );
         match message.request() {
             SET_FEATURES => {
                 let value = message
@@ -175,8 +217,32 @@ impl Relay {
                         )
                     })?;
                 self.protocol_features_acked = value & PROTOCOL_FEATURES != 0;
+                write_message(&self.backend, &message)
+                    .map_err(|error| format!("writing to the daemon: {error}"))?;
+                // Without PROTOCOL_FEATURES the daemon enables every ring
+                // itself; with it, the rings wait for these.
+                let held = std::mem::take(&mut self.held_states);
+                if self.protocol_features_acked {
+                    for (ring, state) in held {
+                        write_message(&self.backend, &Message::enable(ring, state))
+                            .map_err(|error| format!("writing to the daemon: {error}"))?;
+                    }
+                }
+                return Ok(());
             }
             SET_VRING_ENABLE if !self.protocol_features_acked => {
+                let (ring, state) = message.vring_state().ok_or_else(|| {
+                    format!(
+                        "the frontend's SET_VRING_ENABLE has a {}-byte body, not 8",
+                        message.body.len()
+                    )
+                })?;
+                if ring >= MAX_HELD_RINGS {
+                    return Err(format!(
+                        "the frontend enables ring {ring}, above the {MAX_HELD_RINGS} rings a device may have"
+                    ));
+                }
+                self.held_states.insert(ring, state);
                 self.held_back += 1;
                 tracing::debug!(
                     "holding back a SET_VRING_ENABLE sent before PROTOCOL_FEATURES was acked"
@@ -375,15 +441,24 @@ mod tests {
         assert_eq!(
             first.request(),
             SET_FEATURES,
-            "the held-back enables never reach the daemon"
+            "the early enables do not reach the daemon early"
         );
         assert_eq!(first.body, (PROTOCOL_FEATURES | 1).to_le_bytes());
+        let replayed = read_message(&harness.daemon).unwrap().unwrap();
+        assert_eq!(
+            replayed.request(),
+            SET_VRING_ENABLE,
+            "right after the features, the ring's state"
+        );
+        assert_eq!(replayed.vring_state(), Some((0, 1)));
+        assert_eq!(replayed.flags(), VERSION_1, "the replay asks for no reply");
         let second = read_message(&harness.daemon).unwrap().unwrap();
         assert_eq!(
             second.request(),
             SET_VRING_ENABLE,
             "after the ack, enables pass"
         );
+        assert_eq!(second.flags(), VERSION_1 | NEED_REPLY);
 
         write_message(&harness.daemon, &Message::ack_for(SET_VRING_ENABLE)).unwrap();
         let reply = read_message(&harness.frontend).unwrap().unwrap();
@@ -393,6 +468,49 @@ mod tests {
         let (end, held_back) = harness.relay.join().unwrap();
         assert_eq!(end, Ok(RelayEnd::FrontendHungUp));
         assert_eq!(held_back, 2);
+        drop(harness.stop);
+    }
+
+    #[test]
+    fn the_last_early_state_of_each_ring_is_replayed_once() {
+        let harness = harness();
+        for (ring, state) in [(0, 1), (1, 1), (0, 0), (1, 1), (0, 1)] {
+            let mut message = enable(false);
+            message.body = Message::enable(ring, state).body;
+            write_message(&harness.frontend, &message).unwrap();
+        }
+        write_message(&harness.frontend, &features(PROTOCOL_FEATURES)).unwrap();
+        write_message(&harness.frontend, &request(1, VERSION_1, &[])).unwrap();
+        assert_eq!(
+            read_message(&harness.daemon).unwrap().unwrap().request(),
+            SET_FEATURES
+        );
+        let rings: Vec<_> = (0..2)
+            .map(|_| {
+                read_message(&harness.daemon)
+                    .unwrap()
+                    .unwrap()
+                    .vring_state()
+            })
+            .collect();
+        assert_eq!(rings, vec![Some((0, 1)), Some((1, 1))]);
+        assert_eq!(read_message(&harness.daemon).unwrap().unwrap().request(), 1);
+        drop(harness.frontend);
+        assert_eq!(
+            harness.relay.join().unwrap().0,
+            Ok(RelayEnd::FrontendHungUp)
+        );
+        drop(harness.stop);
+    }
+
+    #[test]
+    fn an_enable_of_a_ring_past_the_ceiling_ends_the_session_naming_it() {
+        let harness = harness();
+        let mut message = enable(false);
+        message.body = Message::enable(MAX_HELD_RINGS, 1).body;
+        write_message(&harness.frontend, &message).unwrap();
+        let error = harness.relay.join().unwrap().0.unwrap_err();
+        assert!(error.contains("ring 256"), "{error}");
         drop(harness.stop);
     }
 
