@@ -677,13 +677,12 @@ fn io_stat_sums(text: &str) -> (u64, u64) {
 async fn io_stats_report_the_guests_block_io_honestly(sb: Arc<GuestSandbox>) -> Result<()> {
     // 8 MiB written with fsync to the rootfs (virtio-fs); then the guest's
     // block devices and the container's own io.stat, read through a
-    // read-only cgroup2 mount (no cgroup namespace: /proc/self/cgroup
-    // names the full path).
+    // read-only cgroup mount (no cgroup namespace: as under runc, the
+    // container's own cgroup directory is what /sys/fs/cgroup shows).
     let script = "dd if=/dev/zero of=/data bs=1M count=8 conv=fsync 2>/dev/null && echo written; \
                   echo devices: $(ls /sys/block); \
-                  p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
-                  if [ -e /sys/fs/cgroup$p/io.stat ]; then echo io.stat:; cat /sys/fs/cgroup$p/io.stat; \
-                  else echo no io.stat in $p; fi; echo end; exec sleep 1000";
+                  if [ -e /sys/fs/cgroup/io.stat ]; then echo io.stat:; cat /sys/fs/cgroup/io.stat; \
+                  else echo no io.stat in /sys/fs/cgroup; fi; echo end; exec sleep 1000";
     let mut spec = container_spec(&["sh", "-c", script], false);
     spec["mounts"]
         .as_array_mut()

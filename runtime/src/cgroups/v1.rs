@@ -206,11 +206,18 @@ pub fn apply(paths: &CgroupPaths, resources: &LinuxResources) -> Result<()> {
     }
     if let (Some(bio), Some(dir)) = (resources.block_io(), paths.dir_for("blkio")) {
         if let Some(w) = bio.weight() {
-            let file = if dir.join("blkio.weight").exists() {
-                "blkio.weight"
-            } else {
-                "blkio.bfq.weight"
-            };
+            let file = ["blkio.weight", "blkio.bfq.weight"]
+                .into_iter()
+                .find(|file| dir.join(file).exists())
+                .ok_or_else(|| {
+                    Error::spec(
+                        "linux.resources.blockIO.weight",
+                        format!(
+                            "this kernel has neither blkio.weight nor blkio.bfq.weight in {} (no CFQ or BFQ I/O scheduler)",
+                            dir.display()
+                        ),
+                    )
+                })?;
             write(dir, file, &w.to_string())?;
         }
         if let Some(w) = bio.leaf_weight() {
@@ -437,6 +444,25 @@ mod tests {
         assert_eq!(f("pids/pids.max"), "7");
         assert_eq!(f("blkio/blkio.weight"), "300");
         assert_eq!(f("blkio/blkio.throttle.write_iops_device"), "8:16 50");
+    }
+
+    #[test]
+    fn a_blkio_weight_without_cfq_or_bfq_is_refused_naming_the_field() {
+        use crate::cgroups::CgroupDir;
+        let root = tempfile::tempdir().unwrap();
+        let paths = CgroupPaths {
+            unified_only: false,
+            dirs: vec![CgroupDir {
+                controllers: vec!["blkio".into()],
+                path: root.path().to_path_buf(),
+            }],
+        };
+        let r: LinuxResources = serde_json::from_str(r#"{"blockIO":{"weight":300}}"#).unwrap();
+        let error = apply(&paths, &r).unwrap_err().to_string();
+        assert!(
+            error.contains("linux.resources.blockIO.weight") && error.contains("no CFQ or BFQ"),
+            "{error}"
+        );
     }
 
     #[test]
