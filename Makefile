@@ -93,7 +93,7 @@ fuzz:
 
 install: build guest
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SHARE_DIR)
-	install -m 0755 target/release/containerd-shim-kata-v2 target/release/husk-vmm $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 target/release/containerd-shim-kata-v2 target/release/husk-vmm target/release/husk-ctl $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 $(KERNEL) $(DESTDIR)$(SHARE_DIR)/vmlinux
 	install -m 0644 $(BZIMAGE) $(DESTDIR)$(SHARE_DIR)/bzImage
 	install -m 0644 $(INITRD) $(DESTDIR)$(SHARE_DIR)/initramfs.cpio.gz

@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 # every crate's lib and bin unit tests.
 TIER_MEMBERS='
 unit      fuzz-targets/tests/corpus_replay.rs
+host      ctl/tests/check.rs
 host      runtime/tests/bad_inputs.rs
 host      runtime/tests/runc_differential.rs
 host      agent/tests/host_tier.rs
