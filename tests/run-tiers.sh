@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 TIER_MEMBERS='
 unit      fuzz-targets/tests/corpus_replay.rs
 host      ctl/tests/check.rs
+host      ctl/tests/env.rs
 host      runtime/tests/bad_inputs.rs
 host      runtime/tests/runc_differential.rs
 host      agent/tests/host_tier.rs

@@ -1,8 +1,10 @@
 //! `husk-ctl`: the operator's tool for a husk host. `check` says whether
 //! this host can run husk pods and which backend `auto` picks (see
-//! [`check`]).
+//! [`check`]); `env` prints the effective configuration and versions (see
+//! [`env`]).
 
 mod check;
+mod env;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,10 +31,29 @@ enum Commands {
         #[arg(long, default_value = check::DEFAULT_CONTAINERD_CONFIG)]
         containerd_config: PathBuf,
     },
+    /// The effective configuration (every setting) and the versions that
+    /// decide the shim's behaviour.
+    Env {
+        /// The husk configuration (default: the shim's own search).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "toml")]
+        format: env::Format,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Commands::Env { config, format } => match env::render(config.as_deref(), format) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("husk-ctl env: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Commands::Check {
             config,
             containerd_config,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use husk_devices::fs::{XattrPolicy, DEFAULT_MAX_OPEN_HANDLES, DEFAULT_MAX_OPEN_INODES};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Where the documented default configuration is installed.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/husk/configuration.toml";
@@ -71,7 +71,7 @@ pub enum ConfigError {
 }
 
 /// Which VMM runs the pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum HypervisorKind {
     /// `builtin` where the host's KVM runs stock guests, else `qemu`.
@@ -84,7 +84,7 @@ pub enum HypervisorKind {
 }
 
 /// `[hypervisor]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HypervisorConfig {
     pub kind: HypervisorKind,
@@ -114,14 +114,17 @@ impl Default for HypervisorConfig {
 }
 
 /// `[shared_fs]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SharedFsConfig {
     /// virtio-fs cache policy: never, metadata, auto or always.
     pub cache: String,
     /// virtio-fs xattr policy: mapped (guest security.*, trusted.* and
     /// system.* names stored under user.husk.guest. on the host) or off.
-    #[serde(deserialize_with = "xattr_policy")]
+    #[serde(
+        deserialize_with = "xattr_policy",
+        serialize_with = "xattr_policy_name"
+    )]
     pub xattr: XattrPolicy,
     /// Most inodes the guest may hold in the share (one host fd each).
     pub max_open_inodes: usize,
@@ -150,6 +153,14 @@ fn xattr_policy<'de, D: serde::Deserializer<'de>>(
         .map_err(|error| D::Error::custom(format!("shared_fs.xattr: {error}")))
 }
 
+/// `shared_fs.xattr` as the configuration file spells it.
+fn xattr_policy_name<S: serde::Serializer>(
+    policy: &XattrPolicy,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(policy.as_str())
+}
+
 /// Default `shared_fs.tree_max_bytes`: the tree holds directories and
 /// empty mount-point files only, which take no data pages.
 pub const DEFAULT_SHARE_TREE_MAX_BYTES: u64 = 1 << 20;
@@ -172,7 +183,7 @@ impl Default for SharedFsConfig {
 }
 
 /// `[timeouts]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsConfig {
     /// How long to wait for the agent to answer after the VM starts.
@@ -212,7 +223,7 @@ impl Default for TimeoutsConfig {
 }
 
 /// `[console]`: the guest's serial console on the host.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsoleConfig {
     /// The cap of `console.log` and of `console.log.1` each: a pod keeps
@@ -229,7 +240,7 @@ impl Default for ConsoleConfig {
 }
 
 /// What a seccomp violation of a confined thread does (`seccomp_action`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SeccompAction {
     /// The shim dies with SIGSYS; containerd sees the pod's tasks exit.
@@ -243,7 +254,7 @@ pub enum SeccompAction {
 
 /// `[confinement]`: what the shim's guest-facing threads may do (see
 /// `docs/architecture.md`, "Confinement").
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConfinementConfig {
     /// Seccomp allowlists per thread class; `false` only for debugging.
@@ -278,7 +289,7 @@ impl Default for ConfinementConfig {
 }
 
 /// `[limits]`: what a pod may ask for through annotations.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PodLimits {
     pub max_vcpus: u32,
@@ -301,7 +312,7 @@ impl Default for PodLimits {
 }
 
 /// Log verbosity of the shim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Error,
@@ -313,7 +324,7 @@ pub enum LogLevel {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub hypervisor: HypervisorConfig,
@@ -602,6 +613,20 @@ pub struct VmSize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_effective_configuration_written_as_toml_reads_back_the_same() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configuration.toml"))
+                .unwrap();
+        let path = std::path::Path::new("configuration.toml");
+        let config = super::Config::from_toml(&text, path).unwrap();
+        let written = toml::to_string(&config).unwrap();
+        assert!(written.contains("xattr = \"mapped\""), "{written}");
+        assert!(written.contains("kind = \"auto\""), "{written}");
+        let again = super::Config::from_toml(&written, path).unwrap();
+        assert_eq!(toml::to_string(&again).unwrap(), written);
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
