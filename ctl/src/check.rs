@@ -86,7 +86,6 @@ pub fn run(inputs: &Inputs) -> Vec<Line> {
     lines.push(check_device(
         "tun",
         Path::new("/dev/net/tun"),
-        true,
         "the pod's TAP for virtio-net",
     ));
     lines.push(check_vsock());
@@ -170,7 +169,7 @@ fn check_kvm(host: &HostKvm) -> Line {
 }
 
 /// A device node the product opens read-write.
-fn check_device(what: &'static str, path: &Path, required: bool, used_for: &str) -> Line {
+fn check_device(what: &'static str, path: &Path, used_for: &str) -> Line {
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -182,11 +181,7 @@ fn check_device(what: &'static str, path: &Path, required: bool, used_for: &str)
             format!("{} opens ({used_for})", path.display()),
         ),
         Err(error) => line(
-            if required {
-                Verdict::Fail
-            } else {
-                Verdict::Warn
-            },
+            Verdict::Fail,
             what,
             format!("cannot open {}: {error} ({used_for})", path.display()),
         ),
@@ -338,8 +333,7 @@ mod tests {
 
     #[test]
     fn a_containerd_config_without_the_runtime_type_is_a_warning_naming_it() {
-        let dir = std::env::temp_dir().join(format!("husk-ctl-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = husk_test_support::tempdir::TestDir::new("husk-ctl-unit").unwrap();
         let config = dir.join("config.toml");
         std::fs::write(&config, "version = 2\n").unwrap();
         let lines = check_containerd(&config);
@@ -360,7 +354,6 @@ mod tests {
             .find(|l| l.what == "containerd config")
             .unwrap();
         assert_eq!(named.verdict, Verdict::Ok);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -531,9 +531,9 @@ fn scenarios() -> Vec<Scenario> {
             let cat_weight = match weight_file {
                 Some(file) => format!("/sys/fs/cgroup/blkio/{file}"),
                 None => {
-                    println!(
+                    announce_form(
                         "cgroup-mount-and-resource-files: this host has neither blkio.weight nor \
-                         blkio.bfq.weight (no CFQ or BFQ), so the form without blockIO.weight runs"
+                         blkio.bfq.weight (no CFQ or BFQ), so the form without blockIO.weight runs",
                     );
                     String::new()
                 }

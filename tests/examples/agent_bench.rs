@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use husk_test_support::bundle::container_spec;
 use husk_test_support::stdio::Pipes;
+use husk_tests::bench::{count_from_env, median};
 use husk_tests::guest::{GuestSandbox, DEFAULT_SIZE};
 use tokio::io::AsyncReadExt;
 
@@ -26,20 +27,6 @@ const DEFAULT_BOOTS: usize = 5;
 const DEFAULT_OPS: usize = 20;
 const STREAM_RUNS: usize = 3;
 const STREAM_BYTES: u64 = 64 << 20;
-
-fn count_from_env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(default)
-}
-
-/// The median of `samples` (the upper one for an even count).
-fn median(samples: &mut [f64]) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
 
 fn summary(samples: &mut [f64]) -> String {
     let med = median(samples);

@@ -23,14 +23,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use husk_test_support::tempdir::TestDir;
+use husk_tests::bench::{count_from_env, median};
 use husk_tests::containerd::{
     cri_network, Options, PrivateContainerd, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE,
 };
-use husk_tests::cri::CriClient;
-use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ImageSpec, LinuxPodSandboxConfig, PodSandboxConfig,
-    PodSandboxMetadata,
-};
+use husk_tests::cri::{self, CriClient};
+use k8s_cri::v1::{ContainerConfig, LinuxPodSandboxConfig, PodSandboxConfig};
 
 const HANDLERS: [&str; 2] = ["runc", "kata"];
 const DEFAULT_PODS: usize = 10;
@@ -38,20 +36,6 @@ const DEFAULT_TCP_MIB: usize = 256;
 const CONNECTS: usize = 50;
 /// How long a first output or a listener may take to appear.
 const WAIT: Duration = Duration::from_secs(60);
-
-fn count_from_env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(default)
-}
-
-/// The median of `samples` (the upper one for an even count).
-fn median(samples: &mut [f64]) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
-}
 
 struct Bench {
     client: CriClient,
@@ -65,34 +49,13 @@ impl Bench {
         let name = format!("bench-{what}-{handler}-{}", self.next);
         let log_directory = self.logs.join(&name);
         let _ = std::fs::create_dir_all(&log_directory);
-        PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: name.clone(),
-                uid: format!("uid-{name}"),
-                namespace: "husk-bench".into(),
-                attempt: 0,
-            }),
-            hostname: name,
-            log_directory: log_directory.to_string_lossy().into_owned(),
-            linux: Some(LinuxPodSandboxConfig::default()),
-            ..Default::default()
-        }
+        let mut config = cri::pod_config(&name, "husk-bench", &log_directory);
+        config.linux = Some(LinuxPodSandboxConfig::default());
+        config
     }
 
     fn container(&self, name: &str, command: &[&str]) -> ContainerConfig {
-        ContainerConfig {
-            metadata: Some(ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(ImageSpec {
-                image: IMAGE.into(),
-                ..Default::default()
-            }),
-            command: command.iter().map(|arg| arg.to_string()).collect(),
-            log_path: format!("{name}.log"),
-            ..Default::default()
-        }
+        cri::container_config(name, IMAGE, command)
     }
 
     fn remove_pod(&self, pod: &str) {
@@ -142,15 +105,7 @@ impl Bench {
                 self.client
                     .create_container(&pod, &self.container("server", command), &config)?;
             self.client.start_container(&id)?;
-            let ip: Ipv4Addr = self
-                .client
-                .pod_status(&pod)?
-                .network
-                .map(|network| network.ip)
-                .unwrap_or_default()
-                .parse()
-                .context("the pod IP")?;
-            Ok(ip)
+            self.client.pod_ip(&pod)
         })();
         match result {
             Ok(ip) => Ok((pod, ip)),

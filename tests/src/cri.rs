@@ -17,6 +17,40 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// How long one CRI call may take (a husk sandbox boots a TCG guest).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What every pod config as kubelet writes it holds: the metadata (the uid
+/// made from `name`), `name` as the hostname, and the log directory.
+pub fn pod_config(name: &str, namespace: &str, log_directory: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+            namespace: namespace.to_owned(),
+            attempt: 0,
+        }),
+        hostname: name.to_owned(),
+        log_directory: log_directory.to_string_lossy().into_owned(),
+        ..Default::default()
+    }
+}
+
+/// A container config of `image` running `command`, logging to
+/// `<name>.log` in the pod's log directory.
+pub fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.to_owned(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|arg| arg.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
 /// A connected CRI client.
 pub struct CriClient {
     runtime: tokio::runtime::Runtime,
@@ -239,6 +273,17 @@ impl CriClient {
             }),
         )
         .map(drop)
+    }
+
+    /// The pod IP `PodSandboxStatus` reports for `pod`.
+    pub fn pod_ip(&self, pod: &str) -> Result<std::net::Ipv4Addr> {
+        let ip = self
+            .pod_status(pod)?
+            .network
+            .map(|network| network.ip)
+            .unwrap_or_default();
+        ip.parse()
+            .with_context(|| format!("PodSandboxStatus of {pod} reports the IP {ip:?}"))
     }
 
     /// `ContainerStats` of `container`.

@@ -30,12 +30,11 @@ use husk_test_support::tempdir::TestDir;
 use husk_tests::containerd::{
     self, cri_network, Options, PrivateContainerd, Snapshot, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE,
 };
-use husk_tests::cri::CriClient;
+use husk_tests::cri::{self, CriClient};
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, DnsConfig, ImageSpec, LinuxContainerConfig,
-    LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxState,
+    ContainerConfig, ContainerState, DnsConfig, LinuxContainerConfig, LinuxContainerResources,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxState,
 };
 
 /// The runtime handlers compared: runc, and husk as the `kata` handler.
@@ -81,14 +80,6 @@ impl Tier {
         let log_directory = self.work.join("logs").join(&name);
         let _ = std::fs::create_dir_all(&log_directory);
         PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: name.clone(),
-                uid: format!("uid-{name}"),
-                namespace: "husk-cri".into(),
-                attempt: 0,
-            }),
-            hostname: name,
-            log_directory: log_directory.to_string_lossy().into_owned(),
             dns_config: Some(DnsConfig {
                 servers: vec!["10.213.0.53".into()],
                 searches: vec!["svc.husk.test".into()],
@@ -102,7 +93,7 @@ impl Tier {
                 }),
                 ..Default::default()
             }),
-            ..Default::default()
+            ..cri::pod_config(&name, "husk-cri", &log_directory)
         }
     }
 
@@ -147,16 +138,6 @@ impl Tier {
             .and_then(|context| context.namespace_options.clone())
             .unwrap_or_else(kubelet_namespaces);
         ContainerConfig {
-            metadata: Some(ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(ImageSpec {
-                image: IMAGE.into(),
-                ..Default::default()
-            }),
-            command: command.iter().map(|arg| arg.to_string()).collect(),
-            log_path: format!("{name}.log"),
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
                     namespace_options: Some(namespaces),
@@ -164,7 +145,7 @@ impl Tier {
                 }),
                 ..Default::default()
             }),
-            ..Default::default()
+            ..cri::container_config(name, IMAGE, command)
         }
     }
 

@@ -1158,3 +1158,57 @@ fn vhost_user_session_survives_a_vring_enable_sent_before_the_features_as_qemu_s
         "the server removed the daemon's socket"
     );
 }
+
+#[test]
+fn stop_ends_a_relayed_session_whose_frontend_stopped_reading_its_replies() {
+    const GET_FEATURES: u32 = 1;
+    const VERSION_1: u32 = 0x1;
+    let dir = temp_dir();
+    let socket = dir.path().join("net.sock");
+    let (tap, _host) = fake_tap(ALL_OFFLOADS);
+    let server =
+        super::vhost_user::serve_frame_device(&socket, tap.clone(), NetConfig::new(MAC)).unwrap();
+    let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    // A hostile frontend: asks for replies and never reads them, until its
+    // own sends block (the relay and the daemon have stopped reading too).
+    stream.set_nonblocking(true).unwrap();
+    let mut request = Vec::new();
+    request.extend_from_slice(&GET_FEATURES.to_le_bytes());
+    request.extend_from_slice(&VERSION_1.to_le_bytes());
+    request.extend_from_slice(&0u32.to_le_bytes());
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut blocked_since = None;
+    while started.elapsed() < WAIT {
+        match std::io::Write::write(&mut &stream, &request) {
+            Ok(n) => {
+                sent += n;
+                blocked_since = None;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                // Blocked for a while: every buffer on the way is full.
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(500) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => panic!("the relay hung up on a frontend it should still serve: {error}"),
+        }
+    }
+    assert!(
+        blocked_since.is_some(),
+        "the frontend's sends never blocked ({sent} bytes sent)"
+    );
+    let (done, stopped) = std::sync::mpsc::channel();
+    let stopper = std::thread::spawn(move || {
+        server.stop();
+        done.send(()).unwrap();
+    });
+    stopped
+        .recv_timeout(WAIT)
+        .expect("stop returns while the frontend still holds its connection unread");
+    stopper.join().unwrap();
+    drop(stream);
+    assert!(!socket.exists(), "the server removed its socket");
+}

@@ -1,6 +1,7 @@
-//! A relay between a frontend and its daemon that holds back the
+//! A relay between a frontend and its daemon that answers the
 //! `SET_VRING_ENABLE` requests a frontend sends before it acked
-//! `VHOST_USER_F_PROTOCOL_FEATURES`.
+//! `VHOST_USER_F_PROTOCOL_FEATURES`, and replays them to the daemon once
+//! that feature is acked.
 //!
 //! The vhost-user specification allows `SET_VRING_ENABLE` only once that
 //! feature was negotiated, and the `vhost` crate's request handler enforces
@@ -89,6 +90,20 @@ impl Message {
         ])
     }
 
+    /// A message with this header and body, no fds.
+    fn new(request: u32, flags: u32, body: Vec<u8>) -> Self {
+        let mut header = [0u8; HEADER_BYTES];
+        header[0..4].copy_from_slice(&request.to_le_bytes());
+        header[4..8].copy_from_slice(&flags.to_le_bytes());
+        // Bodies are at most MAX_BODY_BYTES, so the length fits.
+        header[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        Self {
+            header,
+            body,
+            fds: Vec::new(),
+        }
+    }
+
     /// A `SET_VRING_ENABLE` body's ring index and state.
     fn vring_state(&self) -> Option<(u32, u32)> {
         let bytes = self.body.get(..8)?;
@@ -100,33 +115,17 @@ impl Message {
 
     /// `SET_VRING_ENABLE` of `ring` to `state`, asking for no reply.
     fn enable(ring: u32, state: u32) -> Self {
-        let mut header = [0u8; HEADER_BYTES];
-        header[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-        header[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
-        header[8..12].copy_from_slice(&8u32.to_le_bytes());
         let mut body = Vec::with_capacity(8);
         body.extend_from_slice(&ring.to_le_bytes());
         body.extend_from_slice(&state.to_le_bytes());
-        Self {
-            header,
-            body,
-            fds: Vec::new(),
-        }
+        Self::new(SET_VRING_ENABLE, VERSION_1, body)
     }
 
     /// The ack a backend sends for a request that asked for one: the
     /// request's code, flagged as a version-1 reply, with a zero u64 body
     /// (success).
     fn ack_for(request: u32) -> Self {
-        let mut header = [0u8; HEADER_BYTES];
-        header[0..4].copy_from_slice(&request.to_le_bytes());
-        header[4..8].copy_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
-        header[8..12].copy_from_slice(&8u32.to_le_bytes());
-        Self {
-            header,
-            body: 0u64.to_le_bytes().to_vec(),
-            fds: Vec::new(),
-        }
+        Self::new(request, VERSION_1 | REPLY, 0u64.to_le_bytes().to_vec())
     }
 }
 
@@ -197,13 +196,6 @@ impl Relay {
     }
 
     fn forward_from_frontend(&mut self, message: Message) -> Result<(), String> {
-        tracing::debug!(
-            request = message.request(),
-            flags = message.flags(),
-            body = ?&message.body[..message.body.len().min(16)],
-            protocol_features_acked = self.protocol_features_acked,
-            "vhost-user request from the frontend"
-        );
         match message.request() {
             SET_FEATURES => {
                 let value = message
@@ -243,10 +235,9 @@ impl Relay {
                     ));
                 }
                 self.held_states.insert(ring, state);
+                // Counted, not logged: a guest rewriting its features makes
+                // QEMU send these; the server logs the count once a session.
                 self.held_back += 1;
-                tracing::debug!(
-                    "holding back a SET_VRING_ENABLE sent before PROTOCOL_FEATURES was acked"
-                );
                 if message.flags() & NEED_REPLY != 0 {
                     write_message(&self.frontend, &Message::ack_for(SET_VRING_ENABLE))
                         .map_err(|error| format!("acking the frontend: {error}"))?;
@@ -377,15 +368,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn request(code: u32, flags: u32, body: &[u8]) -> Message {
-        let mut header = [0u8; HEADER_BYTES];
-        header[0..4].copy_from_slice(&code.to_le_bytes());
-        header[4..8].copy_from_slice(&flags.to_le_bytes());
-        header[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        Message {
-            header,
-            body: body.to_vec(),
-            fds: Vec::new(),
-        }
+        Message::new(code, flags, body.to_vec())
     }
 
     /// A relay on its own thread between a test frontend and a test daemon.
@@ -417,12 +400,10 @@ mod tests {
         request(SET_FEATURES, VERSION_1, &value.to_le_bytes())
     }
 
+    /// Ring 0 enabled, as QEMU sends it, with or without NEED_REPLY.
     fn enable(need_reply: bool) -> Message {
-        let mut body = Vec::new();
-        body.extend_from_slice(&0u32.to_le_bytes());
-        body.extend_from_slice(&1u32.to_le_bytes());
         let flags = VERSION_1 | if need_reply { NEED_REPLY } else { 0 };
-        request(SET_VRING_ENABLE, flags, &body)
+        request(SET_VRING_ENABLE, flags, &Message::enable(0, 1).body)
     }
 
     #[test]
@@ -475,9 +456,7 @@ mod tests {
     fn the_last_early_state_of_each_ring_is_replayed_once() {
         let harness = harness();
         for (ring, state) in [(0, 1), (1, 1), (0, 0), (1, 1), (0, 1)] {
-            let mut message = enable(false);
-            message.body = Message::enable(ring, state).body;
-            write_message(&harness.frontend, &message).unwrap();
+            write_message(&harness.frontend, &Message::enable(ring, state)).unwrap();
         }
         write_message(&harness.frontend, &features(PROTOCOL_FEATURES)).unwrap();
         write_message(&harness.frontend, &request(1, VERSION_1, &[])).unwrap();
@@ -506,9 +485,7 @@ mod tests {
     #[test]
     fn an_enable_of_a_ring_past_the_ceiling_ends_the_session_naming_it() {
         let harness = harness();
-        let mut message = enable(false);
-        message.body = Message::enable(MAX_HELD_RINGS, 1).body;
-        write_message(&harness.frontend, &message).unwrap();
+        write_message(&harness.frontend, &Message::enable(MAX_HELD_RINGS, 1)).unwrap();
         let error = harness.relay.join().unwrap().0.unwrap_err();
         assert!(error.contains("ring 256"), "{error}");
         drop(harness.stop);

@@ -22,8 +22,10 @@
 //! [`Sessions::holds_early_vring_enable`]) is served through a [`Relay`]:
 //! the server thread accepts the frontend itself, connects to the daemon's
 //! own listener (a second socket, `<socket>.backend`, beside the first) and
-//! relays the session. A stop then ends the relay, which closes the
-//! daemon's connection.
+//! relays the session. The server holds duplicates of both relayed
+//! connections as it does of an accepted one, so a stop shuts them down
+//! even while the relay is blocked writing to a frontend that stopped
+//! reading; the relay then ends and closes the daemon's connection.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -38,7 +40,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use husk_confine::ThreadClass;
 
-use super::relay::{Relay, RelayEnd};
+use super::relay::Relay;
 use super::{accepted_connections, FdDirectory};
 
 /// What a device serves to each frontend.
@@ -406,7 +408,7 @@ impl<S: Sessions> ServerThread<S> {
             daemon
                 .start(&mut self.listener)
                 .map_err(|error| session_error(error.to_string()))?;
-            self.track_connections(&self.socket_path);
+            self.track_connections();
             tracing::debug!(socket = %self.socket_path.display(), "vhost-user frontend connected");
             daemon.wait()
         };
@@ -430,7 +432,9 @@ impl<S: Sessions> ServerThread<S> {
     /// A relayed session: accepts the frontend here, connects it through a
     /// [`Relay`] to the daemon's own listener, and relays until either side
     /// hangs up or a stop comes in; then closes both connections and waits
-    /// for the daemon. Returns the daemon's result.
+    /// for the daemon. Returns the daemon's result. `stop` shuts both
+    /// relayed connections down too, so a frontend that stops reading
+    /// cannot keep the relay blocked in a write.
     fn relay_session(
         &mut self,
         daemon: &mut VhostUserDaemon<S::Backend>,
@@ -457,6 +461,14 @@ impl<S: Sessions> ServerThread<S> {
         daemon
             .start(&mut backend.listener)
             .map_err(|error| session_error(error.to_string()))?;
+        let duplicates = [&frontend, &daemon_side]
+            .map(|stream| stream.try_clone().map(OwnedFd::from))
+            .into_iter()
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|error| {
+                session_error(format!("cannot duplicate the relayed connections: {error}"))
+            })?;
+        self.hold_connections(duplicates);
         tracing::debug!(socket = %self.socket_path.display(), "vhost-user frontend connected (relayed)");
         let mut relay = Relay::new(frontend, daemon_side);
         // SAFETY: the eventfd lives in `self.control`, which outlives the relay.
@@ -469,13 +481,16 @@ impl<S: Sessions> ServerThread<S> {
                 "answered early SET_VRING_ENABLE requests"
             );
         }
-        // Closing both connections ends the daemon's request loop.
+        // Closing both connections (the duplicates held for `stop` too)
+        // ends the daemon's request loop.
+        self.control.lock().connections.clear();
         drop(relay);
         let result = daemon.wait();
         match end {
-            Ok(RelayEnd::FrontendHungUp | RelayEnd::Stopped) => Ok(result),
-            // The daemon's own error says more than the hang-up.
-            Ok(RelayEnd::BackendHungUp) => Ok(result),
+            // A hang-up of either side or a stop: the daemon's own result
+            // says how the session went.
+            Ok(_) => Ok(result),
+            Err(_) if self.control.stop_requested() => Ok(result),
             Err(reason) => {
                 if let Err(error) = result {
                     tracing::debug!(%error, "the relayed daemon ended");
@@ -488,21 +503,27 @@ impl<S: Sessions> ServerThread<S> {
     /// Records duplicates of the accepted connection so `stop` can shut it
     /// down, or shuts it down at once if a stop already came in (stop may
     /// have looked at the list before it was filled).
-    fn track_connections(&self, socket_path: &Path) {
-        let found = accepted_connections(&self.fd_directory, socket_path);
+    fn track_connections(&self) {
+        let found = accepted_connections(&self.fd_directory, &self.socket_path);
         if found.is_empty() {
             tracing::warn!(
-                socket = %socket_path.display(),
+                socket = %self.socket_path.display(),
                 "cannot find the accepted vhost-user connection; stop will wait for the frontend to hang up"
             );
         }
+        self.hold_connections(found);
+    }
+
+    /// Keeps `connections` for `stop` to shut down, or shuts them down at
+    /// once if a stop already came in.
+    fn hold_connections(&self, connections: Vec<OwnedFd>) {
         let mut state = self.control.lock();
         if state.stop_requested {
-            for connection in &found {
+            for connection in &connections {
                 shutdown_socket(connection);
             }
         }
-        state.connections = found;
+        state.connections = connections;
     }
 }
 

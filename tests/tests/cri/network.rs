@@ -9,7 +9,7 @@
 //! tier can compare runc and husk.
 
 use std::io::{ErrorKind, Read};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -22,14 +22,11 @@ use super::Tier;
 /// server loop starts, the guest brings its interface up).
 const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A container command that answers every connection on `port` with
-/// `line` (busybox `nc`, one connection at a time).
-fn serve_line(port: u16, line: &str) -> Vec<String> {
-    vec![
-        "sh".into(),
-        "-c".into(),
-        format!("while true; do echo {line} | nc -l -p {port}; done"),
-    ]
+/// A shell command that answers every connection on `port` with `line`:
+/// busybox's persistent `nc -ll`, so the port never stops listening
+/// between connections.
+fn serve_line(port: u16, line: &str) -> String {
+    format!("nc -ll -p {port} -e echo {line}")
 }
 
 /// Connects to `address` until it answers with one line, or the timeout.
@@ -75,13 +72,17 @@ fn read_line(mut stream: TcpStream) -> Result<String> {
 /// reaches a host listener at the gateway.
 pub(super) fn pod_ip_serves_each_container(tier: &Tier, handler: &str) -> Result<String> {
     let pod = tier.run_pod(handler, "net")?;
-    let pod_ip = pod_ip(tier, &pod.id)?;
-    let web = tier.start_container_with(&pod, "web", &[], |config| {
-        config.command = serve_line(8080, "served-by-web");
-    })?;
-    let api = tier.start_container_with(&pod, "api", &[], |config| {
-        config.command = serve_line(8081, "served-by-api");
-    })?;
+    let pod_ip = tier.client.pod_ip(&pod.id)?;
+    let web = tier.start_container(
+        &pod,
+        "web",
+        &["sh", "-c", &serve_line(8080, "served-by-web")],
+    )?;
+    let api = tier.start_container(
+        &pod,
+        "api",
+        &["sh", "-c", &serve_line(8081, "served-by-api")],
+    )?;
     for id in [&web, &api] {
         tier.wait_container_state(id, ContainerState::ContainerRunning)?;
     }
@@ -177,20 +178,22 @@ fn pod_reaches_host(tier: &Tier, container: &str) -> Result<String> {
 pub(super) fn two_pods_reach_each_other(tier: &Tier, handler: &str) -> Result<String> {
     let server_pod = tier.run_pod(handler, "peer-a")?;
     let client_pod = tier.run_pod(handler, "peer-b")?;
-    let server_ip = pod_ip(tier, &server_pod.id)?;
-    let client_ip = pod_ip(tier, &client_pod.id)?;
+    let server_ip = tier.client.pod_ip(&server_pod.id)?;
+    let client_ip = tier.client.pod_ip(&client_pod.id)?;
     ensure!(
         server_ip != client_ip,
         "both pods report the IP {server_ip}"
     );
-    let server = tier.start_container_with(&server_pod, "server", &[], |config| {
-        config.command = serve_line(8080, "served-by-pod-a");
-    })?;
+    let server = tier.start_container(
+        &server_pod,
+        "server",
+        &["sh", "-c", &serve_line(8080, "served-by-pod-a")],
+    )?;
     let client = tier.start_container(&client_pod, "client", &["sleep", "1000"])?;
     for id in [&server, &client] {
         tier.wait_container_state(id, ContainerState::ContainerRunning)?;
     }
-    // The server loop may not listen yet: retry within the timeout.
+    // The server may not listen yet: retry within the timeout.
     let started = Instant::now();
     let answer = loop {
         let (code, out, err) = tier.client.exec_sync(
@@ -226,7 +229,7 @@ const BULK_BYTES: u64 = 1 << 30;
 pub(super) fn one_gib_host_to_pod(tier: &Tier, handler: &str) -> Result<String> {
     use sha2::{Digest, Sha256};
     let pod = tier.run_pod(handler, "bulk")?;
-    let ip = pod_ip(tier, &pod.id)?;
+    let ip = tier.client.pod_ip(&pod.id)?;
     let sink = tier.start_container(
         &pod,
         "sink",
@@ -299,16 +302,4 @@ pub(super) fn one_gib_host_to_pod(tier: &Tier, handler: &str) -> Result<String> 
         "the container's sha256 of what it received is {received_sum}, the host sent {sent_sum}"
     );
     Ok("1 GiB host→pod, the container's sha256 matches the host's".to_owned())
-}
-
-/// The IP PodSandboxStatus reports for `pod`.
-fn pod_ip(tier: &Tier, pod: &str) -> Result<Ipv4Addr> {
-    tier.client
-        .pod_status(pod)?
-        .network
-        .as_ref()
-        .map(|network| network.ip.clone())
-        .unwrap_or_default()
-        .parse()
-        .with_context(|| format!("the IP PodSandboxStatus reports for {pod}"))
 }
