@@ -25,6 +25,7 @@ mod logging;
 mod mounts;
 mod network;
 mod pod_namespaces;
+mod port_forward;
 mod power;
 mod process;
 mod reaper;

@@ -138,21 +138,30 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The pid of the pod's sandbox container's init, whose network
+    /// namespace is the pod's.
+    pub fn pod_network_pid(&self) -> Result<i32> {
+        let sandbox_id = lock(&self.sandbox_id)
+            .clone()
+            .ok_or_else(|| AgentError::FailedPrecondition("no sandbox was created yet".into()))?;
+        match lock(&self.containers).get(&sandbox_id) {
+            Some(Slot::Ready(entry)) if entry.init.exited().is_none() => Ok(entry.init.pid),
+            _ => Err(AgentError::FailedPrecondition(format!(
+                "the pod's sandbox container {sandbox_id} is not running: its network \
+                 namespace is the pod's"
+            ))),
+        }
+    }
+
     /// Configures the pod's network in the sandbox container's network
     /// namespace (see `network`).
     pub async fn configure_network(&self, request: &ConfigureNetworkRequest) -> Result<()> {
-        let sandbox_id = lock(&self.sandbox_id).clone().ok_or_else(|| {
-            AgentError::FailedPrecondition("CreateSandbox must come before ConfigureNetwork".into())
-        })?;
-        let pid = match lock(&self.containers).get(&sandbox_id) {
-            Some(Slot::Ready(entry)) if entry.init.exited().is_none() => entry.init.pid,
-            _ => {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "the pod's sandbox container {sandbox_id} is not running: its network \
-                     namespace is where the pod's network goes"
-                )))
-            }
-        };
+        if lock(&self.sandbox_id).is_none() {
+            return Err(AgentError::FailedPrecondition(
+                "CreateSandbox must come before ConfigureNetwork".into(),
+            ));
+        }
+        let pid = self.pod_network_pid()?;
         network::configure(request, pid).await?;
         tracing::info!(
             interfaces = request.interfaces.len(),

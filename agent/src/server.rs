@@ -1,6 +1,7 @@
 //! Serving the API: the ttrpc server on vsock port 1024 (or a Unix socket in
 //! host test mode), the stdio stream acceptor on port 1025 (or its Unix
-//! socket), the reaper, and signal handling. Returns when the sandbox is
+//! socket), the port-forward acceptor on port 1026 (guest only), the
+//! reaper, and signal handling. Returns when the sandbox is
 //! destroyed or the agent is told to stop; the caller then powers the VM
 //! off (or, in test mode, exits).
 //!
@@ -12,11 +13,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use husk_protocols::{agent_ttrpc, AGENT_API_VSOCK_PORT, AGENT_STDIO_VSOCK_PORT};
+use husk_protocols::{
+    agent_ttrpc, AGENT_API_VSOCK_PORT, AGENT_PORT_FORWARD_VSOCK_PORT, AGENT_STDIO_VSOCK_PORT,
+};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::events::EventLog;
+use crate::port_forward::PortForwarder;
 use crate::reaper::Reaper;
 use crate::rpc::AgentService;
 use crate::sandbox::{AgentConfig, Sandbox};
@@ -67,6 +71,9 @@ async fn serve(config: AgentConfig, listen: Listen) -> Result<(), ServeError> {
     let streams = StreamRegistry::default();
     start_stdio_acceptor(&listen, streams.clone()).await?;
     let sandbox = Arc::new(Sandbox::new(config, reaper, EventLog::default(), streams));
+    if matches!(listen, Listen::Vsock) {
+        start_port_forward_acceptor(PortForwarder::new(sandbox.clone()))?;
+    }
     let (shutdown_sender, mut shutdown) = mpsc::channel(1);
     let service = AgentService {
         sandbox: sandbox.clone(),
@@ -167,6 +174,25 @@ async fn start_stdio_acceptor(listen: &Listen, streams: StreamRegistry) -> Resul
             });
         }
     }
+    Ok(())
+}
+
+/// Accepts port-forward streams on their vsock port (the guest only: in
+/// host test mode there is no pod network namespace to forward into).
+fn start_port_forward_acceptor(forwarder: PortForwarder) -> Result<(), ServeError> {
+    let address = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, AGENT_PORT_FORWARD_VSOCK_PORT);
+    let listener = tokio_vsock::VsockListener::bind(address).map_err(|e| ServeError::Listen {
+        address: format!("vsock port {AGENT_PORT_FORWARD_VSOCK_PORT}"),
+        message: e.to_string(),
+    })?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => forwarder.spawn(Box::new(stream)),
+                Err(error) => tracing::warn!(%error, "port-forward accept failed"),
+            }
+        }
+    });
     Ok(())
 }
 

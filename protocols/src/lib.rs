@@ -37,6 +37,8 @@ pub mod agent_ttrpc {
 pub const AGENT_API_VSOCK_PORT: u32 = 1024;
 /// The vsock port the agent accepts per-pipe stdio streams on.
 pub const AGENT_STDIO_VSOCK_PORT: u32 = 1025;
+/// The vsock port the agent accepts port-forward streams on.
+pub const AGENT_PORT_FORWARD_VSOCK_PORT: u32 = 1026;
 
 /// The stdio stream preamble: the first bytes the host writes on a new
 /// stream to the stdio port are the stream's id and a newline; everything
@@ -116,4 +118,99 @@ mod tests {
 pub mod pod {
     /// "The pod sandbox container's namespace of this entry's type."
     pub const SANDBOX_NAMESPACE: &str = "husk:pod-sandbox";
+}
+
+/// Port-forward streams (CRI `PortForward`): the host opens one stream per
+/// forwarded connection to [`crate::AGENT_PORT_FORWARD_VSOCK_PORT`] and
+/// writes the TCP port as a decimal line; the agent dials `127.0.0.1` on
+/// that port in the pod's network namespace and answers one line, `OK` or
+/// `ERR <why>`. Everything after the answer is the connection's bytes.
+pub mod port_forward {
+    /// Longest request line, newline included (`65535\n`).
+    pub const MAX_REQUEST_BYTES: usize = 6;
+    /// Longest answer line, newline included; longer answers are refused.
+    pub const MAX_REPLY_BYTES: usize = 256;
+
+    /// The request line for TCP `port`.
+    pub fn request(port: u16) -> String {
+        format!("{port}\n")
+    }
+
+    /// The port a request line (without its newline) names: 1 to 65535,
+    /// plain decimal digits.
+    pub fn parse_request(line: &[u8]) -> Option<u16> {
+        if line.is_empty() || line.len() > 5 || !line.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(line)
+            .ok()?
+            .parse::<u16>()
+            .ok()
+            .filter(|port| *port != 0)
+    }
+
+    /// The agent's answer when the dial succeeded.
+    pub const REPLY_OK: &str = "OK\n";
+
+    /// The agent's answer when the dial failed; `why` is cut to fit and
+    /// kept on one line.
+    pub fn reply_error(why: &str) -> String {
+        let one_line: String = why
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let mut text = format!("ERR {one_line}");
+        while text.len() > MAX_REPLY_BYTES - 1 {
+            text.pop();
+        }
+        text.push('\n');
+        text
+    }
+
+    /// What an answer line (without its newline) says: `Ok(())` for `OK`,
+    /// `Err(why)` for `ERR why` or anything else.
+    pub fn parse_reply(line: &str) -> Result<(), String> {
+        match line {
+            "OK" => Ok(()),
+            other => Err(other
+                .strip_prefix("ERR ")
+                .map_or_else(|| format!("an unknown answer {other:?}"), str::to_owned)),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn requests_name_one_port_in_plain_decimal() {
+            assert_eq!(request(8080), "8080\n");
+            assert_eq!(parse_request(b"8080"), Some(8080));
+            assert_eq!(parse_request(b"65535"), Some(65535));
+            for bad in [
+                &b""[..],
+                b"0",
+                b"65536",
+                b"-1",
+                b"+80",
+                b" 80",
+                b"123456",
+                b"8o",
+            ] {
+                assert_eq!(parse_request(bad), None, "{bad:?}");
+            }
+        }
+
+        #[test]
+        fn replies_are_one_bounded_line() {
+            assert_eq!(parse_reply(REPLY_OK.trim_end()), Ok(()));
+            let long = reply_error(&format!("refused\nFORGED {}", "x".repeat(1000)));
+            assert!(long.len() <= MAX_REPLY_BYTES, "{}", long.len());
+            assert_eq!(long.matches('\n').count(), 1);
+            assert!(long.ends_with('\n'));
+            let why = parse_reply(long.trim_end()).unwrap_err();
+            assert!(why.starts_with("refused FORGED"), "{why}");
+            assert!(parse_reply("HELLO").unwrap_err().contains("unknown answer"));
+        }
+    }
 }

@@ -288,6 +288,10 @@ impl Default for ConfinementConfig {
     }
 }
 
+/// The most `limits.max_port_forward_connections` may be: half of the
+/// VM's vsock connections, leaving the rest to stdio and the API.
+pub const MAX_PORT_FORWARD_CONNECTIONS: usize = 512;
+
 /// `[limits]`: what a pod may ask for through annotations.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -298,6 +302,9 @@ pub struct PodLimits {
     /// Size a pod's VM for the workload CRI announces in the sandbox's
     /// `io.kubernetes.cri.sandbox-*` annotations, on top of its base size.
     pub cri_sandbox_sizing: bool,
+    /// CRI port-forward connections one pod carries at once; more are
+    /// reset. Each holds two host fds and one vsock connection.
+    pub max_port_forward_connections: usize,
 }
 
 impl Default for PodLimits {
@@ -307,6 +314,7 @@ impl Default for PodLimits {
             min_memory_mib: 64,
             max_memory_mib: 16 * 1024,
             cri_sandbox_sizing: true,
+            max_port_forward_connections: 128,
         }
     }
 }
@@ -438,6 +446,17 @@ impl Config {
             return Err(invalid(
                 "shared_fs.max_open_handles",
                 "must be at least 1".into(),
+            ));
+        }
+        if !(1..=MAX_PORT_FORWARD_CONNECTIONS).contains(&self.limits.max_port_forward_connections) {
+            return Err(invalid(
+                "limits.max_port_forward_connections",
+                format!(
+                    "{} is not between 1 and {MAX_PORT_FORWARD_CONNECTIONS} (each takes one of \
+                     the VM's {} vsock connections, which stdio needs too)",
+                    self.limits.max_port_forward_connections,
+                    husk_devices::vsock::DEFAULT_MAX_CONNECTIONS
+                ),
             ));
         }
         if self.limits.max_vcpus == 0 {
@@ -799,6 +818,21 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(error.contains(&format!("shared_fs.{key}")), "{error}");
+        }
+    }
+
+    #[test]
+    fn port_forward_connections_are_bounded_by_the_vsock_device_naming_the_key() {
+        assert_eq!(parse("").unwrap().limits.max_port_forward_connections, 128);
+        for bad in [0, MAX_PORT_FORWARD_CONNECTIONS + 1] {
+            let error = parse(&format!("[limits]\nmax_port_forward_connections = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("limits.max_port_forward_connections")
+                    && error.contains(&bad.to_string()),
+                "{error}"
+            );
         }
     }
 

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::{ConfigureNetworkRequest, CreateSandboxRequest};
-use husk_agent_client::AgentClient;
+use husk_agent_client::{AgentClient, Endpoint};
 use husk_devices::fs::{CachePolicy, FsConfig};
 
 use crate::config::{Config, SeccompAction};
 use crate::hypervisor::{
     Device, ExitWatcher, Hypervisor, Launcher, NetBackend, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
 };
+use crate::network::port_forward::{PortForwardListener, PortForwarding};
 use crate::network::Attachment;
 use crate::paths::SandboxPaths;
 use crate::resources::{cleanup, pod_cgroup, ShareTreeLimits, SharedDirectory};
@@ -63,6 +64,8 @@ pub struct Sandbox {
     network: Mutex<Option<Attachment>>,
     /// What the agent is told of it once the sandbox container exists.
     network_request: Option<ConfigureNetworkRequest>,
+    /// CRI port-forward into the pod (CNI pods only); stopped at destroy.
+    port_forwarding: Mutex<Option<PortForwarding>>,
 }
 
 /// When a running guest counts as dead (`[timeouts]` `health_*`).
@@ -222,8 +225,14 @@ impl Sandbox {
                 return Err(error);
             }
         }
+        // Port-forward's steering needs bpf(2), which the process-wide deny
+        // list below takes away.
+        let port_forward = match request.netns.clone() {
+            Some(path) => open_port_forward(path).await,
+            None => None,
+        };
         let result = match confine_shim(request.config, &paths, request.cgroup.as_deref()) {
-            Ok(()) => Self::boot_in(launcher, request).await,
+            Ok(()) => Self::boot_in(launcher, request, port_forward).await,
             Err(error) => Err(error),
         };
         if result.is_err() {
@@ -235,6 +244,7 @@ impl Sandbox {
     async fn boot_in(
         launcher: &dyn Launcher,
         request: BootRequest<'_>,
+        port_forward: Option<PortForwardListener>,
     ) -> Result<(Self, ExitWatcher)> {
         let BootRequest {
             sandbox_id: id,
@@ -320,7 +330,7 @@ impl Sandbox {
         let deadline = Duration::from_millis(config.timeouts.agent_ready_ms);
         let connected = tokio::time::timeout(
             deadline + HANDSHAKE_SLACK,
-            AgentClient::connect(endpoint, deadline),
+            AgentClient::connect(endpoint.clone(), deadline),
         )
         .await
         .map_err(|_| anyhow!("no answer to the hybrid vsock handshake"))
@@ -359,6 +369,13 @@ impl Sandbox {
                 console_tail(&paths)
             )));
         }
+        let port_forwarding = port_forward.and_then(|listener| {
+            serve_port_forward(
+                listener,
+                &endpoint,
+                config.limits.max_port_forward_connections,
+            )
+        });
         Ok((
             Self {
                 id: id.to_owned(),
@@ -373,6 +390,7 @@ impl Sandbox {
                 logger_ready_timeout: Duration::from_millis(config.timeouts.logger_ready_ms),
                 network: Mutex::new(network),
                 network_request,
+                port_forwarding: Mutex::new(port_forwarding),
             },
             watcher,
         ))
@@ -415,6 +433,13 @@ impl Sandbox {
     /// everything mounted in it. Safe to call twice; only the call that
     /// stopped the VM reports how it ended.
     pub async fn destroy(&self) -> Option<Teardown> {
+        // No new forwarded connections, and the open ones end.
+        drop(
+            self.port_forwarding
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut teardown = None;
         if let Some(vm) = vm {
@@ -458,6 +483,50 @@ impl Sandbox {
         }
         cleanup::remove_sandbox_dir(&self.paths);
         teardown
+    }
+}
+
+/// The port-forward listener in the pod's network namespace at `netns`, or
+/// `None` (logged) when the host cannot steer connections to it: the pod
+/// still runs, without CRI port-forward.
+async fn open_port_forward(netns: PathBuf) -> Option<PortForwardListener> {
+    let opened = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&netns).with_context(|| {
+            format!(
+                "cannot open the pod's network namespace {}",
+                netns.display()
+            )
+        })?;
+        PortForwardListener::open(&file)
+    })
+    .await
+    .map_err(|e| anyhow!("the port-forward setup task failed: {e}"))
+    .and_then(|opened| opened);
+    match opened {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            tracing::warn!(error = %format!("{error:#}"), "CRI port-forward is unavailable for this pod");
+            None
+        }
+    }
+}
+
+/// Starts forwarding through the agent `endpoint`, or `None` (logged).
+fn serve_port_forward(
+    listener: PortForwardListener,
+    endpoint: &Endpoint,
+    max_connections: usize,
+) -> Option<PortForwarding> {
+    let Endpoint::HybridVsock { uds } = endpoint else {
+        tracing::warn!(%endpoint, "CRI port-forward needs the VM's hybrid vsock; it is unavailable");
+        return None;
+    };
+    match listener.serve(uds.clone(), max_connections) {
+        Ok(forwarding) => Some(forwarding),
+        Err(error) => {
+            tracing::warn!(error = %format!("{error:#}"), "CRI port-forward is unavailable for this pod");
+            None
+        }
     }
 }
 

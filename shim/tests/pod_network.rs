@@ -206,3 +206,125 @@ fn a_missing_namespace_is_named() {
         "{error:#}"
     );
 }
+
+mod port_forward {
+    //! CRI port-forward's host side on a real namespace: connections to
+    //! 127.0.0.1 on any port, made inside the namespace as containerd
+    //! makes them, reach the agent (a fake one behind a hybrid vsock
+    //! socket) naming their port; a refused dial resets the connection;
+    //! nothing else is steered, and nothing is left once it stops.
+
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::os::fd::AsFd;
+    use std::path::{Path, PathBuf};
+
+    use husk_shim::network::port_forward::PortForwardListener;
+    use nix::sched::{setns, CloneFlags};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{ip, require_root, CniLikeNamespace};
+
+    /// The port the fake agent refuses to dial.
+    const REFUSED_PORT: u16 = 8081;
+
+    /// Answers CONNECT 1026, reads the port line, then answers `ERR` for
+    /// [`REFUSED_PORT`] or `OK` and `<port>:<DATA IN UPPER CASE>`.
+    fn fake_agent(uds: &Path) {
+        let listener = tokio::net::UnixListener::bind(uds).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while head.iter().filter(|b| **b == b'\n').count() < 2 {
+                        let byte = stream.read_u8().await.unwrap();
+                        head.push(byte);
+                        if head == b"CONNECT 1026\n" {
+                            stream.write_all(b"OK 1\n").await.unwrap();
+                        }
+                    }
+                    let text = String::from_utf8(head).unwrap();
+                    let port = text.lines().nth(1).unwrap().to_owned();
+                    if port == REFUSED_PORT.to_string() {
+                        stream.write_all(b"ERR connection refused\n").await.unwrap();
+                        return;
+                    }
+                    stream.write_all(b"OK\n").await.unwrap();
+                    let mut data = Vec::new();
+                    stream.read_to_end(&mut data).await.unwrap();
+                    let answer = format!("{port}:{}", String::from_utf8_lossy(&data));
+                    stream
+                        .write_all(answer.to_uppercase().as_bytes())
+                        .await
+                        .unwrap();
+                });
+            }
+        });
+    }
+
+    /// Connects to `address` from inside `netns`, sends `data`, ends its
+    /// writing and reads the answer to the end.
+    fn exchange_in(netns: &File, address: SocketAddr, data: &[u8]) -> std::io::Result<String> {
+        let netns = netns.try_clone()?;
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            let mut stream = TcpStream::connect(address)?;
+            stream.write_all(&data)?;
+            stream.shutdown(Shutdown::Write)?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })
+        .join()
+        .unwrap()
+    }
+
+    async fn exchange(netns: &File, address: &str, data: &'static [u8]) -> std::io::Result<String> {
+        let netns = netns.try_clone().unwrap();
+        let address: SocketAddr = address.parse().unwrap();
+        tokio::task::spawn_blocking(move || exchange_in(&netns, address, data))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn loopback_connections_in_the_namespace_reach_the_guest_naming_their_port() {
+        require_root();
+        let namespace = CniLikeNamespace::new("portfwd");
+        ip(&["-n", &namespace.name, "link", "set", "lo", "up"]);
+        let dir = tempfile::tempdir().unwrap();
+        let uds: PathBuf = dir.path().join("vsock.sock");
+        fake_agent(&uds);
+        let netns = File::open(namespace.path()).unwrap();
+        let listener = PortForwardListener::open(&netns).expect("open the port-forward listener");
+        let forwarding = listener.serve(uds, 8).expect("serve");
+
+        for port in [8080, 9, 65535] {
+            let answer = exchange(&netns, &format!("127.0.0.1:{port}"), b"ping")
+                .await
+                .unwrap_or_else(|e| panic!("127.0.0.1:{port} in the namespace: {e}"));
+            assert_eq!(answer, format!("{port}:PING"));
+        }
+        // A dial the agent refuses resets the connection: the dialler
+        // sees an error, not an orderly end.
+        let refused = exchange(&netns, &format!("127.0.0.1:{REFUSED_PORT}"), b"x").await;
+        assert!(refused.is_err(), "{refused:?}");
+        // Only loopback is steered: the pod's own address is not.
+        let pod_address = exchange(&netns, "10.77.0.5:8080", b"x").await;
+        assert_eq!(
+            pod_address.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+
+        drop(forwarding);
+        // Stopped: the steering is detached with it.
+        let after = exchange(&netns, "127.0.0.1:8080", b"x").await;
+        assert_eq!(
+            after.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "connections are still steered after the forwarding stopped"
+        );
+    }
+}

@@ -1,12 +1,14 @@
-//! The client side of CRI's streaming server, as `kubectl exec` reaches it
-//! through kubelet: the URL `Exec` returns is opened as a WebSocket with
-//! the `v4.channel.k8s.io` subprotocol, whose binary messages each start
-//! with a channel byte (1 stdout, 2 stderr, 3 the exec's final status as
-//! a JSON `metav1.Status`).
+//! The client side of CRI's streaming server, as `kubectl exec` and
+//! `kubectl port-forward` reach it through kubelet: the URL `Exec` or
+//! `PortForward` returns is opened as a WebSocket with the
+//! `v4.channel.k8s.io` subprotocol, whose binary messages each start with
+//! a channel byte. Exec: 1 stdout, 2 stderr, 3 the exec's final status as
+//! a JSON `metav1.Status`. Port-forward of one port: 0 data, 1 errors,
+//! each opened by the port number (two bytes, little-endian).
 //!
 //! Only what the CRI tier needs: an HTTP/1.1 upgrade over plain TCP (the
 //! streaming server listens on loopback), unmasked server frames read and
-//! reassembled, pings answered, no stdin. Every error names the step.
+//! reassembled, pings answered, no exec stdin. Every error names the step.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -73,6 +75,73 @@ pub fn run_exec(url: &str) -> Result<StreamedExec> {
     }
     let status = status.context("the stream ended without the exec's status")?;
     result.exit_code = exit_code_of(&status)?;
+    Ok(result)
+}
+
+/// What a port-forward stream carried back.
+#[derive(Debug, Default)]
+pub struct PortForwarded {
+    /// The bytes the pod's port sent.
+    pub data: Vec<u8>,
+    /// The text of the error channel (empty when the forward succeeded).
+    pub error: String,
+}
+
+/// Opens `url` (from CRI `PortForward` of one `port`), checks the port
+/// headers of its data and error channels, sends `request` on the data
+/// channel and collects both channels until the server closes.
+pub fn run_port_forward(url: &str, port: u16, request: &[u8]) -> Result<PortForwarded> {
+    let (host_port, path) = split_url(url)?;
+    let stream = TcpStream::connect(host_port)
+        .with_context(|| format!("cannot connect to the streaming server {host_port}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    upgrade(&mut reader, &mut writer, host_port, path)?;
+
+    let mut result = PortForwarded::default();
+    // Each channel's first message is the port it serves, little-endian.
+    let mut headers = [false; 2];
+    let mut sent = false;
+    let started = Instant::now();
+    loop {
+        ensure!(
+            started.elapsed() < STREAM_TIMEOUT,
+            "the port-forward stream did not end within {STREAM_TIMEOUT:?}"
+        );
+        let Some((opcode, payload)) = read_message(&mut reader, &mut writer)? else {
+            break;
+        };
+        if opcode == Opcode::Close {
+            break;
+        }
+        let Some((&channel, data)) = payload.split_first() else {
+            continue;
+        };
+        let index = usize::from(channel);
+        ensure!(index < 2, "a message on channel {channel}, not 0 or 1");
+        if !headers[index] {
+            ensure!(
+                data == port.to_le_bytes(),
+                "channel {channel} opened with {data:?}, not port {port}"
+            );
+            headers[index] = true;
+        } else if index == 0 {
+            result.data.extend_from_slice(data);
+        } else {
+            result.error.push_str(&String::from_utf8_lossy(data));
+        }
+        if headers == [true, true] && !sent {
+            let mut message = vec![0u8];
+            message.extend_from_slice(request);
+            send_frame(&mut writer, 0x2, &message)?;
+            sent = true;
+        }
+    }
+    ensure!(
+        headers == [true, true],
+        "the stream ended before both channels named their port"
+    );
     Ok(result)
 }
 
@@ -229,11 +298,18 @@ fn read_message(
     }
 }
 
-/// Sends one masked client frame.
+/// Sends one masked client frame of at most 64 KiB.
 fn send_frame(writer: &mut TcpStream, opcode: u8, payload: &[u8]) -> Result<()> {
-    ensure!(payload.len() < 126, "control frames carry under 126 bytes");
     let mask = [0x5a, 0x17, 0xc3, 0x88];
-    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        short @ 0..=125 => frame.push(0x80 | short as u8),
+        long => {
+            let long = u16::try_from(long).context("a client frame above 64 KiB")?;
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&long.to_be_bytes());
+        }
+    }
     frame.extend_from_slice(&mask);
     frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     writer

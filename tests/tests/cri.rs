@@ -248,6 +248,10 @@ fn scenarios() -> Vec<Scenario> {
             "two_pods_reach_each_other",
             network::two_pods_reach_each_other,
         ),
+        both(
+            "port_forward_reaches_localhost_in_the_pod",
+            network::port_forward_reaches_localhost_in_the_pod,
+        ),
         both("container_stats", resources::container_stats),
         both(
             "update_container_resources",

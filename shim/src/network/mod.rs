@@ -11,11 +11,15 @@
 //! addresses, MTU, routes and neighbours read here
 //! ([`Attachment::agent_request`]). Teardown removes the filters and the
 //! TAP. All namespace work runs on short-lived threads of its own
-//! (`netns`), through an fd of the namespace opened once.
+//! (`netns`), through an fd of the namespace opened once. CRI
+//! port-forward, which containerd serves by dialling localhost in that
+//! namespace, is carried into the guest by `port_forward`.
 
 mod discover;
 mod mirror;
 pub mod netns;
+pub mod port_forward;
+mod sk_lookup;
 
 use std::fs::File;
 use std::net::IpAddr;

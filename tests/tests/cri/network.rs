@@ -2,7 +2,9 @@
 //! interface is in the pod with the address and default route CNI gave
 //! it, every container of the pod serves on the pod IP, the host reaches
 //! those ports, the pod reaches the host through its gateway, two pods
-//! reach each other, and 1 GiB crosses from the host into a pod intact.
+//! reach each other, 1 GiB crosses from the host into a pod intact, and
+//! CRI port-forward reaches a server that listens on the pod's localhost
+//! only.
 //!
 //! Each function runs under one handler and returns what a user observes,
 //! with the per-pod address replaced by what it is (`<pod IP>`), so the
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use husk_tests::containerd::cri_network;
+use husk_tests::cri_stream::run_port_forward;
 use k8s_cri::v1::ContainerState;
 
 use super::Tier;
@@ -302,4 +305,78 @@ pub(super) fn one_gib_host_to_pod(tier: &Tier, handler: &str) -> Result<String> 
         "the container's sha256 of what it received is {received_sum}, the host sent {sent_sum}"
     );
     Ok("1 GiB host→pod, the container's sha256 matches the host's".to_owned())
+}
+
+/// CRI `PortForward`, as `kubectl port-forward` uses it: a container
+/// serves HTTP on 127.0.0.1:8080 only (not at the pod IP); a forward to
+/// 8080 carries a request in and the server's response out; a forward to
+/// a port nothing listens on reports an error on the error channel and no
+/// data.
+pub(super) fn port_forward_reaches_localhost_in_the_pod(
+    tier: &Tier,
+    handler: &str,
+) -> Result<String> {
+    let pod = tier.run_pod(handler, "portfwd")?;
+    let pod_ip = tier.client.pod_ip(&pod.id)?;
+    let server = tier.start_container(
+        &pod,
+        "local",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /tmp/www && echo served-on-the-pods-localhost > /tmp/www/index.html \
+             && exec httpd -f -p 127.0.0.1:8080 -h /tmp/www",
+        ],
+    )?;
+    tier.wait_container_state(&server, ContainerState::ContainerRunning)?;
+
+    // The server may not listen yet: retry within the timeout.
+    let started = Instant::now();
+    let answer = loop {
+        let url = tier.client.port_forward_url(&pod.id, 8080)?;
+        let forwarded = run_port_forward(&url, 8080, b"GET /index.html HTTP/1.0\r\n\r\n")?;
+        if !forwarded.data.is_empty() {
+            let response = String::from_utf8_lossy(&forwarded.data).into_owned();
+            let status = response.lines().next().unwrap_or("").trim().to_owned();
+            let body = response
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            break format!("{status}, body {body:?}");
+        }
+        ensure!(
+            started.elapsed() < SERVE_TIMEOUT,
+            "port-forward to 8080 gave no data within {SERVE_TIMEOUT:?}; error channel: {:?}",
+            forwarded.error
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let at_pod_ip =
+        match TcpStream::connect_timeout(&SocketAddr::from((pod_ip, 8080)), Duration::from_secs(5))
+        {
+            Ok(_) => "accepted".to_owned(),
+            Err(error) if error.kind() == ErrorKind::ConnectionRefused => "refused".to_owned(),
+            Err(error) => format!("failed: {error}"),
+        };
+
+    let url = tier.client.port_forward_url(&pod.id, 8082)?;
+    let unserved = run_port_forward(&url, 8082, b"anyone?\n")?;
+    let names_the_port = unserved
+        .error
+        .starts_with("error forwarding port 8082 to pod");
+    ensure!(
+        names_the_port && unserved.data.is_empty(),
+        "port-forward to 8082, where nothing listens: data {:?}, error channel {:?}",
+        String::from_utf8_lossy(&unserved.data),
+        unserved.error
+    );
+
+    tier.client.stop_container(&server, 0)?;
+    tier.client.remove_container(&server)?;
+    Ok(format!(
+        "port-forward to 8080 answered {answer:?}; <pod IP>:8080 from the host {at_pod_ip}; \
+         port-forward to 8082 (no listener): no data, the error channel names port 8082"
+    ))
 }
