@@ -66,20 +66,11 @@ fn main() {
 }
 
 fn guest_main() -> ! {
-    if !switch_root::already_switched() {
-        boot_timer::report_init_reached();
-        console::log("husk-agent starting");
-        if let Err(error) = switch_root::switch_to_tmpfs_root() {
-            console::log(&format!(
-                "cannot leave the initramfs for a tmpfs root: {error}"
-            ));
-            power::power_off();
-        }
-        // Only returns if the new /init cannot be executed.
-        let error = switch_root::exec_new_init();
-        console::log(&format!(
-            "cannot re-execute /init from the tmpfs root: {error}"
-        ));
+    boot_timer::report_init_reached();
+    console::log("husk-agent starting");
+    if let Err(error) = switch_root::leave_rootfs() {
+        console::log(&format!("cannot leave the initramfs's rootfs: {error}"));
+        power::power_off();
     }
     if let Err(error) = mounts::mount_kernel_filesystems() {
         console::log(&format!("cannot mount the kernel filesystems: {error}"));

@@ -90,7 +90,11 @@ pub fn qemu_arguments(
         &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
     ]);
     push(&[&"-kernel", &config.kernel, &"-initrd", &config.initrd]);
-    push(&[&"-append", &config.cmdline]);
+    let cmdline = match accel.guest_kernel_parameters() {
+        "" => config.cmdline.clone(),
+        extra => format!("{} {extra}", config.cmdline),
+    };
+    push(&[&"-append", &cmdline]);
 
     // A client socket without `reconnect`: QEMU connects while it starts
     // and fails to start if the backend does not listen.
@@ -309,6 +313,12 @@ mod tests {
         assert_eq!(value_of(&args, "-kernel"), "/k/bzImage");
         assert_eq!(value_of(&args, "-initrd"), "/k/initrd.gz");
         assert_eq!(value_of(&args, "-smp"), "2");
+        assert_eq!(
+            value_of(&args, "-append"),
+            "console=ttyS0 reboot=t panic=-1 quiet husk.exec=/test/run noapictimer"
+        );
+        // Only TCG's emulated APIC timer calibration is skipped.
+        let args = args_of(&config, ResolvedAccel::Kvm);
         assert_eq!(
             value_of(&args, "-append"),
             "console=ttyS0 reboot=t panic=-1 quiet husk.exec=/test/run"
