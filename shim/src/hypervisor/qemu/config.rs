@@ -78,6 +78,9 @@ pub struct QemuVmConfig {
     pub work_dir: PathBuf,
     /// QEMU's own seccomp sandbox (`-sandbox on,…`, see `command.rs`).
     pub qemu_sandbox: bool,
+    /// A virtio-balloon whose free page reporting returns the pages the
+    /// guest frees to the host (see `command.rs`).
+    pub free_page_reporting: bool,
 }
 
 impl QemuVmConfig {
@@ -104,12 +107,20 @@ impl QemuVmConfig {
             accel: Accel::Auto,
             work_dir: std::env::temp_dir(),
             qemu_sandbox: true,
+            free_page_reporting: false,
         }
     }
 
     /// Turns QEMU's own seccomp sandbox on or off (`confinement.seccomp`).
     pub fn with_qemu_sandbox(mut self, on: bool) -> Self {
         self.qemu_sandbox = on;
+        self
+    }
+
+    /// Gives the guest a virtio-balloon with free page reporting, or not
+    /// (`hypervisor.free_page_reporting`).
+    pub fn with_free_page_reporting(mut self, on: bool) -> Self {
+        self.free_page_reporting = on;
         self
     }
 

@@ -58,7 +58,8 @@ impl QemuPodVm {
             .with_memory_mib(memory_mib)
             .with_console_max_bytes(spec.console_max_bytes)
             .with_work_dir(&spec.work_dir)
-            .with_qemu_sandbox(spec.seccomp);
+            .with_qemu_sandbox(spec.seccomp)
+            .with_free_page_reporting(spec.free_page_reporting);
         if let Some(binary) = &spec.qemu_binary {
             config = config.with_qemu_binary(binary);
         }
@@ -362,6 +363,7 @@ mod tests {
             work_dir: dir.to_owned(),
             qemu_binary: Some(qemu),
             seccomp: true,
+            free_page_reporting: true,
         }
     }
 
