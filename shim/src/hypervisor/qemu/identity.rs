@@ -27,7 +27,10 @@
 //!
 //! A squatter on a name (any local process can bind abstract sockets) only
 //! makes the walk skip that uid; a range whose every uid is held or in use
-//! fails the start naming the setting that sizes it.
+//! fails the start naming the setting that sizes it. Abstract names are
+//! per network namespace: the shim's threads stay in the host's (the pod
+//! network is set up from short-lived threads, `network/netns.rs`), and a
+//! shim in another one would still meet the `/proc` scan.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
