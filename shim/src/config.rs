@@ -83,6 +83,35 @@ pub enum HypervisorKind {
     Qemu,
 }
 
+/// Who QEMU runs as (`hypervisor.qemu_run_as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuRunAs {
+    /// A uid and gid of its own per QEMU, from `qemu_id_first` and
+    /// `qemu_id_count`, no supplementary groups but `/dev/kvm`'s under
+    /// KVM, no capabilities.
+    #[default]
+    Unprivileged,
+    /// Root, as the shim: for debugging only.
+    Root,
+}
+
+impl<'de> Deserialize<'de> for QemuRunAs {
+    /// "unprivileged" or "root", with an error that names the key.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = String::deserialize(deserializer)
+            .map_err(|error| D::Error::custom(format!("hypervisor.qemu_run_as: {error}")))?;
+        match value.as_str() {
+            "unprivileged" => Ok(Self::Unprivileged),
+            "root" => Ok(Self::Root),
+            other => Err(D::Error::custom(format!(
+                "hypervisor.qemu_run_as: {other:?} is neither \"unprivileged\" nor \"root\""
+            ))),
+        }
+    }
+}
+
 /// `[hypervisor]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -100,6 +129,29 @@ pub struct HypervisorConfig {
     /// A virtio-balloon with free page reporting: the guest hands the
     /// pages it frees back to the host (QEMU backend).
     pub free_page_reporting: bool,
+    /// Who QEMU runs as.
+    pub qemu_run_as: QemuRunAs,
+    /// The first uid (and gid) of the range unprivileged QEMUs take theirs
+    /// from.
+    pub qemu_id_first: u32,
+    /// How many ids the range holds: the most QEMUs the node runs at once.
+    pub qemu_id_count: u32,
+}
+
+impl HypervisorConfig {
+    /// `qemu_run_as` with its range, for the QEMU backend. The range was
+    /// checked when the configuration was read; an invalid one (only
+    /// possible in a configuration built in code) falls back to the
+    /// default range rather than to root.
+    pub fn qemu_run_as(&self) -> crate::hypervisor::qemu::RunAs {
+        use crate::hypervisor::qemu::{IdRange, RunAs};
+        match self.qemu_run_as {
+            QemuRunAs::Root => RunAs::Root,
+            QemuRunAs::Unprivileged => RunAs::Unprivileged(
+                IdRange::new(self.qemu_id_first, self.qemu_id_count).unwrap_or(IdRange::DEFAULT),
+            ),
+        }
+    }
 }
 
 impl Default for HypervisorConfig {
@@ -113,6 +165,9 @@ impl Default for HypervisorConfig {
             default_vcpus: 1,
             default_memory_mib: 256,
             free_page_reporting: true,
+            qemu_run_as: QemuRunAs::Unprivileged,
+            qemu_id_first: crate::hypervisor::qemu::DEFAULT_QEMU_ID_FIRST,
+            qemu_id_count: crate::hypervisor::qemu::DEFAULT_QEMU_ID_COUNT,
         }
     }
 }
@@ -486,6 +541,18 @@ impl Config {
                 ),
             ));
         }
+        if let Err(reason) = crate::hypervisor::qemu::IdRange::new(
+            self.hypervisor.qemu_id_first,
+            self.hypervisor.qemu_id_count,
+        ) {
+            return Err(invalid(
+                "hypervisor.qemu_id_first/qemu_id_count",
+                format!(
+                    "{} ids from {}: {reason}",
+                    self.hypervisor.qemu_id_count, self.hypervisor.qemu_id_first
+                ),
+            ));
+        }
         let memory = self.hypervisor.default_memory_mib;
         if memory < self.limits.min_memory_mib || memory > self.limits.max_memory_mib {
             return Err(invalid(
@@ -646,6 +713,11 @@ mod tests {
         let written = toml::to_string(&config).unwrap();
         assert!(written.contains("xattr = \"mapped\""), "{written}");
         assert!(written.contains("kind = \"auto\""), "{written}");
+        assert!(
+            written.contains("qemu_run_as = \"unprivileged\"")
+                && written.contains("qemu_id_first = 1879048192"),
+            "{written}"
+        );
         let again = super::Config::from_toml(&written, path).unwrap();
         assert_eq!(toml::to_string(&again).unwrap(), written);
     }
@@ -893,6 +965,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("timeouts.logger_ready_ms"), "{error}");
+    }
+
+    #[test]
+    fn qemu_runs_unprivileged_by_default_from_the_default_range() {
+        use crate::hypervisor::qemu::{IdRange, RunAs};
+        let config = parse("").unwrap();
+        assert_eq!(config.hypervisor.qemu_run_as, QemuRunAs::Unprivileged);
+        assert_eq!(
+            config.hypervisor.qemu_run_as(),
+            RunAs::Unprivileged(IdRange::DEFAULT)
+        );
+        let shipped = parse(include_str!("../configuration.toml")).unwrap();
+        assert_eq!(
+            shipped.hypervisor.qemu_run_as(),
+            RunAs::Unprivileged(IdRange::DEFAULT)
+        );
+        let config = parse(
+            "[hypervisor]\nqemu_run_as = \"unprivileged\"\nqemu_id_first = 200000\nqemu_id_count = 16\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.hypervisor.qemu_run_as(),
+            RunAs::Unprivileged(IdRange::new(200_000, 16).unwrap())
+        );
+        let root = parse("[hypervisor]\nqemu_run_as = \"root\"\n").unwrap();
+        assert_eq!(root.hypervisor.qemu_run_as(), RunAs::Root);
+    }
+
+    #[test]
+    fn a_bad_qemu_run_as_or_id_range_names_the_setting() {
+        let error = parse("[hypervisor]\nqemu_run_as = \"nobody\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("hypervisor.qemu_run_as") && error.contains("nobody"),
+            "{error}"
+        );
+        let error = parse("[hypervisor]\nqemu_run_as = 1000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("hypervisor.qemu_run_as"), "{error}");
+        for (range, said) in [
+            ("qemu_id_first = 0", "root"),
+            ("qemu_id_count = 0", "count 0"),
+            ("qemu_id_first = 60000\nqemu_id_count = 10000", "65534"),
+            (
+                "qemu_id_first = 4294967290\nqemu_id_count = 100",
+                "4294967294",
+            ),
+        ] {
+            let error = parse(&format!("[hypervisor]\n{range}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("hypervisor.qemu_id_first/qemu_id_count") && error.contains(said),
+                "{range}: {error}"
+            );
+        }
     }
 
     #[test]

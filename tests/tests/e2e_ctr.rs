@@ -1613,6 +1613,48 @@ fn memory_cgroup_of(pid: u32) -> Result<String> {
         .with_context(|| format!("no memory cgroup in /proc/{pid}/cgroup: {text}"))
 }
 
+/// QEMU `pid` (its `/proc` status in `status`) runs as one uid of the
+/// default `hypervisor.qemu_id_*` range, real, effective, saved and file
+/// system alike, with the gid of the same number, no supplementary group
+/// but `/dev/kvm`'s, and no capabilities. Returns what it saw.
+fn qemu_runs_unprivileged(pid: u32, status: &str) -> Result<String> {
+    use husk_shim::hypervisor::qemu::{DEFAULT_QEMU_ID_COUNT, DEFAULT_QEMU_ID_FIRST};
+    let ids = |key: &str| -> Result<Vec<u32>> {
+        status_field(status, key)
+            .split_whitespace()
+            .map(|id| {
+                id.parse()
+                    .with_context(|| format!("{key} {id} of QEMU {pid}"))
+            })
+            .collect()
+    };
+    let uids = ids("Uid:")?;
+    let gids = ids("Gid:")?;
+    let uid = uids.first().copied().unwrap_or(0);
+    let range = u64::from(DEFAULT_QEMU_ID_FIRST)
+        ..u64::from(DEFAULT_QEMU_ID_FIRST) + u64::from(DEFAULT_QEMU_ID_COUNT);
+    ensure!(
+        uids.len() == 4
+            && uids.iter().all(|&id| id == uid)
+            && range.contains(&u64::from(uid))
+            && gids == uids,
+        "QEMU {pid} runs as Uid {uids:?} Gid {gids:?}, not one unprivileged id of {range:?}"
+    );
+    let groups = ids("Groups:")?;
+    let kvm_group = std::fs::metadata("/dev/kvm")
+        .ok()
+        .map(|meta| std::os::unix::fs::MetadataExt::gid(&meta));
+    ensure!(
+        groups.is_empty() || kvm_group.is_some_and(|kvm| groups == [kvm]),
+        "QEMU {pid} has the supplementary groups {groups:?} (at most /dev/kvm's, {kvm_group:?})"
+    );
+    for key in ["CapEff:", "CapPrm:", "CapAmb:"] {
+        let caps = u64::from_str_radix(&status_field(status, key), 16)?;
+        ensure!(caps == 0, "QEMU {pid} holds capabilities: {key} {caps:#x}");
+    }
+    Ok(format!("uid=gid={uid} CapEff 0"))
+}
+
 fn status_field(status: &str, key: &str) -> String {
     status
         .lines()
@@ -1637,7 +1679,8 @@ const FS_CAPS_MASK: u64 =
 /// under a seccomp filter with no_new_privs; the vsock threads hold no
 /// capability, the virtio-fs threads only the passthrough's, in a mount
 /// namespace of their own whose root holds the share; QEMU runs
-/// under its own seccomp sandbox; the shim and QEMU sit in the pod's
+/// under its own seccomp sandbox, as an unprivileged uid and gid of the
+/// default range with no capabilities; the shim and QEMU sit in the pod's
 /// cgroup, which pays for the VM's memory; the cgroup goes with the pod.
 fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result<String> {
     let id = suite.id(rt, "confined");
@@ -1733,6 +1776,7 @@ fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result
             "QEMU {} runs without a seccomp filter (-sandbox)",
             vm.pid
         );
+        let qemu_ids = qemu_runs_unprivileged(vm.pid, &qemu_status)?;
         for (what, pid) in [("shim", shim), ("QEMU", vm.pid)] {
             let placed = memory_cgroup_of(pid)?;
             ensure!(
@@ -1755,7 +1799,7 @@ fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result
             "the shim's tokio RPC threads are not all filtered: Seccomp {rpc_seccomp:?}"
         );
         Ok(format!(
-            "{} device threads confined; {} tokio RPC threads under the deny list (Seccomp 2); QEMU Seccomp 2; shim+QEMU in {cgroup}, charged {} MiB (QEMU anon {} MiB)",
+            "{} device threads confined; {} tokio RPC threads under the deny list (Seccomp 2); QEMU Seccomp 2, {qemu_ids}; shim+QEMU in {cgroup}, charged {} MiB (QEMU anon {} MiB)",
             classes.len(),
             rpc_seccomp.len(),
             usage >> 20,

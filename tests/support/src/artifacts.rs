@@ -150,7 +150,7 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
     eprintln!(
         "static guest programs ready in {:.1} s: {}",
         started.elapsed().as_secs_f64(),
-        release.display()
+        built.display()
     );
     Ok(binaries)
 }
