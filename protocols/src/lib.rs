@@ -37,6 +37,9 @@ pub mod agent_ttrpc {
 pub const AGENT_API_VSOCK_PORT: u32 = 1024;
 /// The vsock port the agent accepts per-pipe stdio streams on.
 pub const AGENT_STDIO_VSOCK_PORT: u32 = 1025;
+/// The vsock port the agent serves its debug shell on, once the host sent
+/// `StartDebugConsole` (only when the host's `debug_console` is on).
+pub const DEBUG_CONSOLE_VSOCK_PORT: u32 = 1026;
 
 /// The stdio stream preamble: the first bytes the host writes on a new
 /// stream to the stdio port are the stream's id and a newline; everything
