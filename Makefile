@@ -15,7 +15,7 @@ SHARE_DIR ?= /usr/share/husk
 # Debian packages husk needs on the host: the peers and parts it runs with
 # (containerd, runc, QEMU, busybox for test images), and what the guest
 # kernel build needs.
-DEB_PACKAGES := containerd runc qemu-system-x86 linux-source-6.12 busybox-static \
+DEB_PACKAGES := containerd runc qemu-system-x86 linux-source-6.12 busybox-static prometheus \
 	containernetworking-plugins bc bison flex libelf-dev libssl-dev cpio xz-utils \
 	kmod rsync dwarves protobuf-compiler tmux iproute2 python3 gcc make
 

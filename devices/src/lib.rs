@@ -16,6 +16,7 @@
 //! [`guest_log::GuestLog`], which rate-limits it and counts what it drops.
 
 mod bus;
+pub mod counters;
 pub mod fs;
 pub mod guest_log;
 mod mmio;

@@ -390,17 +390,54 @@ pub enum LogLevel {
     Trace,
 }
 
+/// `shim_log_max_bytes` unless configured: the cap of the pod's
+/// `shim.log` and of `shim.log.1` each.
+pub const DEFAULT_SHIM_LOG_MAX_BYTES: u64 = 1024 * 1024;
+/// The smallest `shim_log_max_bytes` accepted: a failed boot's lines and
+/// the console tail they quote fit.
+pub const MIN_SHIM_LOG_MAX_BYTES: u64 = 16 * 1024;
+/// `debug_shell` unless configured: Debian's busybox-static.
+pub const DEFAULT_DEBUG_SHELL: &str = "/bin/busybox";
+
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub log_level: LogLevel,
+    /// The cap of the pod's own copy of the shim's log lines
+    /// (`shim.log` and `shim.log.1` in the sandbox directory, read by
+    /// `husk-ctl logs`).
+    pub shim_log_max_bytes: u64,
+    /// Whether `husk-ctl exec` may open a shell in the guest, outside the
+    /// containers. Off by default: the shim then never asks the agent to
+    /// serve one.
+    pub debug_console: bool,
+    /// The static shell appended to the initramfs of a pod whose debug
+    /// console is on (the product initramfs has none).
+    pub debug_shell: PathBuf,
     pub hypervisor: HypervisorConfig,
     pub shared_fs: SharedFsConfig,
     pub timeouts: TimeoutsConfig,
     pub limits: PodLimits,
     pub console: ConsoleConfig,
     pub confinement: ConfinementConfig,
-    pub log_level: LogLevel,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            log_level: LogLevel::default(),
+            shim_log_max_bytes: DEFAULT_SHIM_LOG_MAX_BYTES,
+            debug_console: false,
+            debug_shell: PathBuf::from(DEFAULT_DEBUG_SHELL),
+            hypervisor: HypervisorConfig::default(),
+            shared_fs: SharedFsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            limits: PodLimits::default(),
+            console: ConsoleConfig::default(),
+            confinement: ConfinementConfig::default(),
+        }
+    }
 }
 
 /// The virtio-fs cache policies the device understands.
@@ -478,6 +515,15 @@ impl Config {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1".into()));
             }
+        }
+        if self.shim_log_max_bytes < MIN_SHIM_LOG_MAX_BYTES {
+            return Err(invalid(
+                "shim_log_max_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_SHIM_LOG_MAX_BYTES} bytes",
+                    self.shim_log_max_bytes
+                ),
+            ));
         }
         let min_console = crate::hypervisor::console::MIN_CONSOLE_MAX_BYTES;
         if self.console.max_bytes < min_console {
