@@ -19,8 +19,8 @@ use crate::config::{Config, SeccompAction};
 use crate::hypervisor::{
     Device, ExitWatcher, Hypervisor, Launcher, NetBackend, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
 };
-use crate::network::port_forward::{PortForwardListener, PortForwarding};
 use crate::management::RpcLatency;
+use crate::network::port_forward::{PortForwardListener, PortForwarding};
 use crate::network::Attachment;
 use crate::paths::SandboxPaths;
 use crate::resources::{cleanup, pod_cgroup, ShareTreeLimits, SharedDirectory};
