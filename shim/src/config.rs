@@ -119,7 +119,8 @@ pub struct HypervisorConfig {
     pub kind: HypervisorKind,
     /// ELF vmlinux for the built-in VMM.
     pub kernel: PathBuf,
-    /// bzImage for QEMU.
+    /// The kernel QEMU boots: the ELF vmlinux through its PVH entry (the
+    /// default: nothing to decompress in the guest) or a bzImage.
     pub qemu_kernel: PathBuf,
     pub initrd: PathBuf,
     /// QEMU binary; found on PATH when unset.
@@ -159,7 +160,7 @@ impl Default for HypervisorConfig {
         Self {
             kind: HypervisorKind::Auto,
             kernel: PathBuf::from("/usr/share/husk/vmlinux"),
-            qemu_kernel: PathBuf::from("/usr/share/husk/bzImage"),
+            qemu_kernel: PathBuf::from("/usr/share/husk/vmlinux"),
             initrd: PathBuf::from("/usr/share/husk/initramfs.cpio.gz"),
             qemu_binary: None,
             default_vcpus: 1,

@@ -77,6 +77,29 @@ if [ -n "${medians[husk]:-}" ] && [ -n "${medians[husk-noseccomp]:-}" ]; then
     'BEGIN {printf "  husk (seccomp on) / husk-noseccomp: %.3f  (the filters cost %+.1f ms per run)\n", h/n, h-n}'
 fi
 
+# Where husk's start went: the shim logs its boot phases once per pod
+# (shim/src/boot_phases.rs); the medians over the timed husk runs.
+if [[ " ${runtimes[*]} " == *" husk "* ]]; then
+  echo "where a husk pod's start goes (the shim's boot phases, median over the timed husk runs, ms):"
+  grep 'boot phases' "$HUSK_E2E_CONTAINERD_LOG" | grep -E 'sandbox_id="?bench-husk-' | python3 -c '
+import re, statistics, sys
+phases = ["vm_start", "guest_kernel", "agent_ready", "sandbox_create", "first_container_start", "total"]
+values = {p: [] for p in phases}
+for line in sys.stdin:
+    for p in phases:
+        m = re.search(rf"\b{p}_ms=(-?\d+)", line)
+        if m and int(m.group(1)) >= 0:
+            values[p].append(int(m.group(1)))
+notes = {"guest_kernel": "(part of agent_ready: the guest kernel to init, as the guest tells it)",
+         "total": "(VMM made to first container started; ctr, containerd and teardown are the rest)"}
+for p in phases:
+    if values[p]:
+        print(f"  {p:<22} {statistics.median(values[p]):7.0f}  {notes.get(p, str())}")
+    else:
+        print(f"  {p:<22}     n/a  (no boot phases line found in the log)")
+'
+fi
+
 # remove_detached ID: kills, deletes and removes a `ctr run -d` container.
 remove_detached() {
   ctr task kill -s SIGKILL "$1" >/dev/null 2>&1 || true

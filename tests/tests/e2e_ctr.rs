@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use husk_test_support::artifacts::{bzimage_release, guest_artifacts, host_kernel_release};
+use husk_test_support::artifacts::{guest_artifacts, guest_kernel, host_kernel_release};
 use husk_test_support::form::announce_form;
 use husk_test_support::mounts::mounts_under;
 use husk_test_support::tempdir::TestDir;
@@ -1531,8 +1531,9 @@ fn twenty_runs_in_sequence(suite: &Suite, rt: Runtime) -> Result<String> {
 /// `shim/configuration.toml`, named by containerd's `$HUSK_CONFIG`) and for
 /// one whose annotations ask for 2 vCPUs and 512 MiB within the limits.
 fn guest_kernel_and_vm_size(suite: &Suite, rt: Runtime) -> Result<String> {
-    let (_, bzimage) = &guest_artifacts()[1];
-    let guest_release = bzimage_release(bzimage)?;
+    // The release the product kernel's bzImage header names; the pod
+    // boots the same build's vmlinux.
+    let guest_release = guest_kernel()?.release;
     let host_release = host_kernel_release()?;
     let probe = [
         "sh",
@@ -2572,8 +2573,7 @@ fn ops_monitor_two_pods_and_a_prometheus_scrape(suite: &Suite, rt: Runtime) -> R
 }
 
 fn ops_exec_runs_uname_in_the_guest(suite: &Suite, rt: Runtime) -> Result<String> {
-    let (_, bzimage) = &guest_artifacts()[1];
-    let release = bzimage_release(bzimage)?;
+    let release = guest_kernel()?.release;
     let config = bad_config(
         suite,
         "debug-console.toml",

@@ -42,13 +42,15 @@ fn built_artifact(env_var: &str, default: &str) -> PathBuf {
 }
 
 /// The guest artifacts a husk configuration names, as its keys:
-/// `$HUSK_KERNEL`, `$HUSK_BZIMAGE` and `$HUSK_INITRD`, else `build/`.
+/// `$HUSK_KERNEL` (for both backends, as the product's default
+/// configuration has it: QEMU boots the vmlinux through PVH) and
+/// `$HUSK_INITRD`, else `build/`. The guest tier boots the bzImage.
 pub fn guest_artifacts() -> [(&'static str, PathBuf); 3] {
     [
         ("kernel", built_artifact("HUSK_KERNEL", "build/vmlinux")),
         (
             "qemu_kernel",
-            built_artifact("HUSK_BZIMAGE", "build/bzImage"),
+            built_artifact("HUSK_KERNEL", "build/vmlinux"),
         ),
         (
             "initrd",
