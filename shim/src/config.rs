@@ -97,6 +97,9 @@ pub struct HypervisorConfig {
     pub qemu_binary: Option<PathBuf>,
     pub default_vcpus: u32,
     pub default_memory_mib: u64,
+    /// A virtio-balloon with free page reporting: the guest hands the
+    /// pages it frees back to the host (QEMU backend).
+    pub free_page_reporting: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -109,6 +112,7 @@ impl Default for HypervisorConfig {
             qemu_binary: None,
             default_vcpus: 1,
             default_memory_mib: 256,
+            free_page_reporting: true,
         }
     }
 }

@@ -110,6 +110,8 @@ pub struct VmSpec {
     pub qemu_binary: Option<PathBuf>,
     /// Seccomp for the VMM (`confinement.seccomp`): QEMU's `-sandbox`.
     pub seccomp: bool,
+    /// Free page reporting (`hypervisor.free_page_reporting`).
+    pub free_page_reporting: bool,
 }
 
 /// Why a VM could not be described, started or given a device.
@@ -174,6 +176,7 @@ impl VmSpec {
             work_dir: work_dir.to_owned(),
             qemu_binary: config.hypervisor.qemu_binary.clone(),
             seccomp: config.confinement.seccomp,
+            free_page_reporting: config.hypervisor.free_page_reporting,
         })
     }
 

@@ -362,6 +362,7 @@ mod tests {
             work_dir: dir.to_owned(),
             qemu_binary: Some(qemu),
             seccomp: true,
+            free_page_reporting: true,
         }
     }
 
