@@ -87,7 +87,8 @@ pub const BASE: &[Rule] = &[
     any("mremap"),
     any("mprotect"),
     // The allocator's; also how the virtio-balloon worker releases
-    // anonymous guest memory (MADV_DONTNEED, see GUEST_MEMORY).
+    // anonymous guest memory (MADV_DONTNEED or MADV_REMOVE, see
+    // GUEST_MEMORY).
     any("madvise"),
     any("brk"),
     any("rt_sigprocmask"),
@@ -213,8 +214,9 @@ const PUNCH_HOLE_KEEP_SIZE: u64 = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_
 /// Giving guest RAM back to the host: the virtio-balloon worker releases
 /// the ranges a guest reports free (free page reporting,
 /// `husk_devices::balloon`). Anonymous guest memory (the built-in VMM's)
-/// goes with `madvise(MADV_DONTNEED)`, already in [`BASE`]; file- or
-/// memfd-backed shared memory needs a hole punched in its file, so
+/// goes with `madvise(MADV_DONTNEED)` (`MADV_REMOVE` if shared), already
+/// in [`BASE`]; file- or memfd-backed shared memory needs a hole punched
+/// in its file, so
 /// `fallocate` is allowed in that one mode only: no class without
 /// [`FILES`] may grow, preallocate or shift a file through it.
 pub const GUEST_MEMORY: &[Rule] = &[with(
