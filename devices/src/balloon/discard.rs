@@ -18,7 +18,10 @@
 //! | private file | `madvise(MADV_DONTNEED)` (drops the private copies) | the file's contents |
 //!
 //! `MADV_DONTNEED` on a shared mapping would only unmap the pages and free
-//! nothing, hence the other two calls. KVM follows every one of these
+//! nothing, hence the other two calls. A hole punched in a shared file is
+//! punched for everyone who maps it: that is the point for a memfd that
+//! only holds guest RAM, and the reason a VMM must not give the guest a
+//! balloon over guest RAM mapped from a file whose contents it must keep. KVM follows every one of these
 //! through its MMU notifier: the guest's next access faults in the new
 //! page. The worker's seccomp list allows exactly these calls
 //! (`husk_confine::syscalls::GUEST_MEMORY`).

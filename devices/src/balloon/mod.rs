@@ -31,8 +31,9 @@
 //! pages, never outward, and a chain is bounded by
 //! [`MAX_REPORT_DESCRIPTORS`]. A descriptor that fails is skipped and
 //! counted in [`BalloonStats`] (with at most one rate-limited line per chain
-//! through the device's [`GuestLog`](crate::guest_log::GuestLog)); the chain
-//! is returned with used length 0 either way.
+//! for refusals and one for failed releases, through the device's
+//! [`GuestLog`](crate::guest_log::GuestLog)); the chain is returned with
+//! used length 0 either way.
 //!
 //! There is no vhost-user adapter: the vhost-user protocol has no balloon
 //! device, so under QEMU the guest gets QEMU's own `virtio-balloon-device`
