@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BUILD_DIR := $(CURDIR)/build
 HOST_TRIPLE := x86_64-unknown-linux-gnu
-AGENT_BIN := target/$(HOST_TRIPLE)/release/husk-agent
+AGENT_BIN := target/$(HOST_TRIPLE)/guest/husk-agent
 KERNEL := $(BUILD_DIR)/vmlinux
 BZIMAGE := $(BUILD_DIR)/bzImage
 INITRD := $(BUILD_DIR)/initramfs.cpio.gz
@@ -15,7 +15,7 @@ SHARE_DIR ?= /usr/share/husk
 # Debian packages husk needs on the host: the peers and parts it runs with
 # (containerd, runc, QEMU, busybox for test images), and what the guest
 # kernel build needs.
-DEB_PACKAGES := containerd runc qemu-system-x86 linux-source-6.12 busybox-static \
+DEB_PACKAGES := containerd runc qemu-system-x86 linux-source-6.12 busybox-static prometheus \
 	containernetworking-plugins bc bison flex libelf-dev libssl-dev cpio xz-utils \
 	kmod rsync dwarves protobuf-compiler tmux iproute2 python3 gcc make
 
@@ -48,7 +48,7 @@ hooked-shim:
 	install -D -m 0755 $(HOOKED_TARGET)/release/containerd-shim-kata-v2 $(HOOKED_TARGET)/bin/containerd-shim-huskhooks-v2
 
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p husk-agent --target $(HOST_TRIPLE)
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile guest -p husk-agent --target $(HOST_TRIPLE)
 
 ## kernel: the guest kernel, cached by source version and config hash.
 kernel: deps

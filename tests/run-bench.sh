@@ -17,8 +17,8 @@ if [ ! -x "$peer" ]; then
   echo "installing the vsock peer vhost-device-vsock 0.3.0 from crates.io into $peer_root (once)"
   cargo install -q --locked vhost-device-vsock@0.3.0 --root "$peer_root" || echo "could not install vhost-device-vsock; the vsock peer will be missing"
 fi
-guest_bin=target/x86_64-unknown-linux-gnu/release
-RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p husk-agent -p husk-guest-probe --target x86_64-unknown-linux-gnu
+guest_bin=target/x86_64-unknown-linux-gnu/guest
+RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --profile guest -p husk-agent -p husk-guest-probe --target x86_64-unknown-linux-gnu
 bench_dir=$(mktemp -d /tmp/husk-bench.XXXXXX)
 trap 'rm -rf "$bench_dir"' EXIT
 python3 rootfs-image/mkinitramfs.py "$guest_bin/husk-agent" "$bench_dir/bench-initrd.gz" --busybox /bin/busybox \
@@ -38,6 +38,10 @@ cargo build -q --release -p husk-runtime --bins
 echo
 echo "=== containerd: ctr run --rm of /bin/true and host memory per pod, husk beside runc (private containerd)"
 tests/bench/ctr-run.sh
+
+echo
+echo "=== density: N idle pods per runtime, PSS of each pod's host processes and MemAvailable drop, husk (with and without free page reporting) beside runc (private containerd)"
+tests/bench/density.sh
 
 echo
 echo "=== CRI: RunPodSandbox → ready, pod start → first output, pod TCP throughput and latency, husk beside runc (private containerd, CNI bridge)"

@@ -28,6 +28,10 @@ pub struct ExitStatus {
     pub exited_at_unix_ns: i64,
 }
 
+/// Told how long each call took (the shim's RPC latency histogram).
+/// Called once per completed or failed call with the method's name.
+pub type CallObserver = std::sync::Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
+
 /// A connected client. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -37,6 +41,8 @@ pub struct AgentClient {
     /// `GetEvents` beyond its own wait): a hung guest cannot hold a caller
     /// longer than this.
     call_timeout: Duration,
+    /// Told every call's duration, if set.
+    observer: Option<CallObserver>,
 }
 
 fn context(timeout: Option<Duration>) -> ttrpc::context::Context {
@@ -51,13 +57,18 @@ macro_rules! call {
     ($self:ident, $method:ident, $name:literal, $req:expr) => {
         call!($self, $method, $name, $req, Some($self.call_timeout))
     };
-    ($self:ident, $method:ident, $name:literal, $req:expr, $timeout:expr) => {
-        $self
+    ($self:ident, $method:ident, $name:literal, $req:expr, $timeout:expr) => {{
+        let started = Instant::now();
+        let result = $self
             .rpc
             .$method(context($timeout), &$req)
             .await
-            .map_err(|e| ClientError::from_ttrpc($name, e))
-    };
+            .map_err(|e| ClientError::from_ttrpc($name, e));
+        if let Some(observer) = $self.observer.as_ref() {
+            observer($name, started.elapsed());
+        }
+        result
+    }};
 }
 
 fn container_request(container_id: &str) -> ContainerRequest {
@@ -104,6 +115,7 @@ impl AgentClient {
             endpoint: endpoint.clone(),
             rpc: agent_ttrpc::AgentClient::new(ttrpc_client),
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            observer: None,
         };
         let health = call!(client, check, "Check", Empty::new(), Some(PROBE_TIMEOUT))?;
         if health.status.value() == health_check_response::ServingStatus::SERVING as i32 {
@@ -120,6 +132,12 @@ impl AgentClient {
     /// The same connection with another deadline for ordinary calls.
     pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
+        self
+    }
+
+    /// The same connection, telling `observer` how long each call took.
+    pub fn with_call_observer(mut self, observer: CallObserver) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -343,5 +361,15 @@ impl AgentClient {
             ..Default::default()
         };
         call!(self, read_log, "ReadLog", request).map(|r| (r.data, r.next_offset))
+    }
+
+    /// The guest's memory, CPU, load and per-container figures.
+    pub async fn guest_metrics(&self) -> Result<GuestMetrics, ClientError> {
+        call!(self, get_guest_metrics, "GetGuestMetrics", Empty::new())
+    }
+
+    /// Has the agent serve its debug shell; returns the vsock port.
+    pub async fn start_debug_console(&self) -> Result<u32, ClientError> {
+        call!(self, start_debug_console, "StartDebugConsole", Empty::new()).map(|r| r.port)
     }
 }

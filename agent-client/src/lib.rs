@@ -12,7 +12,7 @@ mod client;
 mod error;
 mod transport;
 
-pub use client::{AgentClient, ExitStatus};
+pub use client::{AgentClient, CallObserver, ExitStatus};
 pub use error::ClientError;
 pub use husk_protocols::agent;
 pub use transport::{hybrid_vsock_connect, Endpoint};

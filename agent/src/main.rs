@@ -15,10 +15,12 @@
 mod boot_timer;
 mod cmdline;
 mod console;
+mod debug_console;
 mod error;
 mod events;
 mod exec;
 mod guest;
+mod guest_metrics;
 mod guest_spec;
 mod helper;
 mod logging;
@@ -77,6 +79,9 @@ fn guest_main() -> ! {
         power::power_off();
     }
     let options = cmdline::AgentOptions::from_kernel_cmdline();
+    if let Some(ms) = uptime_ms() {
+        guest_metrics::record_agent_start(ms);
+    }
     console::log(&format!(
         "HUSK_AGENT_READY uptime_ms={} kernel={} cpus={}",
         uptime_ms().map_or("unknown".to_owned(), |ms| ms.to_string()),

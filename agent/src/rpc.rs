@@ -276,4 +276,23 @@ impl Agent for AgentService {
             ..Default::default()
         })
     }
+
+    async fn get_guest_metrics(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<GuestMetrics> {
+        Ok(self.sandbox.guest_metrics())
+    }
+
+    async fn start_debug_console(
+        &self,
+        _: &TtrpcContext,
+        _: Empty,
+    ) -> ttrpc::Result<StartDebugConsoleResponse> {
+        let result = self.sandbox.start_debug_console();
+        reply(
+            "StartDebugConsole",
+            result.map(|_| StartDebugConsoleResponse {
+                port: husk_protocols::DEBUG_CONSOLE_VSOCK_PORT,
+                ..Default::default()
+            }),
+        )
+    }
 }

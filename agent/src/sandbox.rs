@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use husk_protocols::agent::{
-    ConfigureNetworkRequest, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest,
-    ProcessInfo, StatsContainerResponse,
+    ConfigureNetworkRequest, ContainerMetrics, CreateContainerRequest, CreateSandboxRequest,
+    ExecProcessRequest, GuestMetrics, ProcessInfo, StatsContainerResponse,
 };
 use husk_runtime::Container;
 use nix::sys::signal::Signal;
@@ -438,6 +438,32 @@ impl Sandbox {
     pub fn stats_container(&self, id: &str) -> Result<StatsContainerResponse> {
         self.container(id)?;
         Ok(resources::stats(&self.load(id)?))
+    }
+
+    /// The guest's figures and those of every ready container whose
+    /// cgroup could be read (`GetGuestMetrics`).
+    pub fn guest_metrics(&self) -> GuestMetrics {
+        let mut metrics = crate::guest_metrics::read_guest();
+        let ids: Vec<String> = lock(&self.containers)
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Ready(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            if let Ok(container) = self.load(&id) {
+                metrics.containers.push(ContainerMetrics {
+                    container_id: id,
+                    stats: protobuf::MessageField::some(resources::stats(&container)),
+                    ..Default::default()
+                });
+            }
+        }
+        metrics
+    }
+
+    /// Starts the debug console's shell server (`StartDebugConsole`).
+    pub fn start_debug_console(&self) -> Result<String> {
+        crate::debug_console::start(&self.config)
     }
 
     pub fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>> {

@@ -1,10 +1,16 @@
 //! `husk-ctl`: the operator's tool for a husk host. `check` says whether
 //! this host can run husk pods and which backend `auto` picks (see
 //! [`check`]); `env` prints the effective configuration and versions (see
-//! [`env`]).
+//! [`env`]); `list`, `metrics` and `logs` show the running sandboxes
+//! through their management sockets and files (see [`sandboxes`]);
+//! `monitor` serves every sandbox's metrics as one endpoint (see
+//! [`monitor`]); `exec` opens a guest's debug shell (see [`exec`]).
 
 mod check;
 mod env;
+mod exec;
+mod monitor;
+mod sandboxes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,10 +46,115 @@ enum Commands {
         #[arg(long, value_enum, default_value = "toml")]
         format: env::Format,
     },
+    /// The running sandboxes, read through their management sockets.
+    List,
+    /// A sandbox's Prometheus text.
+    Metrics {
+        /// The sandbox id or a unique prefix of it.
+        sandbox: String,
+    },
+    /// A sandbox's guest console and the shim's log lines for it.
+    Logs {
+        /// The sandbox id or a unique prefix of it.
+        sandbox: String,
+        /// The most bytes shown of each log (from its end).
+        #[arg(long, default_value_t = 64 * 1024)]
+        bytes: u64,
+    },
+    /// Serves every sandbox's metrics as one Prometheus endpoint.
+    Monitor {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+    },
+    /// A shell in the sandbox's guest, outside the containers (only with
+    /// `debug_console = true`); runs COMMAND there, or relays stdin.
+    Exec {
+        /// The sandbox id or a unique prefix of it.
+        sandbox: String,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+/// Prints `error` as `husk-ctl <what>: ...` and fails.
+fn failed(what: &str, error: anyhow::Error) -> ExitCode {
+    eprintln!("husk-ctl {what}: {error:#}");
+    ExitCode::FAILURE
+}
+
+fn list() -> anyhow::Result<()> {
+    let root = husk_shim::paths::run_root();
+    let found = sandboxes::find_all(&root)?;
+    println!(
+        "{:<20} {:<8} {:<6} {:>8} {:>5} {:>8} {:>8}  CONTAINERS",
+        "SANDBOX", "BACKEND", "ACCEL", "VMM PID", "VCPUS", "MEMORY", "UPTIME"
+    );
+    for sandbox in &found {
+        match sandboxes::info(sandbox) {
+            Ok(info) => println!(
+                "{:<20} {:<8} {:<6} {:>8} {:>5} {:>8} {:>8}  {}",
+                info.sandbox_id,
+                info.backend,
+                sandboxes::accelerator_name(&info.accelerator),
+                info.vmm_pid,
+                info.vcpus,
+                format!("{}M", info.memory_mib),
+                sandboxes::uptime_text(info.uptime_s),
+                info.containers.join(",")
+            ),
+            Err(error) => println!("{:<20} not answering: {error:#}", sandbox.id),
+        }
+    }
+    if found.is_empty() {
+        eprintln!("(no sandbox under {})", root.display());
+    }
+    Ok(())
+}
+
+fn logs(sandbox: &str, bytes: u64) -> anyhow::Result<()> {
+    let found = sandboxes::resolve(&husk_shim::paths::run_root(), sandbox)?;
+    for (what, path) in sandboxes::log_files(&found) {
+        println!("==> {what}: {} (and .1) <==", path.display());
+        let tail = husk_shim::hypervisor::console::read_tail(&path, bytes);
+        if tail.is_empty() {
+            println!("(empty or missing)");
+        } else {
+            print!("{}", sandboxes::terminal_safe(&tail));
+            if !tail.ends_with(b"\n") {
+                println!();
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Commands::List => list().map_or_else(|e| failed("list", e), |()| ExitCode::SUCCESS),
+        Commands::Metrics { sandbox } => {
+            match sandboxes::resolve(&husk_shim::paths::run_root(), &sandbox)
+                .and_then(|found| sandboxes::metrics(&found))
+            {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => failed("metrics", error),
+            }
+        }
+        Commands::Logs { sandbox, bytes } => {
+            logs(&sandbox, bytes).map_or_else(|e| failed("logs", e), |()| ExitCode::SUCCESS)
+        }
+        Commands::Monitor { listen } => monitor::serve(listen, &husk_shim::paths::run_root())
+            .map_or_else(|e| failed("monitor", e), |()| ExitCode::SUCCESS),
+        Commands::Exec { sandbox, command } => {
+            match sandboxes::resolve(&husk_shim::paths::run_root(), &sandbox)
+                .and_then(|found| exec::run(&found, &command))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => failed("exec", error),
+            }
+        }
         Commands::Env { config, format } => match env::render(config.as_deref(), format) {
             Ok(text) => {
                 println!("{text}");

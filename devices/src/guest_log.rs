@@ -162,6 +162,7 @@ impl GuestLog {
             None => &self.shared.suppressed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        crate::counters::guest_log_line(admitted.is_some());
         admitted
     }
 

@@ -19,6 +19,7 @@
 
 pub mod balloon;
 mod bus;
+pub mod counters;
 pub mod fs;
 pub mod guest_log;
 mod mmio;

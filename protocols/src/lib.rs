@@ -39,6 +39,9 @@ pub const AGENT_API_VSOCK_PORT: u32 = 1024;
 pub const AGENT_STDIO_VSOCK_PORT: u32 = 1025;
 /// The vsock port the agent accepts port-forward streams on.
 pub const AGENT_PORT_FORWARD_VSOCK_PORT: u32 = 1026;
+/// The vsock port the agent serves its debug shell on, once the host sent
+/// `StartDebugConsole` (only when the host's `debug_console` is on).
+pub const DEBUG_CONSOLE_VSOCK_PORT: u32 = 1027;
 
 /// The stdio stream preamble: the first bytes the host writes on a new
 /// stream to the stdio port are the stream's id and a newline; everything

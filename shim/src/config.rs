@@ -83,6 +83,35 @@ pub enum HypervisorKind {
     Qemu,
 }
 
+/// Who QEMU runs as (`hypervisor.qemu_run_as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuRunAs {
+    /// A uid and gid of its own per QEMU, from `qemu_id_first` and
+    /// `qemu_id_count`, no supplementary groups but `/dev/kvm`'s under
+    /// KVM, no capabilities.
+    #[default]
+    Unprivileged,
+    /// Root, as the shim: for debugging only.
+    Root,
+}
+
+impl<'de> Deserialize<'de> for QemuRunAs {
+    /// "unprivileged" or "root", with an error that names the key.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = String::deserialize(deserializer)
+            .map_err(|error| D::Error::custom(format!("hypervisor.qemu_run_as: {error}")))?;
+        match value.as_str() {
+            "unprivileged" => Ok(Self::Unprivileged),
+            "root" => Ok(Self::Root),
+            other => Err(D::Error::custom(format!(
+                "hypervisor.qemu_run_as: {other:?} is neither \"unprivileged\" nor \"root\""
+            ))),
+        }
+    }
+}
+
 /// `[hypervisor]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -100,6 +129,29 @@ pub struct HypervisorConfig {
     /// A virtio-balloon with free page reporting: the guest hands the
     /// pages it frees back to the host (QEMU backend).
     pub free_page_reporting: bool,
+    /// Who QEMU runs as.
+    pub qemu_run_as: QemuRunAs,
+    /// The first uid (and gid) of the range unprivileged QEMUs take theirs
+    /// from.
+    pub qemu_id_first: u32,
+    /// How many ids the range holds: the most QEMUs the node runs at once.
+    pub qemu_id_count: u32,
+}
+
+impl HypervisorConfig {
+    /// `qemu_run_as` with its range, for the QEMU backend. The range was
+    /// checked when the configuration was read; an invalid one (only
+    /// possible in a configuration built in code) falls back to the
+    /// default range rather than to root.
+    pub fn qemu_run_as(&self) -> crate::hypervisor::qemu::RunAs {
+        use crate::hypervisor::qemu::{IdRange, RunAs};
+        match self.qemu_run_as {
+            QemuRunAs::Root => RunAs::Root,
+            QemuRunAs::Unprivileged => RunAs::Unprivileged(
+                IdRange::new(self.qemu_id_first, self.qemu_id_count).unwrap_or(IdRange::DEFAULT),
+            ),
+        }
+    }
 }
 
 impl Default for HypervisorConfig {
@@ -113,6 +165,9 @@ impl Default for HypervisorConfig {
             default_vcpus: 1,
             default_memory_mib: 256,
             free_page_reporting: true,
+            qemu_run_as: QemuRunAs::Unprivileged,
+            qemu_id_first: crate::hypervisor::qemu::DEFAULT_QEMU_ID_FIRST,
+            qemu_id_count: crate::hypervisor::qemu::DEFAULT_QEMU_ID_COUNT,
         }
     }
 }
@@ -335,17 +390,54 @@ pub enum LogLevel {
     Trace,
 }
 
+/// `shim_log_max_bytes` unless configured: the cap of the pod's
+/// `shim.log` and of `shim.log.1` each.
+pub const DEFAULT_SHIM_LOG_MAX_BYTES: u64 = 1024 * 1024;
+/// The smallest `shim_log_max_bytes` accepted: a failed boot's lines and
+/// the console tail they quote fit.
+pub const MIN_SHIM_LOG_MAX_BYTES: u64 = 16 * 1024;
+/// `debug_shell` unless configured: Debian's busybox-static.
+pub const DEFAULT_DEBUG_SHELL: &str = "/bin/busybox";
+
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub log_level: LogLevel,
+    /// The cap of the pod's own copy of the shim's log lines
+    /// (`shim.log` and `shim.log.1` in the sandbox directory, read by
+    /// `husk-ctl logs`).
+    pub shim_log_max_bytes: u64,
+    /// Whether `husk-ctl exec` may open a shell in the guest, outside the
+    /// containers. Off by default: the shim then never asks the agent to
+    /// serve one.
+    pub debug_console: bool,
+    /// The static shell appended to the initramfs of a pod whose debug
+    /// console is on (the product initramfs has none).
+    pub debug_shell: PathBuf,
     pub hypervisor: HypervisorConfig,
     pub shared_fs: SharedFsConfig,
     pub timeouts: TimeoutsConfig,
     pub limits: PodLimits,
     pub console: ConsoleConfig,
     pub confinement: ConfinementConfig,
-    pub log_level: LogLevel,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            log_level: LogLevel::default(),
+            shim_log_max_bytes: DEFAULT_SHIM_LOG_MAX_BYTES,
+            debug_console: false,
+            debug_shell: PathBuf::from(DEFAULT_DEBUG_SHELL),
+            hypervisor: HypervisorConfig::default(),
+            shared_fs: SharedFsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            limits: PodLimits::default(),
+            console: ConsoleConfig::default(),
+            confinement: ConfinementConfig::default(),
+        }
+    }
 }
 
 /// The virtio-fs cache policies the device understands.
@@ -424,6 +516,15 @@ impl Config {
                 return Err(invalid(field, "must be at least 1".into()));
             }
         }
+        if self.shim_log_max_bytes < MIN_SHIM_LOG_MAX_BYTES {
+            return Err(invalid(
+                "shim_log_max_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_SHIM_LOG_MAX_BYTES} bytes",
+                    self.shim_log_max_bytes
+                ),
+            ));
+        }
         let min_console = crate::hypervisor::console::MIN_CONSOLE_MAX_BYTES;
         if self.console.max_bytes < min_console {
             return Err(invalid(
@@ -483,6 +584,18 @@ impl Config {
                 format!(
                     "{} is outside 1..={}",
                     self.hypervisor.default_vcpus, self.limits.max_vcpus
+                ),
+            ));
+        }
+        if let Err(reason) = crate::hypervisor::qemu::IdRange::new(
+            self.hypervisor.qemu_id_first,
+            self.hypervisor.qemu_id_count,
+        ) {
+            return Err(invalid(
+                "hypervisor.qemu_id_first/qemu_id_count",
+                format!(
+                    "{} ids from {}: {reason}",
+                    self.hypervisor.qemu_id_count, self.hypervisor.qemu_id_first
                 ),
             ));
         }
@@ -646,6 +759,11 @@ mod tests {
         let written = toml::to_string(&config).unwrap();
         assert!(written.contains("xattr = \"mapped\""), "{written}");
         assert!(written.contains("kind = \"auto\""), "{written}");
+        assert!(
+            written.contains("qemu_run_as = \"unprivileged\"")
+                && written.contains("qemu_id_first = 1879048192"),
+            "{written}"
+        );
         let again = super::Config::from_toml(&written, path).unwrap();
         assert_eq!(toml::to_string(&again).unwrap(), written);
     }
@@ -893,6 +1011,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("timeouts.logger_ready_ms"), "{error}");
+    }
+
+    #[test]
+    fn qemu_runs_unprivileged_by_default_from_the_default_range() {
+        use crate::hypervisor::qemu::{IdRange, RunAs};
+        let config = parse("").unwrap();
+        assert_eq!(config.hypervisor.qemu_run_as, QemuRunAs::Unprivileged);
+        assert_eq!(
+            config.hypervisor.qemu_run_as(),
+            RunAs::Unprivileged(IdRange::DEFAULT)
+        );
+        let shipped = parse(include_str!("../configuration.toml")).unwrap();
+        assert_eq!(
+            shipped.hypervisor.qemu_run_as(),
+            RunAs::Unprivileged(IdRange::DEFAULT)
+        );
+        let config = parse(
+            "[hypervisor]\nqemu_run_as = \"unprivileged\"\nqemu_id_first = 200000\nqemu_id_count = 16\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.hypervisor.qemu_run_as(),
+            RunAs::Unprivileged(IdRange::new(200_000, 16).unwrap())
+        );
+        let root = parse("[hypervisor]\nqemu_run_as = \"root\"\n").unwrap();
+        assert_eq!(root.hypervisor.qemu_run_as(), RunAs::Root);
+    }
+
+    #[test]
+    fn a_bad_qemu_run_as_or_id_range_names_the_setting() {
+        let error = parse("[hypervisor]\nqemu_run_as = \"nobody\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("hypervisor.qemu_run_as") && error.contains("nobody"),
+            "{error}"
+        );
+        let error = parse("[hypervisor]\nqemu_run_as = 1000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("hypervisor.qemu_run_as"), "{error}");
+        for (range, said) in [
+            ("qemu_id_first = 0", "root"),
+            ("qemu_id_count = 0", "count 0"),
+            ("qemu_id_first = 60000\nqemu_id_count = 10000", "65534"),
+            (
+                "qemu_id_first = 4294967290\nqemu_id_count = 100",
+                "4294967294",
+            ),
+        ] {
+            let error = parse(&format!("[hypervisor]\n{range}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("hypervisor.qemu_id_first/qemu_id_count") && error.contains(said),
+                "{range}: {error}"
+            );
+        }
     }
 
     #[test]

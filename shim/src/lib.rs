@@ -3,13 +3,16 @@
 //! host resources of containers, stdio plumbing, events and the
 //! configuration. `docs/architecture.md` draws the whole.
 
+pub mod boot_phases;
 pub mod config;
+pub mod debug_console;
 pub mod events;
 pub mod fault;
 pub mod hypervisor;
 pub mod ids;
 pub mod lifecycle;
 pub mod logging;
+pub mod management;
 pub mod metrics;
 pub mod network;
 pub mod options;

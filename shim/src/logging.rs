@@ -5,6 +5,13 @@
 //! sandbox and container they concern in their fields; `-debug` raises
 //! the level to debug. Each event is exactly one line: line breaks inside
 //! it are escaped, so guest-written text cannot forge log lines.
+//!
+//! The serving shim also keeps its own copy of the lines, since it runs
+//! one pod: `shim.log` in the sandbox directory (`husk-ctl logs`), rotated
+//! into `shim.log.1` at `shim_log_max_bytes`, as the console is. Lines
+//! from before the sandbox directory exists wait in memory, at most
+//! [`POD_LOG_PENDING_BYTES`] of them (the rest are counted and the count
+//! is written first).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -14,6 +21,54 @@ use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::{Config, LogLevel};
+use crate::hypervisor::console::RotatingLog;
+
+/// Log bytes kept in memory until the pod's `shim.log` exists: more than
+/// the lines of a Create before its boot.
+pub const POD_LOG_PENDING_BYTES: usize = 64 * 1024;
+
+/// The pod's copy of the shim's lines.
+enum PodLog {
+    /// Before [`keep_pod_log`]: lines held, and how many were dropped.
+    Pending(Vec<u8>, u64),
+    File(RotatingLog),
+}
+
+static POD_LOG: Mutex<PodLog> = Mutex::new(PodLog::Pending(Vec::new(), 0));
+
+/// Adds one line to the pod's copy (never logs itself).
+fn tee(line: &[u8]) {
+    match &mut *POD_LOG.lock().unwrap_or_else(|p| p.into_inner()) {
+        PodLog::Pending(held, dropped) => {
+            if held.len() + line.len() <= POD_LOG_PENDING_BYTES {
+                held.extend_from_slice(line);
+            } else {
+                *dropped += 1;
+            }
+        }
+        PodLog::File(log) => {
+            let _ = log.append(line);
+        }
+    }
+}
+
+/// From now on the pod's lines go to `path` (and its `.1`), each file at
+/// most `max_bytes`; the lines held until now are written first.
+pub fn keep_pod_log(path: &std::path::Path, max_bytes: u64) -> std::io::Result<()> {
+    let mut log = RotatingLog::create(path, max_bytes)?;
+    let mut state = POD_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    if let PodLog::Pending(held, dropped) = &*state {
+        if *dropped > 0 {
+            log.append(
+                format!("husk: {dropped} log lines from before the sandbox directory existed were not kept\n")
+                    .as_bytes(),
+            )?;
+        }
+        log.append(held)?;
+    }
+    *state = PodLog::File(log);
+    Ok(())
+}
 
 /// The FIFO containerd creates for a shim's log, in the shim's cwd.
 const LOG_FIFO: &str = "log";
@@ -48,10 +103,12 @@ fn one_line(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 impl std::io::Write for SharedFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // tracing's formatter hands over one whole event per call.
+        let line = one_line(buf);
+        tee(&line);
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .write_all(&one_line(buf))?;
+            .write_all(&line)?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -84,6 +84,17 @@ impl SandboxPaths {
     pub fn confinement_report(&self) -> PathBuf {
         self.dir.join("confinement.json")
     }
+    /// The management socket (`crate::management`): in the VM directory,
+    /// whose length does not depend on the id, so it always fits a socket
+    /// address.
+    pub fn management_socket(&self) -> PathBuf {
+        self.vm_dir.join(crate::management::SOCKET_NAME)
+    }
+    /// The shim's own log lines of this pod (`shim.log`, rotated into
+    /// `shim.log.1` at `shim_log_max_bytes`).
+    pub fn shim_log(&self) -> PathBuf {
+        self.dir.join("shim.log")
+    }
     /// The guest console.
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")

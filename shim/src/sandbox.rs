@@ -7,17 +7,19 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Context, Result};
 use husk_agent_client::agent::{ConfigureNetworkRequest, CreateSandboxRequest};
 use husk_agent_client::{AgentClient, Endpoint};
 use husk_devices::fs::{CachePolicy, FsConfig};
 
+use crate::boot_phases::BootPhases;
 use crate::config::{Config, SeccompAction};
 use crate::hypervisor::{
     Device, ExitWatcher, Hypervisor, Launcher, NetBackend, VmInfo, VmSpec, GUEST_CID, SHARED_FS_TAG,
 };
+use crate::management::RpcLatency;
 use crate::network::port_forward::{PortForwardListener, PortForwarding};
 use crate::network::Attachment;
 use crate::paths::SandboxPaths;
@@ -43,6 +45,16 @@ pub struct BootRequest<'a> {
     /// The pod's network namespace on the host (CNI's, from the sandbox
     /// spec); `None` for a pod with loopback only.
     pub netns: Option<PathBuf>,
+    /// What CRI calls the pod, for operators.
+    pub labels: PodLabels,
+}
+
+/// The pod's Kubernetes name and namespace, from the sandbox spec's CRI
+/// annotations (`None` for a pod CRI did not make).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodLabels {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
 }
 
 /// A running sandbox.
@@ -53,6 +65,20 @@ pub struct Sandbox {
     pub description: VmInfo,
     /// From launching the VM until the agent answered `Check`.
     pub agent_ready_after: Duration,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// When the VM was started.
+    pub started_at: SystemTime,
+    pub labels: PodLabels,
+    /// Whether the agent serves the debug shell (`debug_console`).
+    pub debug_console: bool,
+    /// The agent calls' latencies, for the management socket.
+    pub rpc_latency: RpcLatency,
+    /// Where the pod's start time went ([`Sandbox::container_started`]
+    /// adds the last phase).
+    phases: Mutex<BootPhases>,
+    /// When the VMM was being made (the phases' origin).
+    launched: Instant,
     share: Arc<SharedDirectory>,
     vm: Mutex<Option<Box<dyn Hypervisor>>>,
     shutdown_grace: Duration,
@@ -231,6 +257,11 @@ impl Sandbox {
             Some(path) => open_port_forward(path).await,
             None => None,
         };
+        if let Err(error) =
+            crate::logging::keep_pod_log(&paths.shim_log(), request.config.shim_log_max_bytes)
+        {
+            tracing::warn!(%error, path = %paths.shim_log().display(), "the pod's shim.log cannot be kept");
+        }
         let result = match confine_shim(request.config, &paths, request.cgroup.as_deref()) {
             Ok(()) => Self::boot_in(launcher, request, port_forward).await,
             Err(error) => Err(error),
@@ -254,7 +285,17 @@ impl Sandbox {
             paths,
             cgroup: _,
             netns,
+            labels,
         } = request;
+        let mut spec = spec;
+        if config.debug_console {
+            spec.initrd = crate::debug_console::write_debug_initrd(
+                &spec.initrd,
+                &config.debug_shell,
+                &paths.vm_dir,
+            )
+            .context("debug_console = true")?;
+        }
         let shutdown_grace = Duration::from_millis(config.timeouts.shutdown_ms);
         let limits = ShareTreeLimits {
             max_bytes: config.shared_fs.tree_max_bytes,
@@ -274,6 +315,8 @@ impl Sandbox {
         };
         let network_request = network.as_ref().map(Attachment::agent_request);
         let started = Instant::now();
+        let started_at = SystemTime::now();
+        let mut phases = BootPhases::default();
         let mut vm = launcher.create(spec)?;
         vm.add_device(Device::Vsock {
             guest_cid: GUEST_CID,
@@ -304,6 +347,7 @@ impl Sandbox {
             return Err(error.into());
         }
         let description = vm.describe();
+        phases.vm_start = Some(started.elapsed());
         tracing::info!(
             sandbox_id = id,
             backend = description.backend,
@@ -335,10 +379,11 @@ impl Sandbox {
         .await
         .map_err(|_| anyhow!("no answer to the hybrid vsock handshake"))
         .and_then(|r| r.map_err(anyhow::Error::from));
+        let rpc_latency = RpcLatency::new();
         let client = match connected {
-            Ok(client) => {
-                client.with_call_timeout(Duration::from_millis(config.timeouts.agent_call_ms))
-            }
+            Ok(client) => client
+                .with_call_timeout(Duration::from_millis(config.timeouts.agent_call_ms))
+                .with_call_observer(rpc_latency.observer()),
             Err(error) => {
                 let end = stop_vm(vm, shutdown_grace).await;
                 return Err(error.context(format!(
@@ -351,6 +396,7 @@ impl Sandbox {
             }
         };
         let agent_ready_after = started.elapsed();
+        phases.agent_ready = phases.vm_start.map(|vm_start| agent_ready_after - vm_start);
         tracing::info!(
             sandbox_id = id,
             ms = agent_ready_after.as_millis() as u64,
@@ -362,6 +408,7 @@ impl Sandbox {
             shared_fs_tag: SHARED_FS_TAG.to_owned(),
             ..Default::default()
         };
+        let creating = Instant::now();
         if let Err(error) = client.create_sandbox(request).await {
             stop_vm(vm, Duration::ZERO).await;
             return Err(anyhow!(error).context(format!(
@@ -376,6 +423,24 @@ impl Sandbox {
                 config.limits.max_port_forward_connections,
             )
         });
+        phases.sandbox_create = Some(creating.elapsed());
+        // The kernel's share of the boot, as the guest measured it.
+        match client.guest_metrics().await {
+            Ok(guest) => phases.set_guest_kernel(guest.agent_started_uptime_ms),
+            Err(error) => tracing::debug!(%error, "GetGuestMetrics after boot"),
+        }
+        if config.debug_console {
+            if let Err(error) = client.start_debug_console().await {
+                stop_vm(vm, Duration::ZERO).await;
+                return Err(anyhow!(error).context(
+                    "debug_console = true, but the guest could not serve its debug shell",
+                ));
+            }
+            tracing::warn!(
+                sandbox_id = id,
+                "the guest serves a debug shell (debug_console = true)"
+            );
+        }
         Ok((
             Self {
                 id: id.to_owned(),
@@ -383,6 +448,14 @@ impl Sandbox {
                 client,
                 description,
                 agent_ready_after,
+                vcpus,
+                memory_mib,
+                started_at,
+                labels,
+                debug_console: config.debug_console,
+                rpc_latency,
+                phases: Mutex::new(phases),
+                launched: started,
                 share: Arc::new(share),
                 vm: Mutex::new(Some(vm)),
                 shutdown_grace,
@@ -394,6 +467,29 @@ impl Sandbox {
             },
             watcher,
         ))
+    }
+
+    /// The phases of the pod's start measured so far.
+    pub fn boot_phases(&self) -> BootPhases {
+        *self.phases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that a container was started; the first one completes the
+    /// pod's boot phases, which are logged then (once per pod).
+    pub fn container_started(&self) {
+        let mut phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        if phases.first_container_start.is_some() {
+            return;
+        }
+        let (Some(vm_start), Some(agent_ready), Some(create)) =
+            (phases.vm_start, phases.agent_ready, phases.sandbox_create)
+        else {
+            return;
+        };
+        let since_launch = self.launched.elapsed();
+        phases.first_container_start =
+            Some(since_launch.saturating_sub(vm_start + agent_ready + create));
+        crate::boot_phases::log(&self.id, &phases);
     }
 
     /// The pod's share, where containers' rootfs and volumes are mounted.

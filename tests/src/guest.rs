@@ -152,6 +152,7 @@ impl GuestSandbox {
             cgroup: None,
             // Loopback only: the guest tier has no CNI.
             netns: None,
+            labels: Default::default(),
         };
         let booted = Sandbox::boot(&BackendLauncher, request)
             .await

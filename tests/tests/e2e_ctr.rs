@@ -360,6 +360,18 @@ fn scenarios() -> Vec<Scenario> {
             "vm_above_the_pod_cgroup_limit_is_refused",
             vm_above_the_pod_cgroup_limit_is_refused,
         ),
+        husk(
+            "ops_list_metrics_logs_and_root_only_socket",
+            ops_list_metrics_logs_and_root_only_socket,
+        ),
+        husk(
+            "ops_monitor_two_pods_and_a_prometheus_scrape",
+            ops_monitor_two_pods_and_a_prometheus_scrape,
+        ),
+        husk(
+            "ops_exec_runs_uname_in_the_guest",
+            ops_exec_runs_uname_in_the_guest,
+        ),
         husk("bad_unknown_hypervisor_kind", bad_unknown_hypervisor_kind),
         husk("bad_missing_kernel", bad_missing_kernel),
         husk("bad_10000_vcpus_annotation", bad_10000_vcpus_annotation),
@@ -1613,6 +1625,48 @@ fn memory_cgroup_of(pid: u32) -> Result<String> {
         .with_context(|| format!("no memory cgroup in /proc/{pid}/cgroup: {text}"))
 }
 
+/// QEMU `pid` (its `/proc` status in `status`) runs as one uid of the
+/// default `hypervisor.qemu_id_*` range, real, effective, saved and file
+/// system alike, with the gid of the same number, no supplementary group
+/// but `/dev/kvm`'s, and no capabilities. Returns what it saw.
+fn qemu_runs_unprivileged(pid: u32, status: &str) -> Result<String> {
+    use husk_shim::hypervisor::qemu::{DEFAULT_QEMU_ID_COUNT, DEFAULT_QEMU_ID_FIRST};
+    let ids = |key: &str| -> Result<Vec<u32>> {
+        status_field(status, key)
+            .split_whitespace()
+            .map(|id| {
+                id.parse()
+                    .with_context(|| format!("{key} {id} of QEMU {pid}"))
+            })
+            .collect()
+    };
+    let uids = ids("Uid:")?;
+    let gids = ids("Gid:")?;
+    let uid = uids.first().copied().unwrap_or(0);
+    let range = u64::from(DEFAULT_QEMU_ID_FIRST)
+        ..u64::from(DEFAULT_QEMU_ID_FIRST) + u64::from(DEFAULT_QEMU_ID_COUNT);
+    ensure!(
+        uids.len() == 4
+            && uids.iter().all(|&id| id == uid)
+            && range.contains(&u64::from(uid))
+            && gids == uids,
+        "QEMU {pid} runs as Uid {uids:?} Gid {gids:?}, not one unprivileged id of {range:?}"
+    );
+    let groups = ids("Groups:")?;
+    let kvm_group = std::fs::metadata("/dev/kvm")
+        .ok()
+        .map(|meta| std::os::unix::fs::MetadataExt::gid(&meta));
+    ensure!(
+        groups.is_empty() || kvm_group.is_some_and(|kvm| groups == [kvm]),
+        "QEMU {pid} has the supplementary groups {groups:?} (at most /dev/kvm's, {kvm_group:?})"
+    );
+    for key in ["CapEff:", "CapPrm:", "CapAmb:"] {
+        let caps = u64::from_str_radix(&status_field(status, key), 16)?;
+        ensure!(caps == 0, "QEMU {pid} holds capabilities: {key} {caps:#x}");
+    }
+    Ok(format!("uid=gid={uid} CapEff 0"))
+}
+
 fn status_field(status: &str, key: &str) -> String {
     status
         .lines()
@@ -1637,7 +1691,8 @@ const FS_CAPS_MASK: u64 =
 /// under a seccomp filter with no_new_privs; the vsock threads hold no
 /// capability, the virtio-fs threads only the passthrough's, in a mount
 /// namespace of their own whose root holds the share; QEMU runs
-/// under its own seccomp sandbox; the shim and QEMU sit in the pod's
+/// under its own seccomp sandbox, as an unprivileged uid and gid of the
+/// default range with no capabilities; the shim and QEMU sit in the pod's
 /// cgroup, which pays for the VM's memory; the cgroup goes with the pod.
 fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result<String> {
     let id = suite.id(rt, "confined");
@@ -1733,6 +1788,7 @@ fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result
             "QEMU {} runs without a seccomp filter (-sandbox)",
             vm.pid
         );
+        let qemu_ids = qemu_runs_unprivileged(vm.pid, &qemu_status)?;
         for (what, pid) in [("shim", shim), ("QEMU", vm.pid)] {
             let placed = memory_cgroup_of(pid)?;
             ensure!(
@@ -1755,7 +1811,7 @@ fn confinement_and_cgroup_of_a_running_pod(suite: &Suite, rt: Runtime) -> Result
             "the shim's tokio RPC threads are not all filtered: Seccomp {rpc_seccomp:?}"
         );
         Ok(format!(
-            "{} device threads confined; {} tokio RPC threads under the deny list (Seccomp 2); QEMU Seccomp 2; shim+QEMU in {cgroup}, charged {} MiB (QEMU anon {} MiB)",
+            "{} device threads confined; {} tokio RPC threads under the deny list (Seccomp 2); QEMU Seccomp 2, {qemu_ids}; shim+QEMU in {cgroup}, charged {} MiB (QEMU anon {} MiB)",
             classes.len(),
             rpc_seccomp.len(),
             usage >> 20,
@@ -2134,4 +2190,412 @@ fn run(filters: &[String]) -> Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(failed.is_empty())
+}
+
+// ---- operator tooling (#14): husk-ctl and the management socket --------
+
+/// Port `husk-ctl monitor` listens on in the monitor scenario.
+const MONITOR_PORT: u16 = 18090;
+/// Port the scenario's Prometheus serves its API on.
+const PROMETHEUS_PORT: u16 = 19090;
+/// How long Prometheus may take to start and scrape a husk series.
+const PROMETHEUS_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// `husk-ctl <args>` (built beside the shim); its output.
+fn husk_ctl(suite: &Suite, args: &[&str]) -> Result<Output> {
+    let binary = suite.options.shim_dir.join("husk-ctl");
+    ensure!(
+        binary.is_file(),
+        "{} is missing: build husk-ctl beside the shim",
+        binary.display()
+    );
+    run_with_timeout(Command::new(&binary).args(args), CTR_TIMEOUT)
+}
+
+/// Starts a detached pod running `sleep`, with `flags` for ctr run.
+fn start_pod(suite: &Suite, id: &str, flags: &[&str]) -> Result<()> {
+    let mut all = vec!["-d"];
+    all.extend_from_slice(flags);
+    let out = suite.ctr_run(Runtime::Husk, &all, IMAGE, id, &["sleep", "1000"])?;
+    ensure!(out.status.success(), "ctr run -d {id}: {}", describe(&out));
+    suite.wait_status(id, "RUNNING")
+}
+
+fn stop_pod(suite: &Suite, id: &str) -> Result<()> {
+    let _ = suite.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+    let _ = suite.wait_status(id, "STOPPED");
+    let _ = suite.ctr_ok(&["task", "delete", "-f", id]);
+    let _ = suite.ctr_ok(&["container", "rm", id]);
+    suite.nothing_left_of(id)
+}
+
+/// Checks every line of a text exposition: HELP/TYPE comments or
+/// `name{labels} value` samples; returns the samples as (series, value).
+fn parse_exposition(text: &str) -> Result<Vec<(String, f64)>> {
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(comment) = line.strip_prefix("# ") {
+            ensure!(
+                comment.starts_with("HELP ") || comment.starts_with("TYPE "),
+                "unexpected comment {line:?}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("no value in {line:?}"))?;
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        ensure!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                && !name.starts_with(|c: char| c.is_ascii_digit()),
+            "bad metric name in {line:?}"
+        );
+        if name_end < series.len() {
+            ensure!(series.ends_with('}'), "unterminated labels in {line:?}");
+        }
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            other => other
+                .parse()
+                .with_context(|| format!("bad value in {line:?}"))?,
+        };
+        samples.push((series.to_owned(), value));
+    }
+    Ok(samples)
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> Option<f64> {
+    samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v)
+}
+
+/// Whether a uid-65534 process may connect to `socket`: forks, drops to
+/// nobody, connects; the child's exit code says what connect returned.
+fn connect_as_nobody(socket: &Path) -> Result<std::result::Result<(), i32>> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(socket.as_os_str().as_bytes())?;
+    // SAFETY: an all-zero sockaddr_un is valid; the path fits (checked by
+    // the shim's own socket-room rule).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(path.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: the child only makes system calls (no allocation, no locks)
+    // before _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: plain system calls in the forked child.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(100);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            let result = libc::connect(fd, std::ptr::addr_of!(addr).cast(), length);
+            let errno = *libc::__errno_location();
+            libc::_exit(if result == 0 { 0 } else { errno.clamp(1, 99) });
+        }
+    }
+    ensure!(pid > 0, "fork failed");
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let code = libc::WEXITSTATUS(status);
+    ensure!(code != 100, "the child could not become uid 65534");
+    Ok(if code == 0 { Ok(()) } else { Err(code) })
+}
+
+fn ops_list_metrics_logs_and_root_only_socket(suite: &Suite, rt: Runtime) -> Result<String> {
+    let id = suite.id(rt, "ops");
+    start_pod(suite, &id, &[])?;
+    let result = (|| -> Result<String> {
+        let list = husk_ctl(suite, &["list"])?;
+        let listing = text(&list.stdout);
+        let row = listing
+            .lines()
+            .find(|l| l.starts_with(&id))
+            .with_context(|| format!("husk-ctl list does not show {id}: {}", describe(&list)))?;
+        ensure!(
+            row.contains("qemu") || row.contains("builtin"),
+            "no backend in {row:?}"
+        );
+        ensure!(
+            row.ends_with(&id),
+            "the pod's container is not listed in {row:?}"
+        );
+        println!("husk-ctl list:\n{listing}");
+
+        // A unique prefix names the pod.
+        let prefix = &id[..id.len() - 1];
+        let metrics = husk_ctl(suite, &["metrics", prefix])?;
+        ensure!(
+            metrics.status.success(),
+            "husk-ctl metrics: {}",
+            describe(&metrics)
+        );
+        let samples = parse_exposition(&text(&metrics.stdout))?;
+        println!(
+            "husk-ctl metrics (excerpt):\n{}",
+            text(&metrics.stdout)
+                .lines()
+                .filter(|l| l.starts_with("husk_guest_memory_total")
+                    || l.starts_with("husk_boot_phase")
+                    || l.starts_with("husk_process_resident"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let guest_total = sample(&samples, "husk_guest_memory_total_bytes")
+            .context("no husk_guest_memory_total_bytes")?;
+        let meminfo = suite.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "mem",
+            &id,
+            "sed",
+            "-n",
+            "s/^MemTotal: *\\([0-9]*\\) kB/\\1/p",
+            "/proc/meminfo",
+        ])?;
+        let agent_kib: f64 = meminfo
+            .trim()
+            .parse()
+            .with_context(|| format!("MemTotal {meminfo:?}"))?;
+        ensure!(
+            guest_total == agent_kib * 1024.0,
+            "metrics say MemTotal {guest_total} bytes, the guest's /proc/meminfo {agent_kib} kB"
+        );
+        for series in [
+            "husk_guest_up",
+            "husk_process_threads{process=\"shim\"}",
+            "husk_boot_phase_seconds{phase=\"agent_ready\"}",
+            "husk_boot_phase_seconds{phase=\"first_container_start\"}",
+        ] {
+            ensure!(
+                sample(&samples, series).is_some_and(|v| v > 0.0),
+                "{series} is missing or 0"
+            );
+        }
+        ensure!(
+            samples.iter().any(|(s, _)| s
+                .starts_with("husk_agent_rpc_duration_seconds_count{method=\"CreateContainer\"}")),
+            "no CreateContainer latency"
+        );
+
+        let logs = husk_ctl(suite, &["logs", &id])?;
+        let shown = text(&logs.stdout);
+        println!(
+            "husk-ctl logs (excerpt):\n{}",
+            shown
+                .lines()
+                .filter(|l| l.starts_with("==>")
+                    || l.contains("HUSK_AGENT_READY")
+                    || l.contains("boot phases"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        ensure!(
+            logs.status.success()
+                && shown.contains("HUSK_AGENT_READY")
+                && shown.contains("boot phases"),
+            "husk-ctl logs lacks the console's agent line or the shim's boot phases: {}",
+            describe(&logs)
+        );
+
+        let found = husk_shim::paths::SandboxPaths::new(&id).management_socket();
+        match connect_as_nobody(&found)? {
+            Err(code) if code == libc::EACCES => {}
+            other => bail!(
+                "uid 65534 connecting to {}: {other:?}, not EACCES",
+                found.display()
+            ),
+        }
+        let exec = husk_ctl(suite, &["exec", &id, "--", "uname", "-r"])?;
+        println!(
+            "husk-ctl exec with the debug console off: {}",
+            text(&exec.stderr).trim()
+        );
+        ensure!(
+            !exec.status.success() && text(&exec.stderr).contains("debug_console = true"),
+            "husk-ctl exec with the debug console off: {}",
+            describe(&exec)
+        );
+        Ok(format!(
+            "listed; MemTotal {} MiB as the guest says; logs; nobody EACCES; exec refused",
+            guest_total / 1048576.0
+        ))
+    })();
+    let stopped = stop_pod(suite, &id);
+    let seen = result?;
+    stopped?;
+    Ok(seen)
+}
+
+fn http_get(port: u16, path: &str) -> Result<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(CTR_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes)?;
+    let (code, body) =
+        husk_shim::management::http::parse_response(&bytes).map_err(anyhow::Error::msg)?;
+    ensure!(
+        code == 200,
+        "GET {path} on port {port}: {code}: {}",
+        text(body)
+    );
+    Ok(text(body))
+}
+
+/// Kills and reaps a child on drop.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ops_monitor_two_pods_and_a_prometheus_scrape(suite: &Suite, rt: Runtime) -> Result<String> {
+    let ids = [suite.id(rt, "mon"), suite.id(rt, "mon")];
+    let mut started = Vec::new();
+    let result = (|| -> Result<String> {
+        for (id, name) in ids.iter().zip(["web", "db"]) {
+            start_pod(
+                suite,
+                id,
+                &[
+                    "--annotation",
+                    &format!("io.kubernetes.cri.sandbox-name={name}"),
+                    "--annotation",
+                    "io.kubernetes.cri.sandbox-namespace=ops",
+                ],
+            )?;
+            started.push(id.clone());
+        }
+        let binary = suite.options.shim_dir.join("husk-ctl");
+        let _monitor = Reaped(
+            Command::new(&binary)
+                .args(["monitor", "--listen", &format!("127.0.0.1:{MONITOR_PORT}")])
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("cannot start {} monitor", binary.display()))?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let aggregated = loop {
+            match http_get(MONITOR_PORT, "/metrics") {
+                Ok(body) => break body,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(error) => return Err(error.context("husk-ctl monitor never answered")),
+            }
+        };
+        let samples = parse_exposition(&aggregated)?;
+        for (id, name) in ids.iter().zip(["web", "db"]) {
+            let series = format!(
+                "husk_guest_up{{sandbox_id=\"{id}\",pod_name=\"{name}\",pod_namespace=\"ops\"}}"
+            );
+            ensure!(
+                sample(&samples, &series) == Some(1.0),
+                "the monitor has no {series}"
+            );
+        }
+        ensure!(
+            aggregated.matches("# TYPE husk_guest_up ").count() == 1,
+            "husk_guest_up's TYPE appears more than once"
+        );
+
+        let prometheus = Path::new("/usr/bin/prometheus");
+        ensure!(
+            prometheus.is_file(),
+            "{} is missing: `make deps` installs Debian's prometheus",
+            prometheus.display()
+        );
+        let dir = suite.work.join("prometheus");
+        std::fs::create_dir_all(dir.join("data"))?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: husk\n    static_configs:\n      - targets: ['127.0.0.1:{MONITOR_PORT}']\n"),
+        )?;
+        let _server = Reaped(
+            Command::new(prometheus)
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
+                .spawn()
+                .context("cannot start prometheus")?,
+        );
+        let deadline = Instant::now() + PROMETHEUS_TIMEOUT;
+        let mut last = String::new();
+        loop {
+            if let Ok(body) = http_get(
+                PROMETHEUS_PORT,
+                "/api/v1/query?query=husk_guest_memory_total_bytes",
+            ) {
+                if ids
+                    .iter()
+                    .all(|id| body.contains(&format!("\"sandbox_id\":\"{id}\"")))
+                {
+                    return Ok("two pods labelled apart; Prometheus queried husk_guest_memory_total_bytes of both".into());
+                }
+                last = body;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Prometheus returned no husk series of both pods within {PROMETHEUS_TIMEOUT:?}: {last}\n{}",
+                    std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })();
+    for id in &started {
+        stop_pod(suite, id)?;
+    }
+    result
+}
+
+fn ops_exec_runs_uname_in_the_guest(suite: &Suite, rt: Runtime) -> Result<String> {
+    let (_, bzimage) = &guest_artifacts()[1];
+    let release = bzimage_release(bzimage)?;
+    let config = bad_config(
+        suite,
+        "debug-console.toml",
+        &[("debug_console", "true".to_owned())],
+    )?;
+    let id = suite.id(rt, "exec");
+    start_pod(
+        suite,
+        &id,
+        &["--runtime-config-path", &config.to_string_lossy()],
+    )?;
+    let result = (|| -> Result<String> {
+        let exec = husk_ctl(suite, &["exec", &id, "--", "uname", "-r"])?;
+        ensure!(
+            exec.status.success() && text(&exec.stdout).trim() == release,
+            "husk-ctl exec uname -r: {} (guest kernel {release})",
+            describe(&exec)
+        );
+        Ok(format!("uname -r = {release}"))
+    })();
+    let stopped = stop_pod(suite, &id);
+    let seen = result?;
+    stopped?;
+    Ok(seen)
 }

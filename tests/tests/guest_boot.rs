@@ -37,9 +37,30 @@ fn guest_kernel_runs_the_agent_and_a_script_then_powers_off_leaving_nothing_behi
     let vm = QemuVm::start(config).expect("QEMU starts");
     announce_qemu_form("guest boot", vm.accel());
     let (pid, run_dir) = (vm.pid(), vm.run_dir().to_path_buf());
+    // QEMU's sockets are inherited fds: nothing of it in the filesystem.
+    let sockets: Vec<_> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .filter(|entry| std::os::unix::fs::FileTypeExt::is_socket(&entry.file_type().unwrap()))
+        .map(|entry| entry.path())
+        .collect();
     assert!(
-        run_dir.join("qmp.sock").exists(),
-        "the QMP socket is in the run directory"
+        sockets.is_empty(),
+        "sockets in the run directory: {sockets:?}"
+    );
+    // It runs as the unprivileged uid it was given (the default).
+    let identity = vm
+        .identity()
+        .expect("QEMU runs unprivileged by default")
+        .clone();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|id| id == identity.uid.to_string()),
+        "QEMU runs as {identity}, /proc says {uid_line}"
     );
     let end = vm.wait_or_stop(GUEST_DEADLINE);
     let elapsed = started.elapsed();

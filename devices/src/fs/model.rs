@@ -193,12 +193,14 @@ impl FsDeviceModel {
                 head_index,
                 "virtio-fs: request refused before the server"
             );
+            crate::counters::fs_request(true);
             return reply_error(&mut writer, unique, errno);
         }
-        match self
+        let served = self
             .server
-            .handle_message(reader, writer.into(), None, None)
-        {
+            .handle_message(reader, writer.into(), None, None);
+        crate::counters::fs_request(served.is_err());
+        match served {
             // A reply never exceeds the chain, whose length is a u32 sum.
             Ok(written) => u32::try_from(written).unwrap_or(u32::MAX),
             Err(error) => {

@@ -407,6 +407,7 @@ impl Connection {
             return Verdict::Reset;
         }
         self.rx_cnt += Wrapping(len as u32);
+        crate::counters::vsock_bytes_from_guest(len);
         let mut written = 0;
         if self.host_buffered() == 0 && self.host_writable {
             match payload.write_to(self.stream.as_fd(), 0) {
@@ -650,6 +651,7 @@ impl Connection {
                 // further edge would announce it. The next turn reads again
                 // and sees EOF, or EAGAIN, which clears the flag.
                 self.tx_cnt += Wrapping(n as u32);
+                crate::counters::vsock_bytes_to_guest(n);
                 let header = self.header(op::RW, n as u32, 0);
                 // This packet may have used the last of the guest's credit.
                 self.refresh_credit_request();

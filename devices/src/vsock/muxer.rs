@@ -37,6 +37,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::csm::{ConnKey, Connection, Verdict};
 use super::packet::{op, PacketHeader, RxBuffer, TxPayload, HDR_LEN, TYPE_STREAM};
 use super::{VsockConfig, VsockError, VsockTimeouts, HOST_CID};
+use crate::counters::{self, Initiator};
 use crate::guest_log::{guest_warn, GuestBytes, GuestLog};
 
 /// Epoll token of the listening socket.
@@ -364,6 +365,7 @@ impl Muxer {
                 // Dropping the stream closes it: the client reads end of
                 // stream where it expected `OK`.
                 self.refused.host_initiated += 1;
+                counters::vsock_refused(Initiator::Host);
                 guest_warn!(
                     self.guest_log,
                     limit = self.max_connections,
@@ -509,6 +511,7 @@ impl Muxer {
         );
         self.targets.insert(token, Target::Connection(key));
         self.connections.insert(key, (token, conn));
+        counters::vsock_opened(Initiator::Host);
         self.settle(key, Verdict::Keep);
     }
 
@@ -666,6 +669,7 @@ impl Muxer {
     fn connect_to_host(&mut self, key: ConnKey, hdr: &PacketHeader) {
         if self.at_connection_limit() {
             self.refused.guest_initiated += 1;
+            counters::vsock_refused(Initiator::Guest);
             guest_warn!(
                 self.guest_log,
                 limit = self.max_connections,
@@ -705,6 +709,7 @@ impl Muxer {
         let conn = Connection::new_guest_initiated(stream, key, self.guest_cid, self.timeouts, hdr);
         self.targets.insert(token, Target::Connection(key));
         self.connections.insert(key, (token, conn));
+        counters::vsock_opened(Initiator::Guest);
         self.settle(key, Verdict::Keep);
     }
 

@@ -212,6 +212,7 @@ mod tests {
             qemu_binary: None,
             seccomp: true,
             free_page_reporting,
+            qemu_run_as: crate::hypervisor::qemu::RunAs::Root,
         }
     }
 

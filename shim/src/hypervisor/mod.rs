@@ -112,6 +112,8 @@ pub struct VmSpec {
     pub seccomp: bool,
     /// Free page reporting (`hypervisor.free_page_reporting`).
     pub free_page_reporting: bool,
+    /// Who QEMU runs as (`hypervisor.qemu_run_as` and its id range).
+    pub qemu_run_as: qemu::RunAs,
 }
 
 /// Why a VM could not be described, started or given a device.
@@ -177,6 +179,7 @@ impl VmSpec {
             qemu_binary: config.hypervisor.qemu_binary.clone(),
             seccomp: config.confinement.seccomp,
             free_page_reporting: config.hypervisor.free_page_reporting,
+            qemu_run_as: config.hypervisor.qemu_run_as(),
         })
     }
 

@@ -57,6 +57,7 @@ impl Pod {
         process.set_running(guest_pid);
         if exec_id.is_empty() {
             tracing::info!(sandbox_id = %self.inner.shim_id, container_id = %id, guest_pid, "container started");
+            sandbox.container_started();
         } else {
             tracing::info!(sandbox_id = %self.inner.shim_id, container_id = %id, exec_id, guest_pid, "exec started");
         }

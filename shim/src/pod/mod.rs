@@ -9,6 +9,7 @@ mod container;
 mod error;
 mod exits;
 mod health;
+mod operator;
 pub mod process;
 
 use std::path::{Path, PathBuf};
@@ -29,9 +30,11 @@ use crate::config::Config;
 use crate::events::EventSink;
 use crate::hypervisor::{Backend, Launcher, VmSpec};
 use crate::ids;
+use crate::management::info::{ANNOTATION_CRI_SANDBOX_NAME, ANNOTATION_CRI_SANDBOX_NAMESPACE};
+use crate::management::ManagementServer;
 use crate::paths::SandboxPaths;
 use crate::resources::{ContainerResources, ResourceError};
-use crate::sandbox::{BootRequest, Sandbox};
+use crate::sandbox::{BootRequest, PodLabels, Sandbox};
 use crate::spec;
 use crate::stdio::{LogIdentity, ProcessIo, StdioRequest};
 
@@ -80,6 +83,8 @@ struct Inner {
     containers: Containers,
     /// Guest events refused (not of this pod, or repeated too soon).
     dropped_guest_events: AtomicU64,
+    /// The pod's management socket while its sandbox runs.
+    management: std::sync::Mutex<Option<ManagementServer>>,
 }
 
 impl Pod {
@@ -101,6 +106,7 @@ impl Pod {
                 boot: tokio::sync::Mutex::new(()),
                 containers: Containers::default(),
                 dropped_guest_events: AtomicU64::new(0),
+                management: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -301,12 +307,17 @@ impl Pod {
             paths,
             cgroup,
             netns: spec::pod_netns(container_id, spec),
+            labels: PodLabels {
+                name: annotations.get(ANNOTATION_CRI_SANDBOX_NAME).cloned(),
+                namespace: annotations.get(ANNOTATION_CRI_SANDBOX_NAMESPACE).cloned(),
+            },
         };
         let (sandbox, watcher) = Sandbox::boot(self.inner.launcher.as_ref(), request)
             .await
             .map_err(PodError::internal("cannot start the pod's VM"))?;
         let sandbox = Arc::new(sandbox);
         *self.inner.sandbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(sandbox.clone());
+        self.serve_management(&sandbox);
         let pod = self.clone();
         tokio::spawn(async move {
             let end = watcher.await;
@@ -322,6 +333,7 @@ impl Pod {
     }
 
     async fn destroy_sandbox(&self) {
+        self.stop_management();
         if let Some(sandbox) = self.take_sandbox() {
             sandbox.destroy().await;
         }

@@ -21,7 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 pub const GUEST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 /// The command that builds the static guest programs, for messages.
-pub const STATIC_BUILD_COMMAND: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p husk-agent -p husk-guest-probe --target x86_64-unknown-linux-gnu";
+pub const STATIC_BUILD_COMMAND: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --profile guest -p husk-agent -p husk-guest-probe --target x86_64-unknown-linux-gnu";
 
 /// The workspace root (this crate lives in `tests/support`).
 pub fn workspace_root() -> PathBuf {
@@ -125,7 +125,7 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
     let status = Command::new(&cargo)
         .current_dir(workspace_root())
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args(["build", "--release", "--target", GUEST_TRIPLE])
+        .args(["build", "--profile", "guest", "--target", GUEST_TRIPLE])
         .args(["-p", "husk-agent", "-p", "husk-guest-probe"])
         .arg("--target-dir")
         .arg(&target_dir)
@@ -135,10 +135,10 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
         status.success(),
         "building the static guest programs failed ({status}); the command is: {STATIC_BUILD_COMMAND}"
     );
-    let release = target_dir.join(GUEST_TRIPLE).join("release");
+    let built = target_dir.join(GUEST_TRIPLE).join("guest");
     let binaries = GuestBinaries {
-        agent: release.join("husk-agent"),
-        probe: release.join("husk-guest-probe"),
+        agent: built.join("husk-agent"),
+        probe: built.join("husk-guest-probe"),
     };
     for program in [&binaries.agent, &binaries.probe] {
         ensure!(
@@ -150,7 +150,7 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
     eprintln!(
         "static guest programs ready in {:.1} s: {}",
         started.elapsed().as_secs_f64(),
-        release.display()
+        built.display()
     );
     Ok(binaries)
 }

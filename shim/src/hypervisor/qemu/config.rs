@@ -1,12 +1,13 @@
 //! What one QEMU guest is made of: kernel, initrd, command line, vCPUs,
 //! memory, the vhost-user devices, where the console goes and how much of
-//! it is kept, the accelerator
+//! it is kept, the accelerator, who QEMU runs as
 //! and where the VM keeps its run directory. A builder: start from
 //! [`QemuVmConfig::new`] and chain the `with_*` methods.
 
 use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
+use super::identity::RunAs;
 use crate::hypervisor::console::DEFAULT_CONSOLE_MAX_BYTES;
 
 /// The kernel command line every QEMU guest starts with; the caller's
@@ -78,6 +79,13 @@ pub struct QemuVmConfig {
     pub work_dir: PathBuf,
     /// QEMU's own seccomp sandbox (`-sandbox on,…`, see `command.rs`).
     pub qemu_sandbox: bool,
+    /// A virtio-balloon whose free page reporting returns the pages the
+    /// guest frees to the host (see `command.rs`).
+    pub free_page_reporting: bool,
+    /// Who QEMU runs as (default: a uid of its own from the default
+    /// range, see `identity.rs`). The work directory names the VM when a
+    /// uid is chosen.
+    pub run_as: RunAs,
 }
 
 impl QemuVmConfig {
@@ -104,12 +112,27 @@ impl QemuVmConfig {
             accel: Accel::Auto,
             work_dir: std::env::temp_dir(),
             qemu_sandbox: true,
+            free_page_reporting: false,
+            run_as: RunAs::default(),
         }
+    }
+
+    /// Runs QEMU as `run_as` (`hypervisor.qemu_run_as`).
+    pub fn with_run_as(mut self, run_as: RunAs) -> Self {
+        self.run_as = run_as;
+        self
     }
 
     /// Turns QEMU's own seccomp sandbox on or off (`confinement.seccomp`).
     pub fn with_qemu_sandbox(mut self, on: bool) -> Self {
         self.qemu_sandbox = on;
+        self
+    }
+
+    /// Gives the guest a virtio-balloon with free page reporting, or not
+    /// (`hypervisor.free_page_reporting`).
+    pub fn with_free_page_reporting(mut self, on: bool) -> Self {
+        self.free_page_reporting = on;
         self
     }
 

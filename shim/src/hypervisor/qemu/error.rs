@@ -71,28 +71,64 @@ pub enum QemuError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The console socket QEMU connects to could not be set up.
-    #[error("cannot listen for the guest console on {socket}: {source}")]
-    ConsoleSocket {
-        socket: PathBuf,
+    /// A socket pair for QEMU's console or QMP could not be made.
+    #[error("cannot make the socket pair for QEMU's {what}: {source}")]
+    SocketPair {
+        what: &'static str,
         source: std::io::Error,
     },
-    /// QEMU did not connect to the console socket while it started.
-    #[error("QEMU did not connect to the guest console socket {socket}: {reason}")]
-    ConsoleNotConnected { socket: PathBuf, reason: String },
+    /// The backend could not connect, on QEMU's behalf, to a vhost-user
+    /// device's server.
+    #[error("cannot connect to the vhost-user {device} socket {path} for QEMU: {source}")]
+    VhostUserConnect {
+        device: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// QEMU's identity cannot open a file it needs.
+    #[error(
+        "QEMU, running as {identity}, cannot open the {what} {path}: {source} (make it and \
+         every directory above it readable by that user, or see {setting})"
+    )]
+    NotAccessible {
+        what: &'static str,
+        path: PathBuf,
+        identity: String,
+        setting: &'static str,
+        source: std::io::Error,
+    },
+    /// Every uid of the configured range is held by another QEMU or used
+    /// by a process.
+    #[error(
+        "no free uid for QEMU among the {count} ids from {first}: {held} held by other husk \
+         QEMUs, the rest used by running processes; enlarge the range ({setting})"
+    )]
+    NoFreeUid {
+        first: u32,
+        count: u32,
+        held: u32,
+        setting: &'static str,
+    },
+    /// The abstract socket that holds a uid could not be bound.
+    #[error("cannot bind the abstract socket {name} that holds QEMU's uid: {source}")]
+    UidLease {
+        name: String,
+        source: std::io::Error,
+    },
     /// The paused guest could not be resumed.
     #[error("cannot resume the paused guest with QMP cont: {source}")]
     Resume { source: QmpError },
     /// The QEMU process could not be started.
-    #[error("cannot start {binary}: {source}")]
+    #[error("cannot start {binary} as {identity}: {source}")]
     Spawn {
         binary: PathBuf,
+        identity: String,
         source: std::io::Error,
     },
     /// QEMU exited before its QMP monitor answered.
     #[error("QEMU exited during startup ({status}); its output: {output}")]
     ExitedAtStart { status: ExitStatus, output: String },
-    /// QEMU's QMP monitor did not come up.
-    #[error("cannot talk to QEMU's QMP monitor at {socket}: {source}")]
-    Qmp { socket: PathBuf, source: QmpError },
+    /// QEMU's QMP monitor did not come up on its socket pair.
+    #[error("cannot talk to QEMU's QMP monitor: {source}")]
+    Qmp { source: QmpError },
 }

@@ -11,11 +11,12 @@
 //! guest powers off (the default command line makes a guest reset or panic
 //! end QEMU), when [`QemuVm::stop`] asks QEMU to quit over QMP, or when the
 //! VM is dropped; in every case the QEMU process is reaped and the VM's run
-//! directory (QMP socket, QEMU's own output) is removed.
+//! directory (QEMU's own output) is removed.
 //!
 //! The module is split by concern: [`binary`] finds QEMU and checks its
 //! version, [`accel`] decides between KVM and TCG, [`config`] is the
-//! builder, [`command`] assembles the command line, [`spawner`] forks QEMU
+//! builder, [`identity`] decides who QEMU runs as and checks that user can
+//! open what QEMU opens, [`command`] assembles the command line, [`spawner`] forks QEMU
 //! so that it dies with the shim, [`process`] supervises the QEMU process,
 //! [`qmp`] is the QMP client, [`end`] decides how the
 //! guest ended, [`vm`] ties them together, and `pod_vm` serves a pod's
@@ -27,6 +28,7 @@ mod command;
 mod config;
 mod end;
 mod error;
+mod identity;
 mod pod_vm;
 mod process;
 mod qmp;
@@ -39,6 +41,7 @@ pub use command::MAX_SOCKET_PATH_BYTES;
 pub use config::{QemuVmConfig, VhostUserFs, VhostUserVsock, DEFAULT_QEMU_CMDLINE};
 pub use end::GuestEnd;
 pub use error::QemuError;
+pub use identity::{IdRange, QemuIdentity, RunAs, DEFAULT_QEMU_ID_COUNT, DEFAULT_QEMU_ID_FIRST};
 pub use pod_vm::{QemuPodVm, VMM_PID_FILE};
 pub use qmp::{QmpClient, QmpError};
 pub use vm::{PausedQemuVm, QemuVm};

@@ -1,7 +1,8 @@
 //! A pod's VM in QEMU behind the [`Hypervisor`] seam: the vsock and
 //! virtio-fs device models served over vhost-user from threads of this
-//! process. Each device's server starts when the device is added, so QEMU
-//! finds its socket listening when it starts.
+//! process. Each device's server starts when the device is added, so its
+//! socket listens when the backend connects to it on QEMU's behalf. QEMU
+//! runs as `spec.qemu_run_as` says.
 //!
 //! The QEMU pid is recorded in [`VMM_PID_FILE`] (the dead-shim cleanup
 //! kills it from there) while the guest is still paused: no guest
@@ -58,7 +59,9 @@ impl QemuPodVm {
             .with_memory_mib(memory_mib)
             .with_console_max_bytes(spec.console_max_bytes)
             .with_work_dir(&spec.work_dir)
-            .with_qemu_sandbox(spec.seccomp);
+            .with_qemu_sandbox(spec.seccomp)
+            .with_free_page_reporting(spec.free_page_reporting)
+            .with_run_as(spec.qemu_run_as);
         if let Some(binary) = &spec.qemu_binary {
             config = config.with_qemu_binary(binary);
         }
@@ -232,117 +235,54 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader, Write};
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::Path;
-    use std::thread::JoinHandle;
-    use std::time::Instant;
 
     use crate::hypervisor::Backend;
-
-    /// Generous bound on the fake monitor's waits, not a speed expectation.
-    const PATIENCE: Duration = Duration::from_secs(30);
 
     /// What the guest prints once it runs.
     const GUEST_LINE: &str = "guest: hello from the console";
 
-    /// A fake `qemu-system-x86_64`: answers `--version`, records its
-    /// arguments and pid next to itself, then sleeps as the "QEMU process".
-    const FAKE_QEMU: &str = "#!/bin/sh\n\
+    /// A fake `qemu-system-x86_64` (bash: dash redirects only fds 0-9):
+    /// answers `--version`, records its
+    /// arguments, pid and uid next to itself, then plays QEMU on the fds it
+    /// inherited: greets on QMP, answers every command, records each in
+    /// `seen` (`cont` with what the pid file said at that moment, after
+    /// which the "guest" prints on the console), and exits on `quit`.
+    const FAKE_QEMU: &str = "#!/bin/bash\n\
         case \"$1\" in --version) echo 'QEMU emulator version 7.2.0'; exit 0;; esac\n\
         dir=$(dirname \"$0\")\n\
         printf '%s\\n' \"$@\" > \"$dir/args\"\n\
         echo $$ > \"$dir/qemu.pid\"\n\
-        exec sleep 1000\n";
+        id -u > \"$dir/uid\"\n\
+        qmp=$(sed -n 's/^socket,id=qmp,fd=//p' \"$dir/args\")\n\
+        console=$(sed -n 's/^socket,id=console,fd=//p' \"$dir/args\")\n\
+        echo '{\"QMP\": {\"version\": {}, \"capabilities\": []}}' >&$qmp\n\
+        while read -r line <&$qmp; do\n\
+          case \"$line\" in\n\
+            *'\"cont\"'*) echo \"cont with vmm.pid=$(cat \"$dir/vmm.pid\" 2>/dev/null || echo '<missing>')\" >> \"$dir/seen\"\n\
+              echo 'guest: hello from the console' >&$console;;\n\
+            *'\"quit\"'*) echo quit >> \"$dir/seen\"; echo '{\"return\": {}}' >&$qmp; exit 0;;\n\
+            *) echo \"$line\" | sed 's/.*\"execute\": *\"\\([a-z_]*\\)\".*/\\1/' >> \"$dir/seen\";;\n\
+          esac\n\
+          echo '{\"return\": {}}' >&$qmp\n\
+        done\n";
 
-    /// Plays QEMU's side of the run directory from a thread: connects to
-    /// the console socket, serves QMP, and returns the commands it got in
-    /// order; `cont` is recorded with what the pid file said at that
-    /// moment. On `quit` it kills the "QEMU process" as QEMU would exit;
-    /// once that process is gone it closes its sockets, as QEMU's exit
-    /// would.
-    fn fake_qemu_side(qemu_dir: PathBuf, pid_file: PathBuf) -> JoinHandle<Vec<String>> {
-        let qemu_pid_file = qemu_dir.join("qemu.pid");
-        let qemu_gone = move || {
-            std::fs::read_to_string(&qemu_pid_file)
-                .is_ok_and(|pid| !Path::new(&format!("/proc/{}", pid.trim())).exists())
-        };
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + PATIENCE;
-            let run_dir = loop {
-                let found = std::fs::read_dir(&qemu_dir).ok().and_then(|entries| {
-                    entries
-                        .flatten()
-                        .map(|entry| entry.path())
-                        .find(|dir| dir.join("console.sock").exists())
-                });
-                if let Some(dir) = found {
-                    break dir;
-                }
-                assert!(Instant::now() < deadline, "no run directory appeared");
-                std::thread::sleep(Duration::from_millis(10));
-            };
-            // QEMU connects the console before its monitor listens.
-            let mut console = UnixStream::connect(run_dir.join("console.sock")).unwrap();
-            let listener = UnixListener::bind(run_dir.join("qmp.sock")).unwrap();
-            listener.set_nonblocking(true).unwrap();
-            let stream = loop {
-                match listener.accept() {
-                    Ok((stream, _)) => break stream,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    Err(error) => panic!("nobody connected to QMP: {error}"),
-                }
-            };
-            stream.set_nonblocking(false).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_millis(20)))
-                .unwrap();
-            let mut writer = stream.try_clone().unwrap();
-            writer
-                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
-                .unwrap();
-            let mut seen = Vec::new();
-            let mut reader = BufReader::new(stream);
-            let mut line = String::new();
-            loop {
-                // A read that times out keeps what it read in `line`.
-                match reader.read_line(&mut line) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(_) if qemu_gone() || Instant::now() >= deadline => break,
-                    Err(_) => continue,
-                }
-                let request: serde_json::Value = serde_json::from_str(&line).unwrap();
-                line.clear();
-                let command = request["execute"].as_str().unwrap_or_default().to_owned();
-                match command.as_str() {
-                    "cont" => {
-                        let recorded = std::fs::read_to_string(&pid_file)
-                            .unwrap_or_else(|_| "<missing>".to_owned());
-                        seen.push(format!("cont with {VMM_PID_FILE}={recorded}"));
-                        console
-                            .write_all(format!("{GUEST_LINE}\n").as_bytes())
-                            .unwrap();
-                    }
-                    _ => seen.push(command.clone()),
-                }
-                writer.write_all(b"{\"return\": {}}\r\n").unwrap();
-                if command == "quit" {
-                    let pid: i32 = std::fs::read_to_string(&pid_file)
-                        .unwrap()
-                        .trim()
-                        .parse()
-                        .unwrap();
-                    // SAFETY: kill(2) of the test's own fake QEMU.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    break;
-                }
-            }
-            seen
-        })
+    /// The commands the fake QEMU saw, in order.
+    fn seen(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("seen"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// An id range of its own per test process, far from the default.
+    fn test_run_as() -> crate::hypervisor::qemu::RunAs {
+        let first = 0x7600_0000 + std::process::id() % 4096 * 16;
+        crate::hypervisor::qemu::RunAs::Unprivileged(
+            crate::hypervisor::qemu::IdRange::new(first, 16).unwrap(),
+        )
     }
 
     fn spec(dir: &Path) -> VmSpec {
@@ -351,6 +291,8 @@ mod tests {
         std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(dir.join("bzImage"), b"kernel").unwrap();
         std::fs::write(dir.join("initrd"), b"initrd").unwrap();
+        // The fake QEMU writes its records here, under its own uid.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         VmSpec {
             backend: Backend::Qemu,
             vcpus: 1,
@@ -363,20 +305,25 @@ mod tests {
             qemu_binary: Some(qemu),
             seccomp: true,
             free_page_reporting: true,
+            // Root cannot be left without root; another user keeps its own
+            // ids either way.
+            qemu_run_as: if crate::testing::is_root() {
+                test_run_as()
+            } else {
+                crate::hypervisor::qemu::RunAs::Root
+            },
         }
     }
 
     #[test]
     fn the_guest_is_resumed_only_after_the_pid_file_names_qemu() {
         let dir = tempfile::tempdir().unwrap();
-        let qemu_side = fake_qemu_side(dir.path().to_owned(), dir.path().join(VMM_PID_FILE));
         let mut vm = QemuPodVm::new(spec(dir.path())).unwrap();
         vm.start().unwrap();
         let pid = vm.describe().vmm_pid;
         vm.stop(Duration::ZERO);
-        let seen = qemu_side.join().unwrap();
         assert_eq!(
-            seen,
+            seen(dir.path()),
             [
                 "qmp_capabilities".to_owned(),
                 format!("cont with {VMM_PID_FILE}={pid}"),
@@ -390,11 +337,46 @@ mod tests {
     }
 
     #[test]
+    fn qemu_runs_as_a_uid_of_the_configured_range() {
+        if !crate::testing::is_root() {
+            println!("husk-test-form: qemu pod vm uid: not run: changing ids needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path());
+        let crate::hypervisor::qemu::RunAs::Unprivileged(range) = spec.qemu_run_as else {
+            unreachable!("root's tests run QEMU unprivileged");
+        };
+        let mut vm = QemuPodVm::new(spec).unwrap();
+        vm.start().unwrap();
+        let uid: u32 = std::fs::read_to_string(dir.path().join("uid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let pid = vm.describe().vmm_pid;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        vm.stop(Duration::ZERO);
+        assert!(
+            uid >= range.first() && uid < range.first() + range.count(),
+            "QEMU ran as {uid}, outside {range:?}"
+        );
+        let gids = status.lines().find(|l| l.starts_with("Gid:")).unwrap();
+        assert!(
+            gids.split_whitespace()
+                .skip(1)
+                .all(|gid| gid == uid.to_string()),
+            "{gids}"
+        );
+        let caps = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+        assert!(caps.ends_with("0000000000000000"), "{caps}");
+    }
+
+    #[test]
     fn a_pid_that_cannot_be_recorded_kills_qemu_before_the_guest_runs() {
         let dir = tempfile::tempdir().unwrap();
         // A directory where the pid file goes: the write fails.
         std::fs::create_dir(dir.path().join(VMM_PID_FILE)).unwrap();
-        let qemu_side = fake_qemu_side(dir.path().to_owned(), dir.path().join("unused"));
         let mut vm = QemuPodVm::new(spec(dir.path())).unwrap();
         let error = format!("{:#}", vm.start().unwrap_err());
         assert!(error.contains(VMM_PID_FILE), "{error}");
@@ -404,7 +386,7 @@ mod tests {
             !Path::new(&format!("/proc/{}", qemu_pid.trim())).exists(),
             "QEMU {qemu_pid} is still there"
         );
-        assert_eq!(qemu_side.join().unwrap(), ["qmp_capabilities"]);
+        assert_eq!(seen(dir.path()), ["qmp_capabilities"]);
         assert_eq!(vm.describe().vmm_pid, 0);
     }
 }

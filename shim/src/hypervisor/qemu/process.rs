@@ -1,5 +1,6 @@
 //! Supervision of the QEMU process: spawn it (through [`super::spawner`],
-//! so it dies with the shim) with its output in a file, wait for it with a
+//! so it dies with the shim, under its own identity and with the fds it
+//! is given) with its output in a file, wait for it with a
 //! deadline, kill it, and always reap it so no zombie is left. Dropping a
 //! [`QemuProcess`] that is still running kills and reaps it.
 
@@ -10,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::error::QemuError;
-use super::spawner::spawn_tied_to_shim;
+use super::spawner::{spawn_tied_to_shim, ChildSetup};
 
 /// How often a waiting caller checks whether QEMU has exited. Short against
 /// a guest's life (seconds), long enough to cost nothing.
@@ -24,9 +25,14 @@ pub struct QemuProcess {
 }
 
 impl QemuProcess {
-    /// Starts `binary` with `args`; its stdout and stderr go to `output`.
-    /// The process is killed if the shim dies.
-    pub fn spawn(binary: &Path, args: &[OsString], output: &Path) -> Result<Self, QemuError> {
+    /// Starts `binary` with `args`, set up as `setup` says; its stdout and
+    /// stderr go to `output`. The process is killed if the shim dies.
+    pub fn spawn(
+        binary: &Path,
+        args: &[OsString],
+        output: &Path,
+        setup: ChildSetup,
+    ) -> Result<Self, QemuError> {
         let create_error = |source| QemuError::CreateFile {
             path: output.to_path_buf(),
             source,
@@ -39,8 +45,13 @@ impl QemuProcess {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        let child = spawn_tied_to_shim(command).map_err(|source| QemuError::Spawn {
+        let identity = match &setup.identity {
+            Some((uid, gid, groups)) => format!("uid {uid} gid {gid} groups {groups:?}"),
+            None => "the shim's user".to_owned(),
+        };
+        let child = spawn_tied_to_shim(command, setup).map_err(|source| QemuError::Spawn {
             binary: binary.to_path_buf(),
+            identity,
             source,
         })?;
         Ok(Self {
@@ -134,7 +145,9 @@ mod tests {
             "-c".into(),
             "echo to-stdout; echo to-stderr >&2; exit 3".into(),
         ];
-        let mut process = QemuProcess::spawn(Path::new("/bin/sh"), &args, &output).unwrap();
+        let mut process =
+            QemuProcess::spawn(Path::new("/bin/sh"), &args, &output, ChildSetup::default())
+                .unwrap();
         let status = process.wait_until(Instant::now() + Duration::from_secs(10));
         assert_eq!(status.and_then(|s| s.code()), Some(3));
         let text = std::fs::read_to_string(&output).unwrap();
@@ -149,7 +162,13 @@ mod tests {
     fn wait_returns_at_the_deadline_and_kill_reaps() {
         let output = output_file("sleep");
         let args = ["1000".into()];
-        let mut process = QemuProcess::spawn(Path::new("/bin/sleep"), &args, &output).unwrap();
+        let mut process = QemuProcess::spawn(
+            Path::new("/bin/sleep"),
+            &args,
+            &output,
+            ChildSetup::default(),
+        )
+        .unwrap();
         let pid = process.pid();
         let started = Instant::now();
         assert_eq!(
@@ -173,7 +192,13 @@ mod tests {
     fn dropping_a_running_process_kills_and_reaps_it() {
         let output = output_file("drop");
         let args = ["1000".into()];
-        let process = QemuProcess::spawn(Path::new("/bin/sleep"), &args, &output).unwrap();
+        let process = QemuProcess::spawn(
+            Path::new("/bin/sleep"),
+            &args,
+            &output,
+            ChildSetup::default(),
+        )
+        .unwrap();
         let pid = process.pid();
         drop(process);
         std::fs::remove_file(&output).unwrap();
@@ -186,7 +211,13 @@ mod tests {
     #[test]
     fn missing_binary_error_names_it() {
         let output = output_file("missing");
-        let error = QemuProcess::spawn(Path::new("/nonexistent/qemu"), &[], &output).unwrap_err();
+        let error = QemuProcess::spawn(
+            Path::new("/nonexistent/qemu"),
+            &[],
+            &output,
+            ChildSetup::default(),
+        )
+        .unwrap_err();
         let _ = std::fs::remove_file(&output);
         assert!(error.to_string().contains("/nonexistent/qemu"), "{error}");
     }

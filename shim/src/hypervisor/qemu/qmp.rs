@@ -60,7 +60,13 @@ impl QmpClient {
     /// Connects to `socket`, reads the greeting and negotiates
     /// capabilities. Every read and write waits at most `io_timeout`.
     pub fn connect(socket: &Path, io_timeout: Duration) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(socket)?;
+        Self::over(UnixStream::connect(socket)?, io_timeout)
+    }
+
+    /// Speaks QMP over `stream`, already connected to QEMU's monitor (the
+    /// backend's end of a socket pair): reads the greeting, negotiates
+    /// capabilities. Each read or write may block up to `io_timeout`.
+    pub fn over(stream: UnixStream, io_timeout: Duration) -> Result<Self, QmpError> {
         stream.set_read_timeout(Some(io_timeout))?;
         stream.set_write_timeout(Some(io_timeout))?;
         let writer = stream.try_clone()?;

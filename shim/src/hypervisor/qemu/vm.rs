@@ -1,35 +1,42 @@
 //! One running QEMU guest: [`QemuVm::start_paused`] checks QEMU and the
-//! boot files, creates the VM's run directory, listens there for QEMU's
-//! console, starts QEMU with its vCPUs stopped and waits for its QMP
-//! monitor and its console connection; [`PausedQemuVm::resume`] lets the
-//! guest run ([`QemuVm::start`] does both). [`QemuVm::wait`] and
-//! [`QemuVm::stop`] end it and report a [`GuestEnd`].
+//! boot files, picks who QEMU runs as and checks that user can open what
+//! QEMU opens, creates the VM's run directory, makes QEMU's sockets (socket
+//! pairs for the console and QMP, a connection to each vhost-user server),
+//! starts QEMU with its vCPUs stopped and those sockets as its only
+//! inherited fds, and waits for its QMP monitor;
+//! [`PausedQemuVm::resume`] lets the guest run ([`QemuVm::start`] does
+//! both). [`QemuVm::wait`] and [`QemuVm::stop`] end it and report a
+//! [`GuestEnd`].
 //!
 //! The console arrives on a socket and goes to the capped, rotating
 //! [`ConsoleLog`]; how the guest ended is read from its last
 //! [`CONSOLE_TAIL_BYTES`].
 //!
 //! Whatever way the VM ends (the guest powers off, `stop`, drop, or a
-//! failure during `start`), the QEMU process is reaped and the run
-//! directory with the QMP and console sockets and QEMU's output is
-//! removed. The vhost-user sockets belong to their servers and the console
-//! log files to the caller; both are left alone.
+//! failure during `start`), the QEMU process is reaped, then its uid is
+//! given back, and the run directory with QEMU's output is removed. The
+//! vhost-user sockets belong to their servers and the console log files to
+//! the caller; both are left alone.
 
 use std::fs::DirBuilder;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::accel::AccelChoice;
+use super::accel::ResolvedAccel;
 use super::binary::{check_version, locate_qemu, QemuVersion};
-use super::command::{qemu_arguments, RunSockets};
+use super::command::{qemu_arguments, QemuFds};
 use super::config::QemuVmConfig;
 use super::end::{classify, EndEvidence, GuestEnd};
 use super::error::QemuError;
+use super::identity::{QemuIdentity, RunAs, UidLease};
 use super::process::QemuProcess;
 use super::qmp::{QmpClient, QmpError};
+use super::spawner::ChildSetup;
 use crate::hypervisor::console::{read_tail, ConsoleLog, CONSOLE_TAIL_BYTES};
 use husk_vmm::host::probe_host_kvm;
 
@@ -43,10 +50,12 @@ const QMP_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long QEMU gets to exit after QMP `quit` before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 
-/// How long QEMU may take to connect to the console socket after its QMP
-/// monitor answered: it connects before the monitor exists, so this only
-/// bounds a broken QEMU.
-const CONSOLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The device QEMU opens for `-accel kvm`.
+const KVM_DEVICE: &str = "/dev/kvm";
+
+/// The settings an error about QEMU's identity points at.
+const RUN_AS_SETTING: &str = "hypervisor.qemu_run_as";
+const ID_RANGE_SETTING: &str = "hypervisor.qemu_id_count";
 
 /// How long the console gets, once QEMU exited, to reach its file.
 const CONSOLE_DRAIN_PATIENCE: Duration = Duration::from_secs(2);
@@ -68,6 +77,11 @@ pub struct QemuVm {
     version: QemuVersion,
     quit_requested: bool,
     end: Option<GuestEnd>,
+    /// Who QEMU runs as; `None` for root.
+    identity: Option<QemuIdentity>,
+    /// Holds QEMU's uid. Declared after `process`, so that a dropped VM
+    /// frees the uid only after QEMU was reaped.
+    _uid_lease: Option<UidLease>,
 }
 
 impl QemuVm {
@@ -98,17 +112,42 @@ impl QemuVm {
         }
 
         let accel = config.accel.resolve(probe_host_kvm);
+        let (uid_lease, identity) = choose_identity(&config, accel.accel)?;
         let run_dir = RunDir::create(&config.work_dir)?;
-        let sockets = RunSockets {
-            qmp: run_dir.path.join("qmp.sock"),
-            console: run_dir.path.join("console.sock"),
-        };
-        let args = qemu_arguments(&config, accel.accel, &sockets)?;
-        let console_listener =
-            UnixListener::bind(&sockets.console).map_err(|source| QemuError::ConsoleSocket {
-                socket: sockets.console.clone(),
+        let pair =
+            |what| UnixStream::pair().map_err(|source| QemuError::SocketPair { what, source });
+        let (qmp_ours, qmp_qemus) = pair("QMP monitor")?;
+        let (console_ours, console_qemus) = pair("serial console")?;
+        let connect = |device, path: &Path| {
+            UnixStream::connect(path).map_err(|source| QemuError::VhostUserConnect {
+                device,
+                path: path.to_path_buf(),
                 source,
-            })?;
+            })
+        };
+        let vsock = config
+            .vsock
+            .as_ref()
+            .map(|vsock| connect("vsock", &vsock.socket))
+            .transpose()?;
+        let fs = config
+            .fs
+            .as_ref()
+            .map(|fs| connect("virtio-fs", &fs.socket))
+            .transpose()?;
+        let net = config
+            .net
+            .as_ref()
+            .map(|net| connect("virtio-net", &net.socket))
+            .transpose()?;
+        let fds = QemuFds {
+            qmp: qmp_qemus.as_raw_fd(),
+            console: console_qemus.as_raw_fd(),
+            vsock: vsock.as_ref().map(AsRawFd::as_raw_fd),
+            fs: fs.as_ref().map(AsRawFd::as_raw_fd),
+            net: net.as_ref().map(AsRawFd::as_raw_fd),
+        };
+        let args = qemu_arguments(&config, accel.accel, &fds)?;
         let console = ConsoleLog::create(&config.console_log, config.console_max_bytes).map_err(
             |source| QemuError::CreateFile {
                 path: config.console_log.clone(),
@@ -120,11 +159,21 @@ impl QemuVm {
             reason = %accel.reason,
             qemu = %binary.display(),
             %version,
+            run_as = %identity.as_ref().map_or_else(|| "root".to_owned(), ToString::to_string),
             run_dir = %run_dir.path.display(),
             "starting a QEMU guest"
         );
         tracing::debug!(?args, "QEMU command line");
-        let process = QemuProcess::spawn(&binary, &args, &run_dir.output_path())?;
+        let setup = ChildSetup {
+            identity: identity
+                .as_ref()
+                .map(|id| (id.uid, id.gid, id.groups.clone())),
+            inherit_fds: fds.all(),
+        };
+        let process = QemuProcess::spawn(&binary, &args, &run_dir.output_path(), setup)?;
+        // QEMU holds its own copies now; ours would keep its peers from
+        // seeing QEMU's end close.
+        drop((qmp_qemus, console_qemus, vsock, fs, net));
         let mut vm = Self {
             process,
             qmp: None,
@@ -134,9 +183,16 @@ impl QemuVm {
             version,
             quit_requested: false,
             end: None,
+            identity,
+            _uid_lease: uid_lease,
         };
-        vm.qmp = Some(vm.connect_qmp(&sockets.qmp)?);
-        vm.accept_console(console_listener, &sockets.console)?;
+        vm.qmp = Some(vm.connect_qmp(qmp_ours)?);
+        vm.console
+            .read_from(console_ours)
+            .map_err(|source| QemuError::SocketPair {
+                what: "serial console",
+                source,
+            })?;
         tracing::info!(pid = vm.pid(), "QEMU started; the guest is paused");
         Ok(PausedQemuVm { vm })
     }
@@ -149,6 +205,11 @@ impl QemuVm {
     /// The accelerator QEMU runs with, and why.
     pub fn accel(&self) -> &AccelChoice {
         &self.accel
+    }
+
+    /// Who QEMU runs as; `None` when it runs as root.
+    pub fn identity(&self) -> Option<&QemuIdentity> {
+        self.identity.as_ref()
     }
 
     /// The version of the QEMU that runs the guest.
@@ -260,67 +321,81 @@ impl QemuVm {
         end
     }
 
-    /// Connects to QMP, retrying until QEMU created the socket; fails early
-    /// with QEMU's output if QEMU exits first.
-    fn connect_qmp(&mut self, socket: &Path) -> Result<QmpClient, QemuError> {
+    /// Speaks QMP over the backend's end of the monitor's socket pair once
+    /// QEMU greets on it; fails early with QEMU's output if QEMU exits
+    /// first.
+    fn connect_qmp(&mut self, stream: UnixStream) -> Result<QmpClient, QemuError> {
         let deadline = Instant::now() + QMP_STARTUP_TIMEOUT;
         loop {
-            let attempt = QmpClient::connect(socket, QMP_IO_TIMEOUT);
             if let Some(status) = self.process.try_status() {
-                let output = tail(&read_lossy(&self.run_dir.output_path()), OUTPUT_TAIL_BYTES);
-                return Err(QemuError::ExitedAtStart { status, output });
+                return Err(self.exited_at_start(status));
             }
-            match attempt {
-                Ok(client) => return Ok(client),
-                Err(source) if Instant::now() >= deadline => {
-                    return Err(QemuError::Qmp {
-                        socket: socket.to_path_buf(),
-                        source,
-                    })
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            // The greeting, or the end of the stream when QEMU exits.
+            if readable_within(&stream, Duration::from_millis(10)) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::Qmp {
+                    source: QmpError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no greeting within {QMP_STARTUP_TIMEOUT:?}"),
+                    )),
+                });
             }
         }
+        QmpClient::over(stream, QMP_IO_TIMEOUT).map_err(|source| {
+            // A monitor that closed at once: QEMU is exiting.
+            match self.process.wait_until(Instant::now() + QUIT_GRACE) {
+                Some(status) if matches!(source, QmpError::Closed) => self.exited_at_start(status),
+                _ => QemuError::Qmp { source },
+            }
+        })
     }
 
-    /// Takes QEMU's connection to the console socket (QEMU connects while
-    /// it starts, before its QMP monitor answers) and starts copying it
-    /// into the console log. Nothing else can connect afterwards.
-    fn accept_console(&mut self, listener: UnixListener, socket: &Path) -> Result<(), QemuError> {
-        let socket_error = |source| QemuError::ConsoleSocket {
-            socket: socket.to_path_buf(),
-            source,
-        };
-        listener.set_nonblocking(true).map_err(socket_error)?;
-        let deadline = Instant::now() + CONSOLE_CONNECT_TIMEOUT;
-        let stream = loop {
-            match listener.accept() {
-                Ok((stream, _)) => break stream,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Some(status) = self.process.try_status() {
-                        let output =
-                            tail(&read_lossy(&self.run_dir.output_path()), OUTPUT_TAIL_BYTES);
-                        return Err(QemuError::ExitedAtStart { status, output });
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(QemuError::ConsoleNotConnected {
-                            socket: socket.to_path_buf(),
-                            reason: format!(
-                                "no connection within {CONSOLE_CONNECT_TIMEOUT:?} of QMP answering"
-                            ),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(socket_error(source)),
-            }
-        };
-        drop(listener);
-        let _ = std::fs::remove_file(socket);
-        stream.set_nonblocking(false).map_err(socket_error)?;
-        self.console.read_from(stream).map_err(socket_error)
+    fn exited_at_start(&self, status: std::process::ExitStatus) -> QemuError {
+        let output = tail(&read_lossy(&self.run_dir.output_path()), OUTPUT_TAIL_BYTES);
+        QemuError::ExitedAtStart { status, output }
     }
+}
+
+/// Whether `stream` has something to read (or reached its end) within
+/// `timeout`.
+fn readable_within(stream: &UnixStream, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd that lives across the call.
+    let ready = unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as libc::c_int) };
+    ready > 0
+}
+
+/// Who QEMU runs as for `config` under `accel`, with the lease that holds
+/// its uid; both `None` for root. Checks that the user can open the guest
+/// kernel, the initramfs and, under KVM, `/dev/kvm`.
+fn choose_identity(
+    config: &QemuVmConfig,
+    accel: ResolvedAccel,
+) -> Result<(Option<UidLease>, Option<QemuIdentity>), QemuError> {
+    let RunAs::Unprivileged(range) = config.run_as else {
+        return Ok((None, None));
+    };
+    let lease = UidLease::take(range, &config.work_dir, ID_RANGE_SETTING)?;
+    let mut identity = lease.identity().clone();
+    if accel == ResolvedAccel::Kvm {
+        let kvm = Path::new(KVM_DEVICE);
+        identity.allow_kvm(kvm, RUN_AS_SETTING)?;
+        identity.check_access("KVM device", kvm, true, RUN_AS_SETTING)?;
+    }
+    identity.check_access(
+        "guest kernel",
+        &config.kernel,
+        false,
+        "hypervisor.qemu_kernel",
+    )?;
+    identity.check_access("initramfs", &config.initrd, false, "hypervisor.initrd")?;
+    Ok((Some(lease), Some(identity)))
 }
 
 /// A QEMU guest that was started with its vCPUs stopped (`-S`): QEMU runs,
@@ -479,6 +554,8 @@ mod tests {
             .with_qemu_binary(self.dir.join("qemu"))
             .with_accel(super::super::Accel::Tcg)
             .with_work_dir(self.dir.join("work"))
+            // Not about identities (`pod_vm.rs` and `identity.rs` are).
+            .with_run_as(RunAs::Root)
         }
 
         fn work_dir_is_empty(&self) -> bool {
