@@ -29,6 +29,7 @@ use super::{
     MAX_REPORT_DESCRIPTORS, REPORTING_QUEUE_INDEX,
 };
 use crate::guest_log::{guest_warn, GuestLog};
+use crate::virtio::avail_ring_overrun;
 
 /// What one pass over the queues did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -134,7 +135,10 @@ impl BalloonQueues {
                 used_any = true;
             }
             // Re-check after enabling notifications (virtio 1.2, 2.7.10).
-            if more || !queue.enable_notification(mem).map_err(queue_error)? {
+            if more
+                || !queue.enable_notification(mem).map_err(queue_error)?
+                || avail_ring_overrun(queue, mem)
+            {
                 break;
             }
         }
@@ -183,8 +187,9 @@ fn report_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>)
     for (position, desc) in chain.enumerate() {
         let (addr, len) = (desc.addr(), u64::from(desc.len()));
         if position >= MAX_REPORT_DESCRIPTORS {
+            // The rest is not walked: an indirect table may hold 65,535.
             refuse(&mut report, RangeRefused::TooManyDescriptors { head });
-            continue;
+            break;
         }
         if !desc.is_write_only() {
             refuse(
