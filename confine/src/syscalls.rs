@@ -4,7 +4,8 @@
 //! the libraries it calls reach on x86_64 Linux with glibc, read from the
 //! code paths (Rust std's thread start and exit, the allocator, `tracing`'s
 //! writer; vhost-user-backend's session and vring workers; fuse-backend-rs's
-//! passthrough; kvm-ioctls' vCPU loop) and then checked by running the
+//! passthrough; kvm-ioctls' vCPU loop; the virtio-balloon worker's discards
+//! of guest memory) and then checked by running the
 //! e2e tier with `seccomp_action = "trap"`, which logs every call a list
 //! lacks (the guest and hostile tiers run them under the default "kill",
 //! so a missing call fails them). A missing call shows up under "trap" as
@@ -85,6 +86,9 @@ pub const BASE: &[Rule] = &[
     any("munmap"),
     any("mremap"),
     any("mprotect"),
+    // The allocator's; also how the virtio-balloon worker releases
+    // anonymous guest memory (MADV_DONTNEED or MADV_REMOVE, see
+    // GUEST_MEMORY).
     any("madvise"),
     any("brk"),
     any("rt_sigprocmask"),
@@ -203,6 +207,26 @@ pub const SOCKETS: &[Rule] = &[
     ),
 ];
 
+/// `fallocate`'s mode for returning a file range to the file system
+/// without changing the file's size (linux/falloc.h).
+const PUNCH_HOLE_KEEP_SIZE: u64 = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
+
+/// Giving guest RAM back to the host: the virtio-balloon worker releases
+/// the ranges a guest reports free (free page reporting,
+/// `husk_devices::balloon`). Anonymous guest memory (the built-in VMM's)
+/// goes with `madvise(MADV_DONTNEED)` (`MADV_REMOVE` if shared), already
+/// in [`BASE`]; file- or memfd-backed shared memory needs a hole punched
+/// in its file, so
+/// `fallocate` is allowed in that one mode only: no class without
+/// [`FILES`] may grow, preallocate or shift a file through it.
+pub const GUEST_MEMORY: &[Rule] = &[with(
+    "fallocate",
+    &[ArgCheck::Equals {
+        index: 1,
+        value: PUNCH_HOLE_KEEP_SIZE,
+    }],
+)];
+
 /// A passthrough's file operations on the share, acting as the guest's
 /// users (fs uid/gid switches and the CAP_FSETID toggle of a write that
 /// kills suid bits).
@@ -284,9 +308,9 @@ pub const KVM: &[Rule] = &[with(
 /// virtio-fs lists; moving activation to a VMM thread would narrow it.
 pub fn lists_for(class: ThreadClass) -> &'static [&'static [Rule]] {
     match class {
-        ThreadClass::Device => &[BASE, SOCKETS],
-        ThreadClass::FsWorker => &[BASE, SOCKETS, FILES],
-        ThreadClass::Vcpu => &[BASE, SOCKETS, FILES, KVM],
+        ThreadClass::Device => &[BASE, SOCKETS, GUEST_MEMORY],
+        ThreadClass::FsWorker => &[BASE, SOCKETS, GUEST_MEMORY, FILES],
+        ThreadClass::Vcpu => &[BASE, SOCKETS, GUEST_MEMORY, FILES, KVM],
     }
 }
 
@@ -338,6 +362,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn device_threads_may_fallocate_only_to_punch_holes() {
+        let fallocate: Vec<&Rule> = lists_for(ThreadClass::Device)
+            .iter()
+            .flat_map(|list| list.iter())
+            .filter(|rule| rule.name == "fallocate")
+            .collect();
+        assert_eq!(fallocate.len(), 1, "{fallocate:?}");
+        assert_eq!(
+            fallocate[0].args,
+            &[ArgCheck::Equals {
+                index: 1,
+                value: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+            }]
+        );
     }
 
     #[test]

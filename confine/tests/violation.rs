@@ -35,6 +35,10 @@ fn child_entry() {
         control_child();
         return;
     }
+    if case == "punch" {
+        punch_child();
+        return;
+    }
     let action = match case.as_str() {
         "kill" => ViolationAction::Kill,
         "trap" => ViolationAction::Trap,
@@ -150,4 +154,62 @@ fn the_process_wide_deny_list_reaches_running_threads_and_kills_on_ptrace() {
         "ptrace under the deny list did not kill the process: {status:?}\n{stderr}"
     );
     assert!(!stderr.contains("child: ptrace returned"), "{stderr}");
+}
+
+/// The "punch" child: a device thread (under `trap`, so a refusal is an
+/// ENOSYS and not a kill) may punch a hole in a memfd it holds, as the
+/// virtio-balloon worker does in file-backed guest memory, and may not
+/// use `fallocate` in any other mode.
+fn punch_child() {
+    let policy = set_policy(Policy {
+        seccomp: true,
+        action: ViolationAction::Trap,
+        fs_private_root: false,
+    });
+    // SAFETY: a NUL-terminated literal name; the fd is owned below.
+    let raw = unsafe { libc::memfd_create(c"husk-punch".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(
+        raw >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `raw` was just created and nothing else owns it.
+    let memfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let file = std::fs::File::from(memfd);
+    file.set_len(1 << 20).unwrap();
+    let results = std::thread::Builder::new()
+        .name("husk-test-punch".into())
+        .spawn(move || {
+            confine_with(ThreadClass::Device, policy).unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+            let fallocate = |mode: libc::c_int, offset: libc::off_t| {
+                // SAFETY: plain integer arguments on an fd this thread holds.
+                let ret = unsafe { libc::fallocate(fd, mode, offset, 4096) };
+                (ret, std::io::Error::last_os_error().raw_os_error())
+            };
+            let punched = fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0);
+            let grown = fallocate(0, 1 << 20);
+            (punched.0, grown)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    eprintln!(
+        "child: punch returned {}, plain fallocate returned {:?}",
+        results.0, results.1
+    );
+}
+
+#[test]
+fn a_device_thread_may_punch_holes_and_nothing_else_with_fallocate() {
+    let (status, stderr) = run_child("punch");
+    assert!(status.success(), "child failed: {status:?}\n{stderr}");
+    assert!(
+        stderr.contains("child: punch returned 0, plain fallocate returned (-1, Some(38))"),
+        "punching a hole must succeed and any other fallocate fail with ENOSYS:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("husk: seccomp: thread husk-test-punch made system call fallocate (285)"),
+        "the refused fallocate is not named in the log:\n{stderr}"
+    );
 }

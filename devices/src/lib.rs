@@ -1,6 +1,8 @@
 //! husk's virtio devices, independent of any VMM: the device models (vsock,
 //! fs and net), written once against `vm-memory` and `virtio-queue`, and the
-//! two transports that carry them.
+//! two transports that carry them; and a balloon for free page reporting,
+//! on virtio-mmio only (vhost-user has no balloon device: under QEMU the
+//! guest gets QEMU's own).
 //!
 //! * virtio-mmio ([`MmioTransport`]): the built-in VMM maps its register
 //!   window on its MMIO bus (through [`BusDevice`]) and wires queue
@@ -15,6 +17,7 @@
 //! Whatever a guest can make a device log goes through that device's
 //! [`guest_log::GuestLog`], which rate-limits it and counts what it drops.
 
+pub mod balloon;
 mod bus;
 pub mod counters;
 pub mod fs;

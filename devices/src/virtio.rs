@@ -14,6 +14,20 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::guest_log::GuestLog;
 
+/// Whether the driver's available index runs more than a whole ring ahead
+/// of the device: no valid driver does that. `virtio-queue` then pops
+/// nothing while `enable_notification` keeps saying more is there, so a
+/// device loop that re-checks after enabling notifications (virtio 1.2,
+/// 2.7.10) must stop on it, or a guest could spin a host thread forever.
+/// The queue is left alone until the driver's next kick.
+pub fn avail_ring_overrun<M: vm_memory::GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    use virtio_queue::QueueT;
+    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(avail) => avail.0.wrapping_sub(queue.next_avail()) > queue.size(),
+        Err(_) => true,
+    }
+}
+
 /// Feature bit 32: the device follows virtio 1.x (required by MMIO v2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 

@@ -8,13 +8,17 @@
 //!
 //! The serving shim also keeps its own copy of the lines, since it runs
 //! one pod: `shim.log` in the sandbox directory (`husk-ctl logs`), rotated
-//! into `shim.log.1` at `shim_log_max_bytes`, as the console is. Lines
+//! into `shim.log.1` at `shim_log_max_bytes`, as the console is, by one
+//! writer thread (logging threads only queue, at most
+//! [`POD_LOG_QUEUE_LINES`] lines). Lines
 //! from before the sandbox directory exists wait in memory, at most
 //! [`POD_LOG_PENDING_BYTES`] of them (the rest are counted and the count
 //! is written first).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use tracing_subscriber::filter::LevelFilter;
@@ -27,16 +31,25 @@ use crate::hypervisor::console::RotatingLog;
 /// the lines of a Create before its boot.
 pub const POD_LOG_PENDING_BYTES: usize = 64 * 1024;
 
+/// Lines queued for the pod's log writer at most; more are dropped and
+/// counted (a thread that logs never waits for the file).
+pub const POD_LOG_QUEUE_LINES: usize = 1024;
+
 /// The pod's copy of the shim's lines.
 enum PodLog {
     /// Before [`keep_pod_log`]: lines held, and how many were dropped.
     Pending(Vec<u8>, u64),
-    File(RotatingLog),
+    /// The writer thread's queue, and the lines dropped since its last
+    /// note.
+    Writer(SyncSender<Vec<u8>>, Arc<AtomicU64>),
 }
 
 static POD_LOG: Mutex<PodLog> = Mutex::new(PodLog::Pending(Vec::new(), 0));
 
-/// Adds one line to the pod's copy (never logs itself).
+/// Adds one line to the pod's copy (never logs itself). It only queues:
+/// the file is written, and rotated, by the writer thread alone, because
+/// the thread that logs may be a confined device or vCPU thread whose
+/// seccomp allowlist has no `rename` or `open`.
 fn tee(line: &[u8]) {
     match &mut *POD_LOG.lock().unwrap_or_else(|p| p.into_inner()) {
         PodLog::Pending(held, dropped) => {
@@ -46,14 +59,17 @@ fn tee(line: &[u8]) {
                 *dropped += 1;
             }
         }
-        PodLog::File(log) => {
-            let _ = log.append(line);
+        PodLog::Writer(queue, dropped) => {
+            if queue.try_send(line.to_vec()).is_err() {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
 
 /// From now on the pod's lines go to `path` (and its `.1`), each file at
-/// most `max_bytes`; the lines held until now are written first.
+/// most `max_bytes`, written by a thread of their own; the lines held
+/// until now are written first.
 pub fn keep_pod_log(path: &std::path::Path, max_bytes: u64) -> std::io::Result<()> {
     let mut log = RotatingLog::create(path, max_bytes)?;
     let mut state = POD_LOG.lock().unwrap_or_else(|p| p.into_inner());
@@ -66,7 +82,24 @@ pub fn keep_pod_log(path: &std::path::Path, max_bytes: u64) -> std::io::Result<(
         }
         log.append(held)?;
     }
-    *state = PodLog::File(log);
+    let (queue, lines) = sync_channel::<Vec<u8>>(POD_LOG_QUEUE_LINES);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let counted = dropped.clone();
+    std::thread::Builder::new()
+        .name("husk-pod-log".into())
+        .spawn(move || {
+            for line in lines {
+                let missed = counted.swap(0, Ordering::Relaxed);
+                if missed > 0 {
+                    let note = format!(
+                        "husk: {missed} log lines were not kept (more than {POD_LOG_QUEUE_LINES} queued)\n"
+                    );
+                    let _ = log.append(note.as_bytes());
+                }
+                let _ = log.append(&line);
+            }
+        })?;
+    *state = PodLog::Writer(queue, dropped);
     Ok(())
 }
 
@@ -190,19 +223,24 @@ pub fn init_stderr(debug: bool) {
 
 /// Log target of fuse-backend-rs (it logs through the `log` crate).
 const FUSE_BACKEND_TARGET: &str = "fuse_backend_rs";
+/// Log target of virtio-queue, which logs an error line for each
+/// malformed ring it meets, as often as the guest offers one.
+const VIRTIO_QUEUE_TARGET: &str = "virtio_queue";
 
-/// `level` for husk's own events. fuse-backend-rs's lines only at debug
-/// and trace: it logs some errors once per guest request (a GETATTR of an
-/// unknown node id, a malformed name), outside the devices' rate-limited
-/// guest log, so at the default level a guest could flood containerd's log
-/// through it.
+/// `level` for husk's own events. fuse-backend-rs's and virtio-queue's
+/// lines only at debug and trace: they log some errors once per guest
+/// request (a GETATTR of an unknown node id, a malformed name, a ring
+/// index out of range), outside the devices' rate-limited guest log, so
+/// at the default level a guest could flood containerd's log through them.
 fn filter(level: LevelFilter) -> tracing_subscriber::EnvFilter {
     let fuse = if level >= LevelFilter::DEBUG {
         level
     } else {
         LevelFilter::OFF
     };
-    tracing_subscriber::EnvFilter::new(format!("{level},{FUSE_BACKEND_TARGET}={fuse}"))
+    tracing_subscriber::EnvFilter::new(format!(
+        "{level},{FUSE_BACKEND_TARGET}={fuse},{VIRTIO_QUEUE_TARGET}={fuse}"
+    ))
 }
 
 fn clear_nonblocking(file: &File) {
@@ -235,11 +273,11 @@ mod tests {
         };
         assert_eq!(
             directives(LevelFilter::INFO),
-            ["fuse_backend_rs=off", "info"]
+            ["fuse_backend_rs=off", "info", "virtio_queue=off"]
         );
         assert_eq!(
             directives(LevelFilter::DEBUG),
-            ["debug", "fuse_backend_rs=debug"]
+            ["debug", "fuse_backend_rs=debug", "virtio_queue=debug"]
         );
     }
 

@@ -289,6 +289,15 @@ impl Sandbox {
         } = request;
         let mut spec = spec;
         if config.debug_console {
+            if spec.backend == crate::hypervisor::Backend::Qemu
+                && config.hypervisor.qemu_run_as == crate::config::QemuRunAs::Unprivileged
+            {
+                return Err(anyhow!(
+                    "debug_console = true needs hypervisor.qemu_run_as = \"root\" under the \
+                     QEMU backend: the debug initramfs is written in the pod's root-only VM \
+                     directory, which QEMU's own uid cannot read"
+                ));
+            }
             spec.initrd = crate::debug_console::write_debug_initrd(
                 &spec.initrd,
                 &config.debug_shell,

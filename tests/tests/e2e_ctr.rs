@@ -2577,7 +2577,11 @@ fn ops_exec_runs_uname_in_the_guest(suite: &Suite, rt: Runtime) -> Result<String
     let config = bad_config(
         suite,
         "debug-console.toml",
-        &[("debug_console", "true".to_owned())],
+        // Under QEMU the debug initramfs is readable by root only.
+        &[
+            ("debug_console", "true".to_owned()),
+            ("qemu_run_as", toml_string("root")),
+        ],
     )?;
     let id = suite.id(rt, "exec");
     start_pod(

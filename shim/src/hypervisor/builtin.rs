@@ -3,12 +3,19 @@
 //! is the shim: its pid is the shim's, and its vCPU and device threads are
 //! the shim's threads. The serial device writes into the capped
 //! [`ConsoleLog`] without waiting on the host.
+//!
+//! Besides the devices the sandbox adds, the VM gets a virtio-balloon for
+//! free page reporting when `hypervisor.free_page_reporting` is set
+//! ([`BalloonDevice`]): the pages the guest frees go back to the host,
+//! as QEMU's own balloon does for the qemu backend. It comes last, so the
+//! other devices keep their windows and interrupt lines.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use husk_agent_client::Endpoint;
+use husk_devices::balloon::BalloonDevice;
 use husk_devices::fs::VirtioFs;
 use husk_devices::vsock::{VsockConfig, VsockDevice};
 use husk_devices::VirtioDevice;
@@ -44,6 +51,16 @@ impl BuiltinVm {
             console: None,
         })
     }
+}
+
+/// The VM's virtio devices in window order: those `added`, then the
+/// balloon when `spec` asks for free page reporting.
+fn vm_devices(spec: &VmSpec, added: Vec<Box<dyn VirtioDevice>>) -> Vec<Box<dyn VirtioDevice>> {
+    let mut devices = added;
+    if spec.free_page_reporting {
+        devices.push(Box::new(BalloonDevice::new()));
+    }
+    devices
 }
 
 impl Hypervisor for BuiltinVm {
@@ -83,6 +100,7 @@ impl Hypervisor for BuiltinVm {
     }
 
     fn start(&mut self) -> Result<(), HypervisorError> {
+        let devices = vm_devices(&self.spec, std::mem::take(&mut self.devices));
         let spec = &self.spec;
         let console =
             ConsoleLog::create(&spec.console_log, spec.console_max_bytes).with_context(|| {
@@ -100,7 +118,7 @@ impl Hypervisor for BuiltinVm {
                 spec.kernel_cmdline(),
             )
             .serial(SerialSink::Writer(Box::new(console.writer())));
-        for device in self.devices.drain(..) {
+        for device in devices {
             builder = builder.virtio_device(device);
         }
         let mut vm = builder.build().with_context(|| {
@@ -173,5 +191,57 @@ impl Hypervisor for BuiltinVm {
             ),
             _ => format!("{exit:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::Backend;
+
+    fn spec(free_page_reporting: bool) -> VmSpec {
+        VmSpec {
+            backend: Backend::Builtin,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/nonexistent/vmlinux".into(),
+            initrd: "/nonexistent/initramfs.cpio.gz".into(),
+            console_log: "/nonexistent/console.log".into(),
+            console_max_bytes: 1 << 20,
+            work_dir: "/nonexistent".into(),
+            qemu_binary: None,
+            seccomp: true,
+            free_page_reporting,
+            qemu_run_as: crate::hypervisor::qemu::RunAs::Root,
+        }
+    }
+
+    /// The virtio device ids the VM would get, in window order.
+    fn device_types(vm: &mut BuiltinVm) -> Vec<u32> {
+        vm_devices(&vm.spec, std::mem::take(&mut vm.devices))
+            .iter()
+            .map(|device| device.device_type())
+            .collect()
+    }
+
+    #[test]
+    fn free_page_reporting_adds_a_balloon_after_the_other_devices() {
+        let mut vm = BuiltinVm::new(spec(true)).unwrap();
+        let share = std::env::temp_dir();
+        vm.add_device(Device::SharedFs(husk_devices::fs::FsConfig::new(&share)))
+            .unwrap();
+        assert_eq!(
+            device_types(&mut vm),
+            vec![
+                26, // virtio-fs
+                husk_devices::balloon::VIRTIO_ID_BALLOON
+            ]
+        );
+    }
+
+    #[test]
+    fn without_free_page_reporting_there_is_no_balloon() {
+        let mut vm = BuiltinVm::new(spec(false)).unwrap();
+        assert_eq!(device_types(&mut vm), Vec::<u32>::new());
     }
 }

@@ -1,8 +1,10 @@
 //! The driver's half of a split virtqueue (virtio 1.2, 2.7) in a
 //! `GuestMemoryMmap`, for device-model tests: [`DriverQueue`] lays out the
 //! descriptor table and rings, posts descriptor chains (each descriptor
-//! with its own buffer) and reaps the used ring, as a guest driver would.
-//! The vsock and virtio-fs tests both drive their devices through it.
+//! with its own buffer, or pointing wherever the test says) and reaps the
+//! used ring, as a guest driver would.
+//! The device models' tests (vsock, virtio-fs, net, balloon) drive their
+//! devices through it.
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -105,17 +107,55 @@ impl DriverQueue {
             let addr = self.buffer(index);
             mem.write_slice(data, addr).unwrap();
             let next = indexes.get(i + 1).copied();
-            let mut flags = if writable { DESC_F_WRITE } else { 0 };
-            if next.is_some() {
-                flags |= DESC_F_NEXT;
-            }
-            let entry = GuestAddress(self.desc.0 + 16 * u64::from(index));
-            mem.write_obj(addr.0, entry).unwrap();
-            mem.write_obj(len, GuestAddress(entry.0 + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(entry.0 + 12)).unwrap();
-            mem.write_obj(next.unwrap_or(0), GuestAddress(entry.0 + 14))
-                .unwrap();
+            self.write_descriptor(mem, index, addr.0, len, writable, next);
         }
+        Some(self.publish(mem, indexes))
+    }
+
+    /// Posts a chain whose descriptors point wherever the driver says
+    /// instead of at this queue's buffers (a balloon report names guest
+    /// pages, a hostile driver names anything); each part is (guest
+    /// address, length, device-writable). Nothing is written at those
+    /// addresses. Returns the head index, or None when out of descriptors.
+    pub fn add_chain_at(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        parts: &[(u64, u32, bool)],
+    ) -> Option<u16> {
+        if self.free.len() < parts.len() || parts.is_empty() {
+            return None;
+        }
+        let indexes: Vec<u16> = (0..parts.len()).map(|_| self.free.pop().unwrap()).collect();
+        for (i, (&(addr, len, writable), &index)) in parts.iter().zip(&indexes).enumerate() {
+            let next = indexes.get(i + 1).copied();
+            self.write_descriptor(mem, index, addr, len, writable, next);
+        }
+        Some(self.publish(mem, indexes))
+    }
+
+    fn write_descriptor(
+        &self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        addr: u64,
+        len: u32,
+        writable: bool,
+        next: Option<u16>,
+    ) {
+        let mut flags = if writable { DESC_F_WRITE } else { 0 };
+        if next.is_some() {
+            flags |= DESC_F_NEXT;
+        }
+        let entry = GuestAddress(self.desc.0 + 16 * u64::from(index));
+        mem.write_obj(addr, entry).unwrap();
+        mem.write_obj(len, GuestAddress(entry.0 + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(entry.0 + 12)).unwrap();
+        mem.write_obj(next.unwrap_or(0), GuestAddress(entry.0 + 14))
+            .unwrap();
+    }
+
+    /// Makes the chain headed by `indexes[0]` available.
+    fn publish(&mut self, mem: &GuestMemoryMmap, indexes: Vec<u16>) -> u16 {
         let head = indexes[0];
         let slot = GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.avail_idx % self.size));
         mem.write_obj(head, slot).unwrap();
@@ -123,7 +163,7 @@ impl DriverQueue {
         mem.write_obj(self.avail_idx, GuestAddress(self.avail.0 + 2))
             .unwrap();
         self.chains[head as usize] = indexes;
-        Some(head)
+        head
     }
 
     /// Reaps one used entry: (head, used length, the first `len` bytes the

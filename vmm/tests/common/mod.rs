@@ -55,6 +55,16 @@ impl Payload {
         self.0.extend_from_slice(&[0xc1, 0xe8, 0x08]);
         self
     }
+    /// Spins until the 16-bit word at `address` equals `value`:
+    /// `cmp word [address], imm8; jne` back to the `cmp`.
+    pub fn wait_until_word_is(mut self, address: u32, value: u8) -> Self {
+        self.0.extend_from_slice(&[0x66, 0x83, 0x3d]);
+        self.0.extend_from_slice(&address.to_le_bytes());
+        // The jump's offset counts from its own end: back over the 8-byte
+        // cmp and the 2-byte jne.
+        self.0.extend_from_slice(&[value, 0x75, (-10i8) as u8]);
+        self
+    }
     /// Writes `text` to COM1, byte by byte.
     pub fn serial_text(mut self, text: &[u8]) -> Self {
         self = self.mov_edx(COM1);

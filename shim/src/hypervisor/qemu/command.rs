@@ -8,12 +8,16 @@
 //! vCPUs stopped (`-S`): the guest runs only once the backend recorded the
 //! QEMU pid and sent QMP `cont`.
 //!
-//! QEMU opens no path of the VM directory: every socket it uses reaches it
-//! as an inherited fd (`-chardev socket,id=..,fd=N`, [`QemuFds`]). The
-//! console and QMP are socket pairs whose other ends the backend keeps;
-//! each vhost-user device gets a connection the backend made to the
-//! device's server on QEMU's behalf. So QEMU can run as a user that cannot
-//! enter the pod's 0700 VM directory. The VM directory still appears on the
+//! QEMU opens one path of the VM directory at most: every other socket it
+//! uses reaches it as an inherited fd (`-chardev socket,id=..,fd=N`,
+//! [`QemuFds`]). The console and QMP are socket pairs whose other ends the
+//! backend keeps; the vsock and virtio-fs devices get a connection the
+//! backend made to the device's server on QEMU's behalf. QEMU 7.2's
+//! `-netdev vhost-user` refuses a chardev made from an fd ("does not
+//! support FD passing": only a socket it connected by path passes fds), so
+//! the net device's socket is named by path, and the backend lets QEMU's
+//! uid reach that one socket (see `vm.rs`). So QEMU can run as a user that
+//! cannot list or enter anything else of the pod's 0700 VM directory. The VM directory still appears on the
 //! command line, as the guest's `-name`, which QEMU never opens: it tells
 //! an operator (and the dead-shim cleanup, which checks a recorded pid
 //! against it) whose VM this QEMU is. Values embedded in option strings
@@ -55,23 +59,15 @@ pub struct QemuFds {
     pub vsock: Option<RawFd>,
     /// A connection to the virtio-fs device's server, likewise.
     pub fs: Option<RawFd>,
-    /// A connection to the virtio-net device's server, likewise.
-    pub net: Option<RawFd>,
 }
 
 impl QemuFds {
     /// Every fd QEMU must inherit.
     pub fn all(&self) -> Vec<RawFd> {
-        [
-            Some(self.qmp),
-            Some(self.console),
-            self.vsock,
-            self.fs,
-            self.net,
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
+        [Some(self.qmp), Some(self.console), self.vsock, self.fs]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }
 
@@ -162,8 +158,10 @@ pub fn qemu_arguments(
         device.push(escape_option_value(OsStr::new(&fs.tag)));
         push(&[&"-device", &device]);
     }
-    if let (Some(net), Some(fd)) = (&config.net, fds.net) {
-        push(&[&"-chardev", &chardev(NET_CHARDEV, fd)]);
+    if let Some(net) = &config.net {
+        let mut chardev = OsString::from(format!("socket,id={NET_CHARDEV},path="));
+        chardev.push(escape_option_value(net.socket.as_os_str()));
+        push(&[&"-chardev", &chardev]);
         push(&[
             &"-netdev",
             &format!("vhost-user,id={NET_NETDEV},chardev={NET_CHARDEV}"),
@@ -227,7 +225,6 @@ fn validate(config: &QemuVmConfig, fds: &QemuFds) -> Result<(), QemuError> {
     for (device, configured, fd) in [
         ("vsock", config.vsock.is_some(), fds.vsock),
         ("fs", config.fs.is_some(), fds.fs),
-        ("net", config.net.is_some(), fds.net),
     ] {
         if configured != fd.is_some() {
             return Err(QemuError::InvalidOption {
@@ -278,14 +275,13 @@ mod tests {
     }
 
     /// Fds for `config`'s devices: 10 and 11 for QMP and console, 12 to
-    /// 14 for vsock, fs and net when configured.
+    /// 13 for vsock and fs when configured.
     fn fds(config: &QemuVmConfig) -> QemuFds {
         QemuFds {
             qmp: 10,
             console: 11,
             vsock: config.vsock.as_ref().map(|_| 12),
             fs: config.fs.as_ref().map(|_| 13),
-            net: config.net.as_ref().map(|_| 14),
         }
     }
 
@@ -470,15 +466,16 @@ mod tests {
         for wanted in [
             "socket,id=vsock,fd=12",
             "socket,id=fs,fd=13",
-            "socket,id=net,fd=14",
+            // QEMU's vhost-user netdev takes only a socket it connected.
+            "socket,id=net,path=/run/net.sock",
         ] {
             assert!(chardevs.contains(&wanted), "{wanted} in {chardevs:?}");
         }
         assert!(
-            !args
-                .iter()
-                .any(|arg| arg.contains("/run/") && !arg.starts_with("guest=")),
-            "a socket path reached QEMU: {args:?}"
+            !args.iter().any(|arg| arg.contains("/run/")
+                && !arg.starts_with("guest=")
+                && !arg.ends_with("path=/run/net.sock")),
+            "a socket path other than the net device's reached QEMU: {args:?}"
         );
         assert_eq!(
             values_of(&args, "-device"),
@@ -489,7 +486,7 @@ mod tests {
             ]
         );
         assert_eq!(value_of(&args, "-netdev"), "vhost-user,id=pod0,chardev=net");
-        assert_eq!(fds(&config).all(), [10, 11, 12, 13, 14]);
+        assert_eq!(fds(&config).all(), [10, 11, 12, 13]);
     }
 
     #[test]

@@ -112,9 +112,13 @@ fn spawn_here(mut command: Command, setup: ChildSetup) -> io::Result<Child> {
         identity,
         inherit_fds,
     } = setup;
+    // The fallback's bound, read before the fork (getrlimit is not needed
+    // in the child).
+    let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1 << 20, |(soft, _)| soft.min(1 << 20)) as libc::c_int;
     // SAFETY: the closure runs between fork and exec and makes only raw
     // system calls (setgroups, setresgid, setresuid, prctl, getppid,
-    // fcntl), all async-signal-safe, on data allocated before the fork;
+    // close_range, fcntl), all async-signal-safe, on data allocated before the fork;
     // its errors allocate nothing.
     unsafe {
         command.pre_exec(move || {
@@ -146,6 +150,21 @@ fn spawn_here(mut command: Command, setup: ChildSetup) -> io::Result<Child> {
             // The shim died before the signal was set: it never fires.
             if libc::getppid() != shim_pid {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            // Every other descriptor of the shim closes at exec, whatever
+            // flag it was made with (an eventfd of a device server, say):
+            // QEMU gets its listed fds and stdio, nothing else.
+            if libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) < 0
+            {
+                // Before Linux 5.11: one fcntl per possible descriptor.
+                for fd in 3..fd_limit {
+                    libc::syscall(libc::SYS_fcntl, fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
             }
             for &fd in &inherit_fds {
                 check(libc::syscall(libc::SYS_fcntl, fd, libc::F_SETFD, 0))?;
@@ -332,7 +351,9 @@ mod tests {
     #[test]
     fn only_the_listed_fds_reach_the_child() {
         let (listed_read, listed_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        let (other_read, other_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        // Made inheritable on purpose: a descriptor the shim forgot to
+        // mark close-on-exec (an eventfd, say) must not reach QEMU either.
+        let (other_read, other_write) = nix::unistd::pipe().unwrap();
         use std::os::fd::AsRawFd;
         let listed = listed_write.as_raw_fd();
         let other = other_write.as_raw_fd();

@@ -20,7 +20,7 @@
 
 use std::fs::DirBuilder;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,17 +135,16 @@ impl QemuVm {
             .as_ref()
             .map(|fs| connect("virtio-fs", &fs.socket))
             .transpose()?;
-        let net = config
-            .net
-            .as_ref()
-            .map(|net| connect("virtio-net", &net.socket))
-            .transpose()?;
+        // The net device's socket is the one QEMU connects to by path
+        // (see `command.rs`): its uid may reach that socket and nothing else.
+        if let (Some(net), Some(identity)) = (&config.net, &identity) {
+            grant_socket(&net.socket, identity.uid, identity.gid)?;
+        }
         let fds = QemuFds {
             qmp: qmp_qemus.as_raw_fd(),
             console: console_qemus.as_raw_fd(),
             vsock: vsock.as_ref().map(AsRawFd::as_raw_fd),
             fs: fs.as_ref().map(AsRawFd::as_raw_fd),
-            net: net.as_ref().map(AsRawFd::as_raw_fd),
         };
         let args = qemu_arguments(&config, accel.accel, &fds)?;
         let console = ConsoleLog::create(&config.console_log, config.console_max_bytes).map_err(
@@ -173,7 +172,7 @@ impl QemuVm {
         let process = QemuProcess::spawn(&binary, &args, &run_dir.output_path(), setup)?;
         // QEMU holds its own copies now; ours would keep its peers from
         // seeing QEMU's end close.
-        drop((qmp_qemus, console_qemus, vsock, fs, net));
+        drop((qmp_qemus, console_qemus, vsock, fs));
         let mut vm = Self {
             process,
             qmp: None,
@@ -374,6 +373,68 @@ fn readable_within(stream: &UnixStream, timeout: Duration) -> bool {
 /// Who QEMU runs as for `config` under `accel`, with the lease that holds
 /// its uid; both `None` for root. Checks that the user can open the guest
 /// kernel, the initramfs and, under KVM, `/dev/kvm`.
+/// Lets `uid` connect to the Unix socket `socket` and nothing more: its
+/// directory (the pod's 0700 VM directory) gets an ACL entry giving `uid`
+/// search (x) permission only, so the uid can neither list it nor open
+/// anything whose own mode refuses it, and the socket becomes the uid's,
+/// mode 0600 (connecting needs write permission on it).
+fn grant_socket(socket: &Path, uid: u32, gid: u32) -> Result<(), QemuError> {
+    let not_granted = |path: &Path, source: std::io::Error| QemuError::CreateFile {
+        path: path.to_owned(),
+        source: std::io::Error::new(
+            source.kind(),
+            format!("cannot let QEMU's uid {uid} reach the socket: {source}"),
+        ),
+    };
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| not_granted(dir, e))?
+        .permissions()
+        .mode();
+    // posix_acl_xattr_header and entries (linux/posix_acl_xattr.h): the
+    // owner's bits from the mode, uid search only, no group, mask x, no
+    // other.
+    const UNDEFINED_ID: u32 = u32::MAX;
+    let entry = |tag: u16, perm: u16, id: u32| {
+        let mut bytes = tag.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&perm.to_le_bytes());
+        bytes.extend_from_slice(&id.to_le_bytes());
+        bytes
+    };
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    acl.extend(entry(0x01, ((mode >> 6) & 7) as u16, UNDEFINED_ID));
+    acl.extend(entry(0x02, 1, uid));
+    acl.extend(entry(0x04, 0, UNDEFINED_ID));
+    acl.extend(entry(0x10, 1, UNDEFINED_ID));
+    acl.extend(entry(0x20, 0, UNDEFINED_ID));
+    xattr_set(dir, "system.posix_acl_access", &acl).map_err(|e| not_granted(dir, e))?;
+    std::os::unix::fs::chown(socket, Some(uid), Some(gid)).map_err(|e| not_granted(socket, e))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| not_granted(socket, e))
+}
+
+fn xattr_set(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let name = std::ffi::CString::new(name)?;
+    // SAFETY: both strings are NUL-terminated and `value` lives across the
+    // call, which reads `value.len()` bytes of it.
+    let result = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn choose_identity(
     config: &QemuVmConfig,
     accel: ResolvedAccel,
