@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use husk_test_support::artifacts::{guest_artifacts, guest_kernel, host_kernel_release};
 use husk_test_support::form::announce_form;
 use husk_test_support::mounts::mounts_under;
@@ -2218,8 +2218,16 @@ fn start_pod(suite: &Suite, id: &str, flags: &[&str]) -> Result<()> {
     let mut all = vec!["-d"];
     all.extend_from_slice(flags);
     let out = suite.ctr_run(Runtime::Husk, &all, IMAGE, id, &["sleep", "1000"])?;
-    ensure!(out.status.success(), "ctr run -d {id}: {}", describe(&out));
-    suite.wait_status(id, "RUNNING")
+    let started = if out.status.success() {
+        suite.wait_status(id, "RUNNING")
+    } else {
+        Err(anyhow!("ctr run -d {id}: {}", describe(&out)))
+    };
+    if started.is_err() {
+        // ctr keeps the container record of a task that failed to start.
+        let _ = stop_pod(suite, id);
+    }
+    started
 }
 
 fn stop_pod(suite: &Suite, id: &str) -> Result<()> {
