@@ -577,8 +577,19 @@ impl Sandbox {
                     source,
                 });
         }
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(process.pid), signal)
-            .map_err(|e| AgentError::io("signal", format!("pid {}", process.pid))(e.into()))
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(process.pid), signal) {
+            Ok(()) => Ok(()),
+            // Reaped between the check above and the kill, its exit not yet
+            // recorded: it is gone, as the check would have said a moment
+            // later.
+            Err(nix::errno::Errno::ESRCH) => Err(AgentError::ProcessExited {
+                container_id: container_id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            }),
+            Err(e) => Err(AgentError::io("signal", format!("pid {}", process.pid))(
+                e.into(),
+            )),
+        }
     }
 
     pub async fn wait_process(
