@@ -40,13 +40,7 @@ pub struct StreamedExec {
 /// Opens `url` (from CRI `Exec` with stdout and stderr, no stdin, no
 /// TTY) and collects the exec's output and exit code.
 pub fn run_exec(url: &str) -> Result<StreamedExec> {
-    let (host_port, path) = split_url(url)?;
-    let stream = TcpStream::connect(host_port)
-        .with_context(|| format!("cannot connect to the streaming server {host_port}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    upgrade(&mut reader, &mut writer, host_port, path)?;
+    let (mut reader, mut writer) = open_stream(url)?;
 
     let mut result = StreamedExec::default();
     let mut status = None;
@@ -91,13 +85,7 @@ pub struct PortForwarded {
 /// headers of its data and error channels, sends `request` on the data
 /// channel and collects both channels until the server closes.
 pub fn run_port_forward(url: &str, port: u16, request: &[u8]) -> Result<PortForwarded> {
-    let (host_port, path) = split_url(url)?;
-    let stream = TcpStream::connect(host_port)
-        .with_context(|| format!("cannot connect to the streaming server {host_port}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    upgrade(&mut reader, &mut writer, host_port, path)?;
+    let (mut reader, mut writer) = open_stream(url)?;
 
     let mut result = PortForwarded::default();
     // Each channel's first message is the port it serves, little-endian.
@@ -143,6 +131,19 @@ pub fn run_port_forward(url: &str, port: u16, request: &[u8]) -> Result<PortForw
         "the stream ended before both channels named their port"
     );
     Ok(result)
+}
+
+/// Connects to the streaming server `url` names and upgrades to a
+/// WebSocket: the reader and writer of the stream.
+fn open_stream(url: &str) -> Result<(BufReader<TcpStream>, TcpStream)> {
+    let (host_port, path) = split_url(url)?;
+    let stream = TcpStream::connect(host_port)
+        .with_context(|| format!("cannot connect to the streaming server {host_port}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    upgrade(&mut reader, &mut writer, host_port, path)?;
+    Ok((reader, writer))
 }
 
 /// `http://host:port/path` → (`host:port`, `/path`).
