@@ -37,6 +37,7 @@ host      confine/tests/private_root.rs
 kvm       vmm/tests/kvm_payloads.rs
 kvm       vmm/tests/linux_boot.rs
 kvm       vmm/tests/kvm_virtio_probe.rs
+kvm       vmm/tests/kvm_snapshot.rs
 kvm-arch  vmm/arch/tests/kvm.rs
 guest     tests/tests/guest_boot.rs
 guest     tests/tests/guest_devices.rs

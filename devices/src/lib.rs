@@ -29,8 +29,13 @@ mod virtio;
 pub mod vsock;
 
 pub use bus::BusDevice;
-pub use mmio::{MmioError, MmioTransport, MMIO_MAGIC_VALUE, MMIO_VENDOR_ID, QUEUE_NOTIFY_OFFSET};
+pub use mmio::{
+    MmioError, MmioTransport, SavedQueue, TransportState, MMIO_MAGIC_VALUE, MMIO_VENDOR_ID,
+    QUEUE_NOTIFY_OFFSET,
+};
 pub use vhost_user::ServerError as VhostUserServerError;
 pub use virtio::{
-    status, ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    status, ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
+pub use virtio_queue::QueueState;

@@ -13,12 +13,16 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::guest_log::{guest_error, guest_warn, GuestLog};
-use crate::virtio::{status, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::virtio::{
+    status, ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
 use crate::BusDevice;
 
 /// "virt" in little endian.
@@ -73,6 +77,8 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_select: u32,
     activated: bool,
+    /// Activated, and its worker stopped for a snapshot.
+    paused: bool,
     /// The device's budget for guest-triggered lines, shared with it.
     guest_log: GuestLog,
 }
@@ -86,6 +92,86 @@ pub enum MmioError {
     /// The device declared a queue size virtio-queue rejects.
     #[error("device type {device_type} declares an invalid maximum queue size {size}")]
     QueueSize { device_type: u32, size: u16 },
+    /// A saved transport state does not fit the device, or the device did
+    /// not start again from it.
+    #[error("cannot restore virtio device type {device_type}: {detail}")]
+    Restore { device_type: u32, detail: String },
+}
+
+/// Why a device was not activated.
+#[derive(Debug, thiserror::Error)]
+enum ActivationFailure {
+    #[error("the driver set up an invalid queue")]
+    InvalidQueue,
+    #[error("cannot copy a queue for the device: {0}")]
+    QueueCopy(String),
+    #[error("cannot clone an eventfd for the device: {0}")]
+    Clone(std::io::Error),
+    #[error("the device failed to activate: {0}")]
+    Device(ActivateError),
+}
+
+/// One queue's registers and ring positions in a [`TransportState`]
+/// (`virtio_queue::QueueState`, which has no serde form).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl SavedQueue {
+    fn of(queue: &Queue) -> Self {
+        let state = queue.state();
+        Self {
+            max_size: state.max_size,
+            size: state.size,
+            ready: state.ready,
+            desc_table: state.desc_table,
+            avail_ring: state.avail_ring,
+            used_ring: state.used_ring,
+            next_avail: state.next_avail,
+            next_used: state.next_used,
+            event_idx_enabled: state.event_idx_enabled,
+        }
+    }
+
+    fn to_queue_state(&self) -> QueueState {
+        QueueState {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+        }
+    }
+}
+
+/// What a snapshot keeps of one virtio-mmio transport: the registers the
+/// driver wrote and each queue's layout and position. The device model's
+/// own state is not in it: a device that can be snapshotted keeps nothing
+/// the driver depends on beyond its acked features, which are here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub device_status: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub interrupt_status: u32,
+    pub activated: bool,
+    pub queues: Vec<SavedQueue>,
 }
 
 impl MmioTransport {
@@ -117,6 +203,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             activated: false,
+            paused: false,
             guest_log,
         })
     }
@@ -264,63 +351,167 @@ impl MmioTransport {
         }
     }
 
+    /// Activates the device when the driver sets DRIVER_OK; a failure is
+    /// the driver's to see (DEVICE_NEEDS_RESET) and is logged on the
+    /// guest's budget.
     fn activate(&mut self) {
+        if let Err(failure) = self.try_activate() {
+            match failure {
+                ActivationFailure::InvalidQueue | ActivationFailure::QueueCopy(_) => {
+                    guest_warn!(self.guest_log, device_type = self.device.device_type(), %failure, "virtio device not activated")
+                }
+                _ => {
+                    guest_error!(self.guest_log, device_type = self.device.device_type(), %failure, "virtio device not activated")
+                }
+            }
+            self.device_status |= status::DEVICE_NEEDS_RESET;
+        }
+    }
+
+    /// Hands the device its ready queues (copies: the transport keeps the
+    /// registers so the driver still reads what it wrote) and an interrupt.
+    fn try_activate(&mut self) -> Result<(), ActivationFailure> {
         let mut activated_queues = Vec::new();
         for (queue, notifier) in self.queues.iter().zip(&self.queue_notifiers) {
             if !queue.ready() {
                 continue;
             }
             if !queue.is_valid(&self.memory) {
-                guest_warn!(
-                    self.guest_log,
-                    device_type = self.device.device_type(),
-                    "driver set up an invalid queue"
-                );
-                self.device_status |= status::DEVICE_NEEDS_RESET;
-                return;
+                return Err(ActivationFailure::InvalidQueue);
             }
-            let notifier = match notifier.try_clone() {
-                Ok(notifier) => notifier,
-                Err(error) => {
-                    guest_error!(self.guest_log, %error, "cannot clone a queue notifier");
-                    self.device_status |= status::DEVICE_NEEDS_RESET;
-                    return;
-                }
-            };
-            // The device gets its own copy; the transport keeps the
-            // registers so the driver still reads what it wrote.
-            let queue = match Queue::try_from(queue.state()) {
-                Ok(queue) => queue,
-                Err(error) => {
-                    guest_warn!(self.guest_log, ?error, "cannot copy a queue for the device");
-                    self.device_status |= status::DEVICE_NEEDS_RESET;
-                    return;
-                }
-            };
+            let notifier = notifier.try_clone().map_err(ActivationFailure::Clone)?;
+            let queue = Queue::try_from(queue.state())
+                .map_err(|error| ActivationFailure::QueueCopy(format!("{error:?}")))?;
             activated_queues.push(ActivatedQueue { queue, notifier });
         }
-        let irqfd = match self.irqfd.try_clone() {
-            Ok(irqfd) => irqfd,
-            Err(error) => {
-                guest_error!(self.guest_log, %error, "cannot clone the device irqfd");
-                self.device_status |= status::DEVICE_NEEDS_RESET;
-                return;
-            }
-        };
+        let irqfd = self.irqfd.try_clone().map_err(ActivationFailure::Clone)?;
         let interrupt = Arc::new(MmioInterrupt {
             status: self.interrupt_status.clone(),
             irqfd,
         });
-        match self
-            .device
+        self.device
             .activate(self.memory.clone(), interrupt, activated_queues)
-        {
-            Ok(()) => self.activated = true,
-            Err(error) => {
-                guest_error!(self.guest_log, %error, device_type = self.device.device_type(), "virtio device failed to activate");
-                self.device_status |= status::DEVICE_NEEDS_RESET;
-            }
+            .map_err(ActivationFailure::Device)?;
+        self.activated = true;
+        Ok(())
+    }
+
+    /// Pauses an activated device for a snapshot: its worker stops and the
+    /// transport's queue registers take the positions the device reached,
+    /// so [`MmioTransport::save_state`] records where the rings stand. A
+    /// device that was never activated has nothing to stop.
+    pub fn pause(&mut self) -> Result<(), PauseError> {
+        if !self.activated || self.paused {
+            self.paused = self.activated;
+            return Ok(());
         }
+        let positions = self.device.pause()?;
+        let ready = self.queues.iter().filter(|q| q.ready()).count();
+        if positions.len() != ready {
+            return Err(PauseError::Backend {
+                device_type: self.device.device_type(),
+                detail: format!(
+                    "it returned {} queue states for {ready} ready queues",
+                    positions.len()
+                ),
+            });
+        }
+        for (queue, position) in self.queues.iter_mut().filter(|q| q.ready()).zip(positions) {
+            queue.set_next_avail(position.next_avail);
+            queue.set_next_used(position.next_used);
+            queue.set_event_idx(position.event_idx_enabled);
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Starts a paused device again from where its queues stand.
+    pub fn resume(&mut self) -> Result<(), MmioError> {
+        if !self.paused {
+            return Ok(());
+        }
+        self.paused = false;
+        self.activated = false;
+        self.try_activate().map_err(|failure| MmioError::Restore {
+            device_type: self.device.device_type(),
+            detail: failure.to_string(),
+        })
+    }
+
+    /// The transport's registers and queue positions, for a snapshot.
+    /// An activated device must be paused first, or its queue positions
+    /// would be the ones it was activated with.
+    pub fn save_state(&self) -> Result<TransportState, PauseError> {
+        if self.activated && !self.paused {
+            return Err(PauseError::Backend {
+                device_type: self.device.device_type(),
+                detail: "the device is running: pause it before saving its state".to_owned(),
+            });
+        }
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            device_status: self.device_status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            activated: self.activated,
+            queues: self.queues.iter().map(SavedQueue::of).collect(),
+        })
+    }
+
+    /// A transport for `device` in the state a snapshot recorded: the
+    /// registers the driver wrote, the features it acked, and, when the
+    /// device was running, the device activated again with its queues
+    /// where they stood. `device` must be the same kind of device with the
+    /// same queues; a mismatch is refused naming both.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        irqfd: EventFd,
+        state: &TransportState,
+    ) -> Result<Self, MmioError> {
+        let device_type = device.device_type();
+        let mismatch = |detail: String| MmioError::Restore {
+            device_type,
+            detail,
+        };
+        if device_type != state.device_type {
+            return Err(mismatch(format!(
+                "the snapshot holds a device of type {} in this window",
+                state.device_type
+            )));
+        }
+        let max_sizes = device.queue_max_sizes();
+        let saved_max: Vec<u16> = state.queues.iter().map(|q| q.max_size).collect();
+        if max_sizes != saved_max {
+            return Err(mismatch(format!(
+                "the device has queues of {max_sizes:?} entries, the snapshot {saved_max:?}"
+            )));
+        }
+        let mut transport = Self::new(device, memory, irqfd)?;
+        for (queue, saved) in transport.queues.iter_mut().zip(&state.queues) {
+            *queue = Queue::try_from(saved.to_queue_state())
+                .map_err(|error| mismatch(format!("a saved queue is invalid: {error:?}")))?;
+        }
+        transport.device_status = state.device_status;
+        transport.device_features_select = state.device_features_select;
+        transport.driver_features_select = state.driver_features_select;
+        transport.driver_features = state.driver_features;
+        transport.queue_select = state.queue_select;
+        transport
+            .interrupt_status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        if state.device_status & status::FEATURES_OK != 0 {
+            transport.device.set_acked_features(state.driver_features);
+        }
+        if state.activated {
+            transport
+                .try_activate()
+                .map_err(|failure| mismatch(failure.to_string()))?;
+        }
+        Ok(transport)
     }
 
     fn reset(&mut self) {
@@ -328,6 +519,7 @@ impl MmioTransport {
             self.device.reset();
             self.activated = false;
         }
+        self.paused = false;
         for queue in &mut self.queues {
             queue.reset();
         }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -67,6 +67,18 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// Why a device could not be paused for a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// The device model has no pause: its state lives where a snapshot
+    /// cannot carry it (a backend process, open host connections).
+    #[error("virtio device type {device_type} cannot be paused for a snapshot")]
+    Unsupported { device_type: u32 },
+    /// The device's worker did not stop cleanly.
+    #[error("virtio device type {device_type} did not stop cleanly: {detail}")]
+    Backend { device_type: u32, detail: String },
+}
+
 /// A virtio device model, independent of its transport.
 pub trait VirtioDevice: Send {
     /// The virtio device id (1 net, 2 block, 19 vsock, 26 fs, ...).
@@ -90,6 +102,17 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device after the driver wrote 0 to the status register.
     fn reset(&mut self);
+    /// Stops an activated device's work so its queues stand still, for a
+    /// snapshot, and returns where each queue it was activated with
+    /// stands, in the order `activate` received them. The device keeps its
+    /// acked features and configuration; `activate` with queues rebuilt
+    /// from these states continues it (in this VM, or in one restored from
+    /// the snapshot). The default refuses: a device must opt in.
+    fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
+        Err(PauseError::Unsupported {
+            device_type: self.device_type(),
+        })
+    }
     /// The budget for log lines the guest can cause through this device;
     /// the transport logs on the same budget. A device that keeps one for
     /// its own lines returns a clone of it (the default is a fresh one).

@@ -47,6 +47,9 @@ pub enum BootSource {
     /// EBX = 0). For tests and diagnostics: it can reach every port and
     /// every MMIO window.
     FlatImage { image: Vec<u8>, load_address: u64 },
+    /// A snapshot directory written by [`MicroVm::snapshot`]: the VM
+    /// continues where the snapshot was taken (see [`crate::snapshot`]).
+    Snapshot { directory: PathBuf },
 }
 
 /// Errors from building a microVM.
@@ -96,6 +99,8 @@ pub enum BuildError {
     Mmio(#[from] MmioError),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(std::io::Error),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Builds a [`MicroVm`].
@@ -183,6 +188,17 @@ impl VmBuilder {
         self
     }
 
+    /// Restores the VM a snapshot directory holds instead of booting one.
+    /// The snapshot decides the vCPUs, the memory and the guest; the
+    /// builder gives the console and the virtio devices, which must be of
+    /// the same types in the same order as when it was taken.
+    pub fn restore_snapshot(mut self, directory: impl Into<PathBuf>) -> Self {
+        self.boot = Some(BootSource::Snapshot {
+            directory: directory.into(),
+        });
+        self
+    }
+
     /// Uses another KVM device node (tests of a missing `/dev/kvm`).
     pub fn kvm_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_path = path.into();
@@ -191,6 +207,15 @@ impl VmBuilder {
 
     fn validate(&self) -> Result<(), BuildError> {
         let boot = self.boot.as_ref().ok_or(BuildError::NoBootSource)?;
+        if let BootSource::Snapshot { directory } = boot {
+            if !directory.is_dir() {
+                return Err(crate::snapshot::SnapshotError::Missing {
+                    path: directory.clone(),
+                }
+                .into());
+            }
+            return Ok(());
+        }
         if self.vcpus == 0 {
             return Err(BuildError::NoVcpus);
         }
@@ -249,10 +274,16 @@ impl VmBuilder {
 
     /// Validates the configuration, then creates the VM, loads the guest and
     /// sets up devices and vCPUs. No thread runs until `MicroVm::start`.
-    pub fn build(self) -> Result<MicroVm, BuildError> {
+    pub fn build(mut self) -> Result<MicroVm, BuildError> {
         self.validate()?;
         let created_at = Instant::now();
         let kvm = self.open_kvm()?;
+        if let Some(BootSource::Snapshot { directory }) = &self.boot {
+            let directory = directory.clone();
+            let devices = std::mem::take(&mut self.devices);
+            let serial = std::mem::replace(&mut self.serial, SerialSink::Null);
+            return crate::snapshot::restore(&kvm, &directory, devices, serial, created_at);
+        }
         let requested_mib = self.memory_mib;
         let regions = husk_arch::guest_memory_regions(requested_mib << 20).map_err(|e| {
             BuildError::MemoryLayout {
@@ -283,15 +314,16 @@ impl VmBuilder {
             elapsed_us = created_at.elapsed().as_micros() as u64,
             "memory slots attached, VM ready"
         );
+        let msr_indices = crate::snapshot::msr_indices(&kvm);
         Ok(MicroVm::new(
             vm,
             parts.vcpus,
             parts.shared,
-            parts.reset_event,
-            parts.boot_timing,
+            parts.legacy,
             created_at,
             parts.guest_cmdline,
             parts.transports,
+            msr_indices,
         ))
     }
 
@@ -305,27 +337,9 @@ impl VmBuilder {
         let mut device_slots = Vec::new();
         let mut transports = Vec::new();
         for (index, device) in self.devices.into_iter().enumerate() {
-            let slot = MmioDeviceSlot {
-                base: husk_arch::VIRTIO_MMIO_BASE
-                    + index as u64 * husk_arch::VIRTIO_MMIO_WINDOW_SIZE,
-                size: husk_arch::VIRTIO_MMIO_WINDOW_SIZE,
-                irq: husk_arch::IRQ_BASE + index as u32,
-            };
-            let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
-                what: "a virtio interrupt",
-                source,
+            let (transport, slot) = place_transport(vm, &mut mmio_bus, index, |memory, irqfd| {
+                MmioTransport::new(device, memory, irqfd)
             })?;
-            vm.register_irqfd(&irqfd, slot.irq)?;
-            let transport = MmioTransport::new(device, vm.memory().clone(), irqfd)?;
-            for (queue_index, notifier) in transport.queue_notifiers().iter().enumerate() {
-                vm.register_mmio_ioeventfd(
-                    notifier,
-                    slot.base + QUEUE_NOTIFY_OFFSET,
-                    queue_index as u32,
-                )?;
-            }
-            let transport = Arc::new(Mutex::new(transport));
-            mmio_bus.insert(transport.clone(), slot.base, slot.size)?;
             transports.push(transport);
             device_slots.push(slot);
         }
@@ -345,6 +359,7 @@ impl VmBuilder {
                 protocol,
                 &device_slots,
             )?,
+            BootSource::Snapshot { .. } => return Err(BuildError::NoBootSource),
             BootSource::FlatImage {
                 image,
                 load_address,
@@ -364,19 +379,71 @@ impl VmBuilder {
             }
         };
 
-        // Legacy devices on the port-I/O bus.
-        let mut pio_bus = Bus::new();
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
             what: "the serial interrupt",
             source,
         })?;
         vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)?;
         let serial = SerialConsole::new(EventFdTrigger(serial_irq), self.serial);
-        pio_bus.insert(
-            Arc::new(Mutex::new(serial)),
-            legacy::COM1_PORT,
-            legacy::COM1_PORT_COUNT,
+        let legacy = LegacyDevices::new(serial, created_at)?;
+
+        let vcpus = create_vcpus(kvm, vm, vcpu_count, &boot_entry)?;
+        let shared = vcpu_shared(legacy.pio_bus()?, mmio_bus)?;
+        Ok(AssembledVm {
+            vcpus,
+            shared,
+            legacy,
+            guest_cmdline: boot_entry.cmdline,
+            transports,
+        })
+    }
+}
+
+/// Puts the virtio-mmio transport `make` builds in window `index`: its
+/// interrupt line as an irqfd, its queue notifications as ioeventfds, its
+/// registers on the MMIO bus.
+pub(crate) fn place_transport(
+    vm: &Vm,
+    mmio_bus: &mut Bus,
+    index: usize,
+    make: impl FnOnce(GuestMemoryMmap, EventFd) -> Result<MmioTransport, MmioError>,
+) -> Result<(Arc<Mutex<MmioTransport>>, MmioDeviceSlot), BuildError> {
+    let slot = MmioDeviceSlot {
+        base: husk_arch::VIRTIO_MMIO_BASE + index as u64 * husk_arch::VIRTIO_MMIO_WINDOW_SIZE,
+        size: husk_arch::VIRTIO_MMIO_WINDOW_SIZE,
+        irq: husk_arch::IRQ_BASE + index as u32,
+    };
+    let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
+        what: "a virtio interrupt",
+        source,
+    })?;
+    vm.register_irqfd(&irqfd, slot.irq)?;
+    let transport = make(vm.memory().clone(), irqfd)?;
+    for (queue_index, notifier) in transport.queue_notifiers().iter().enumerate() {
+        vm.register_mmio_ioeventfd(
+            notifier,
+            slot.base + QUEUE_NOTIFY_OFFSET,
+            queue_index as u32,
         )?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio_bus.insert(transport.clone(), slot.base, slot.size)?;
+    Ok((transport, slot))
+}
+
+/// The legacy devices of a VM and the handles the VMM keeps on them: the
+/// console (a snapshot saves its registers), the i8042's reset event and
+/// the boot timer.
+pub(crate) struct LegacyDevices {
+    pub serial: Arc<Mutex<SerialConsole>>,
+    pub reset_event: EventFd,
+    pub reset_trigger: EventFd,
+    pub boot_timing: BootTiming,
+    pub created_at: Instant,
+}
+
+impl LegacyDevices {
+    pub(crate) fn new(serial: SerialConsole, created_at: Instant) -> Result<Self, BuildError> {
         let reset_event = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
             what: "the reset event",
             source,
@@ -387,49 +454,70 @@ impl VmBuilder {
                 what: "the reset event",
                 source,
             })?;
+        Ok(Self {
+            serial: Arc::new(Mutex::new(serial)),
+            reset_event,
+            reset_trigger,
+            boot_timing: BootTiming::default(),
+            created_at,
+        })
+    }
+
+    /// The port-I/O bus: COM1, the i8042 and the boot timer.
+    pub(crate) fn pio_bus(&self) -> Result<Bus, BuildError> {
+        let mut pio_bus = Bus::new();
+        pio_bus.insert(
+            self.serial.clone(),
+            legacy::COM1_PORT,
+            legacy::COM1_PORT_COUNT,
+        )?;
+        let reset_trigger =
+            self.reset_trigger
+                .try_clone()
+                .map_err(|source| BuildError::EventFd {
+                    what: "the reset event",
+                    source,
+                })?;
         pio_bus.insert(
             Arc::new(Mutex::new(I8042::new(EventFdTrigger(reset_trigger)))),
             legacy::I8042_PORT,
             legacy::I8042_PORT_COUNT,
         )?;
-        let boot_timing = BootTiming::default();
         pio_bus.insert(
-            Arc::new(Mutex::new(BootTimer::new(created_at, boot_timing.clone()))),
+            Arc::new(Mutex::new(BootTimer::new(
+                self.created_at,
+                self.boot_timing.clone(),
+            ))),
             BOOT_TIMER_PORT,
             1,
         )?;
-
-        let vcpus = create_vcpus(kvm, vm, vcpu_count, &boot_entry)?;
-        crate::vstate::vcpu::install_kick_signal_handler().map_err(BuildError::SignalHandler)?;
-        let exit_event = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
-            what: "the vCPU exit event",
-            source,
-        })?;
-        let shared = Arc::new(VcpuShared {
-            pio_bus,
-            mmio_bus,
-            stop_requested: AtomicBool::new(false),
-            exit_reason: Mutex::new(None),
-            exit_event,
-            first_entry: OnceLock::new(),
-        });
-        Ok(AssembledVm {
-            vcpus,
-            shared,
-            reset_event,
-            boot_timing,
-            guest_cmdline: boot_entry.cmdline,
-            transports,
-        })
+        Ok(pio_bus)
     }
+}
+
+/// The state every vCPU thread shares, with the kick handler installed.
+pub(crate) fn vcpu_shared(pio_bus: Bus, mmio_bus: Bus) -> Result<Arc<VcpuShared>, BuildError> {
+    crate::vstate::vcpu::install_kick_signal_handler().map_err(BuildError::SignalHandler)?;
+    let exit_event = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
+        what: "the vCPU exit event",
+        source,
+    })?;
+    Ok(Arc::new(VcpuShared {
+        pio_bus,
+        mmio_bus,
+        stop_requested: AtomicBool::new(false),
+        pause_requested: AtomicBool::new(false),
+        exit_reason: Mutex::new(None),
+        exit_event,
+        first_entry: OnceLock::new(),
+    }))
 }
 
 /// The parts of a VM that [`VmBuilder::assemble`] produces.
 struct AssembledVm {
     vcpus: Vec<Vcpu>,
     shared: Arc<VcpuShared>,
-    reset_event: EventFd,
-    boot_timing: BootTiming,
+    legacy: LegacyDevices,
     guest_cmdline: Option<String>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
 }

@@ -7,16 +7,21 @@
 //!
 //! Start with [`VmBuilder`]: configure, `build()`, then `run()` (or
 //! `start()` / `wait()` / `stop()` when the caller keeps the VM alive).
+//! A running VM can `pause()`, be saved with `snapshot()`, and `resume()`;
+//! `VmBuilder::restore_snapshot` builds a VM that continues from a
+//! snapshot ([`snapshot`]).
 
 pub mod builder;
 pub mod devices;
 pub mod host;
 pub mod loader;
 pub mod microvm;
+pub mod snapshot;
 pub mod vstate;
 
 pub use builder::{BuildError, VmBuilder, DEFAULT_CMDLINE};
 pub use devices::legacy::{SerialSink, SharedBuffer};
 pub use loader::BootProtocolChoice;
 pub use microvm::{BootReport, MicroVm, RunError};
+pub use snapshot::{SnapshotError, SnapshotSummary};
 pub use vstate::vcpu::VmExit;

@@ -3,6 +3,10 @@
 //!
 //! Stopping is always complete: every vCPU thread is kicked out of
 //! `KVM_RUN` and joined before `stop` returns, so no thread outlives the VM.
+//! Pausing is the same kick, but each thread hands its vCPU back, and the
+//! virtio devices stop their workers: then [`MicroVm::snapshot`] can save
+//! the whole machine and [`MicroVm::resume`] goes on (see
+//! [`crate::snapshot`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -11,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use husk_devices::MmioTransport;
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::devices::boot_timer::BootTiming;
+use crate::builder::LegacyDevices;
+use crate::snapshot::{SnapshotError, SnapshotSummary};
 use crate::vstate::vcpu::{Vcpu, VcpuShared, VmExit, VCPU_KICK_SIGNAL_OFFSET};
 use crate::vstate::vm::Vm;
 
@@ -34,14 +38,17 @@ pub struct BootReport {
 /// A VM that has been built but not started, or has been started.
 pub struct MicroVm {
     vm: Vm,
+    /// vCPUs not running: before `start`, and while paused.
     vcpus: Vec<Vcpu>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<Vcpu>>,
     shared: Arc<VcpuShared>,
-    reset_event: EventFd,
-    boot_timing: BootTiming,
+    legacy: LegacyDevices,
     created_at: Instant,
     guest_cmdline: Option<String>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The MSRs a snapshot saves (KVM's index list).
+    msr_indices: Vec<u32>,
+    paused: bool,
 }
 
 /// Errors while running a VM.
@@ -53,6 +60,14 @@ pub enum RunError {
     SpawnVcpu { index: u8, source: std::io::Error },
     #[error("cannot wait for the VM's events: {0}")]
     Poll(std::io::Error),
+    #[error("the VM is not running: start it before pausing it")]
+    NotRunning,
+    #[error("the VM ended while it was being paused: {0}")]
+    EndedWhilePausing(VmExit),
+    #[error(transparent)]
+    Device(#[from] husk_devices::PauseError),
+    #[error("cannot resume a virtio device: {0}")]
+    ResumeDevice(#[from] husk_devices::MmioError),
 }
 
 impl MicroVm {
@@ -61,22 +76,23 @@ impl MicroVm {
         vm: Vm,
         vcpus: Vec<Vcpu>,
         shared: Arc<VcpuShared>,
-        reset_event: EventFd,
-        boot_timing: BootTiming,
+        legacy: LegacyDevices,
         created_at: Instant,
         guest_cmdline: Option<String>,
         transports: Vec<Arc<Mutex<MmioTransport>>>,
+        msr_indices: Vec<u32>,
     ) -> Self {
         Self {
             vm,
             vcpus,
             threads: Vec::new(),
             shared,
-            reset_event,
-            boot_timing,
+            legacy,
             created_at,
             guest_cmdline,
             transports,
+            msr_indices,
+            paused: false,
         }
     }
 
@@ -112,15 +128,20 @@ impl MicroVm {
                 .first_entry
                 .get()
                 .map(|entered| entered.duration_since(self.created_at)),
-            init_reached: self.boot_timing.init_reached_after(),
+            init_reached: self.legacy.boot_timing.init_reached_after(),
         }
     }
 
     /// Spawns one thread per vCPU.
     pub fn start(&mut self) -> Result<(), RunError> {
-        if self.vcpus.is_empty() {
+        if self.vcpus.is_empty() || self.paused {
             return Err(RunError::AlreadyStarted);
         }
+        self.spawn_vcpu_threads()
+    }
+
+    fn spawn_vcpu_threads(&mut self) -> Result<(), RunError> {
+        self.shared.pause_requested.store(false, Ordering::SeqCst);
         let vcpus: Vec<Vcpu> = self.vcpus.drain(..).collect();
         for vcpu in vcpus {
             let index = vcpu.index;
@@ -144,7 +165,7 @@ impl MicroVm {
     pub fn wait(&self, deadline: Option<Duration>) -> Result<Option<VmExit>, RunError> {
         let started = Instant::now();
         loop {
-            if self.reset_event.read().is_ok() {
+            if self.legacy.reset_event.read().is_ok() {
                 self.shared.report_exit(VmExit::Reset);
             }
             if let Some(reason) = self.exit_reason() {
@@ -159,7 +180,7 @@ impl MicroVm {
             };
             let mut fds = [
                 libc::pollfd {
-                    fd: std::os::unix::io::AsRawFd::as_raw_fd(&self.reset_event),
+                    fd: std::os::unix::io::AsRawFd::as_raw_fd(&self.legacy.reset_event),
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -193,7 +214,17 @@ impl MicroVm {
     /// (`Stopped` if the guest was still running).
     pub fn stop(&mut self) -> VmExit {
         self.shared.report_exit(VmExit::Stopped);
+        // The vCPUs handed back are dropped with the VM.
+        let _ = self.kick_and_join();
+        self.shared.stop_requested.store(true, Ordering::SeqCst);
+        self.exit_reason().unwrap_or(VmExit::Stopped)
+    }
+
+    /// Kicks every vCPU thread until it has left its run loop, joins it
+    /// and returns the vCPUs the threads handed back.
+    fn kick_and_join(&mut self) -> Vec<Vcpu> {
         let signal = vmm_sys_util::signal::SIGRTMIN() + VCPU_KICK_SIGNAL_OFFSET;
+        let mut handed_back = Vec::new();
         for handle in self.threads.drain(..) {
             while !handle.is_finished() {
                 if let Err(error) = handle.kill(signal) {
@@ -201,12 +232,88 @@ impl MicroVm {
                 }
                 std::thread::sleep(KICK_INTERVAL);
             }
-            if handle.join().is_err() {
-                tracing::error!("a vCPU thread panicked");
+            match handle.join() {
+                Ok(vcpu) => handed_back.push(vcpu),
+                Err(_) => tracing::error!("a vCPU thread panicked"),
             }
         }
-        self.shared.stop_requested.store(true, Ordering::SeqCst);
-        self.exit_reason().unwrap_or(VmExit::Stopped)
+        handed_back
+    }
+
+    /// Pauses a running VM: every vCPU leaves the guest with the I/O it
+    /// exited for completed, and every activated virtio device stops its
+    /// worker with its queues where they stand. The guest sees nothing;
+    /// [`MicroVm::resume`] continues it. A device that cannot pause makes
+    /// the pause fail, and the VM is resumed.
+    pub fn pause(&mut self) -> Result<(), RunError> {
+        if self.paused || self.threads.is_empty() {
+            return Err(RunError::NotRunning);
+        }
+        self.shared.pause_requested.store(true, Ordering::SeqCst);
+        let mut vcpus = self.kick_and_join();
+        vcpus.sort_by_key(|vcpu| vcpu.index);
+        self.vcpus = vcpus;
+        self.paused = true;
+        if let Some(reason) = self.exit_reason() {
+            return Err(RunError::EndedWhilePausing(reason));
+        }
+        for (index, transport) in self.transports.iter().enumerate() {
+            let paused = transport.lock().unwrap_or_else(|p| p.into_inner()).pause();
+            if let Err(error) = paused {
+                // Devices paused so far go on; so does the guest.
+                for earlier in &self.transports[..index] {
+                    if let Err(resume_error) =
+                        earlier.lock().unwrap_or_else(|p| p.into_inner()).resume()
+                    {
+                        tracing::error!(%resume_error, "cannot resume a virtio device after a failed pause");
+                    }
+                }
+                self.paused = false;
+                self.spawn_vcpu_threads()?;
+                return Err(error.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Continues a paused VM: devices first, so nothing the guest does
+    /// finds them stopped, then the vCPUs.
+    pub fn resume(&mut self) -> Result<(), RunError> {
+        if !self.paused {
+            return Err(RunError::NotRunning);
+        }
+        for transport in &self.transports {
+            transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume()?;
+        }
+        self.paused = false;
+        self.spawn_vcpu_threads()
+    }
+
+    /// Saves a paused VM into `directory`, which must not exist yet: the
+    /// KVM state of the VM and its vCPUs, the console's and the virtio
+    /// transports' registers, and guest RAM (see [`crate::snapshot`]).
+    /// The VM stays paused; resume it, or drop it.
+    pub fn snapshot(&self, directory: &std::path::Path) -> Result<SnapshotSummary, SnapshotError> {
+        if !self.paused {
+            return Err(SnapshotError::NotPaused);
+        }
+        crate::snapshot::save(crate::snapshot::SnapshotSource {
+            vm: &self.vm,
+            vcpus: &self.vcpus,
+            msr_indices: &self.msr_indices,
+            serial: &self.legacy.serial,
+            transports: &self.transports,
+            guest_cmdline: self.guest_cmdline.as_deref(),
+            directory,
+        })
     }
 
     /// Starts the VM, waits for it to end or for `deadline`, stops it.

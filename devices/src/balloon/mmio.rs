@@ -8,12 +8,14 @@
 //! [`BalloonQueues::pump`] over every queue, raises the interrupt when it
 //! used buffers, and pumps again without sleeping while chains are left.
 //! `reset` and drop stop and join the worker; the counters and the log
-//! budget outlive it.
+//! budget outlive it. `pause` stops it too, for a snapshot, and returns
+//! where its queues stand; `activate` with those positions continues.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -22,7 +24,9 @@ use super::model::{ConfigSpace, Counters, DEVICE_FEATURES, VIRTIO_BALLOON_F_REPO
 use super::queues::BalloonQueues;
 use super::{BalloonError, BalloonStats, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_BALLOON};
 use crate::guest_log::{guest_warn, GuestLog};
-use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::{
+    ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// Epoll token of the stop eventfd; queue notifiers use their index.
 const TOKEN_STOP: u64 = NUM_QUEUES as u64;
@@ -145,6 +149,19 @@ impl VirtioDevice for BalloonDevice {
         self.config = ConfigSpace::default();
     }
 
+    /// Stops the worker; its queues' positions are where the last report
+    /// it handled left them (every chain it pops is returned before it
+    /// looks at the stop event, so nothing is in flight).
+    fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
+        let not_running = || PauseError::Backend {
+            device_type: VIRTIO_ID_BALLOON,
+            detail: "its worker had already stopped (a broken ring or a failed confinement)"
+                .to_owned(),
+        };
+        let worker = self.worker.take().ok_or_else(not_running)?;
+        worker.stop().ok_or_else(not_running)
+    }
+
     fn guest_log(&self) -> GuestLog {
         self.guest_log.clone()
     }
@@ -159,7 +176,9 @@ impl Drop for BalloonDevice {
 /// The thread that runs an activated device.
 struct Worker {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    /// Returns where the queues stand when the worker ended by the stop
+    /// event, `None` when it ended on its own (broken ring, confinement).
+    thread: Option<JoinHandle<Option<Vec<QueueState>>>>,
 }
 
 struct WorkerState {
@@ -216,9 +235,15 @@ impl Worker {
                     husk_confine::confine_current_thread(husk_confine::ThreadClass::Device)
                 {
                     tracing::error!(%error, "the virtio-balloon worker does not run");
-                    return;
+                    return None;
                 }
-                state.run()
+                state.run().then(|| {
+                    state
+                        .queues
+                        .iter()
+                        .map(|queue| queue.queue.state())
+                        .collect()
+                })
             })
             .map_err(|source| BalloonError::Thread { name, source })?;
         Ok(Self {
@@ -227,18 +252,22 @@ impl Worker {
         })
     }
 
-    /// Stops the thread and waits for it.
-    fn stop(mut self) {
-        self.stop_and_join();
+    /// Stops the thread and waits for it; returns where the queues stand
+    /// if it was still running.
+    fn stop(mut self) -> Option<Vec<QueueState>> {
+        self.stop_and_join()
     }
 
-    fn stop_and_join(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Err(error) = self.stop.write(1) {
-                tracing::error!(%error, "cannot signal the virtio-balloon worker to stop");
-            }
-            if thread.join().is_err() {
+    fn stop_and_join(&mut self) -> Option<Vec<QueueState>> {
+        let thread = self.thread.take()?;
+        if let Err(error) = self.stop.write(1) {
+            tracing::error!(%error, "cannot signal the virtio-balloon worker to stop");
+        }
+        match thread.join() {
+            Ok(positions) => positions,
+            Err(_) => {
                 tracing::error!("the virtio-balloon worker thread panicked");
+                None
             }
         }
     }
@@ -251,7 +280,8 @@ impl Drop for Worker {
 }
 
 impl WorkerState {
-    fn run(&mut self) {
+    /// Runs until the stop event (`true`) or a failure (`false`).
+    fn run(&mut self) -> bool {
         let mut events = [EpollEvent::default(); WORKER_EVENTS];
         // The driver may have posted chains before DRIVER_OK reached us.
         let mut more = true;
@@ -264,7 +294,7 @@ impl WorkerState {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => {
                     tracing::error!(%error, "virtio-balloon worker epoll_wait failed; device stops");
-                    return;
+                    return false;
                 }
             };
             if count == 0 && !more {
@@ -272,7 +302,7 @@ impl WorkerState {
             }
             for event in &events[..count] {
                 match event.data() {
-                    TOKEN_STOP => return,
+                    TOKEN_STOP => return true,
                     token => {
                         if let Some(queue) = self.queues.get(token as usize) {
                             // EAGAIN only means an earlier read took the count.
@@ -298,7 +328,7 @@ impl WorkerState {
                     // A broken ring is the driver's doing, and a reset
                     // brings the device back to fail again: rate-limited.
                     guest_warn!(self.guest_log, %error, "virtio-balloon queue processing failed; device stops");
-                    return;
+                    return false;
                 }
             }
         }

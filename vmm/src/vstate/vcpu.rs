@@ -97,6 +97,9 @@ pub struct VcpuShared {
     pub mmio_bus: Bus,
     /// Set to ask every vCPU to leave its run loop.
     pub stop_requested: AtomicBool,
+    /// Set to ask every vCPU to leave its run loop and hand itself back,
+    /// its state whole, for a snapshot (`MicroVm::pause`).
+    pub pause_requested: AtomicBool,
     /// The first reason any vCPU stopped for.
     pub exit_reason: Mutex<Option<VmExit>>,
     /// Signalled when `exit_reason` is set.
@@ -143,8 +146,9 @@ pub fn install_kick_signal_handler() -> std::io::Result<()> {
 }
 
 impl Vcpu {
-    /// Runs the guest until the VM stops; executed on the vCPU's thread.
-    pub fn run_loop(mut self, shared: &VcpuShared) {
+    /// Runs the guest until the VM stops or pauses; executed on the vCPU's
+    /// thread, which hands the vCPU back when it ends.
+    pub fn run_loop(mut self, shared: &VcpuShared) -> Vcpu {
         let vcpu = self.index;
         // Confined before the guest runs a single instruction on this vCPU;
         // a vCPU that cannot be confined never enters the guest.
@@ -153,9 +157,11 @@ impl Vcpu {
                 vcpu,
                 error: error.to_string(),
             });
-            return;
+            return self;
         }
-        while !shared.stop_requested.load(Ordering::SeqCst) {
+        while !shared.stop_requested.load(Ordering::SeqCst)
+            && !shared.pause_requested.load(Ordering::SeqCst)
+        {
             if vcpu == 0 {
                 shared.first_entry.get_or_init(Instant::now);
             }
@@ -210,5 +216,25 @@ impl Vcpu {
                 }),
             }
         }
+        if !shared.stop_requested.load(Ordering::SeqCst) {
+            self.complete_pending_io();
+        }
+        self
+    }
+
+    /// Finishes the exit the vCPU last left `KVM_RUN` for. KVM completes
+    /// a port or MMIO read (the value user space put in `kvm_run`) only on
+    /// the next `KVM_RUN`; with `immediate_exit` set that call completes it
+    /// and returns at once without running the guest, so the registers a
+    /// snapshot reads are whole.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(error) if error.errno() == libc::EINTR => {}
+            other => {
+                tracing::debug!(vcpu = self.index, outcome = ?other.map(|_| ()), "KVM_RUN with immediate_exit")
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 }

@@ -50,6 +50,17 @@ impl Payload {
         self.0.extend_from_slice(&value.to_le_bytes());
         self
     }
+    /// `mov ebx, imm32`
+    pub fn mov_ebx(mut self, value: u32) -> Self {
+        self.0.push(0xbb);
+        self.0.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+    /// `mov eax, ebx`
+    pub fn eax_from_ebx(mut self) -> Self {
+        self.0.extend_from_slice(&[0x89, 0xd8]);
+        self
+    }
     /// `shr eax, 8`
     pub fn shr_eax_8(mut self) -> Self {
         self.0.extend_from_slice(&[0xc1, 0xe8, 0x08]);

@@ -6,7 +6,7 @@ mod i8042;
 mod serial;
 
 pub use i8042::I8042;
-pub use serial::{SerialConsole, SerialSink, SharedBuffer};
+pub use serial::{SerialConsole, SerialRegisters, SerialSink, SharedBuffer};
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -63,6 +63,62 @@ impl SerialConsole {
             uart: vm_superio::Serial::new(interrupt, sink),
         }
     }
+
+    /// A UART with the registers a snapshot recorded.
+    pub fn from_registers(
+        registers: &SerialRegisters,
+        interrupt: EventFdTrigger,
+        sink: SerialSink,
+    ) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: registers.baud_divisor_low,
+            baud_divisor_high: registers.baud_divisor_high,
+            interrupt_enable: registers.interrupt_enable,
+            interrupt_identification: registers.interrupt_identification,
+            line_control: registers.line_control,
+            line_status: registers.line_status,
+            modem_control: registers.modem_control,
+            modem_status: registers.modem_status,
+            scratch: registers.scratch,
+            in_buffer: registers.in_buffer.clone(),
+        };
+        vm_superio::Serial::from_state(&state, interrupt, vm_superio::serial::NoEvents, sink)
+            .map(|uart| Self { uart })
+            .map_err(|error| format!("the saved 8250 registers are invalid: {error:?}"))
+    }
+
+    /// The UART's registers, for a snapshot.
+    pub fn registers(&self) -> SerialRegisters {
+        let state = self.uart.state();
+        SerialRegisters {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer,
+        }
+    }
+}
+
+/// The 8250's registers and unread input, as a snapshot keeps them
+/// (`vm_superio`'s `SerialState`, which has no serde form).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 impl BusDevice for SerialConsole {
