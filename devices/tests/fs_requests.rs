@@ -574,6 +574,92 @@ mod virtio_fs {
     }
 
     #[test]
+    fn fs_a_paused_mmio_device_resumes_the_same_session_from_its_queue_positions() {
+        let (dir, config) = share("mmio-pause");
+        std::fs::write(dir.path().join("seen"), b"1").unwrap();
+        let mut device = VirtioFs::new(config).unwrap();
+        assert!(device.pause().is_err(), "nothing runs before activation");
+        let memory = guest_memory(2);
+        let hiprio = GuestQueue::at(memory.clone(), 0);
+        let mut requests = GuestQueue::at(memory.clone(), QUEUE_SPAN);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let kicks: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let activated = |queues: Vec<virtio_queue::Queue>| -> Vec<ActivatedQueue> {
+            queues
+                .into_iter()
+                .zip(&kicks)
+                .map(|(queue, kick)| ActivatedQueue {
+                    queue,
+                    notifier: kick.try_clone().unwrap(),
+                })
+                .collect()
+        };
+        device
+            .activate(
+                memory.clone(),
+                interrupt.clone(),
+                activated(vec![hiprio.device_queue(), requests.device_queue()]),
+            )
+            .unwrap();
+        let init = InitIn {
+            major: KERNEL_VERSION,
+            minor: KERNEL_MINOR_VERSION,
+            max_readahead: 0,
+            flags: 0,
+        };
+        requests.push(&request(Opcode::Init, 1, 0, &[init.as_slice()]), 4096);
+        kicks[1].write(1).unwrap();
+        wait_until("the INIT reply", || requests.used_idx() == 1);
+        requests.push(&request(Opcode::Lookup, 2, ROOT_ID, &[b"seen\0"]), 4096);
+        kicks[1].write(1).unwrap();
+        wait_until("the LOOKUP reply", || requests.used_idx() == 2);
+        let (_, len) = requests.last_used();
+        let reply = requests.reply_bytes(len);
+        let node_id = u64::from_le_bytes(reply[16..24].try_into().unwrap());
+
+        let positions = device.pause().unwrap();
+        assert_eq!(device.running_workers(), 0, "pause joins the workers");
+        assert_eq!(
+            positions
+                .iter()
+                .map(|p| (p.next_avail, p.next_used))
+                .collect::<Vec<_>>(),
+            vec![(0, 0), (2, 2)]
+        );
+        let restored = positions
+            .into_iter()
+            .map(|state| virtio_queue::Queue::try_from(state).unwrap())
+            .collect();
+        device
+            .activate(memory.clone(), interrupt.clone(), activated(restored))
+            .unwrap();
+        // The node id the guest looked up before the pause still means the
+        // same file: the session (and its inode table) was kept.
+        let getattr = fuse_backend_rs::abi::fuse_abi::GetattrIn {
+            flags: 0,
+            dummy: 0,
+            fh: 0,
+        };
+        requests.push(
+            &request(Opcode::Getattr, 3, node_id, &[getattr.as_slice()]),
+            4096,
+        );
+        kicks[1].write(1).unwrap();
+        wait_until("the GETATTR reply", || requests.used_idx() == 3);
+        let (_, len) = requests.last_used();
+        let reply = requests.reply_bytes(len);
+        assert_eq!(
+            i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+            0,
+            "GETATTR of the node looked up before the pause succeeded"
+        );
+        device.reset();
+        drop(hiprio);
+    }
+
+    #[test]
     fn fs_mmio_activation_with_the_wrong_queue_count_is_refused() {
         let (_dir, config) = share("mmio-count");
         let mut device = VirtioFs::new(config).unwrap();

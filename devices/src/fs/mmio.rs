@@ -10,14 +10,17 @@
 //! and join every worker, so no thread or fd outlives the device.
 //!
 //! Each activation builds a fresh device model, so a guest that resets the
-//! device (a reboot) starts with an empty inode table. The device's
+//! device (a reboot) starts with an empty inode table. The one exception is
+//! the activation after `pause` (a snapshot of a running VM): the workers
+//! stop and hand back their queues, and the same model, with the driver's
+//! inodes and open files, serves again when the VM resumes. The device's
 //! [`GuestLog`] is not renewed with it: a guest cannot buy a fresh log
 //! budget by resetting the device.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -26,7 +29,7 @@ use super::config::FsConfig;
 use super::model::{FsDeviceModel, EVENT_IDX_FEATURE, FS_DEVICE_TYPE};
 use super::FsError;
 use crate::guest_log::{guest_event, guest_warn, GuestLog};
-use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
+use crate::{ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt};
 
 /// Epoll token of a worker's queue notifier.
 const TOKEN_QUEUE: u64 = 0;
@@ -40,8 +43,11 @@ pub struct VirtioFs {
     config: FsConfig,
     model: Arc<FsDeviceModel>,
     acked_features: u64,
-    workers: Vec<JoinHandle<()>>,
+    /// One per queue; each hands back its queue when stopped by `stop`.
+    workers: Vec<JoinHandle<Option<QueueState>>>,
     stop: Option<EventFd>,
+    /// Paused for a snapshot: the next activation keeps `model`.
+    keep_model: bool,
     guest_log: GuestLog,
 }
 
@@ -57,6 +63,7 @@ impl VirtioFs {
             acked_features: 0,
             workers: Vec::new(),
             stop: None,
+            keep_model: false,
             guest_log,
         })
     }
@@ -106,9 +113,9 @@ impl VirtioFs {
                     // the guest's requests.
                     if let Err(error) = husk_confine::confine_fs_thread(&share) {
                         tracing::error!(%error, "a virtio-fs queue worker does not run");
-                        return;
+                        return None;
                     }
-                    worker.run()
+                    worker.run().then(|| worker.queue.state())
                 })
                 .map_err(|source| FsError::SpawnThread { name, source })?;
             self.workers.push(handle);
@@ -117,17 +124,24 @@ impl VirtioFs {
         Ok(())
     }
 
-    fn stop_workers(&mut self) {
+    /// Stops and joins every worker; returns each queue's position, in
+    /// queue order, or `None` for a worker that had ended on its own.
+    fn stop_workers(&mut self) -> Vec<Option<QueueState>> {
         if let Some(stop) = self.stop.take() {
             if let Err(error) = stop.write(1) {
                 tracing::error!(%error, "virtio-fs: cannot signal the workers to stop");
             }
         }
-        for worker in self.workers.drain(..) {
-            if worker.join().is_err() {
-                tracing::error!("virtio-fs: a queue worker panicked");
-            }
-        }
+        self.workers
+            .drain(..)
+            .map(|worker| match worker.join() {
+                Ok(position) => position,
+                Err(_) => {
+                    tracing::error!("virtio-fs: a queue worker panicked");
+                    None
+                }
+            })
+            .collect()
     }
 }
 
@@ -176,11 +190,14 @@ impl VirtioDevice for VirtioFs {
         }
         self.stop_workers();
         // A fresh model per activation: nothing the previous driver looked up
-        // or opened survives a reset.
-        self.model = Arc::new(
-            FsDeviceModel::with_guest_log(&self.config, self.guest_log.clone())
-                .map_err(|error| ActivateError::Backend(error.to_string()))?,
-        );
+        // or opened survives a reset. After a pause the driver goes on with
+        // the same session, and so does the model.
+        if !std::mem::take(&mut self.keep_model) {
+            self.model = Arc::new(
+                FsDeviceModel::with_guest_log(&self.config, self.guest_log.clone())
+                    .map_err(|error| ActivateError::Backend(error.to_string()))?,
+            );
+        }
         if let Err(error) = self.start_workers(memory, interrupt, queues) {
             self.stop_workers();
             return Err(ActivateError::Backend(error.to_string()));
@@ -192,7 +209,23 @@ impl VirtioDevice for VirtioFs {
 
     fn reset(&mut self) {
         self.stop_workers();
+        self.keep_model = false;
         self.acked_features = 0;
+    }
+
+    fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
+        let positions = self.stop_workers();
+        let all: Option<Vec<QueueState>> = positions.into_iter().collect();
+        match all {
+            Some(positions) if !positions.is_empty() => {
+                self.keep_model = true;
+                Ok(positions)
+            }
+            _ => Err(PauseError::Backend {
+                device_type: FS_DEVICE_TYPE,
+                detail: "it was not running, or a queue worker had already stopped".to_owned(),
+            }),
+        }
     }
 
     fn guest_log(&self) -> GuestLog {
@@ -218,12 +251,14 @@ struct QueueWorker {
 }
 
 impl QueueWorker {
-    fn run(&mut self) {
+    /// Serves the queue until the stop event (`true`) or a failure
+    /// (`false`).
+    fn run(&mut self) -> bool {
         let epoll = match self.epoll() {
             Ok(epoll) => epoll,
             Err(error) => {
                 tracing::error!(%error, queue = self.index, "virtio-fs: cannot set up the queue worker");
-                return;
+                return false;
             }
         };
         // The driver may have queued requests before DRIVER_OK reached us.
@@ -235,12 +270,12 @@ impl QueueWorker {
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => {
                     tracing::error!(%error, queue = self.index, "virtio-fs: epoll_wait failed");
-                    return;
+                    return false;
                 }
             };
             for event in &events[..ready] {
                 match event.data() {
-                    TOKEN_STOP => return,
+                    TOKEN_STOP => return true,
                     TOKEN_QUEUE => {
                         // Non-blocking: a spurious wake-up reads EAGAIN.
                         let _ = self.notifier.read();

@@ -10,12 +10,16 @@
 //! and polls again without sleeping while the model says work is left.
 //! `reset` and drop stop and join the worker; the counters and the log
 //! budget outlive it, so a guest gains nothing by resetting the card.
+//! `pause` (for a snapshot) stops the worker and returns where the queues
+//! stand; the next `activate` builds a new model over the same TAP from
+//! there (a frame the old model held for a full receive ring is dropped,
+//! as a full ring would have dropped it).
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::QueueT;
+use virtio_queue::{QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -27,7 +31,9 @@ use super::{
     VIRTIO_ID_NET,
 };
 use crate::guest_log::{guest_warn, GuestLog};
-use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::{
+    ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// Epoll tokens of the worker.
 const TOKEN_RX: u64 = RX_QUEUE_INDEX as u64;
@@ -174,6 +180,17 @@ impl VirtioDevice for NetDevice {
         self.acked_features = 0;
     }
 
+    fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
+        self.worker
+            .take()
+            .and_then(Worker::stop)
+            .ok_or_else(|| PauseError::Backend {
+                device_type: VIRTIO_ID_NET,
+                detail: "its worker had already stopped (a broken ring or a failed confinement)"
+                    .to_owned(),
+            })
+    }
+
     fn guest_log(&self) -> GuestLog {
         self.guest_log.clone()
     }
@@ -188,7 +205,9 @@ impl Drop for NetDevice {
 /// The thread that runs an activated device.
 struct Worker {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    /// Returns where the queues stand when the worker ended by the stop
+    /// event, `None` when it ended on its own.
+    thread: Option<JoinHandle<Option<Vec<QueueState>>>>,
 }
 
 struct WorkerState {
@@ -255,9 +274,11 @@ impl Worker {
                     husk_confine::confine_current_thread(husk_confine::ThreadClass::Device)
                 {
                     tracing::error!(%error, "the virtio-net worker does not run");
-                    return;
+                    return None;
                 }
-                state.run()
+                state
+                    .run()
+                    .then(|| state.queues.iter().map(|q| q.queue.state()).collect())
             })
             .map_err(|source| NetError::Thread { name, source })?;
         Ok(Self {
@@ -266,18 +287,22 @@ impl Worker {
         })
     }
 
-    /// Stops the thread and waits for it.
-    fn stop(mut self) {
-        self.stop_and_join();
+    /// Stops the thread and waits for it; returns where the queues stand
+    /// if it was still running.
+    fn stop(mut self) -> Option<Vec<QueueState>> {
+        self.stop_and_join()
     }
 
-    fn stop_and_join(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Err(error) = self.stop.write(1) {
-                tracing::error!(%error, "cannot signal the virtio-net worker to stop");
-            }
-            if thread.join().is_err() {
+    fn stop_and_join(&mut self) -> Option<Vec<QueueState>> {
+        let thread = self.thread.take()?;
+        if let Err(error) = self.stop.write(1) {
+            tracing::error!(%error, "cannot signal the virtio-net worker to stop");
+        }
+        match thread.join() {
+            Ok(positions) => positions,
+            Err(_) => {
                 tracing::error!("the virtio-net worker thread panicked");
+                None
             }
         }
     }
@@ -290,7 +315,8 @@ impl Drop for Worker {
 }
 
 impl WorkerState {
-    fn run(&mut self) {
+    /// Runs until the stop event (`true`) or a failure (`false`).
+    fn run(&mut self) -> bool {
         let mut events = [EpollEvent::default(); WORKER_EVENTS];
         // The driver may have posted buffers, and the TAP queued frames,
         // before DRIVER_OK reached us.
@@ -303,7 +329,7 @@ impl WorkerState {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => {
                     tracing::error!(%error, "virtio-net worker epoll_wait failed; device stops");
-                    return;
+                    return false;
                 }
             };
             if count == 0 && !more {
@@ -313,7 +339,7 @@ impl WorkerState {
             let mut rx_event = more;
             for event in &events[..count] {
                 match event.data() {
-                    TOKEN_STOP => return,
+                    TOKEN_STOP => return true,
                     TOKEN_RX => {
                         self.drain_notifier(RX_QUEUE_INDEX);
                         rx_event = true;
@@ -329,7 +355,7 @@ impl WorkerState {
                     // A broken ring is the driver's doing, and a reset brings
                     // the device back to fail again: rate-limited.
                     guest_warn!(self.model.guest_log(), %error, "virtio-net queue processing failed; device stops");
-                    return;
+                    return false;
                 }
             }
         }

@@ -861,6 +861,72 @@ fn mmio_worker_moves_frames_both_ways_and_stops_on_reset() {
 }
 
 #[test]
+fn a_paused_mmio_device_holds_frames_in_the_tap_and_delivers_them_after_resume() {
+    let (tap, host) = fake_tap(ALL_OFFLOADS);
+    let mut device = NetDevice::with_frame_device(tap.clone(), NetConfig::new(MAC)).unwrap();
+    assert!(device.pause().is_err(), "nothing runs before activation");
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let mut rx = DriverQueue::new(&mem, 0x1000, 16, 0x1000);
+    let tx = DriverQueue::new(&mem, rx.end(), 16, 0x1000);
+    for _ in 0..4 {
+        rx.add_chain(&mem, &[(0x1000, true, &[])]).unwrap();
+    }
+    let notifiers: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let activated = |queues: Vec<virtio_queue::Queue>| -> Vec<ActivatedQueue> {
+        queues
+            .into_iter()
+            .zip(&notifiers)
+            .map(|(queue, notifier)| ActivatedQueue {
+                queue,
+                notifier: notifier.try_clone().unwrap(),
+            })
+            .collect()
+    };
+    device.set_acked_features(VIRTIO_F_VERSION_1 | MRG_RXBUF);
+    let interrupt = Arc::new(CountingInterrupt::default());
+    device
+        .activate(
+            mem.clone(),
+            interrupt.clone(),
+            activated(vec![rx.device_queue(), tx.device_queue()]),
+        )
+        .unwrap();
+    host.send(&vnet_header(0, 0), &frame(60, 1));
+    wait_for("the first rx frame", || rx.pop_used(&mem));
+
+    let positions = device.pause().unwrap();
+    assert!(!device.is_active());
+    assert_eq!(
+        positions
+            .iter()
+            .map(|p| (p.next_avail, p.next_used))
+            .collect::<Vec<_>>(),
+        vec![(1, 1), (0, 0)]
+    );
+    let held = frame(70, 2);
+    host.send(&vnet_header(0, 0), &held);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        rx.pop_used(&mem).is_none(),
+        "paused: the frame waits in the TAP"
+    );
+
+    let restored = positions
+        .into_iter()
+        .map(|state| virtio_queue::Queue::try_from(state).unwrap())
+        .collect();
+    device
+        .activate(mem.clone(), interrupt, activated(restored))
+        .unwrap();
+    let (_, len, data) = wait_for("the held frame after resume", || rx.pop_used(&mem));
+    assert_eq!(len as usize, VNET_HDR_LEN + 70);
+    assert_eq!(&data[VNET_HDR_LEN..], &held[..]);
+    device.reset();
+}
+
+#[test]
 fn mmio_device_refuses_a_driver_with_the_wrong_queue_count() {
     let (tap, _host) = fake_tap(TapOffloads::NONE);
     let mut device = NetDevice::with_frame_device(tap, NetConfig::new(MAC)).unwrap();

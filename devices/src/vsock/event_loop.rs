@@ -4,13 +4,16 @@
 //! eventfds (KVM ioeventfds), the model's host-side epoll fd and a stop
 //! eventfd; it runs the [`VsockModel`] on each wake-up and raises the
 //! interrupt when the model used buffers. Stopping joins the thread, which
-//! drops the model and with it every connection. (Over vhost-user the
+//! hands back the model and where the queues stand ([`PausedWorker`]):
+//! dropping it closes every connection, while a pause for a snapshot keeps
+//! it to start again with. (Over vhost-user the
 //! framework's vring worker plays this part, see [`super::vhost_user`].)
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,7 +35,14 @@ const WORKER_EVENTS: usize = 8;
 /// The thread that runs an activated MMIO vsock device.
 pub struct MmioWorker {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<PausedWorker>>>,
+}
+
+/// What a worker stopped by its stop event hands back: the model, with
+/// its listener and connections, and where each queue stands.
+pub struct PausedWorker {
+    pub model: VsockModel,
+    pub queues: Vec<QueueState>,
 }
 
 struct WorkerState {
@@ -96,9 +106,16 @@ impl MmioWorker {
                     husk_confine::confine_current_thread(husk_confine::ThreadClass::Device)
                 {
                     tracing::error!(%error, "the vsock worker does not run");
-                    return;
+                    return None;
                 }
-                state.run()
+                if !state.run() {
+                    return None;
+                }
+                let queues = state.queues.iter().map(|q| q.queue.state()).collect();
+                Some(PausedWorker {
+                    model: state.model,
+                    queues,
+                })
             })
             .map_err(|source| VsockError::Thread { name, source })?;
         Ok(Self {
@@ -107,18 +124,23 @@ impl MmioWorker {
         })
     }
 
-    /// Stops the thread and waits for it; its connections are closed.
-    pub fn stop(mut self) {
-        self.stop_and_join();
+    /// Stops the thread and waits for it. Returns the model and the queue
+    /// positions if the thread was still running; dropping them closes
+    /// every connection.
+    pub fn stop(mut self) -> Option<PausedWorker> {
+        self.stop_and_join()
     }
 
-    fn stop_and_join(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Err(error) = self.stop.write(1) {
-                tracing::error!(%error, "cannot signal the vsock worker to stop");
-            }
-            if thread.join().is_err() {
+    fn stop_and_join(&mut self) -> Option<PausedWorker> {
+        let thread = self.thread.take()?;
+        if let Err(error) = self.stop.write(1) {
+            tracing::error!(%error, "cannot signal the vsock worker to stop");
+        }
+        match thread.join() {
+            Ok(paused) => paused,
+            Err(_) => {
                 tracing::error!("the vsock worker thread panicked");
+                None
             }
         }
     }
@@ -131,7 +153,8 @@ impl Drop for MmioWorker {
 }
 
 impl WorkerState {
-    fn run(&mut self) {
+    /// Runs until the stop event (`true`) or a failure (`false`).
+    fn run(&mut self) -> bool {
         let mut events = [EpollEvent::default(); WORKER_EVENTS];
         loop {
             let count = match self.epoll.wait(-1, &mut events) {
@@ -139,14 +162,14 @@ impl WorkerState {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => {
                     tracing::error!(%error, "vsock worker epoll_wait failed; device stops");
-                    return;
+                    return false;
                 }
             };
             let mut run_tx = false;
             let mut run_rx = false;
             for event in &events[..count] {
                 match event.data() {
-                    TOKEN_STOP => return,
+                    TOKEN_STOP => return true,
                     TOKEN_RX => {
                         self.drain_notifier(RX_QUEUE_INDEX);
                         run_rx = true;
@@ -169,7 +192,7 @@ impl WorkerState {
                 // A broken ring is the driver's doing, and a reset brings the
                 // device back to fail again: rate-limited.
                 guest_warn!(self.model.guest_log(), %error, "vsock queue processing failed; device stops");
-                return;
+                return false;
             }
         }
     }

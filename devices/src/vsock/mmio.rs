@@ -6,11 +6,14 @@
 //! up. `activate` hands a clone of that socket to a new [`VsockModel`] and
 //! starts an [`MmioWorker`] to run it; `reset` stops the
 //! worker, which closes every connection, while the listening socket stays.
-//! Dropping the device removes the socket file.
+//! `pause` (for a snapshot) stops the worker but keeps the model, so the
+//! next `activate` goes on with the same connections. Dropping the device
+//! removes the socket file.
 
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
+use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 
 use super::event_loop::MmioWorker;
@@ -21,7 +24,9 @@ use super::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log::{guest_warn, GuestLog};
-use crate::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::{
+    ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// A virtio-vsock device for the MMIO transport.
 pub struct VsockDevice {
@@ -30,6 +35,8 @@ pub struct VsockDevice {
     listener: UnixListener,
     acked_features: u64,
     worker: Option<MmioWorker>,
+    /// The model of a paused worker, with its connections.
+    paused_model: Option<VsockModel>,
     /// The budget for guest-triggered lines, for the device's whole life
     /// (shared with the transport and every model it activates).
     guest_log: GuestLog,
@@ -52,6 +59,7 @@ impl VsockDevice {
             listener,
             acked_features: 0,
             worker: None,
+            paused_model: None,
             guest_log: GuestLog::new(),
         })
     }
@@ -72,12 +80,16 @@ impl VsockDevice {
         interrupt: Arc<dyn VirtioInterrupt>,
         mut queues: Vec<ActivatedQueue>,
     ) -> Result<(), VsockError> {
-        let model = VsockModel::new(
-            &self.config,
-            self.timeouts,
-            &self.listener,
-            self.guest_log.clone(),
-        )?;
+        // After a pause, the same model goes on with its connections.
+        let model = match self.paused_model.take() {
+            Some(model) => model,
+            None => VsockModel::new(
+                &self.config,
+                self.timeouts,
+                &self.listener,
+                self.guest_log.clone(),
+            )?,
+        };
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for queue in &mut queues {
             virtio_queue::QueueT::set_event_idx(&mut queue.queue, event_idx);
@@ -147,7 +159,26 @@ impl VirtioDevice for VsockDevice {
         if let Some(worker) = self.worker.take() {
             worker.stop();
         }
+        self.paused_model = None;
         self.acked_features = 0;
+    }
+
+    /// Stops the worker but keeps its model, so the listener and every
+    /// connection survive a pause; the next `activate` continues them.
+    /// A device restored from a snapshot starts with none.
+    fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
+        let not_running = || PauseError::Backend {
+            device_type: VIRTIO_ID_VSOCK,
+            detail: "its worker had already stopped (a broken ring or a failed confinement)"
+                .to_owned(),
+        };
+        let paused = self
+            .worker
+            .take()
+            .and_then(MmioWorker::stop)
+            .ok_or_else(not_running)?;
+        self.paused_model = Some(paused.model);
+        Ok(paused.queues)
     }
 
     fn guest_log(&self) -> GuestLog {

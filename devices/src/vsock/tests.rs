@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -1145,6 +1145,97 @@ fn mmio_device_worker_delivers_a_request_and_stops_on_reset() {
     assert!(UnixStream::connect(&uds_path).is_ok());
     drop(device);
     assert!(!uds_path.exists(), "dropping the device removes its socket");
+}
+
+#[test]
+fn a_paused_mmio_device_keeps_its_connections_and_goes_on_from_its_queue_positions() {
+    let dir = TestDir::new("vsock").unwrap();
+    let config = device_config(&dir);
+    let uds_path = config.uds_path.clone();
+    let mut device = VsockDevice::new(config).unwrap();
+    assert!(
+        device.pause().is_err(),
+        "a device that never ran has nothing to pause"
+    );
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let mut rx = DriverQueue::new(&mem, 0x1000, 16, 0x2000);
+    let tx = DriverQueue::new(&mem, rx.end(), 16, 0x2000);
+    let event = DriverQueue::new(&mem, tx.end(), 16, 0x100);
+    for _ in 0..8 {
+        rx.add_chain(&mem, &[(0x2000, true, &[])]).unwrap();
+    }
+    let notifiers: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let activated = |queues: [Queue; 3]| -> Vec<ActivatedQueue> {
+        queues
+            .into_iter()
+            .zip(&notifiers)
+            .map(|(queue, notifier)| ActivatedQueue {
+                queue,
+                notifier: notifier.try_clone().unwrap(),
+            })
+            .collect()
+    };
+    let interrupt = Arc::new(CountingInterrupt::default());
+    device
+        .activate(
+            mem.clone(),
+            interrupt.clone(),
+            activated([rx.device_queue(), tx.device_queue(), event.device_queue()]),
+        )
+        .unwrap();
+    let wait_for_request = |rx: &mut DriverQueue, port: u32| {
+        let start = Instant::now();
+        loop {
+            if let Some((_, _, data)) = rx.pop_used(&mem) {
+                let request = PacketHeader::decode(data[..HDR_LEN].try_into().unwrap());
+                assert_eq!((request.op, request.dst_port), (op::REQUEST, port));
+                return;
+            }
+            assert!(start.elapsed() < WAIT, "no REQUEST for port {port}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let mut first = UnixStream::connect(&uds_path).unwrap();
+    first.write_all(b"CONNECT 1024\n").unwrap();
+    wait_for_request(&mut rx, 1024);
+
+    let positions = device.pause().unwrap();
+    assert!(!device.is_active());
+    assert_eq!(positions.len(), 3);
+    assert_eq!(
+        (positions[0].next_avail, positions[0].next_used),
+        (1, 1),
+        "one rx buffer was used for the REQUEST"
+    );
+    // The host client is still connected: no EOF while paused.
+    first.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let pending = first.read(&mut byte).unwrap_err();
+    assert_eq!(pending.kind(), std::io::ErrorKind::WouldBlock);
+
+    let restored: Vec<Queue> = positions
+        .into_iter()
+        .map(|state| Queue::try_from(state).unwrap())
+        .collect();
+    let restored: [Queue; 3] = restored.try_into().unwrap();
+    device
+        .activate(mem.clone(), interrupt.clone(), activated(restored))
+        .unwrap();
+    let mut second = UnixStream::connect(&uds_path).unwrap();
+    second.write_all(b"CONNECT 1025\n").unwrap();
+    // The next REQUEST lands in the next used slot, not over the first.
+    wait_for_request(&mut rx, 1025);
+    let still_pending = first.read(&mut byte).unwrap_err();
+    assert_eq!(
+        still_pending.kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the connection made before the pause survives the resume"
+    );
+    device.reset();
+    first.set_nonblocking(false).unwrap();
+    assert_eof(&mut first);
 }
 
 // ---- vhost-user adapter -----------------------------------------------------
