@@ -10,6 +10,10 @@ echo "=== built-in VMM: boot timings and memory overhead"
 cargo run -q --release -p husk-vmm --example boot_bench -- "$HUSK_KERNEL" "$HUSK_INITRD" "$runs"
 
 echo
+echo "=== built-in VMM: pre-booted template, VMs restored from one snapshot beside VMs that boot their own guest (payload guest, same run)"
+cargo run -q --release -p husk-vmm --example template_bench -- "${TEMPLATE_CLONES:-10}"
+
+echo
 echo "=== devices (vsock, virtio-fs) over vhost-user in qemu, beside vhost-device-vsock and the host file system"
 peer_root=${HUSK_CACHE_DIR:-/var/cache/husk}/peers
 peer=$peer_root/bin/vhost-device-vsock
