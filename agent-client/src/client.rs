@@ -368,6 +368,12 @@ impl AgentClient {
         call!(self, get_guest_metrics, "GetGuestMetrics", Empty::new())
     }
 
+    /// Tells an agent whose VM was restored from a template the host's
+    /// clock, fresh entropy and the pod's NIC addresses (`Restored`).
+    pub async fn restored(&self, request: RestoredRequest) -> Result<(), ClientError> {
+        call!(self, restored, "Restored", request).map(|_| ())
+    }
+
     /// Has the agent serve its debug shell; returns the vsock port.
     pub async fn start_debug_console(&self) -> Result<u32, ClientError> {
         call!(self, start_debug_console, "StartDebugConsole", Empty::new()).map(|r| r.port)

@@ -32,6 +32,7 @@ mod power;
 mod process;
 mod reaper;
 mod resources;
+mod restored;
 mod rpc;
 mod sandbox;
 mod server;

@@ -281,6 +281,13 @@ impl Agent for AgentService {
         Ok(self.sandbox.guest_metrics())
     }
 
+    async fn restored(&self, _: &TtrpcContext, r: RestoredRequest) -> ttrpc::Result<Empty> {
+        reply(
+            "Restored",
+            crate::restored::apply(&r).await.map(|_| Empty::new()),
+        )
+    }
+
     async fn start_debug_console(
         &self,
         _: &TtrpcContext,

@@ -100,6 +100,15 @@ fn checks() -> Vec<Check> {
             run: |sb| Box::pin(io_stats_report_the_guests_block_io_honestly(sb)),
         },
         Check {
+            name: "restored_sets_the_guest_clock_and_refuses_what_does_not_fit",
+            timeout: CHECK_TIMEOUT,
+            run: |sb| {
+                Box::pin(restored_sets_the_guest_clock_and_refuses_what_does_not_fit(
+                    sb,
+                ))
+            },
+        },
+        Check {
             name: "hundred_mib_of_container_stdout_arrive_intact",
             timeout: STREAM_TIMEOUT,
             run: |sb| Box::pin(hundred_mib_of_container_stdout_arrive_intact(sb)),
@@ -214,6 +223,81 @@ async fn run(filters: Vec<String>) -> ExitCode {
         println!("failures: {}", failed.join(", "));
         ExitCode::FAILURE
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the host clock is after 1970")
+        .as_secs()
+}
+
+/// The guest's wall clock as a container reads it (`date +%s`).
+async fn guest_seconds(sb: &GuestSandbox, id: &str) -> Result<u64> {
+    let mut io = sb
+        .run_container(id, &["date", "+%s"], Pipes::OUT_ERR)
+        .await?;
+    let stdout = read_text(&mut io.take_stdout()?, READ_TIMEOUT).await?;
+    sb.wait(id, "").await?;
+    sb.remove_container(id).await?;
+    stdout
+        .trim()
+        .parse()
+        .with_context(|| format!("date +%s printed {stdout:?}"))
+}
+
+/// The `Restored` request a VM restored from a template gets first: here
+/// the guest booted, so it proves what the agent does with one. The clock
+/// moves to what the host sends (an hour ahead, then back); a request
+/// naming a NIC the guest does not have, or too little entropy, is refused
+/// with the reason.
+async fn restored_sets_the_guest_clock_and_refuses_what_does_not_fit(
+    sb: Arc<GuestSandbox>,
+) -> Result<()> {
+    use husk_agent_client::agent::RestoredRequest;
+    let request = |seconds: u64, macs: Vec<Vec<u8>>| RestoredRequest {
+        realtime_unix_ns: seconds * 1_000_000_000,
+        entropy: (0..64u8).collect(),
+        nic_macs: macs,
+        ..Default::default()
+    };
+    let ahead = unix_now() + 3600;
+    sb.client().restored(request(ahead, vec![])).await?;
+    let guest = guest_seconds(&sb, "date-ahead").await?;
+    ensure!(
+        guest.abs_diff(ahead) < 120,
+        "after Restored with {ahead}, the guest's clock reads {guest}"
+    );
+    let no_nic = sb
+        .client()
+        .restored(request(unix_now(), vec![vec![2, 0, 0, 0, 0, 9]]))
+        .await
+        .expect_err("a NIC the guest does not have is refused");
+    ensure!(
+        no_nic
+            .to_string()
+            .contains("the host names 1 NICs, the guest has 0"),
+        "{no_nic}"
+    );
+    let mut thin = request(unix_now(), vec![]);
+    thin.entropy = vec![1; 8];
+    let refused = sb
+        .client()
+        .restored(thin)
+        .await
+        .expect_err("8 bytes of entropy are refused");
+    ensure!(
+        refused.code() == Some(Code::INVALID_ARGUMENT) && refused.to_string().contains("8 bytes"),
+        "{refused}"
+    );
+    let now = unix_now();
+    sb.client().restored(request(now, vec![])).await?;
+    let guest = guest_seconds(&sb, "date-now").await?;
+    ensure!(
+        guest.abs_diff(now) < 120,
+        "after Restored with {now}, the guest's clock reads {guest}"
+    );
+    Ok(())
 }
 
 async fn container_uname_reports_the_guest_kernel_not_the_hosts(
