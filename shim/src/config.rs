@@ -137,6 +137,11 @@ pub struct HypervisorConfig {
     pub qemu_id_first: u32,
     /// How many ids the range holds: the most QEMUs the node runs at once.
     pub qemu_id_count: u32,
+    /// Pre-booted templates (built-in VMM only): the first pod of a VM
+    /// shape is snapshotted once its agent answers, and later pods of that
+    /// shape are restored from the snapshot instead of booting
+    /// (`hypervisor::template`).
+    pub template: bool,
 }
 
 impl HypervisorConfig {
@@ -169,6 +174,7 @@ impl Default for HypervisorConfig {
             qemu_run_as: QemuRunAs::Unprivileged,
             qemu_id_first: crate::hypervisor::qemu::DEFAULT_QEMU_ID_FIRST,
             qemu_id_count: crate::hypervisor::qemu::DEFAULT_QEMU_ID_COUNT,
+            template: false,
         }
     }
 }
@@ -517,6 +523,12 @@ impl Config {
                 return Err(invalid(field, "must be at least 1".into()));
             }
         }
+        if self.hypervisor.template && self.hypervisor.kind == HypervisorKind::Qemu {
+            return Err(invalid(
+                "hypervisor.template",
+                "needs the built-in VMM: the qemu backend (hypervisor.kind = \"qemu\") has no snapshots".into(),
+            ));
+        }
         if self.shim_log_max_bytes < MIN_SHIM_LOG_MAX_BYTES {
             return Err(invalid(
                 "shim_log_max_bytes",
@@ -780,6 +792,25 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn templates_are_off_by_default_and_refused_with_the_qemu_backend() {
+        assert!(!Config::default().hypervisor.template);
+        let builtin = parse("[hypervisor]\nkind = \"builtin\"\ntemplate = true\n").unwrap();
+        assert!(builtin.hypervisor.template);
+        let auto = parse("[hypervisor]\ntemplate = true\n").unwrap();
+        assert!(
+            auto.hypervisor.template,
+            "auto decides per host, at pod start"
+        );
+        let error = parse("[hypervisor]\nkind = \"qemu\"\ntemplate = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("hypervisor.template") && error.contains("no snapshots"),
+            "{error}"
+        );
     }
 
     #[test]

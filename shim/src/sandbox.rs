@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Context, Result};
-use husk_agent_client::agent::{ConfigureNetworkRequest, CreateSandboxRequest};
+use husk_agent_client::agent::{ConfigureNetworkRequest, CreateSandboxRequest, RestoredRequest};
 use husk_agent_client::{AgentClient, Endpoint};
 use husk_devices::fs::{CachePolicy, FsConfig};
 
@@ -138,6 +138,41 @@ fn fs_config(share: &Path, config: &Config) -> Result<FsConfig> {
 }
 
 /// Stops a VM off the async runtime (stopping blocks).
+/// The `Restored` request for a VM restored from a template: the host's
+/// wall clock, 64 fresh random bytes, the pod's NIC addresses.
+fn restored_request(nic_macs: Vec<Vec<u8>>) -> Result<RestoredRequest> {
+    let realtime_unix_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .context("the host clock is before 1970")?
+        .as_nanos() as u64;
+    let mut entropy = vec![0u8; 64];
+    let mut filled = 0;
+    while filled < entropy.len() {
+        // SAFETY: the pointer and length name the unfilled tail of `entropy`.
+        let got = unsafe {
+            libc::getrandom(
+                entropy[filled..].as_mut_ptr().cast(),
+                entropy.len() - filled,
+                0,
+            )
+        };
+        if got < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(anyhow!(error).context("getrandom for the restored guest"));
+            }
+            continue;
+        }
+        filled += got as usize;
+    }
+    Ok(RestoredRequest {
+        realtime_unix_ns,
+        entropy,
+        nic_macs,
+        ..Default::default()
+    })
+}
+
 async fn stop_vm(mut vm: Box<dyn Hypervisor>, grace: Duration) -> String {
     tokio::task::spawn_blocking(move || vm.stop(grace))
         .await
@@ -304,6 +339,8 @@ impl Sandbox {
                 &paths.vm_dir,
             )
             .context("debug_console = true")?;
+            // The debug initramfs is the pod's own: no template is shared.
+            spec.template_root = None;
         }
         let shutdown_grace = Duration::from_millis(config.timeouts.shutdown_ms);
         let limits = ShareTreeLimits {
@@ -336,11 +373,16 @@ impl Sandbox {
             max_connections: husk_devices::vsock::DEFAULT_MAX_CONNECTIONS,
         })?;
         vm.add_device(Device::SharedFs(fs_config(&paths.share(), config)?))?;
+        // The pod's NIC addresses in device order, for a VM restored from a
+        // template (whose guest still has the template's).
+        let mut nic_macs = Vec::new();
         if let Some(attachment) = network.as_mut() {
             if let Some(tap) = attachment.take_tap() {
+                let net_config = attachment.net_config();
+                nic_macs.push(net_config.mac.to_vec());
                 vm.add_device(Device::Net(NetBackend {
                     tap,
-                    config: attachment.net_config(),
+                    config: net_config,
                 }))?;
             }
         }
@@ -404,6 +446,24 @@ impl Sandbox {
                 )));
             }
         };
+        if vm.restored_from_template() {
+            if let Err(error) = client.restored(restored_request(nic_macs)?).await {
+                stop_vm(vm, Duration::ZERO).await;
+                return Err(anyhow!(error).context(
+                    "the agent of a VM restored from a template refused Restored (clock, entropy, NIC addresses)",
+                ));
+            }
+        }
+        let (vm, saved) = tokio::task::spawn_blocking(move || {
+            let result = vm.after_agent_ready();
+            (vm, result)
+        })
+        .await
+        .map_err(|e| anyhow!("the template task failed: {e}"))?;
+        if let Err(error) = saved {
+            stop_vm(vm, Duration::ZERO).await;
+            return Err(error.into());
+        }
         let agent_ready_after = started.elapsed();
         phases.agent_ready = phases.vm_start.map(|vm_start| agent_ready_after - vm_start);
         tracing::info!(

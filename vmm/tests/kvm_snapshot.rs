@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use husk_devices::balloon::BalloonDevice;
-use husk_vmm::snapshot::{MANIFEST_FILE, MEMORY_FILE};
+use husk_vmm::snapshot::{check_restorable, MANIFEST_FILE, MEMORY_FILE};
 use husk_vmm::{MicroVm, RunError, SerialSink, SharedBuffer, VmBuilder, VmExit};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -285,6 +285,11 @@ fn bad_snapshots_and_bad_restores_are_refused_naming_the_problem() {
         assert!(!dir.path().join("other").exists());
 
         let fds_before = open_fd_count();
+        check_restorable(&snapshot, &[5]).expect("a balloon VM may restore it");
+        let fewer = check_restorable(&snapshot, &[]).unwrap_err().to_string();
+        assert!(fewer.contains("1 virtio devices; 0 were given"), "{fewer}");
+        let other = check_restorable(&snapshot, &[19]).unwrap_err().to_string();
+        assert!(other.contains("types [5], the VM has [19]"), "{other}");
         let missing = build_error(VmBuilder::new().restore_snapshot(dir.path().join("absent")));
         assert!(missing.contains("no snapshot directory at"), "{missing}");
 

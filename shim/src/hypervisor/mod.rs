@@ -19,6 +19,7 @@
 pub mod builtin;
 pub mod console;
 pub mod qemu;
+pub mod template;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -114,6 +115,9 @@ pub struct VmSpec {
     pub free_page_reporting: bool,
     /// Who QEMU runs as (`hypervisor.qemu_run_as` and its id range).
     pub qemu_run_as: qemu::RunAs,
+    /// Where pre-booted templates live, when this VM may restore from one
+    /// or become one (`hypervisor.template`, built-in VMM only).
+    pub template_root: Option<PathBuf>,
 }
 
 /// Why a VM could not be described, started or given a device.
@@ -180,6 +184,16 @@ impl VmSpec {
             seccomp: config.confinement.seccomp,
             free_page_reporting: config.hypervisor.free_page_reporting,
             qemu_run_as: config.hypervisor.qemu_run_as(),
+            template_root: match (config.hypervisor.template, backend) {
+                (true, Backend::Builtin) => Some(template::template_root()),
+                (true, Backend::Qemu) => {
+                    tracing::info!(
+                        "hypervisor.template is set, but this pod runs under qemu, which has no snapshots: it boots"
+                    );
+                    None
+                }
+                (false, _) => None,
+            },
         })
     }
 
@@ -264,6 +278,17 @@ pub trait Hypervisor: Send {
     /// Stops the VM: waits up to `grace` for it to end by itself, then
     /// ends it. Blocking. Returns how it ended, for the log.
     fn stop(&mut self, grace: Duration) -> String;
+    /// Called once the agent has answered and before anything of the pod
+    /// reached the guest: a VM chosen to become a template is saved now.
+    /// Blocking. An error means the VM cannot go on.
+    fn after_agent_ready(&mut self) -> Result<(), HypervisorError> {
+        Ok(())
+    }
+    /// Whether the VM was restored from a template, so the agent must be
+    /// sent `Restored` before anything else.
+    fn restored_from_template(&self) -> bool {
+        false
+    }
 }
 
 /// The agent endpoint of a VM whose vsock device has its host side at

@@ -395,6 +395,36 @@ pub fn read_manifest(directory: &Path, kvm: &Kvm) -> Result<Manifest, SnapshotEr
     Ok(manifest)
 }
 
+/// Whether the snapshot in `directory` can be restored on this host with
+/// virtio devices of `device_types`, in that order: its manifest is whole,
+/// of this format, taken on this kind of host, with the same devices. A
+/// caller checks this before it hands its devices to a restore, which
+/// consumes them.
+pub fn check_restorable(directory: &Path, device_types: &[u32]) -> Result<(), SnapshotError> {
+    let kvm = Kvm::new().map_err(|error| SnapshotError::Io {
+        what: "open KVM to check the snapshot in",
+        path: directory.to_owned(),
+        source: std::io::Error::from_raw_os_error(error.errno()),
+    })?;
+    let manifest = read_manifest(directory, &kvm)?;
+    let saved: Vec<u32> = manifest.devices.iter().map(|d| d.device_type).collect();
+    if saved.len() != device_types.len() {
+        return Err(SnapshotError::DeviceCount {
+            snapshot: saved.len(),
+            given: device_types.len(),
+        });
+    }
+    if saved != device_types {
+        return Err(SnapshotError::Manifest {
+            path: directory.join(MANIFEST_FILE),
+            detail: format!(
+                "it holds virtio devices of types {saved:?}, the VM has {device_types:?}"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Builds a VM from the snapshot in `directory` with `devices` in its
 /// virtio windows and the console writing to `serial`. Nothing runs until
 /// `MicroVm::start`.

@@ -312,6 +312,7 @@ mod tests {
             } else {
                 crate::hypervisor::qemu::RunAs::Root
             },
+            template_root: None,
         }
     }
 
