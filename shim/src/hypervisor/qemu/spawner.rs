@@ -357,10 +357,14 @@ mod tests {
         use std::os::fd::AsRawFd;
         let listed = listed_write.as_raw_fd();
         let other = other_write.as_raw_fd();
+        // Through /proc/self/fd, not `>&N`: dash takes only one digit
+        // there, and with other tests' fds open these can be 10 or more.
         let mut command = Command::new("/bin/sh");
         command.args([
             "-c",
-            &format!("echo listed >&{listed}; echo other >&{other} 2>/dev/null; exit 0"),
+            &format!(
+                "echo listed >/proc/self/fd/{listed}; echo other >/proc/self/fd/{other} 2>/dev/null; exit 0"
+            ),
         ]);
         let setup = ChildSetup {
             identity: None,
