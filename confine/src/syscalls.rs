@@ -86,9 +86,10 @@ pub const BASE: &[Rule] = &[
     any("munmap"),
     any("mremap"),
     any("mprotect"),
-    // The allocator's; also how the virtio-balloon worker releases
-    // anonymous guest memory (MADV_DONTNEED or MADV_REMOVE, see
-    // GUEST_MEMORY).
+    // The allocator's; also how the virtio-balloon worker releases guest
+    // memory: the built-in VMM's is private (anonymous, or a template's
+    // file mapped MAP_PRIVATE), so MADV_DONTNEED is all it needs. No
+    // device thread may punch holes in files (`fallocate` is FILES').
     any("madvise"),
     any("brk"),
     any("rt_sigprocmask"),
@@ -207,26 +208,6 @@ pub const SOCKETS: &[Rule] = &[
     ),
 ];
 
-/// `fallocate`'s mode for returning a file range to the file system
-/// without changing the file's size (linux/falloc.h).
-const PUNCH_HOLE_KEEP_SIZE: u64 = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
-
-/// Giving guest RAM back to the host: the virtio-balloon worker releases
-/// the ranges a guest reports free (free page reporting,
-/// `husk_devices::balloon`). Anonymous guest memory (the built-in VMM's)
-/// goes with `madvise(MADV_DONTNEED)` (`MADV_REMOVE` if shared), already
-/// in [`BASE`]; file- or memfd-backed shared memory needs a hole punched
-/// in its file, so
-/// `fallocate` is allowed in that one mode only: no class without
-/// [`FILES`] may grow, preallocate or shift a file through it.
-pub const GUEST_MEMORY: &[Rule] = &[with(
-    "fallocate",
-    &[ArgCheck::Equals {
-        index: 1,
-        value: PUNCH_HOLE_KEEP_SIZE,
-    }],
-)];
-
 /// A passthrough's file operations on the share, acting as the guest's
 /// users (fs uid/gid switches and the CAP_FSETID toggle of a write that
 /// kills suid bits).
@@ -308,9 +289,9 @@ pub const KVM: &[Rule] = &[with(
 /// virtio-fs lists; moving activation to a VMM thread would narrow it.
 pub fn lists_for(class: ThreadClass) -> &'static [&'static [Rule]] {
     match class {
-        ThreadClass::Device => &[BASE, SOCKETS, GUEST_MEMORY],
-        ThreadClass::FsWorker => &[BASE, SOCKETS, GUEST_MEMORY, FILES],
-        ThreadClass::Vcpu => &[BASE, SOCKETS, GUEST_MEMORY, FILES, KVM],
+        ThreadClass::Device => &[BASE, SOCKETS],
+        ThreadClass::FsWorker => &[BASE, SOCKETS, FILES],
+        ThreadClass::Vcpu => &[BASE, SOCKETS, FILES, KVM],
     }
 }
 
@@ -365,20 +346,13 @@ mod tests {
     }
 
     #[test]
-    fn device_threads_may_fallocate_only_to_punch_holes() {
+    fn device_threads_may_not_fallocate_at_all() {
         let fallocate: Vec<&Rule> = lists_for(ThreadClass::Device)
             .iter()
             .flat_map(|list| list.iter())
             .filter(|rule| rule.name == "fallocate")
             .collect();
-        assert_eq!(fallocate.len(), 1, "{fallocate:?}");
-        assert_eq!(
-            fallocate[0].args,
-            &[ArgCheck::Equals {
-                index: 1,
-                value: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
-            }]
-        );
+        assert!(fallocate.is_empty(), "{fallocate:?}");
     }
 
     #[test]

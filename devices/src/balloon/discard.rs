@@ -23,8 +23,11 @@
 //! only holds guest RAM, and the reason a VMM must not give the guest a
 //! balloon over guest RAM mapped from a file whose contents it must keep. KVM follows every one of these
 //! through its MMU notifier: the guest's next access faults in the new
-//! page. The worker's seccomp list allows exactly these calls
-//! (`husk_confine::syscalls::GUEST_MEMORY`).
+//! page. A confined worker (the built-in VMM's) may only `madvise`: that
+//! VMM's guest memory is private (anonymous, or a template's file mapped
+//! `MAP_PRIVATE`), and a device thread is allowed no `fallocate`, so a
+//! compromised worker cannot punch holes in a file it holds
+//! (`husk_confine::syscalls`).
 
 use std::os::fd::AsRawFd;
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use crate::paths::SandboxPaths;
 
 /// Kills the VMM recorded in the sandbox directory (only if that process
-/// still names the directory on its command line, so a recycled pid is
-/// never hit), unmounts everything below the directory and removes it.
+/// is still the one recorded, so a recycled pid is never hit), unmounts
+/// everything below the directory and removes it.
 pub fn remove_sandbox_dir(paths: &SandboxPaths) {
     if let Some(pid) = recorded_vmm_pid(paths) {
         kill_and_wait(pid, Duration::from_secs(5));
@@ -45,16 +45,50 @@ pub fn unmount_and_remove(dir: &Path) -> bool {
     }
 }
 
+/// What identifies the VMM process in its record: its pid and the time
+/// it started (`/proc/<pid>/stat` field 22, clock ticks after boot).
+/// Neither can the process change, unlike its command line, which a VMM
+/// compromised by its guest could rewrite to hide from this cleanup.
+pub fn vmm_record(pid: u32) -> std::io::Result<String> {
+    let start = process_start_time(pid as i32).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("process {pid} has no start time in /proc"),
+        )
+    })?;
+    Ok(format!("{pid} {start}"))
+}
+
+/// The start time of `pid` (field 22 of `/proc/<pid>/stat`).
+fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces and parentheses)
+    // begin with field 3, the state.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
 /// The VMM pid recorded for the sandbox, if that process is still alive
-/// and is the sandbox's VMM.
+/// and is the one recorded: same pid and same start time. A record of an
+/// older shim (a pid alone) is trusted only if the process still names
+/// the VM directory on its command line.
 pub fn recorded_vmm_pid(paths: &SandboxPaths) -> Option<i32> {
     let text = std::fs::read_to_string(paths.vmm_pid_file()).ok()?;
-    let pid: i32 = text.trim().parse().ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    cmdline
-        .contains(&*paths.vm_dir.to_string_lossy())
-        .then_some(pid)
+    let mut fields = text.split_whitespace();
+    let pid: i32 = fields.next()?.parse().ok()?;
+    match fields.next() {
+        Some(start) => {
+            let recorded: u64 = start.parse().ok()?;
+            (process_start_time(pid)? == recorded).then_some(pid)
+        }
+        None => {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline
+                .contains(&*paths.vm_dir.to_string_lossy())
+                .then_some(pid)
+        }
+    }
 }
 
 fn kill_and_wait(pid: i32, patience: Duration) {
@@ -138,6 +172,54 @@ mod tests {
         assert!(unmount_and_remove(&root.path().join("share")));
         assert!(mounts_below(root.path()).is_empty());
         assert!(source.is_dir(), "the bind source survives");
+    }
+
+    /// A `sleep` child and its record, as the QEMU backend writes it.
+    fn recorded_sleeper(paths: &SandboxPaths) -> std::process::Child {
+        let child = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .unwrap();
+        std::fs::create_dir_all(&paths.vm_dir).unwrap();
+        std::fs::write(paths.vmm_pid_file(), vmm_record(child.id()).unwrap()).unwrap();
+        child
+    }
+
+    #[test]
+    fn the_recorded_vmm_is_killed_whatever_its_command_line_says() {
+        let root = tempfile::tempdir().unwrap();
+        let paths = SandboxPaths::under(&root.path().join("sandboxes"), "pod-argv");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        // `sleep 1000` does not name the VM directory: a VMM that rewrote
+        // its command line looks like this.
+        let mut child = recorded_sleeper(&paths);
+        let pid = child.id() as i32;
+        assert_eq!(recorded_vmm_pid(&paths), Some(pid));
+        remove_sandbox_dir(&paths);
+        // The cleanup reaps its own child; either way the sleeper is gone.
+        let _ = child.try_wait();
+        assert!(is_zombie_or_gone(pid), "the recorded VMM was killed");
+        assert!(!paths.vm_dir.exists());
+    }
+
+    #[test]
+    fn a_recorded_pid_whose_start_time_differs_is_never_killed() {
+        let root = tempfile::tempdir().unwrap();
+        let paths = SandboxPaths::under(&root.path().join("sandboxes"), "pod-recycled");
+        let mut child = recorded_sleeper(&paths);
+        // The same pid, started at another time: a recycled pid.
+        let record = std::fs::read_to_string(paths.vmm_pid_file()).unwrap();
+        let (pid, start) = record.split_once(' ').unwrap();
+        let other = start.parse::<u64>().unwrap() + 1;
+        std::fs::write(paths.vmm_pid_file(), format!("{pid} {other}")).unwrap();
+        assert_eq!(recorded_vmm_pid(&paths), None);
+        remove_sandbox_dir(&paths);
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the process was spared"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

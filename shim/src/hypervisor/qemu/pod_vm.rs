@@ -153,7 +153,11 @@ impl Hypervisor for QemuPodVm {
         let pid_file = self.spec.work_dir.join(VMM_PID_FILE);
         // On failure the paused VM is dropped: QEMU is killed before the
         // guest ran.
-        std::fs::write(&pid_file, paused.pid().to_string())
+        // Its pid and start time, read while the guest has not run: what
+        // a compromised QEMU cannot rewrite (see `recorded_vmm_pid`).
+        let record = crate::resources::cleanup::vmm_record(paused.pid())
+            .with_context(|| format!("cannot read QEMU's start time (pid {})", paused.pid()))?;
+        std::fs::write(&pid_file, record)
             .with_context(|| format!("cannot record the VMM pid in {}", pid_file.display()))?;
         let vm = paused
             .resume()
