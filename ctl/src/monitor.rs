@@ -5,21 +5,27 @@
 //! gets the labels `sandbox_id` and, where CRI's annotations named them,
 //! `pod_name` and `pod_namespace`; each metric family's HELP and TYPE
 //! appear once. `husk_monitor_sandbox_up{sandbox_id}` says which sockets
-//! answered. Requests are served one at a time, each bounded by
-//! [`REQUEST_TIMEOUT`].
+//! answered. Each request is served on a thread of its own, at most
+//! [`MAX_CONCURRENT_REQUESTS`] at once (more are answered 503 at once),
+//! and a client has [`REQUEST_TIMEOUT`] in all to send its request, so
+//! a slow client holds one slot for a bounded time and never the others.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use husk_shim::management::http;
 
 use crate::sandboxes;
 
-/// How long a client may take to send its request.
+/// How long a client may take to send its whole request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most requests served at once.
+pub const MAX_CONCURRENT_REQUESTS: usize = 16;
 
 /// One metric family of a text exposition.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -194,7 +200,7 @@ pub fn scrape(root: &Path) -> Result<String> {
 }
 
 fn handle(mut stream: TcpStream, root: &Path) -> Result<()> {
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -238,6 +244,15 @@ fn handle(mut stream: TcpStream, root: &Path) -> Result<()> {
                 false,
             );
         }
+        // The whole request within REQUEST_TIMEOUT, however it trickles.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            anyhow::bail!(
+                "the client did not send its request within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            );
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
@@ -257,22 +272,112 @@ pub fn serve(listen: SocketAddr, root: &Path) -> Result<()> {
         listener.local_addr()?,
         root.display()
     );
+    serve_on(listener, root.to_owned());
+    Ok(())
+}
+
+/// Releases a request's slot when its thread ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Accepts on `listener` forever, one thread per request.
+fn serve_on(listener: TcpListener, root: PathBuf) {
+    let busy = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                if let Err(error) = handle(stream, root) {
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                eprintln!("husk-ctl monitor: accept failed: {error}");
+                continue;
+            }
+        };
+        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONCURRENT_REQUESTS {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            // A short answer, written with a short patience: the accept
+            // loop never waits on a client.
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = stream.write_all(&http::response(
+                http::Status::Unavailable,
+                "text/plain",
+                format!("{MAX_CONCURRENT_REQUESTS} requests are being served; try again\n")
+                    .as_bytes(),
+                false,
+            ));
+            continue;
+        }
+        let slot = Slot(busy.clone());
+        let root = root.clone();
+        let spawned = std::thread::Builder::new()
+            .name("monitor-request".into())
+            .spawn(move || {
+                let _slot = slot;
+                if let Err(error) = handle(stream, &root) {
                     eprintln!("husk-ctl monitor: a request failed: {error:#}");
                 }
-            }
-            Err(error) => eprintln!("husk-ctl monitor: accept failed: {error}"),
+            });
+        if let Err(error) = spawned {
+            eprintln!("husk-ctl monitor: cannot start a request thread: {error}");
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn get_metrics(address: SocketAddr) -> String {
+        let mut client = TcpStream::connect(address).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        reply
+    }
+
+    #[test]
+    fn a_silent_client_does_not_hold_up_other_scrapes_and_too_many_get_503() {
+        let root = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let served = root.path().to_owned();
+        std::thread::spawn(move || serve_on(listener, served));
+
+        // Silent clients take every slot but one; a scrape is still served.
+        let silent: Vec<TcpStream> = (0..MAX_CONCURRENT_REQUESTS - 1)
+            .map(|_| TcpStream::connect(address).unwrap())
+            .collect();
+        let started = Instant::now();
+        let reply = get_metrics(address);
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(
+            started.elapsed() < REQUEST_TIMEOUT,
+            "the scrape waited for the silent clients"
+        );
+
+        // All slots held: the next client is told so at once.
+        let mut held = silent;
+        held.push(TcpStream::connect(address).unwrap());
+        // Let the accept loop take the last silent client first.
+        std::thread::sleep(Duration::from_millis(200));
+        // The answer comes at accept, before the request is read.
+        let mut client = TcpStream::connect(address).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut refused = String::new();
+        client.read_to_string(&mut refused).unwrap();
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        drop(held);
+    }
 
     const POD: &str = "# HELP husk_guest_up Whether\n# TYPE husk_guest_up gauge\nhusk_guest_up 1\n\
         # HELP husk_rpc_seconds Latency\n# TYPE husk_rpc_seconds histogram\n\
