@@ -109,8 +109,8 @@ pub enum QemuError {
         held: u32,
         setting: &'static str,
     },
-    /// The abstract socket that holds a uid could not be bound.
-    #[error("cannot bind the abstract socket {name} that holds QEMU's uid: {source}")]
+    /// The lease file that holds a uid (or its directory) is unusable.
+    #[error("cannot hold QEMU's uid through {name}: {source}")]
     UidLease {
         name: String,
         source: std::io::Error,

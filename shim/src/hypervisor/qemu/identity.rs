@@ -15,25 +15,26 @@
 //! a uid is never shared while its QEMU lives. [`UidLease::take`] starts at
 //! an index derived from the VM directory (the same pod asks for the same
 //! uid first) and walks the range until it finds a uid that
-//! 1. no other husk shim holds: the holder binds the abstract Unix socket
-//!    `husk/qemu-uid/<uid>` and keeps it bound while its QEMU runs; the
-//!    kernel frees the name when the holder's socket closes, even when the
-//!    shim is killed, so nothing is left behind; and
+//! 1. no other husk shim holds: the holder keeps an exclusive `flock` on
+//!    `<uid>.lock` in a root-only directory ([`lease_directory`]) while its
+//!    QEMU runs; the kernel drops the lock when the holder's fd closes,
+//!    even when the shim is killed, and a holder that ends normally
+//!    removes the file while it still holds the lock (a taker checks that
+//!    the file it locked is still the one at the path); and
 //! 2. no process on the host runs as (uid or gid, real, effective, saved or
 //!    file system): a QEMU whose shim just died may still be exiting after
 //!    its lease was freed, and an operator's process may have strayed into
 //!    the range. The scan follows the lease, so a process it does not see
 //!    was gone before the lease was taken.
 //!
-//! A squatter on a name (any local process can bind abstract sockets) only
-//! makes the walk skip that uid; a range whose every uid is held or in use
-//! fails the start naming the setting that sizes it. Abstract names are
-//! per network namespace: the shim's threads stay in the host's (the pod
-//! network is set up from short-lived threads, `network/netns.rs`), and a
-//! shim in another one would still meet the `/proc` scan.
+//! Only root can create or lock files in that directory, so no local
+//! user can hold uids and stop pods from starting (an abstract socket
+//! name, which any user can bind, could). A range whose every uid is held
+//! or in use fails the start naming the setting that sizes it.
 
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -53,8 +54,12 @@ pub const DEFAULT_QEMU_ID_COUNT: u32 = 65_536;
 /// 65534) and the 16-bit `-1` (65535): a range may not include them.
 const OVERFLOW_IDS: [u32; 2] = [65_534, 65_535];
 
-/// The name prefix of the abstract sockets that hold the uids.
-const LEASE_NAME_PREFIX: &str = "husk/qemu-uid/";
+/// Where the lease files live: `qemu-ids` beside the sandboxes' run root
+/// (`/run/husk/qemu-ids`), created 0700.
+pub fn lease_directory() -> PathBuf {
+    let run_root = crate::paths::run_root();
+    run_root.parent().unwrap_or(&run_root).join("qemu-ids")
+}
 
 /// A range of ids: `first` to `first + count - 1`, uids and gids alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,20 +267,45 @@ fn open_as(identity: &QemuIdentity, path: &Path, read_write: bool) -> std::io::R
 #[derive(Debug)]
 pub struct UidLease {
     identity: QemuIdentity,
-    /// The abstract socket bound to `husk/qemu-uid/<uid>`.
-    _holder: UnixDatagram,
+    _holder: LeaseFile,
+}
+
+/// `<uid>.lock`, locked; dropping it removes the file, then unlocks.
+#[derive(Debug)]
+struct LeaseFile {
+    /// Holds the lock until it closes.
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for LeaseFile {
+    fn drop(&mut self) {
+        // Removed while still locked: a shim that opened it meanwhile finds
+        // it unlinked once it gets the lock, and starts over.
+        if let Err(error) = std::fs::remove_file(&self.path) {
+            tracing::debug!(%error, path = %self.path.display(), "cannot remove a uid lease file");
+        }
+        // `_file` closes after this, which releases the lock.
+    }
 }
 
 impl UidLease {
-    /// Takes a free uid of `range` for the VM whose directory is `vm_dir`;
-    /// `setting` names the configuration that sizes the range.
-    pub fn take(range: IdRange, vm_dir: &Path, setting: &'static str) -> Result<Self, QemuError> {
+    /// Takes a free uid of `range` for the VM whose directory is `vm_dir`,
+    /// holding it in `lease_dir` (see [`lease_directory`]); `setting` names
+    /// the configuration that sizes the range.
+    pub fn take(
+        range: IdRange,
+        vm_dir: &Path,
+        lease_dir: &Path,
+        setting: &'static str,
+    ) -> Result<Self, QemuError> {
+        prepare_lease_directory(lease_dir)?;
         let start = start_index(vm_dir);
         let mut in_use: Option<std::collections::BTreeSet<u32>> = None;
         let mut held = 0u32;
         for step in 0..u64::from(range.count()) {
             let id = range.id_at(start + step);
-            let Some(holder) = bind_lease(id)? else {
+            let Some(holder) = lock_lease(lease_dir, id)? else {
                 held += 1;
                 continue;
             };
@@ -319,19 +349,74 @@ fn start_index(vm_dir: &Path) -> u64 {
     u64::from_be_bytes(first)
 }
 
-/// Binds `husk/qemu-uid/<id>` in the abstract namespace: `Some` holds the
-/// uid, `None` means another process holds it.
-fn bind_lease(id: u32) -> Result<Option<UnixDatagram>, QemuError> {
-    let name = format!("{LEASE_NAME_PREFIX}{id}");
-    let address =
-        SocketAddr::from_abstract_name(name.as_bytes()).map_err(|source| QemuError::UidLease {
-            name: name.clone(),
-            source,
-        })?;
-    match UnixDatagram::bind_addr(&address) {
-        Ok(socket) => Ok(Some(socket)),
-        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => Ok(None),
-        Err(source) => Err(QemuError::UidLease { name, source }),
+/// Creates the lease directory (0700) if needed and refuses one that is
+/// not a directory of the shim's user closed to everyone else: whoever
+/// could write there could hold every uid.
+fn prepare_lease_directory(dir: &Path) -> Result<(), QemuError> {
+    let failed = |source| QemuError::UidLease {
+        name: dir.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    let meta = std::fs::symlink_metadata(dir).map_err(failed)?;
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
+        return Err(failed(std::io::Error::other(format!(
+            "it must be a directory of uid {euid} that no one else can write (it is {}, \
+             owner {}, mode {:04o})",
+            if meta.is_dir() {
+                "a directory"
+            } else {
+                "not a directory"
+            },
+            meta.uid(),
+            meta.mode() & 0o7777
+        ))));
+    }
+    Ok(())
+}
+
+/// Locks `<dir>/<id>.lock`: `Some` holds the uid, `None` means another
+/// shim holds it.
+fn lock_lease(dir: &Path, id: u32) -> Result<Option<LeaseFile>, QemuError> {
+    let path = dir.join(format!("{id}.lock"));
+    let failed = |source| QemuError::UidLease {
+        name: path.display().to_string(),
+        source,
+    };
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(failed)?;
+        // SAFETY: flock(2) on an fd this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
+            return Err(failed(error));
+        }
+        // The holder before us may have removed the file between our open
+        // and our lock: then the lock is on a file no one else will find.
+        let locked = file.metadata().map_err(failed)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(now) if now.ino() == locked.ino() && now.dev() == locked.dev() => {
+                return Ok(Some(LeaseFile { _file: file, path }));
+            }
+            Ok(_) => continue,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(failed(error)),
+        }
     }
 }
 
@@ -407,8 +492,11 @@ mod tests {
     fn a_held_uid_is_not_given_twice_and_is_free_again_once_dropped() {
         let range = test_range(0x7200_0000 + std::process::id() % 4096 * 4, 2);
         let vm_dir = Path::new("/run/husk/vm/lease-test");
-        let first = UidLease::take(range, vm_dir, "hypervisor.qemu_id_count").unwrap();
-        let second = UidLease::take(range, vm_dir, "hypervisor.qemu_id_count").unwrap();
+        let leases = tempfile::tempdir().unwrap();
+        let lease_dir = leases.path().join("qemu-ids");
+        let take = || UidLease::take(range, vm_dir, &lease_dir, "hypervisor.qemu_id_count");
+        let first = take().unwrap();
+        let second = take().unwrap();
         assert_ne!(first.identity().uid, second.identity().uid);
         for lease in [&first, &second] {
             let id = lease.identity();
@@ -419,7 +507,7 @@ mod tests {
             assert_eq!(id.uid, id.gid);
             assert!(id.groups.is_empty());
         }
-        let error = UidLease::take(range, vm_dir, "hypervisor.qemu_id_count").unwrap_err();
+        let error = take().unwrap_err();
         let message = error.to_string();
         assert!(
             message.contains("hypervisor.qemu_id_count") && message.contains("2 held"),
@@ -427,8 +515,35 @@ mod tests {
         );
         let freed = first.identity().uid;
         drop(first);
-        let again = UidLease::take(range, vm_dir, "hypervisor.qemu_id_count").unwrap();
+        assert!(
+            !lease_dir.join(format!("{freed}.lock")).exists(),
+            "a freed lease leaves no file"
+        );
+        let again = take().unwrap();
         assert_eq!(again.identity().uid, freed);
+        drop((second, again));
+        assert_eq!(std::fs::read_dir(&lease_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_lease_directory_others_can_write_is_refused() {
+        let leases = tempfile::tempdir().unwrap();
+        let open = leases.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = UidLease::take(
+            test_range(0x7300_0000, 1),
+            Path::new("/x"),
+            &open,
+            "hypervisor.qemu_id_count",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("no one else can write") && error.contains("0777"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -450,9 +565,11 @@ mod tests {
             // SAFETY: getuid(2) has no preconditions and cannot fail.
             (unsafe { libc::getuid() }, None)
         };
+        let leases = tempfile::tempdir().unwrap();
         let outcome = UidLease::take(
             test_range(id, 1),
             Path::new("/x"),
+            &leases.path().join("qemu-ids"),
             "hypervisor.qemu_id_first",
         );
         if let Some(mut sleeper) = sleeper {

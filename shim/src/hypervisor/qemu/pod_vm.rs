@@ -326,12 +326,15 @@ mod tests {
         let mut vm = QemuPodVm::new(spec(dir.path())).unwrap();
         vm.start().unwrap();
         let pid = vm.describe().vmm_pid;
+        // The record is the pid and its start time, read while QEMU lives.
+        let record = crate::resources::cleanup::vmm_record(pid).unwrap();
+        assert!(record.starts_with(&format!("{pid} ")), "{record}");
         vm.stop(Duration::ZERO);
         assert_eq!(
             seen(dir.path()),
             [
                 "qmp_capabilities".to_owned(),
-                format!("cont with {VMM_PID_FILE}={pid}"),
+                format!("cont with {VMM_PID_FILE}={record}"),
                 "quit".to_owned()
             ]
         );

@@ -442,7 +442,12 @@ fn choose_identity(
     let RunAs::Unprivileged(range) = config.run_as else {
         return Ok((None, None));
     };
-    let lease = UidLease::take(range, &config.work_dir, ID_RANGE_SETTING)?;
+    let lease = UidLease::take(
+        range,
+        &config.work_dir,
+        &super::identity::lease_directory(),
+        ID_RANGE_SETTING,
+    )?;
     let mut identity = lease.identity().clone();
     if accel == ResolvedAccel::Kvm {
         let kvm = Path::new(KVM_DEVICE);
