@@ -15,6 +15,13 @@ pub fn remove_sandbox_dir(paths: &SandboxPaths) {
     if let Some(pid) = recorded_vmm_pid(paths) {
         kill_and_wait(pid, Duration::from_secs(5));
     }
+    // A killed shim left its QEMU uid's lease file behind, unlocked.
+    let stale = crate::hypervisor::qemu::identity::remove_stale_leases(
+        &crate::hypervisor::qemu::identity::lease_directory(),
+    );
+    if stale > 0 {
+        tracing::debug!(stale, "removed unheld QEMU uid lease files");
+    }
     // The VMM is gone: the pod's cgroup can go (the shim moves out first).
     super::pod_cgroup::release_recorded(&paths.dir);
     if unmount_and_remove(&paths.dir) {

@@ -381,6 +381,32 @@ fn prepare_lease_directory(dir: &Path) -> Result<(), QemuError> {
     Ok(())
 }
 
+/// Removes the lease files in `dir` that nobody holds: a shim killed with
+/// its QEMU leaves its file behind, unlocked. Each is locked before it is
+/// removed, so a live lease is never touched. Returns how many went.
+pub fn remove_stale_leases(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|name| name.strip_suffix(".lock"))
+            .and_then(|id| id.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Dropping the lease removes the file while it is locked.
+        if let Ok(Some(lease)) = lock_lease(dir, id) {
+            drop(lease);
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Locks `<dir>/<id>.lock`: `Some` holds the uid, `None` means another
 /// shim holds it.
 fn lock_lease(dir: &Path, id: u32) -> Result<Option<LeaseFile>, QemuError> {
@@ -523,6 +549,23 @@ mod tests {
         assert_eq!(again.identity().uid, freed);
         drop((second, again));
         assert_eq!(std::fs::read_dir(&lease_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn stale_lease_files_are_removed_and_held_ones_kept() {
+        let leases = tempfile::tempdir().unwrap();
+        let dir = leases.path().join("qemu-ids");
+        let range = test_range(0x7500_0000 + std::process::id() % 4096 * 4, 1);
+        let held =
+            UidLease::take(range, Path::new("/y"), &dir, "hypervisor.qemu_id_count").unwrap();
+        // What a shim killed with its QEMU leaves: an unlocked file.
+        std::fs::write(dir.join("1879048193.lock"), b"").unwrap();
+        assert_eq!(remove_stale_leases(&dir), 1);
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec![format!("{}.lock", held.identity().uid)]);
     }
 
     #[test]

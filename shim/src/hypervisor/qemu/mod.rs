@@ -28,7 +28,7 @@ mod command;
 mod config;
 mod end;
 mod error;
-mod identity;
+pub mod identity;
 mod pod_vm;
 mod process;
 mod qmp;
