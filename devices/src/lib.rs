@@ -29,6 +29,13 @@ mod virtio;
 pub mod vsock;
 
 pub use bus::BusDevice;
+
+/// Gives the socket (or file) at `path` mode 0600: the process's umask
+/// never decides who may connect to a device's socket.
+pub fn owner_only(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
 pub use mmio::{
     MmioError, MmioTransport, SavedQueue, TransportState, MMIO_MAGIC_VALUE, MMIO_VENDOR_ID,
     QUEUE_NOTIFY_OFFSET,

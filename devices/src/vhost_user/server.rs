@@ -181,9 +181,19 @@ pub fn serve<S: Sessions>(
         socket: socket_path.to_owned(),
         reason: error.to_string(),
     })?;
+    // 0600 whatever the umask: a frontend of another user is granted the
+    // socket explicitly (the QEMU backend's net socket), never by default.
+    crate::owner_only(socket_path).map_err(|error| ServerError::Listen {
+        socket: socket_path.to_owned(),
+        reason: error.to_string(),
+    })?;
     let relay_backend = if sessions.holds_early_vring_enable() {
         let path = backend_socket_path(socket_path);
         let listener = Listener::new(&path, true).map_err(|error| ServerError::Listen {
+            socket: path.clone(),
+            reason: error.to_string(),
+        })?;
+        crate::owner_only(&path).map_err(|error| ServerError::Listen {
             socket: path.clone(),
             reason: error.to_string(),
         })?;

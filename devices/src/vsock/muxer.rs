@@ -107,9 +107,14 @@ pub struct Muxer {
     events: Vec<EpollEvent>,
 }
 
-/// Binds the device's listening socket at `path`.
+/// Binds the device's listening socket at `path`, mode 0600 whatever
+/// the process's umask: only its owner (the shim's user) may connect.
 pub fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
     let listener = UnixListener::bind(path).map_err(|source| VsockError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    crate::owner_only(path).map_err(|source| VsockError::Bind {
         path: path.to_owned(),
         source,
     })?;

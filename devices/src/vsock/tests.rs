@@ -1245,8 +1245,14 @@ fn vhost_user_server_creates_both_sockets_and_stop_removes_them() {
     let dir = TestDir::new("vsock").unwrap();
     let socket = dir.path().join("vhost.sock");
     let config = VsockConfig::new(3, dir.path().join("vsock.sock"));
+    // Not what the umask (022 for tests) would give (0755): 0600.
     let server = super::serve_vhost_user(&socket, config.clone()).unwrap();
     assert!(socket.exists() && config.uds_path.exists());
+    use std::os::unix::fs::PermissionsExt;
+    for path in [&socket, &config.uds_path] {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
     // A host client can already queue up before any guest exists.
     let _early = UnixStream::connect(&config.uds_path).unwrap();
     server.stop();
