@@ -4,13 +4,16 @@
 //! [`env`]); `list`, `metrics` and `logs` show the running sandboxes
 //! through their management sockets and files (see [`sandboxes`]);
 //! `monitor` serves every sandbox's metrics as one endpoint (see
-//! [`monitor`]); `exec` opens a guest's debug shell (see [`exec`]).
+//! [`monitor`]); `exec` opens a guest's debug shell (see [`exec`]);
+//! `templates` lists and removes pre-booted templates (see
+//! [`templates`]).
 
 mod check;
 mod env;
 mod exec;
 mod monitor;
 mod sandboxes;
+mod templates;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +68,16 @@ enum Commands {
     Monitor {
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: std::net::SocketAddr,
+    },
+    /// The pre-booted templates on this host (`hypervisor.template`), or
+    /// the removal of one or all of them.
+    Templates {
+        /// Removes the template with this key.
+        #[arg(long, conflicts_with = "remove_all")]
+        remove: Option<String>,
+        /// Removes every template.
+        #[arg(long)]
+        remove_all: bool,
     },
     /// A shell in the sandbox's guest, outside the containers (only with
     /// `debug_console = true`); runs COMMAND there, or relays stdin.
@@ -128,6 +141,30 @@ fn logs(sandbox: &str, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn templates(remove: Option<String>, remove_all: bool) -> anyhow::Result<()> {
+    let root = husk_shim::hypervisor::template::template_root();
+    let found = templates::find(&root)?;
+    if let Some(key) = remove {
+        templates::remove(&root, &key)?;
+        println!("removed template {key}");
+        return Ok(());
+    }
+    if remove_all {
+        for listed in &found {
+            templates::remove(&root, &listed.key)?;
+            println!("removed template {}", listed.key);
+        }
+        return Ok(());
+    }
+    for line in templates::render(&found) {
+        println!("{line}");
+    }
+    if found.is_empty() {
+        eprintln!("(no template under {})", root.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Commands::List => list().map_or_else(|e| failed("list", e), |()| ExitCode::SUCCESS),
@@ -145,6 +182,8 @@ fn main() -> ExitCode {
         Commands::Logs { sandbox, bytes } => {
             logs(&sandbox, bytes).map_or_else(|e| failed("logs", e), |()| ExitCode::SUCCESS)
         }
+        Commands::Templates { remove, remove_all } => templates(remove, remove_all)
+            .map_or_else(|e| failed("templates", e), |()| ExitCode::SUCCESS),
         Commands::Monitor { listen } => monitor::serve(listen, &husk_shim::paths::run_root())
             .map_or_else(|e| failed("monitor", e), |()| ExitCode::SUCCESS),
         Commands::Exec { sandbox, command } => {

@@ -327,9 +327,9 @@ fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), SnapshotError>
     file.write_all(contents).map_err(io_error)
 }
 
-/// Reads and checks a snapshot's manifest: its format and version, and
-/// that this host is the kind it was taken on.
-pub fn read_manifest(directory: &Path, kvm: &Kvm) -> Result<Manifest, SnapshotError> {
+/// Reads a snapshot's manifest and checks its format and version (not the
+/// host: see [`read_manifest`]).
+pub fn load_manifest(directory: &Path) -> Result<Manifest, SnapshotError> {
     use std::io::Read;
     let path = directory.join(MANIFEST_FILE);
     let file = std::fs::File::open(&path).map_err(|source| SnapshotError::Io {
@@ -374,6 +374,16 @@ pub fn read_manifest(directory: &Path, kvm: &Kvm) -> Result<Manifest, SnapshotEr
             path: path.clone(),
             detail: error.to_string(),
         })?;
+    if manifest.vcpus.is_empty() || manifest.vcpus.len() > husk_arch::MAX_SUPPORTED_CPUS as usize {
+        return Err(SnapshotError::VcpuCount(manifest.vcpus.len()));
+    }
+    Ok(manifest)
+}
+
+/// Reads and checks a snapshot's manifest: its format and version, and
+/// that this host is the kind it was taken on.
+pub fn read_manifest(directory: &Path, kvm: &Kvm) -> Result<Manifest, SnapshotError> {
+    let manifest = load_manifest(directory)?;
     let host = HostFacts::of(kvm);
     if manifest.host.cpu_model != host.cpu_model {
         return Err(SnapshotError::HostMismatch {
@@ -389,10 +399,41 @@ pub fn read_manifest(directory: &Path, kvm: &Kvm) -> Result<Manifest, SnapshotEr
             host: host.kvm_api_version.to_string(),
         });
     }
-    if manifest.vcpus.is_empty() || manifest.vcpus.len() > husk_arch::MAX_SUPPORTED_CPUS as usize {
-        return Err(SnapshotError::VcpuCount(manifest.vcpus.len()));
-    }
     Ok(manifest)
+}
+
+/// What a snapshot holds, for an operator's listing.
+#[derive(Clone, Debug)]
+pub struct SnapshotDescription {
+    pub vcpus: usize,
+    /// Guest RAM, bytes.
+    pub memory_bytes: u64,
+    /// What the memory file holds on disk (its holes excluded), bytes.
+    pub memory_allocated_bytes: u64,
+    pub device_types: Vec<u32>,
+    pub cpu_model: String,
+}
+
+/// Describes the snapshot in `directory` without restoring it.
+pub fn describe(directory: &Path) -> Result<SnapshotDescription, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let manifest = load_manifest(directory)?;
+    let memory = directory.join(MEMORY_FILE);
+    let allocated = std::fs::metadata(&memory)
+        .map_err(|source| SnapshotError::Io {
+            what: "stat",
+            path: memory,
+            source,
+        })?
+        .blocks()
+        * 512;
+    Ok(SnapshotDescription {
+        vcpus: manifest.vcpus.len(),
+        memory_bytes: manifest.memory.iter().map(|r| r.size).sum(),
+        memory_allocated_bytes: allocated,
+        device_types: manifest.devices.iter().map(|d| d.device_type).collect(),
+        cpu_model: manifest.host.cpu_model,
+    })
 }
 
 /// Whether the snapshot in `directory` can be restored on this host with
