@@ -27,6 +27,7 @@ pub mod net;
 mod vhost_user;
 mod virtio;
 pub mod vsock;
+pub mod worker;
 
 pub use bus::BusDevice;
 

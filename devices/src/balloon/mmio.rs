@@ -13,17 +13,16 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::model::{ConfigSpace, Counters, DEVICE_FEATURES, VIRTIO_BALLOON_F_REPORTING};
 use super::queues::BalloonQueues;
 use super::{BalloonError, BalloonStats, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_BALLOON};
 use crate::guest_log::{guest_warn, GuestLog};
+use crate::worker::{DeviceWorker, StopEvent};
 use crate::{
     ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -137,7 +136,7 @@ impl VirtioDevice for BalloonDevice {
         }
         self.stop_worker();
         let handler = BalloonQueues::new(self.counters.clone(), self.guest_log.clone());
-        let worker = Worker::spawn(memory, interrupt, queues, handler)
+        let worker = spawn_worker(memory, interrupt, queues, handler)
             .map_err(|error| ActivateError::Backend(error.to_string()))?;
         self.worker = Some(worker);
         Ok(())
@@ -173,13 +172,9 @@ impl Drop for BalloonDevice {
     }
 }
 
-/// The thread that runs an activated device.
-struct Worker {
-    stop: EventFd,
-    /// Returns where the queues stand when the worker ended by the stop
-    /// event, `None` when it ended on its own (broken ring, confinement).
-    thread: Option<JoinHandle<Option<Vec<QueueState>>>>,
-}
+/// The thread that runs an activated device: it hands back where the
+/// queues stand when stopped ([`DeviceWorker`]).
+type Worker = DeviceWorker<Vec<QueueState>>;
 
 struct WorkerState {
     memory: GuestMemoryMmap,
@@ -190,93 +185,48 @@ struct WorkerState {
     guest_log: GuestLog,
 }
 
-impl Worker {
-    fn spawn(
-        memory: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActivatedQueue>,
-        handler: BalloonQueues,
-    ) -> Result<Self, BalloonError> {
-        let event_error = |what| move |source| BalloonError::Event { what, source };
-        let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(event_error("worker stop eventfd"))?;
-        for (token, queue) in queues.iter().enumerate() {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    queue.notifier.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token as u64),
-                )
-                .map_err(event_error("register a queue notifier"))?;
-        }
+/// Starts the worker running `handler` over the activated queues.
+fn spawn_worker(
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queues: Vec<ActivatedQueue>,
+    handler: BalloonQueues,
+) -> Result<Worker, BalloonError> {
+    let event_error = |what| move |source| BalloonError::Event { what, source };
+    let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
+    let stop = StopEvent::new().map_err(event_error("worker stop eventfd"))?;
+    for (token, queue) in queues.iter().enumerate() {
         epoll
             .ctl(
                 ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_STOP),
+                queue.notifier.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token as u64),
             )
-            .map_err(event_error("register the stop eventfd"))?;
-        let guest_log = handler.guest_log().clone();
-        let mut state = WorkerState {
-            memory,
-            interrupt,
-            queues,
-            handler,
-            epoll,
-            guest_log,
-        };
-        let name = "balloon".to_owned();
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                // A worker that cannot confine itself must not read the
-                // guest's queues.
-                if let Err(error) =
-                    husk_confine::confine_current_thread(husk_confine::ThreadClass::Device)
-                {
-                    tracing::error!(%error, "the virtio-balloon worker does not run");
-                    return None;
-                }
-                state.run().then(|| {
-                    state
-                        .queues
-                        .iter()
-                        .map(|queue| queue.queue.state())
-                        .collect()
-                })
-            })
-            .map_err(|source| BalloonError::Thread { name, source })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
+            .map_err(event_error("register a queue notifier"))?;
     }
-
-    /// Stops the thread and waits for it; returns where the queues stand
-    /// if it was still running.
-    fn stop(mut self) -> Option<Vec<QueueState>> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> Option<Vec<QueueState>> {
-        let thread = self.thread.take()?;
-        if let Err(error) = self.stop.write(1) {
-            tracing::error!(%error, "cannot signal the virtio-balloon worker to stop");
-        }
-        match thread.join() {
-            Ok(positions) => positions,
-            Err(_) => {
-                tracing::error!("the virtio-balloon worker thread panicked");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stop_and_join();
-    }
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            stop.raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_STOP),
+        )
+        .map_err(event_error("register the stop eventfd"))?;
+    let guest_log = handler.guest_log().clone();
+    let mut state = WorkerState {
+        memory,
+        interrupt,
+        queues,
+        handler,
+        epoll,
+        guest_log,
+    };
+    let name = "balloon".to_owned();
+    DeviceWorker::spawn(name.clone(), stop, move || {
+        state
+            .run()
+            .then(|| state.queues.iter().map(|q| q.queue.state()).collect())
+    })
+    .map_err(|source| BalloonError::Thread { name, source })
 }
 
 impl WorkerState {

@@ -17,12 +17,10 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::model::{self, Counters, NetModel, EVENT_IDX};
 use super::tap::{FrameDevice, Tap};
@@ -31,6 +29,7 @@ use super::{
     VIRTIO_ID_NET,
 };
 use crate::guest_log::{guest_warn, GuestLog};
+use crate::worker::{DeviceWorker, StopEvent};
 use crate::{
     ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -114,7 +113,7 @@ impl NetDevice {
         for queue in &mut queues {
             queue.queue.set_event_idx(event_idx);
         }
-        self.worker = Some(Worker::spawn(memory, interrupt, queues, model)?);
+        self.worker = Some(spawn_worker(memory, interrupt, queues, model)?);
         Ok(())
     }
 
@@ -202,13 +201,9 @@ impl Drop for NetDevice {
     }
 }
 
-/// The thread that runs an activated device.
-struct Worker {
-    stop: EventFd,
-    /// Returns where the queues stand when the worker ended by the stop
-    /// event, `None` when it ended on its own.
-    thread: Option<JoinHandle<Option<Vec<QueueState>>>>,
-}
+/// The thread that runs an activated device: it hands back where the
+/// queues stand when stopped ([`DeviceWorker`]).
+type Worker = DeviceWorker<Vec<QueueState>>;
 
 struct WorkerState {
     memory: GuestMemoryMmap,
@@ -218,100 +213,57 @@ struct WorkerState {
     epoll: Epoll,
 }
 
-impl Worker {
-    /// Starts the worker running `model` over the activated queues (rx,
-    /// tx).
-    fn spawn(
-        memory: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActivatedQueue>,
-        model: NetModel,
-    ) -> Result<Self, NetError> {
-        let tap_name = model.tap_name().to_owned();
-        let event_error = |what| {
-            let name = tap_name.clone();
-            move |source| NetError::Event { name, what, source }
-        };
-        let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(event_error("worker stop eventfd"))?;
-        for (token, queue) in queues.iter().enumerate() {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    queue.notifier.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token as u64),
-                )
-                .map_err(event_error("register queue notifier"))?;
-        }
+/// Starts the worker running `model` over the activated queues (rx, tx).
+fn spawn_worker(
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queues: Vec<ActivatedQueue>,
+    model: NetModel,
+) -> Result<Worker, NetError> {
+    let tap_name = model.tap_name().to_owned();
+    let event_error = |what| {
+        let name = tap_name.clone();
+        move |source| NetError::Event { name, what, source }
+    };
+    let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
+    let stop = StopEvent::new().map_err(event_error("worker stop eventfd"))?;
+    for (token, queue) in queues.iter().enumerate() {
         epoll
             .ctl(
                 ControlOperation::Add,
-                model.tap_fd(),
-                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP),
+                queue.notifier.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token as u64),
             )
-            .map_err(event_error("register the TAP fd"))?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_STOP),
-            )
-            .map_err(event_error("register stop eventfd"))?;
-        let name = format!("net-{tap_name}");
-        let mut state = WorkerState {
-            memory,
-            interrupt,
-            queues,
-            model,
-            epoll,
-        };
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                // A worker that cannot confine itself must not read the
-                // guest's queues.
-                if let Err(error) =
-                    husk_confine::confine_current_thread(husk_confine::ThreadClass::Device)
-                {
-                    tracing::error!(%error, "the virtio-net worker does not run");
-                    return None;
-                }
-                state
-                    .run()
-                    .then(|| state.queues.iter().map(|q| q.queue.state()).collect())
-            })
-            .map_err(|source| NetError::Thread { name, source })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
+            .map_err(event_error("register queue notifier"))?;
     }
-
-    /// Stops the thread and waits for it; returns where the queues stand
-    /// if it was still running.
-    fn stop(mut self) -> Option<Vec<QueueState>> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> Option<Vec<QueueState>> {
-        let thread = self.thread.take()?;
-        if let Err(error) = self.stop.write(1) {
-            tracing::error!(%error, "cannot signal the virtio-net worker to stop");
-        }
-        match thread.join() {
-            Ok(positions) => positions,
-            Err(_) => {
-                tracing::error!("the virtio-net worker thread panicked");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stop_and_join();
-    }
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            model.tap_fd(),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP),
+        )
+        .map_err(event_error("register the TAP fd"))?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            stop.raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_STOP),
+        )
+        .map_err(event_error("register stop eventfd"))?;
+    let name = format!("net-{tap_name}");
+    let mut state = WorkerState {
+        memory,
+        interrupt,
+        queues,
+        model,
+        epoll,
+    };
+    DeviceWorker::spawn(name.clone(), stop, move || {
+        state
+            .run()
+            .then(|| state.queues.iter().map(|q| q.queue.state()).collect())
+    })
+    .map_err(|source| NetError::Thread { name, source })
 }
 
 impl WorkerState {

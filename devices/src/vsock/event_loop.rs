@@ -11,16 +11,15 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::model::VsockModel;
 use super::{VsockError, EVENT_QUEUE_INDEX, RX_QUEUE_INDEX, TX_QUEUE_INDEX};
 use crate::guest_log::guest_warn;
+use crate::worker::{DeviceWorker, StopEvent};
 use crate::{ActivatedQueue, VirtioInterrupt};
 
 /// Epoll tokens of the MMIO worker.
@@ -32,14 +31,13 @@ const TOKEN_STOP: u64 = 4;
 /// Events fetched per wait; the worker watches five fds.
 const WORKER_EVENTS: usize = 8;
 
-/// The thread that runs an activated MMIO vsock device.
-pub struct MmioWorker {
-    stop: EventFd,
-    thread: Option<JoinHandle<Option<PausedWorker>>>,
-}
+/// The thread that runs an activated MMIO vsock device: stopped, it
+/// hands back its model and queue positions ([`DeviceWorker`]).
+pub type MmioWorker = DeviceWorker<PausedWorker>;
 
 /// What a worker stopped by its stop event hands back: the model, with
-/// its listener and connections, and where each queue stands.
+/// its listener and connections, and where each queue stands. Dropping
+/// it closes every connection.
 pub struct PausedWorker {
     pub model: VsockModel,
     pub queues: Vec<QueueState>,
@@ -53,103 +51,60 @@ struct WorkerState {
     epoll: Epoll,
 }
 
-impl MmioWorker {
-    /// Starts the worker thread running `model` over the activated queues
-    /// (rx, tx, event).
-    pub fn spawn(
-        memory: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActivatedQueue>,
-        model: VsockModel,
-        guest_cid: u64,
-    ) -> Result<Self, VsockError> {
-        let event_error = |what| move |source| VsockError::Event { what, source };
-        let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(event_error("worker stop eventfd"))?;
-        for (token, queue) in queues.iter().enumerate() {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    queue.notifier.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token as u64),
-                )
-                .map_err(event_error("register queue notifier"))?;
+/// Starts the worker thread running `model` over the activated queues
+/// (rx, tx, event).
+pub fn spawn_worker(
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queues: Vec<ActivatedQueue>,
+    model: VsockModel,
+    guest_cid: u64,
+) -> Result<MmioWorker, VsockError> {
+    let event_error = |what| move |source| VsockError::Event { what, source };
+    let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
+    let stop = StopEvent::new().map_err(event_error("worker stop eventfd"))?;
+    for (token, queue) in queues.iter().enumerate() {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                queue.notifier.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token as u64),
+            )
+            .map_err(event_error("register queue notifier"))?;
+    }
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            model.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_MUXER),
+        )
+        .map_err(event_error("register muxer"))?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            stop.raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_STOP),
+        )
+        .map_err(event_error("register stop eventfd"))?;
+    let name = format!("vsock-cid{guest_cid}");
+    let mut state = WorkerState {
+        memory,
+        interrupt,
+        queues,
+        model,
+        epoll,
+    };
+    DeviceWorker::spawn(name.clone(), stop, move || {
+        if !state.run() {
+            return None;
         }
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                model.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_MUXER),
-            )
-            .map_err(event_error("register muxer"))?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_STOP),
-            )
-            .map_err(event_error("register stop eventfd"))?;
-        let name = format!("vsock-cid{guest_cid}");
-        let mut state = WorkerState {
-            memory,
-            interrupt,
+        let queues = state.queues.iter().map(|q| q.queue.state()).collect();
+        Some(PausedWorker {
+            model: state.model,
             queues,
-            model,
-            epoll,
-        };
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                // A worker that cannot confine itself must not read the
-                // guest's queues.
-                if let Err(error) =
-                    husk_confine::confine_current_thread(husk_confine::ThreadClass::Device)
-                {
-                    tracing::error!(%error, "the vsock worker does not run");
-                    return None;
-                }
-                if !state.run() {
-                    return None;
-                }
-                let queues = state.queues.iter().map(|q| q.queue.state()).collect();
-                Some(PausedWorker {
-                    model: state.model,
-                    queues,
-                })
-            })
-            .map_err(|source| VsockError::Thread { name, source })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
         })
-    }
-
-    /// Stops the thread and waits for it. Returns the model and the queue
-    /// positions if the thread was still running; dropping them closes
-    /// every connection.
-    pub fn stop(mut self) -> Option<PausedWorker> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> Option<PausedWorker> {
-        let thread = self.thread.take()?;
-        if let Err(error) = self.stop.write(1) {
-            tracing::error!(%error, "cannot signal the vsock worker to stop");
-        }
-        match thread.join() {
-            Ok(paused) => paused,
-            Err(_) => {
-                tracing::error!("the vsock worker thread panicked");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for MmioWorker {
-    fn drop(&mut self) {
-        self.stop_and_join();
-    }
+    })
+    .map_err(|source| VsockError::Thread { name, source })
 }
 
 impl WorkerState {

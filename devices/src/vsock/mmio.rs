@@ -16,7 +16,7 @@ use std::sync::Arc;
 use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 
-use super::event_loop::MmioWorker;
+use super::event_loop::{spawn_worker, MmioWorker};
 use super::model::{self, VsockModel, DEVICE_FEATURES};
 use super::muxer::bind_listener;
 use super::{
@@ -94,7 +94,7 @@ impl VsockDevice {
         for queue in &mut queues {
             virtio_queue::QueueT::set_event_idx(&mut queue.queue, event_idx);
         }
-        self.worker = Some(MmioWorker::spawn(
+        self.worker = Some(spawn_worker(
             memory,
             interrupt,
             queues,
