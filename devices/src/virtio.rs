@@ -28,6 +28,19 @@ pub fn avail_ring_overrun<M: vm_memory::GuestMemory>(queue: &Queue, mem: &M) -> 
     }
 }
 
+/// Ends a device's drain of `queue`: re-enables the driver's
+/// notifications and says whether to drain again, because chains arrived
+/// meanwhile (virtio 1.2, 2.7.10) and the available index is sane (see
+/// [`avail_ring_overrun`]). Every device loop stops through this, so the
+/// guard against a guest that runs its index ahead lives in one place.
+pub fn rearm_and_recheck<M: vm_memory::GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+) -> Result<bool, virtio_queue::Error> {
+    use virtio_queue::QueueT;
+    Ok(queue.enable_notification(mem)? && !avail_ring_overrun(queue, mem))
+}
+
 /// Feature bit 32: the device follows virtio 1.x (required by MMIO v2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 

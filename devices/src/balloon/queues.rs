@@ -29,7 +29,7 @@ use super::{
     MAX_REPORT_DESCRIPTORS, REPORTING_QUEUE_INDEX,
 };
 use crate::guest_log::{guest_warn, GuestLog};
-use crate::virtio::avail_ring_overrun;
+use crate::virtio::rearm_and_recheck;
 
 /// What one pass over the queues did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,10 +135,7 @@ impl BalloonQueues {
                 used_any = true;
             }
             // Re-check after enabling notifications (virtio 1.2, 2.7.10).
-            if more
-                || !queue.enable_notification(mem).map_err(queue_error)?
-                || avail_ring_overrun(queue, mem)
-            {
+            if more || !rearm_and_recheck(queue, mem).map_err(queue_error)? {
                 break;
             }
         }

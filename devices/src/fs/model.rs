@@ -157,7 +157,7 @@ impl FsDeviceModel {
                 queue.add_used(memory, head_index, reply_len)?;
                 used_any = true;
             }
-            if !queue.enable_notification(memory)? {
+            if !crate::virtio::rearm_and_recheck(queue, memory)? {
                 break;
             }
         }

@@ -55,7 +55,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use super::tap::{FrameDevice, TapOffloads};
 use super::{NetConfig, NetError, NetStats, RX_QUEUE_INDEX, TX_QUEUE_INDEX, VNET_HDR_LEN};
 use crate::guest_log::{guest_warn, GuestLog};
-use crate::virtio::avail_ring_overrun;
+use crate::virtio::rearm_and_recheck;
 
 /// Feature bits as masks.
 const fn bit(feature: u32) -> u64 {
@@ -625,10 +625,7 @@ impl NetModel {
                 used_any = true;
             }
             // Re-check after enabling notifications (virtio 1.2, 2.7.10).
-            if more
-                || !queue.enable_notification(mem).map_err(queue_error)?
-                || avail_ring_overrun(queue, mem)
-            {
+            if more || !rearm_and_recheck(queue, mem).map_err(queue_error)? {
                 break;
             }
         }
@@ -788,10 +785,7 @@ impl NetModel {
             }
             // Ask for a kick only when a frame waits for buffers, and
             // re-check after enabling (virtio 1.2, 2.7.10).
-            if !out_of_buffers
-                || !queue.enable_notification(mem).map_err(queue_error)?
-                || avail_ring_overrun(queue, mem)
-            {
+            if !out_of_buffers || !rearm_and_recheck(queue, mem).map_err(queue_error)? {
                 break;
             }
         }

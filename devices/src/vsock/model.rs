@@ -25,7 +25,7 @@ use super::{
     VsockConfig, VsockError, VsockTimeouts, RX_QUEUE_INDEX, TX_QUEUE_INDEX, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log::{guest_warn, GuestLog};
-use crate::virtio::avail_ring_overrun;
+use crate::virtio::rearm_and_recheck;
 
 /// Size of the vsock configuration space: `le64 guest_cid` (virtio 1.2, 5.10.4).
 pub const CONFIG_SPACE_LEN: usize = 8;
@@ -199,10 +199,7 @@ impl QueueProcessor {
                 queue.add_used(mem, head, 0).map_err(queue_error)?;
                 used_any = true;
             }
-            if self.tx_stalled
-                || !queue.enable_notification(mem).map_err(queue_error)?
-                || avail_ring_overrun(queue, mem)
-            {
+            if self.tx_stalled || !rearm_and_recheck(queue, mem).map_err(queue_error)? {
                 break;
             }
         }
@@ -257,10 +254,7 @@ impl QueueProcessor {
             }
             // Ask to be told about new buffers only if we still have packets;
             // re-check after enabling (virtio 1.2, 2.7.10 race).
-            if !out_of_buffers
-                || !queue.enable_notification(mem).map_err(queue_error)?
-                || avail_ring_overrun(queue, mem)
-            {
+            if !out_of_buffers || !rearm_and_recheck(queue, mem).map_err(queue_error)? {
                 break;
             }
         }
