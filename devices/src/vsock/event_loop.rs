@@ -111,20 +111,36 @@ impl WorkerState {
     /// Runs until the stop event (`true`) or a failure (`false`).
     fn run(&mut self) -> bool {
         let mut events = [EpollEvent::default(); WORKER_EVENTS];
+        // A first pass over both queues: the driver may have posted and
+        // notified before this worker existed (before DRIVER_OK reached
+        // it, or while a paused worker was stopped), and a notification
+        // read then is not repeated.
+        let (mut run_tx, mut run_rx) = (true, true);
         loop {
+            if let Err(error) = self.pump(run_tx, run_rx) {
+                // A broken ring is the driver's doing, and a reset brings the
+                // device back to fail again: rate-limited.
+                guest_warn!(self.model.guest_log(), %error, "vsock queue processing failed; device stops");
+                return false;
+            }
             let count = match self.epoll.wait(-1, &mut events) {
                 Ok(count) => count,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    (run_tx, run_rx) = (false, false);
+                    continue;
+                }
                 Err(error) => {
                     tracing::error!(%error, "vsock worker epoll_wait failed; device stops");
                     return false;
                 }
             };
-            let mut run_tx = false;
-            let mut run_rx = false;
+            (run_tx, run_rx) = (false, false);
+            let mut stopping = false;
             for event in &events[..count] {
                 match event.data() {
-                    TOKEN_STOP => return true,
+                    // The rest of the batch is handled first: a notifier
+                    // read here but not pumped would be lost to a pause.
+                    TOKEN_STOP => stopping = true,
                     TOKEN_RX => {
                         self.drain_notifier(RX_QUEUE_INDEX);
                         run_rx = true;
@@ -143,11 +159,12 @@ impl WorkerState {
                     _ => {}
                 }
             }
-            if let Err(error) = self.pump(run_tx, run_rx) {
-                // A broken ring is the driver's doing, and a reset brings the
-                // device back to fail again: rate-limited.
-                guest_warn!(self.model.guest_log(), %error, "vsock queue processing failed; device stops");
-                return false;
+            if stopping {
+                if let Err(error) = self.pump(run_tx, run_rx) {
+                    guest_warn!(self.model.guest_log(), %error, "vsock queue processing failed; device stops");
+                    return false;
+                }
+                return true;
             }
         }
     }

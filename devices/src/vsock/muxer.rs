@@ -58,6 +58,28 @@ const TIMER_TICK: Duration = Duration::from_millis(100);
 /// Host-initiated connections get local ports from here up, like
 /// Firecracker's hybrid vsock: far above the ports guest services listen on.
 const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
+/// Where a muxer starts handing out ports: a random point above
+/// [`FIRST_EPHEMERAL_PORT`]. A guest restored from a template may still
+/// hold a stream the template's host side opened (host port
+/// `FIRST_EPHEMERAL_PORT + k`); a muxer that also started there would
+/// give a new connection that same port, and the guest would drop the
+/// request as a duplicate of its stale stream.
+fn random_first_port() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: getrandom(2) writes at most `bytes.len()` bytes into `bytes`.
+    let got =
+        unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), libc::GRND_NONBLOCK) };
+    let random = if got == bytes.len() as isize {
+        u32::from_ne_bytes(bytes)
+    } else {
+        // No entropy yet (early boot): the clock's nanoseconds will do.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    };
+    FIRST_EPHEMERAL_PORT + random % (u32::MAX - FIRST_EPHEMERAL_PORT)
+}
+
 /// RSTs for unknown connections waiting for rx buffers. When this many are
 /// queued the transport stops taking tx packets until rx drains, so a guest
 /// cannot grow this queue without bound.
@@ -232,7 +254,7 @@ impl Muxer {
             handshakes: HashMap::new(),
             targets: HashMap::new(),
             next_token: FIRST_STREAM_TOKEN,
-            next_ephemeral_port: FIRST_EPHEMERAL_PORT,
+            next_ephemeral_port: random_first_port(),
             rx_queue: VecDeque::new(),
             orphans: VecDeque::new(),
             events: vec![EpollEvent::default(); EVENTS_PER_WAIT],
@@ -525,7 +547,8 @@ impl Muxer {
         // find a free one.
         for _ in 0..=self.max_connections {
             let port = self.next_ephemeral_port;
-            self.next_ephemeral_port = if port == u32::MAX {
+            // u32::MAX is VMADDR_PORT_ANY, never a port.
+            self.next_ephemeral_port = if port >= u32::MAX - 1 {
                 FIRST_EPHEMERAL_PORT
             } else {
                 port + 1

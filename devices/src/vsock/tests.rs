@@ -1148,6 +1148,62 @@ fn mmio_device_worker_delivers_a_request_and_stops_on_reset() {
 }
 
 #[test]
+fn an_mmio_worker_serves_what_the_driver_posted_before_it_started() {
+    // A packet posted and notified while no worker ran (before DRIVER_OK,
+    // or while a paused worker was stopped) must not wait for a kick that
+    // came already: the worker's first pass serves it.
+    let dir = TestDir::new("vsock").unwrap();
+    let mut device = VsockDevice::new(device_config(&dir)).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let mut rx = DriverQueue::new(&mem, 0x1000, 16, 0x2000);
+    let mut tx = DriverQueue::new(&mem, rx.end(), 16, 0x2000);
+    let event = DriverQueue::new(&mem, tx.end(), 16, 0x100);
+    for _ in 0..4 {
+        rx.add_chain(&mem, &[(0x2000, true, &[])]).unwrap();
+    }
+    // A REQUEST to a host port nobody listens on: the answer is an RST.
+    let request = PacketHeader {
+        src_cid: 3,
+        dst_cid: HOST_CID,
+        src_port: 5000,
+        dst_port: 9999,
+        len: 0,
+        type_: packet::TYPE_STREAM,
+        op: op::REQUEST,
+        flags: 0,
+        buf_alloc: 256 * 1024,
+        fwd_cnt: 0,
+    }
+    .encode();
+    tx.add_chain(&mem, &[(HDR_LEN as u32, false, &request)])
+        .unwrap();
+    // No notifier is ever written.
+    let queues = [rx.device_queue(), tx.device_queue(), event.device_queue()]
+        .into_iter()
+        .map(|queue| ActivatedQueue {
+            queue,
+            notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
+        })
+        .collect();
+    device
+        .activate(mem.clone(), Arc::new(CountingInterrupt::default()), queues)
+        .unwrap();
+    let start = Instant::now();
+    let reply = loop {
+        if let Some((_, _, data)) = rx.pop_used(&mem) {
+            break PacketHeader::decode(data[..HDR_LEN].try_into().unwrap());
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the posted REQUEST was never served"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!((reply.op, reply.dst_port), (op::RST, 5000));
+    device.reset();
+}
+
+#[test]
 fn a_paused_mmio_device_keeps_its_connections_and_goes_on_from_its_queue_positions() {
     let dir = TestDir::new("vsock").unwrap();
     let config = device_config(&dir);
