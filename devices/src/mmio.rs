@@ -438,6 +438,16 @@ impl MmioTransport {
         })
     }
 
+    /// Raises the device's interrupt again if its status says one is
+    /// pending (a restored VM's controllers may not hold it).
+    pub fn reassert_interrupt(&self) {
+        if self.interrupt_status.load(Ordering::SeqCst) != 0 {
+            if let Err(error) = self.irqfd.write(1) {
+                tracing::warn!(%error, device_type = self.device.device_type(), "cannot raise a restored device's pending interrupt");
+            }
+        }
+    }
+
     /// The transport's registers and queue positions, for a snapshot.
     /// An activated device must be paused first, or its queue positions
     /// would be the ones it was activated with.
@@ -662,6 +672,73 @@ mod tests {
         write32(t, 0x090, (base + 0x1000) as u32);
         write32(t, 0x0a0, (base + 0x2000) as u32);
         write32(t, 0x044, 1);
+    }
+
+    #[test]
+    fn a_restored_transport_reads_back_activates_and_raises_its_pending_interrupt() {
+        let (mut t, _, _) = transport();
+        write32(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        write32(&mut t, 0x024, 1);
+        write32(&mut t, 0x020, 1);
+        write32(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        for index in 0..3 {
+            set_up_queue(&mut t, index, 0x1_0000 * u64::from(index + 1));
+        }
+        let mut state = t.save_state().unwrap();
+        // As a running device's state would read after its pause.
+        state.device_status |= status::DRIVER_OK;
+        state.activated = true;
+        state.interrupt_status = 1;
+        state.queues[0].next_avail = 5;
+        state.queues[0].next_used = 5;
+
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut restored = MmioTransport::restore(
+            Box::new(FakeDevice(observed.clone(), GuestLog::new())),
+            memory.clone(),
+            irqfd.try_clone().unwrap(),
+            &state,
+        )
+        .unwrap();
+        assert_eq!(read32(&mut restored, 0x070), state.device_status);
+        assert_eq!(read32(&mut restored, 0x060), 1, "InterruptStatus");
+        assert_eq!(observed.lock().unwrap().activated_queues, 3);
+        assert_eq!(observed.lock().unwrap().acked_features, VIRTIO_F_VERSION_1);
+        assert!(irqfd.read().is_err(), "nothing raised before it is asked");
+        restored.reassert_interrupt();
+        assert_eq!(
+            irqfd.read().unwrap(),
+            1,
+            "the pending interrupt is raised again"
+        );
+        let again = {
+            restored.pause().unwrap_err();
+            // The fake cannot pause, so its state cannot be saved while it runs.
+            restored.save_state().unwrap_err().to_string()
+        };
+        assert!(again.contains("pause it before saving"), "{again}");
+
+        let mut other = state.clone();
+        other.queues[2].max_size = 128;
+        let error = MmioTransport::restore(
+            Box::new(FakeDevice(observed, GuestLog::new())),
+            memory,
+            irqfd,
+            &other,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            error.contains("[256, 256, 64]") && error.contains("[256, 256, 128]"),
+            "{error}"
+        );
     }
 
     #[test]

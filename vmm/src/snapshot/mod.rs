@@ -489,28 +489,13 @@ pub(crate) fn restore(
     let vm = Vm::new(kvm, memory)?;
     vm.register_memory_slots()?;
 
-    let mut mmio_bus = Bus::new();
-    let mut transports = Vec::with_capacity(devices.len());
-    for (index, (device, state)) in devices.into_iter().zip(&manifest.devices).enumerate() {
-        let (transport, _) = place_transport(&vm, &mut mmio_bus, index, |memory, irqfd| {
-            MmioTransport::restore(device, memory, irqfd, state)
-        })?;
-        transports.push(transport);
-    }
-
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
-        what: "the serial interrupt",
-        source,
-    })?;
-    vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)?;
-    let console =
-        SerialConsole::from_registers(&manifest.serial, EventFdTrigger(serial_irq), serial)
-            .map_err(SnapshotError::Console)?;
-    let legacy = LegacyDevices::new(console, created_at)?;
-
+    // The machine's state first: vCPUs, then the interrupt controllers
+    // (whose local APICs exist only once the vCPUs do). Only then may a
+    // device run: an interrupt a device raised into a controller that
+    // KVM_SET_IRQCHIP then overwrote would be lost.
     let mut vcpus = Vec::with_capacity(manifest.vcpus.len());
     for (index, state) in manifest.vcpus.iter().enumerate() {
-        let index = index as u8; // read_manifest bounds the count
+        let index = index as u8; // load_manifest bounds the count
         let fd = vm
             .fd()
             .create_vcpu(u64::from(index))
@@ -521,9 +506,49 @@ pub(crate) fn restore(
         state.apply(&fd, index).map_err(SnapshotError::from)?;
         vcpus.push(Vcpu { index, fd });
     }
-    // The interrupt controllers after the vCPUs, whose local APICs exist
-    // only once they are created.
     manifest.vm.apply(vm.fd()).map_err(SnapshotError::from)?;
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
+        what: "the serial interrupt",
+        source,
+    })?;
+    vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)?;
+    let serial_reraise = serial_irq
+        .try_clone()
+        .map_err(|source| BuildError::EventFd {
+            what: "the serial interrupt",
+            source,
+        })?;
+    let console =
+        SerialConsole::from_registers(&manifest.serial, EventFdTrigger(serial_irq), serial)
+            .map_err(SnapshotError::Console)?;
+    let legacy = LegacyDevices::new(console, created_at)?;
+
+    let mut mmio_bus = Bus::new();
+    let mut transports = Vec::with_capacity(devices.len());
+    for (index, (device, state)) in devices.into_iter().zip(&manifest.devices).enumerate() {
+        let (transport, _) = place_transport(&vm, &mut mmio_bus, index, |memory, irqfd| {
+            MmioTransport::restore(device, memory, irqfd, state)
+        })?;
+        transports.push(transport);
+    }
+
+    // Interrupts pending when the snapshot was taken: an irqfd write KVM
+    // had not yet delivered into the saved controllers is not in them, so
+    // every source with something pending raises its line once more (a
+    // spurious one is answered "not mine" by the driver).
+    for transport in &transports {
+        transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reassert_interrupt();
+    }
+    // IIR bit 0 clear: the 8250 has an interrupt pending.
+    if manifest.serial.interrupt_identification & 1 == 0 {
+        if let Err(error) = serial_reraise.write(1) {
+            tracing::warn!(%error, "cannot raise the restored console's pending interrupt");
+        }
+    }
     let shared = vcpu_shared(legacy.pio_bus()?, mmio_bus)?;
     tracing::info!(
         snapshot = %directory.display(),
