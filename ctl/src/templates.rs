@@ -48,13 +48,13 @@ fn mib(bytes: u64) -> String {
 /// The listing's lines, header first.
 pub fn render(found: &[Listed]) -> Vec<String> {
     let mut lines = vec![format!(
-        "{:<16} {:>5} {:>8} {:>8}  {:<16} CPU",
+        "{:<17} {:>5} {:>8} {:>8}  {:<16} CPU",
         "TEMPLATE", "VCPUS", "RAM", "HELD", "DEVICES"
     )];
     for listed in found {
         lines.push(match &listed.description {
             Ok(description) => format!(
-                "{:<16} {:>5} {:>8} {:>8}  {:<16} {}",
+                "{:<17} {:>5} {:>8} {:>8}  {:<16} {}",
                 listed.key,
                 description.vcpus,
                 mib(description.memory_bytes),
@@ -67,7 +67,7 @@ pub fn render(found: &[Listed]) -> Vec<String> {
                     .join(","),
                 description.cpu_model
             ),
-            Err(why) => format!("{:<16} unreadable: {why}", listed.key),
+            Err(why) => format!("{:<17} unreadable: {why}", listed.key),
         });
     }
     lines
@@ -76,8 +76,8 @@ pub fn render(found: &[Listed]) -> Vec<String> {
 /// Removes template `key` under `root` (a key names one directory there,
 /// nothing else).
 pub fn remove(root: &Path, key: &str) -> Result<()> {
-    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        bail!("{key:?} is not a template key (hex digits, as `husk-ctl templates` lists them)");
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        bail!("{key:?} is not a template key (hex digits and '-', as `husk-ctl templates` lists them)");
     }
     let directory = root.join(key);
     if !directory.is_dir() {
@@ -129,12 +129,17 @@ mod tests {
             .unwrap();
         vm.start().unwrap();
         vm.pause().unwrap();
-        vm.snapshot(&root.path().join("0123abcd")).unwrap();
+        vm.snapshot(&root.path().join("0123abcd-89abcdef")).unwrap();
         vm.stop();
         let lines = render(&find(root.path()).unwrap());
         assert_eq!(lines.len(), 2, "{lines:?}");
         let fields: Vec<&str> = lines[1].split_whitespace().collect();
-        assert_eq!(&fields[..3], ["0123abcd", "1", "64.0M"], "{}", lines[1]);
+        assert_eq!(
+            &fields[..3],
+            ["0123abcd-89abcdef", "1", "64.0M"],
+            "{}",
+            lines[1]
+        );
         assert_eq!(fields[4], "5", "the balloon: {}", lines[1]);
         println!(
             "husk-test-form: templates listing: ran on /dev/kvm: {}",

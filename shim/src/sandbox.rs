@@ -137,7 +137,6 @@ fn fs_config(share: &Path, config: &Config) -> Result<FsConfig> {
     Ok(fs)
 }
 
-/// Stops a VM off the async runtime (stopping blocks).
 /// The `Restored` request for a VM restored from a template: the host's
 /// wall clock, 64 fresh random bytes, the pod's NIC addresses.
 fn restored_request(nic_macs: Vec<Vec<u8>>) -> Result<RestoredRequest> {
@@ -173,6 +172,7 @@ fn restored_request(nic_macs: Vec<Vec<u8>>) -> Result<RestoredRequest> {
     })
 }
 
+/// Stops a VM off the async runtime (stopping blocks).
 async fn stop_vm(mut vm: Box<dyn Hypervisor>, grace: Duration) -> String {
     tokio::task::spawn_blocking(move || vm.stop(grace))
         .await
@@ -448,6 +448,7 @@ impl Sandbox {
         };
         if vm.restored_from_template() {
             if let Err(error) = client.restored(restored_request(nic_macs)?).await {
+                vm.reject_template(&error.to_string());
                 stop_vm(vm, Duration::ZERO).await;
                 return Err(anyhow!(error).context(
                     "the agent of a VM restored from a template refused Restored (clock, entropy, NIC addresses)",

@@ -179,9 +179,15 @@ impl Hypervisor for BuiltinVm {
         for device in devices {
             builder = builder.virtio_device(device);
         }
-        let mut vm = builder.build().with_context(|| match &plan {
+        let built = builder.build();
+        if let (Err(error), TemplatePlan::Restored(directory)) = (&built, &plan) {
+            // Only this pod fails: the next of its shape boots and makes
+            // a new template.
+            template::reject(directory, &error.to_string());
+        }
+        let mut vm = built.with_context(|| match &plan {
             TemplatePlan::Restored(directory) => format!(
-                "the built-in VMM cannot restore the template {}",
+                "the built-in VMM cannot restore the template {} (set aside: the next pod of this shape boots)",
                 directory.display()
             ),
             _ => format!(
@@ -246,6 +252,14 @@ impl Hypervisor for BuiltinVm {
 
     fn restored_from_template(&self) -> bool {
         matches!(self.template, TemplatePlan::Restored(_))
+    }
+
+    fn reject_template(&mut self, why: &str) {
+        if let TemplatePlan::Restored(directory) =
+            std::mem::replace(&mut self.template, TemplatePlan::Off)
+        {
+            template::reject(&directory, why);
+        }
     }
 
     fn describe(&self) -> VmInfo {

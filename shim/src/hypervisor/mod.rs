@@ -289,6 +289,10 @@ pub trait Hypervisor: Send {
     fn restored_from_template(&self) -> bool {
         false
     }
+    /// The guest of a VM restored from a template refused it (its
+    /// `Restored` failed): the template is set aside so the next pod of
+    /// its shape boots instead of failing the same way.
+    fn reject_template(&mut self, _why: &str) {}
 }
 
 /// The agent endpoint of a VM whose vsock device has its host side at

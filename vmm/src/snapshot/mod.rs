@@ -24,14 +24,18 @@
 //! - the host's CPU and KVM: a snapshot restores only on a host with the
 //!   same CPU model and KVM API (checked, and refused naming both);
 //! - device backends: a device is restored empty (a vsock device without
-//!   connections, a file-system device with a new shared directory), so a
-//!   template is taken before any host connection exists, and only
-//!   devices that implement `VirtioDevice::pause` can be in one;
+//!   connections, a file-system device with a new shared directory): a
+//!   stream the guest had open to the host stays open in the guest with
+//!   nothing behind it (the shim's templates are taken with one: the
+//!   agent's first connection), and only devices that implement
+//!   `VirtioDevice::pause` can be in a snapshot;
 //! - the guest's notion of wall-clock time and of its own identity: every
 //!   VM restored from one template has the same random-number state, the
 //!   same MAC addresses and a wall clock behind by the template's age, so
 //!   the guest must be told, after restore, to reseed and to set its clock
-//!   (the design in `docs/architecture.md`, "Templates");
+//!   (the design in `docs/architecture.md`, "Templates"); secrets drawn
+//!   before the snapshot (KASLR, running processes' canaries, kernel
+//!   hash keys) stay shared;
 //! - guest RAM size and vCPU count, which are the template's.
 
 pub mod kvm_state;
