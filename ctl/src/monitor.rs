@@ -7,8 +7,9 @@
 //! appear once. `husk_monitor_sandbox_up{sandbox_id}` says which sockets
 //! answered. Each request is served on a thread of its own, at most
 //! [`MAX_CONCURRENT_REQUESTS`] at once (more are answered 503 at once),
-//! and a client has [`REQUEST_TIMEOUT`] in all to send its request, so
-//! a slow client holds one slot for a bounded time and never the others.
+//! and a client has [`REQUEST_TIMEOUT`] in all to send its request and as
+//! long again to read the response, so a slow client holds one slot for a
+//! bounded time and never the others.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -201,7 +202,6 @@ pub fn scrape(root: &Path) -> Result<String> {
 
 fn handle(mut stream: TcpStream, root: &Path) -> Result<()> {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
-    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];
     let reply = loop {
@@ -259,7 +259,28 @@ fn handle(mut stream: TcpStream, root: &Path) -> Result<()> {
         }
         head.extend_from_slice(&chunk[..n]);
     };
-    stream.write_all(&reply)?;
+    write_all_within(&mut stream, &reply, Instant::now() + REQUEST_TIMEOUT)
+}
+
+/// Writes `bytes` whole by `deadline`, however slowly the client reads:
+/// each write waits at most what is left.
+fn write_all_within(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            anyhow::bail!(
+                "the client did not read the response within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            );
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(bytes) {
+            Ok(0) => anyhow::bail!("the client closed the connection"),
+            Ok(written) => bytes = &bytes[written..],
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
     Ok(())
 }
 

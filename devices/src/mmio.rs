@@ -408,6 +408,9 @@ impl MmioTransport {
         let positions = self.device.pause()?;
         let ready = self.queues.iter().filter(|q| q.ready()).count();
         if positions.len() != ready {
+            // The device has stopped: `resume` starts it again from the
+            // transport's own positions.
+            self.paused = true;
             return Err(PauseError::Backend {
                 device_type: self.device.device_type(),
                 detail: format!(

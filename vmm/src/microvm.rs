@@ -56,12 +56,16 @@ pub struct MicroVm {
 pub enum RunError {
     #[error("the VM was already started")]
     AlreadyStarted,
+    #[error("the VM is paused: resume it rather than start it")]
+    Paused,
     #[error("cannot spawn the thread of vCPU {index}: {source}")]
     SpawnVcpu { index: u8, source: std::io::Error },
     #[error("cannot wait for the VM's events: {0}")]
     Poll(std::io::Error),
     #[error("the VM is not running: start it before pausing it")]
     NotRunning,
+    #[error("the VM is not paused: there is nothing to resume")]
+    NotPaused,
     #[error("the VM ended while it was being paused: {0}")]
     EndedWhilePausing(VmExit),
     #[error(transparent)]
@@ -134,7 +138,10 @@ impl MicroVm {
 
     /// Spawns one thread per vCPU.
     pub fn start(&mut self) -> Result<(), RunError> {
-        if self.vcpus.is_empty() || self.paused {
+        if self.paused {
+            return Err(RunError::Paused);
+        }
+        if self.vcpus.is_empty() {
             return Err(RunError::AlreadyStarted);
         }
         self.spawn_vcpu_threads()
@@ -260,8 +267,9 @@ impl MicroVm {
         for (index, transport) in self.transports.iter().enumerate() {
             let paused = transport.lock().unwrap_or_else(|p| p.into_inner()).pause();
             if let Err(error) = paused {
-                // Devices paused so far go on; so does the guest.
-                for earlier in &self.transports[..index] {
+                // Devices paused so far go on, the failing one too if it
+                // had stopped; so does the guest.
+                for earlier in &self.transports[..=index] {
                     if let Err(resume_error) =
                         earlier.lock().unwrap_or_else(|p| p.into_inner()).resume()
                     {
@@ -285,7 +293,7 @@ impl MicroVm {
     /// finds them stopped, then the vCPUs.
     pub fn resume(&mut self) -> Result<(), RunError> {
         if !self.paused {
-            return Err(RunError::NotRunning);
+            return Err(RunError::NotPaused);
         }
         for transport in &self.transports {
             transport

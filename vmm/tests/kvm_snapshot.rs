@@ -239,10 +239,12 @@ fn a_paused_vm_resumes_where_it_stopped() {
             .build()
             .unwrap();
         assert!(matches!(vm.pause(), Err(RunError::NotRunning)));
+        assert!(matches!(vm.resume(), Err(RunError::NotPaused)));
         vm.start().unwrap();
         wait_for_console(&console, b"A");
         vm.pause().unwrap();
         assert!(vm.is_paused());
+        assert!(matches!(vm.start(), Err(RunError::Paused)));
         // A snapshot leaves the VM paused and able to go on.
         vm.snapshot(&dir.path().join("taken")).unwrap();
         vm.memory()
@@ -289,7 +291,7 @@ fn bad_snapshots_and_bad_restores_are_refused_naming_the_problem() {
         let fewer = check_restorable(&snapshot, &[]).unwrap_err().to_string();
         assert!(fewer.contains("1 virtio devices; 0 were given"), "{fewer}");
         let other = check_restorable(&snapshot, &[19]).unwrap_err().to_string();
-        assert!(other.contains("types [5], the VM has [19]"), "{other}");
+        assert!(other.contains("types [5]; the VM has [19]"), "{other}");
         let missing = build_error(VmBuilder::new().restore_snapshot(dir.path().join("absent")));
         assert!(missing.contains("no snapshot directory at"), "{missing}");
 

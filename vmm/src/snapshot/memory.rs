@@ -49,6 +49,12 @@ pub enum MemoryError {
         guest_address: u64,
         source: std::io::Error,
     },
+    #[error("cannot size the memory file {path} to {length} bytes: {source}")]
+    SetLength {
+        path: String,
+        length: u64,
+        source: std::io::Error,
+    },
     #[error("cannot read guest RAM at {guest_address:#x}: {detail}")]
     Read { guest_address: u64, detail: String },
     #[error("cannot open the memory file {path}: {source}")]
@@ -128,9 +134,9 @@ pub fn save(memory: &GuestMemoryMmap, path: &Path) -> Result<(Vec<SavedRegion>, 
     }
     // The holes at the end are part of the file too.
     file.set_len(file_offset)
-        .map_err(|source| MemoryError::Write {
+        .map_err(|source| MemoryError::SetLength {
             path: shown,
-            guest_address: 0,
+            length: file_offset,
             source,
         })?;
     Ok((layout, written))

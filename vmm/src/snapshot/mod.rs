@@ -99,6 +99,8 @@ pub enum SnapshotError {
     },
     #[error("the snapshot has {snapshot} virtio devices; {given} were given to restore it")]
     DeviceCount { snapshot: usize, given: usize },
+    #[error("the snapshot holds virtio devices of types {snapshot:?}; the VM has {given:?}")]
+    DeviceTypes { snapshot: Vec<u32>, given: Vec<u32> },
     #[error("the snapshot has {0} vCPUs; between 1 and 254 are supported")]
     VcpuCount(usize),
     #[error(transparent)]
@@ -460,11 +462,9 @@ pub fn check_restorable(directory: &Path, device_types: &[u32]) -> Result<(), Sn
         });
     }
     if saved != device_types {
-        return Err(SnapshotError::Manifest {
-            path: directory.join(MANIFEST_FILE),
-            detail: format!(
-                "it holds virtio devices of types {saved:?}, the VM has {device_types:?}"
-            ),
+        return Err(SnapshotError::DeviceTypes {
+            snapshot: saved,
+            given: device_types.to_vec(),
         });
     }
     Ok(())
