@@ -14,7 +14,11 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
+use virtio_queue::QueueState;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::ActivatedQueue;
 
 /// A device's worker thread and the eventfd that stops it.
 pub struct DeviceWorker<T> {
@@ -37,6 +41,36 @@ impl StopEvent {
     pub fn raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// The epoll a worker's loop waits in: each queue's notifier, with the
+/// queue's index as its token, and `stop` with `stop_token`. The device
+/// adds its own fds (a TAP, a muxer) after.
+pub fn queue_epoll(
+    queues: &[ActivatedQueue],
+    stop: &StopEvent,
+    stop_token: u64,
+) -> std::io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    for (token, queue) in queues.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            queue.notifier.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token as u64),
+        )?;
+    }
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.raw_fd(),
+        EpollEvent::new(EventSet::IN, stop_token),
+    )?;
+    Ok(epoll)
+}
+
+/// Where each of `queues` stands: what a loop stopped for a pause hands
+/// back.
+pub fn queue_states(queues: &[ActivatedQueue]) -> Vec<QueueState> {
+    queues.iter().map(|queue| queue.queue.state()).collect()
 }
 
 impl<T: Send + 'static> DeviceWorker<T> {

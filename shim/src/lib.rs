@@ -18,6 +18,7 @@ pub mod network;
 pub mod options;
 pub mod paths;
 pub mod pod;
+pub mod random;
 pub mod resources;
 pub mod sandbox;
 pub mod spec;

@@ -145,25 +145,7 @@ fn restored_request(nic_macs: Vec<Vec<u8>>) -> Result<RestoredRequest> {
         .context("the host clock is before 1970")?
         .as_nanos() as u64;
     let mut entropy = vec![0u8; 64];
-    let mut filled = 0;
-    while filled < entropy.len() {
-        // SAFETY: the pointer and length name the unfilled tail of `entropy`.
-        let got = unsafe {
-            libc::getrandom(
-                entropy[filled..].as_mut_ptr().cast(),
-                entropy.len() - filled,
-                0,
-            )
-        };
-        if got < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() != std::io::ErrorKind::Interrupted {
-                return Err(anyhow!(error).context("getrandom for the restored guest"));
-            }
-            continue;
-        }
-        filled += got as usize;
-    }
+    crate::random::fill(&mut entropy).context("getrandom for the restored guest")?;
     Ok(RestoredRequest {
         realtime_unix_ns,
         entropy,

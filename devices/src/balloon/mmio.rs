@@ -11,18 +11,17 @@
 //! budget outlive it. `pause` stops it too, for a snapshot, and returns
 //! where its queues stand; `activate` with those positions continues.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
 
 use super::model::{ConfigSpace, Counters, DEVICE_FEATURES, VIRTIO_BALLOON_F_REPORTING};
 use super::queues::BalloonQueues;
 use super::{BalloonError, BalloonStats, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_BALLOON};
 use crate::guest_log::{guest_warn, GuestLog};
-use crate::worker::{DeviceWorker, StopEvent};
+use crate::worker::{queue_epoll, queue_states, DeviceWorker, StopEvent};
 use crate::{
     ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -193,24 +192,10 @@ fn spawn_worker(
     handler: BalloonQueues,
 ) -> Result<Worker, BalloonError> {
     let event_error = |what| move |source| BalloonError::Event { what, source };
-    let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
     let stop = StopEvent::new().map_err(event_error("worker stop eventfd"))?;
-    for (token, queue) in queues.iter().enumerate() {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                queue.notifier.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token as u64),
-            )
-            .map_err(event_error("register a queue notifier"))?;
-    }
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            stop.raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )
-        .map_err(event_error("register the stop eventfd"))?;
+    let epoll = queue_epoll(&queues, &stop, TOKEN_STOP).map_err(event_error(
+        "worker epoll with the queue notifiers and the stop eventfd",
+    ))?;
     let guest_log = handler.guest_log().clone();
     let mut state = WorkerState {
         memory,
@@ -222,9 +207,7 @@ fn spawn_worker(
     };
     let name = "balloon".to_owned();
     DeviceWorker::spawn(name.clone(), stop, move || {
-        state
-            .run()
-            .then(|| state.queues.iter().map(|q| q.queue.state()).collect())
+        state.run().then(|| queue_states(&state.queues))
     })
     .map_err(|source| BalloonError::Thread { name, source })
 }

@@ -15,7 +15,6 @@
 //! there (a frame the old model held for a full receive ring is dropped,
 //! as a full ring would have dropped it).
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_queue::{QueueState, QueueT};
@@ -29,7 +28,7 @@ use super::{
     VIRTIO_ID_NET,
 };
 use crate::guest_log::{guest_warn, GuestLog};
-use crate::worker::{DeviceWorker, StopEvent};
+use crate::worker::{queue_epoll, queue_states, DeviceWorker, StopEvent};
 use crate::{
     ActivateError, ActivatedQueue, PauseError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -225,17 +224,10 @@ fn spawn_worker(
         let name = tap_name.clone();
         move |source| NetError::Event { name, what, source }
     };
-    let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
     let stop = StopEvent::new().map_err(event_error("worker stop eventfd"))?;
-    for (token, queue) in queues.iter().enumerate() {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                queue.notifier.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token as u64),
-            )
-            .map_err(event_error("register queue notifier"))?;
-    }
+    let epoll = queue_epoll(&queues, &stop, TOKEN_STOP).map_err(event_error(
+        "worker epoll with the queue notifiers and the stop eventfd",
+    ))?;
     epoll
         .ctl(
             ControlOperation::Add,
@@ -243,13 +235,6 @@ fn spawn_worker(
             EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP),
         )
         .map_err(event_error("register the TAP fd"))?;
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            stop.raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )
-        .map_err(event_error("register stop eventfd"))?;
     let name = format!("net-{tap_name}");
     let mut state = WorkerState {
         memory,
@@ -259,9 +244,7 @@ fn spawn_worker(
         epoll,
     };
     DeviceWorker::spawn(name.clone(), stop, move || {
-        state
-            .run()
-            .then(|| state.queues.iter().map(|q| q.queue.state()).collect())
+        state.run().then(|| queue_states(&state.queues))
     })
     .map_err(|source| NetError::Thread { name, source })
 }

@@ -19,7 +19,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::model::VsockModel;
 use super::{VsockError, EVENT_QUEUE_INDEX, RX_QUEUE_INDEX, TX_QUEUE_INDEX};
 use crate::guest_log::guest_warn;
-use crate::worker::{DeviceWorker, StopEvent};
+use crate::worker::{queue_epoll, queue_states, DeviceWorker, StopEvent};
 use crate::{ActivatedQueue, VirtioInterrupt};
 
 /// Epoll tokens of the MMIO worker.
@@ -61,17 +61,10 @@ pub fn spawn_worker(
     guest_cid: u64,
 ) -> Result<MmioWorker, VsockError> {
     let event_error = |what| move |source| VsockError::Event { what, source };
-    let epoll = Epoll::new().map_err(event_error("worker epoll_create"))?;
     let stop = StopEvent::new().map_err(event_error("worker stop eventfd"))?;
-    for (token, queue) in queues.iter().enumerate() {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                queue.notifier.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token as u64),
-            )
-            .map_err(event_error("register queue notifier"))?;
-    }
+    let epoll = queue_epoll(&queues, &stop, TOKEN_STOP).map_err(event_error(
+        "worker epoll with the queue notifiers and the stop eventfd",
+    ))?;
     epoll
         .ctl(
             ControlOperation::Add,
@@ -79,13 +72,6 @@ pub fn spawn_worker(
             EpollEvent::new(EventSet::IN, TOKEN_MUXER),
         )
         .map_err(event_error("register muxer"))?;
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            stop.raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )
-        .map_err(event_error("register stop eventfd"))?;
     let name = format!("vsock-cid{guest_cid}");
     let mut state = WorkerState {
         memory,
@@ -98,10 +84,9 @@ pub fn spawn_worker(
         if !state.run() {
             return None;
         }
-        let queues = state.queues.iter().map(|q| q.queue.state()).collect();
         Some(PausedWorker {
+            queues: queue_states(&state.queues),
             model: state.model,
-            queues,
         })
     })
     .map_err(|source| VsockError::Thread { name, source })

@@ -68,11 +68,20 @@ pub fn vmm_record(pid: u32) -> std::io::Result<String> {
 
 /// The start time of `pid` (field 22 of `/proc/<pid>/stat`).
 fn process_start_time(pid: i32) -> Option<u64> {
+    stat_from_state(pid)?
+        .split_whitespace()
+        .nth(22 - 3)?
+        .parse()
+        .ok()
+}
+
+/// `/proc/<pid>/stat` from field 3 (the state) on: what follows the
+/// command, which may itself hold spaces and parentheses. `None` once
+/// the process is gone.
+fn stat_from_state(pid: i32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces and parentheses)
-    // begin with field 3, the state.
     let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    Some(rest.trim_start().to_owned())
 }
 
 /// The VMM pid recorded for the sandbox, if that process is still alive
@@ -115,13 +124,7 @@ fn kill_and_wait(pid: i32, patience: Duration) {
 }
 
 fn is_zombie_or_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => true,
-    }
+    stat_from_state(pid).is_none_or(|rest| rest.starts_with('Z'))
 }
 
 /// Mount points at or below `dir`, deepest first (none if the mount
@@ -195,7 +198,7 @@ mod tests {
     #[test]
     fn the_recorded_vmm_is_killed_whatever_its_command_line_says() {
         let root = tempfile::tempdir().unwrap();
-        let paths = SandboxPaths::under(&root.path().join("sandboxes"), "pod-argv");
+        let paths = SandboxPaths::under(&root.path().join("sandboxes"), &"a1".repeat(32));
         std::fs::create_dir_all(&paths.dir).unwrap();
         // `sleep 1000` does not name the VM directory: a VMM that rewrote
         // its command line looks like this.
@@ -212,7 +215,7 @@ mod tests {
     #[test]
     fn a_recorded_pid_whose_start_time_differs_is_never_killed() {
         let root = tempfile::tempdir().unwrap();
-        let paths = SandboxPaths::under(&root.path().join("sandboxes"), "pod-recycled");
+        let paths = SandboxPaths::under(&root.path().join("sandboxes"), &"b2".repeat(32));
         let mut child = recorded_sleeper(&paths);
         // The same pid, started at another time: a recycled pid.
         let record = std::fs::read_to_string(paths.vmm_pid_file()).unwrap();
